@@ -1,0 +1,51 @@
+# One-command install and test. `make test` is what CI runs (through .ci/run).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The torch build this project is tested with; the ranges in pyproject.toml
+# also admit the GPU image's torch 2.11.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: install lint format test test-fast redis bench gpu-check demo clean openapi
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q -e '.[all]'
+	@touch $@
+
+# Tests talk to a real redis-server: install Debian's package when we can.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's redis-server"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
+	  else \
+	    echo "redis-server is missing and this is not a root Debian shell."; \
+	    echo "Install it (Debian/Ubuntu: sudo apt-get install -y redis-server; macOS: brew install redis) and run make test again."; \
+	    exit 1; \
+	  fi; }
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+openapi: install
+	$(PY) -m clsp_positives.proto.openapi --write
+
+test: install redis lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install redis
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info

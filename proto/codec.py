@@ -1,0 +1,397 @@
+"""The tensor codec: safetensors bytes on the fast path, base64 JSON for small
+requests and curl.
+
+Decoding is strict and never trusts the sender: the safetensors parser is our
+own (a few lines) so that the header cap, dtype, shape, offsets and byte
+lengths are checked before a single array is built, and every failure is a
+``ProtocolError`` saying what to fix. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+from pydantic import ValidationError
+
+from clsp_positives.proto.errors import ProtocolError
+from clsp_positives.proto.messages import (
+    JSON_MEDIA_TYPE,
+    SAFETENSORS_MEDIA_TYPE,
+    PositivesRequest,
+    PositivesResponse,
+    RequestArrays,
+    ResponseArrays,
+    Tensor,
+)
+from clsp_positives.proto.params import (
+    DEFAULT_MAX_K,
+    GenerationParams,
+    describe_validation_error,
+    parse_params,
+)
+
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+"""A positives request has at most a handful of tensors; a larger header is
+either a mistake or an attempt to make the server parse megabytes of JSON."""
+
+# safetensors dtype tag <-> numpy little-endian dtype <-> JSON name
+_ST_TO_NP: dict[str, np.dtype] = {
+    "U8": np.dtype("u1"),
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+}
+_NP_TO_ST = {dt.name: tag for tag, dt in _ST_TO_NP.items()}
+_JSON_TO_NP = {dt.name: dt for dt in _ST_TO_NP.values()}
+SUPPORTED_DTYPES = tuple(_JSON_TO_NP)
+
+_REQUEST_TENSORS = {"anchors", "candidates"}
+_RESPONSE_TENSORS = {"positives", "cache_hit"}
+
+
+def _error(detail: str, code: str = "invalid_tensor", status: int = 400) -> ProtocolError:
+    return ProtocolError(detail, code=code, status=status)
+
+
+def _check_supported(name: str, dtype: np.dtype) -> np.dtype:
+    if dtype.name not in _JSON_TO_NP:
+        raise _error(f"{name}: dtype {dtype.name} is not supported; use one of "
+                     f"{', '.join(SUPPORTED_DTYPES)}")
+    return _JSON_TO_NP[dtype.name]
+
+
+# ---------------------------------------------------------------- safetensors
+
+
+def encode_safetensors(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """Serialise named arrays (and string metadata) to safetensors bytes."""
+    arrays = {}
+    for name, arr in tensors.items():
+        arr = np.asarray(arr)
+        dt = _check_supported(name, arr.dtype)
+        arrays[name] = np.ascontiguousarray(arr, dtype=dt)
+    return safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None)
+
+
+def decode_safetensors(
+    blob: bytes, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse safetensors bytes into read-only arrays and the metadata dict."""
+    if len(blob) < 8:
+        raise _error(f"body is {len(blob)} bytes, too short for safetensors (it starts "
+                     "with an 8-byte header length)", code="invalid_body")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if header_len > max_header_bytes:
+        raise _error(f"safetensors header is {header_len} bytes; the limit is "
+                     f"{max_header_bytes}", code="header_too_large", status=413)
+    if 8 + header_len > len(blob):
+        raise _error(f"safetensors body is truncated: the header says {header_len} bytes "
+                     f"but only {len(blob) - 8} follow", code="invalid_body")
+    try:
+        header = json.loads(blob[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise _error("body is not safetensors: its header is not UTF-8 JSON",
+                     code="invalid_body") from None
+    if not isinstance(header, dict):
+        raise _error("body is not safetensors: its header is not a JSON object",
+                     code="invalid_body")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise _error("safetensors __metadata__ must map strings to strings", code="invalid_body")
+
+    data = memoryview(blob)[8 + header_len :]
+    spans: list[tuple[int, int, str]] = []
+    tensors: dict[str, np.ndarray] = {}
+    for name, entry in header.items():
+        dtype, shape, (begin, end) = _parse_entry(name, entry)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not 0 <= begin <= end <= len(data):
+            raise _error(f"{name}: data_offsets [{begin}, {end}] lie outside the "
+                         f"{len(data)} data bytes (is the body truncated?)", code="invalid_body")
+        if end - begin != nbytes:
+            raise _error(f"{name}: shape {shape} of {dtype.name} needs {nbytes} bytes but "
+                         f"data_offsets span {end - begin}")
+        spans.append((begin, end, name))
+        arr = np.frombuffer(data[begin:end], dtype=dtype) if nbytes else np.empty(0, dtype)
+        tensors[name] = arr.reshape(shape)
+
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise _error(f"{name}: data_offsets leave a gap or overlap at byte {position}",
+                         code="invalid_body")
+        position = end
+    if position != len(data):
+        raise _error(f"safetensors body has {len(data) - position} bytes after the last "
+                     "tensor", code="invalid_body")
+    return tensors, metadata
+
+
+def _parse_entry(name: str, entry: Any) -> tuple[np.dtype, list[int], tuple[int, int]]:
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise _error(f"{name}: a safetensors entry needs exactly dtype, shape and "
+                     "data_offsets", code="invalid_body")
+    tag, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if tag not in _ST_TO_NP:
+        raise _error(f"{name}: dtype {tag!r} is not supported; use one of "
+                     f"{', '.join(_ST_TO_NP)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _error(f"{name}: shape must be a list of non-negative integers, got {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(_is_count(o) for o in offsets)):
+        raise _error(f"{name}: data_offsets must be two non-negative integers",
+                     code="invalid_body")
+    return _ST_TO_NP[tag], shape, (offsets[0], offsets[1])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
+
+
+# ----------------------------------------------------------------------- JSON
+
+
+def tensor_to_json(arr: np.ndarray) -> Tensor:
+    """One array as the JSON ``Tensor`` model."""
+    arr = np.asarray(arr)
+    dt = _check_supported("tensor", arr.dtype)
+    raw = np.ascontiguousarray(arr, dtype=dt).tobytes()
+    return Tensor(dtype=dt.name, shape=list(arr.shape), data=base64.b64encode(raw).decode())
+
+
+def tensor_from_json(name: str, tensor: Tensor | Mapping[str, Any]) -> np.ndarray:
+    """The array a JSON ``Tensor`` describes, with its byte length checked."""
+    if not isinstance(tensor, Tensor):
+        try:
+            tensor = Tensor.model_validate(tensor)
+        except ValidationError as exc:
+            raise _error(f"{name}: " + describe_validation_error(exc)) from None
+    dtype = _JSON_TO_NP[tensor.dtype]
+    if not all(_is_count(d) for d in tensor.shape):
+        raise _error(f"{name}: shape must be non-negative integers, got {tensor.shape}")
+    try:
+        raw = base64.b64decode(tensor.data, validate=True)
+    except (binascii.Error, ValueError):
+        raise _error(f"{name}: data is not valid base64 (standard alphabet, with padding)",
+                     code="invalid_base64") from None
+    nbytes = math.prod(tensor.shape) * dtype.itemsize
+    if len(raw) != nbytes:
+        raise _error(f"{name}: shape {tensor.shape} of {tensor.dtype} needs {nbytes} bytes "
+                     f"but data decodes to {len(raw)}")
+    return np.frombuffer(raw, dtype=dtype).reshape(tensor.shape)
+
+
+def _json_body(body: bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise _error(f"body is not valid JSON: {exc}", code="invalid_body") from None
+    if not isinstance(obj, dict):
+        raise _error("body must be a JSON object", code="invalid_body")
+    return obj
+
+
+# ------------------------------------------------------------ request checks
+
+
+def check_anchors(
+    anchors: np.ndarray,
+    *,
+    expected_chw: tuple[int, int, int] | None = None,
+    max_anchors: int | None = None,
+) -> None:
+    """Rank, dtype, count, finiteness, range and (if known) the model's shape."""
+    if anchors.dtype == np.uint8:
+        layout = "[N, H, W, C] uint8"
+    elif anchors.dtype in (np.float16, np.float32):
+        layout = "[N, C, H, W] float in [-1, 1]"
+    else:
+        raise _error(f"anchors: dtype {anchors.dtype.name} is not accepted; send uint8 "
+                     "[N, H, W, C] pixels or float32/float16 [N, C, H, W] in [-1, 1]")
+    if anchors.ndim != 4:
+        raise _error(f"anchors must have rank 4 ({layout}), got shape {list(anchors.shape)}")
+    n = anchors.shape[0]
+    if n == 0:
+        raise _error("anchors is empty: send at least one anchor")
+    if max_anchors is not None and n > max_anchors:
+        raise _error(f"{n} anchors in one request; the limit is {max_anchors}: split the "
+                     "request", code="too_many_anchors", status=413)
+    chw = anchors.shape[1:] if anchors.dtype != np.uint8 else (
+        anchors.shape[3], anchors.shape[1], anchors.shape[2])
+    if expected_chw is not None and tuple(chw) != tuple(expected_chw):
+        c, h, w = expected_chw
+        want = f"[N, {h}, {w}, {c}] uint8 or [N, {c}, {h}, {w}] float"
+        raise _error(f"anchors have {chw[0]} channels of {chw[1]}x{chw[2]} but the model "
+                     f"takes {c} channels of {h}x{w}: send {want}", code="wrong_shape")
+    if anchors.dtype != np.uint8:
+        values = anchors.astype(np.float32, copy=False)
+        if not np.isfinite(values).all():
+            raise _error("anchors contain NaN or Inf")
+        lo, hi = float(values.min()), float(values.max())
+        if lo < -1.0 or hi > 1.0:
+            raise _error(f"float anchors must lie in [-1, 1], got values in [{lo:.4g}, "
+                         f"{hi:.4g}]; scale pixels as x / 127.5 - 1")
+
+
+def _candidate_items(
+    n: int, candidates: np.ndarray | None, params: GenerationParams, max_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate index, anchor index) of every requested item."""
+    if params.k is not None:
+        if candidates is not None:
+            raise _error("send either params.k or a candidates tensor, not both",
+                         code="invalid_params", status=422)
+        return (np.tile(np.arange(params.k, dtype=np.int64), n),
+                np.repeat(np.arange(n, dtype=np.int64), params.k))
+    if candidates is None:
+        return np.zeros(n, np.int64), np.arange(n, dtype=np.int64)
+    if candidates.dtype != np.int64:
+        raise _error(f"candidates must be int64, got {candidates.dtype.name}")
+    if candidates.shape != (n,):
+        raise _error(f"candidates must have shape [{n}] (one index per anchor), got "
+                     f"{list(candidates.shape)}")
+    if n and (candidates.min() < 0 or candidates.max() >= max_k):
+        raise _error(f"candidate indices must lie in [0, {max_k - 1}], got "
+                     f"[{candidates.min()}, {candidates.max()}]")
+    return candidates.astype(np.int64), np.arange(n, dtype=np.int64)
+
+
+def _request_arrays(
+    tensors: Mapping[str, np.ndarray],
+    raw_params: Any,
+    *,
+    expected_chw: tuple[int, int, int] | None,
+    max_anchors: int | None,
+    max_k: int,
+) -> RequestArrays:
+    unknown = set(tensors) - _REQUEST_TENSORS
+    if unknown:
+        raise _error(f"unknown tensors {sorted(unknown)}; a request carries 'anchors' and "
+                     "optionally 'candidates'")
+    if "anchors" not in tensors:
+        raise _error("the request has no 'anchors' tensor")
+    params = parse_params(raw_params, max_k=max_k)
+    anchors = tensors["anchors"]
+    check_anchors(anchors, expected_chw=expected_chw, max_anchors=max_anchors)
+    candidates, anchor_index = _candidate_items(
+        anchors.shape[0], tensors.get("candidates"), params, max_k)
+    return RequestArrays(anchors, candidates, anchor_index, params)
+
+
+# ------------------------------------------------------------ request / reply
+
+
+def media_type(content_type: str | None) -> str:
+    """The bare media type of a Content-Type or Accept value."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def decode_request(
+    body: bytes,
+    content_type: str | None,
+    *,
+    expected_chw: tuple[int, int, int] | None = None,
+    max_anchors: int | None = None,
+    max_k: int = DEFAULT_MAX_K,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+) -> RequestArrays:
+    """Decode and validate a ``POST /v1/positives`` body in either encoding."""
+    kind = media_type(content_type)
+    if kind == SAFETENSORS_MEDIA_TYPE:
+        tensors, metadata = decode_safetensors(body, max_header_bytes=max_header_bytes)
+        unknown_meta = set(metadata) - {"params"}
+        if unknown_meta:
+            raise _error(f"unknown metadata keys {sorted(unknown_meta)}; only 'params' is "
+                         "read", code="invalid_params", status=422)
+        return _request_arrays(tensors, metadata.get("params"), expected_chw=expected_chw,
+                               max_anchors=max_anchors, max_k=max_k)
+    if kind == JSON_MEDIA_TYPE:
+        obj = _json_body(body)
+        unknown = set(obj) - set(PositivesRequest.model_fields)
+        if unknown:
+            raise _error(f"unknown fields {sorted(unknown)}; a request has anchors, "
+                         "candidates and params", code="invalid_body")
+        tensors = {name: tensor_from_json(name, obj[name])
+                   for name in ("anchors", "candidates") if obj.get(name) is not None}
+        return _request_arrays(tensors, obj.get("params"), expected_chw=expected_chw,
+                               max_anchors=max_anchors, max_k=max_k)
+    raise _error(f"unsupported content type {content_type!r}; send "
+                 f"{SAFETENSORS_MEDIA_TYPE} or {JSON_MEDIA_TYPE}",
+                 code="unsupported_media_type", status=415)
+
+
+def encode_request(
+    anchors: np.ndarray,
+    candidates: np.ndarray | None = None,
+    params: GenerationParams | Mapping[str, Any] | None = None,
+    *,
+    encoding: str = SAFETENSORS_MEDIA_TYPE,
+) -> tuple[bytes, str]:
+    """Client side: (body, content type) of a positives request."""
+    p = params if isinstance(params, GenerationParams) else GenerationParams(**(params or {}))
+    tensors = {"anchors": anchors}
+    if candidates is not None:
+        tensors["candidates"] = np.asarray(candidates, dtype=np.int64)
+    params_obj = p.model_dump(mode="json")
+    return _encode(tensors, {"params": params_obj}, encoding)
+
+
+def encode_response(result: ResponseArrays, *, encoding: str) -> tuple[bytes, str]:
+    """Server side: (body, content type) of a positives answer."""
+    tensors = {"positives": result.positives, "cache_hit": result.cache_hit}
+    meta = {"model": result.model, "params": result.params.model_dump(mode="json")}
+    return _encode(tensors, meta, encoding)
+
+
+def _encode(tensors: dict[str, np.ndarray], meta: dict[str, Any], encoding: str
+            ) -> tuple[bytes, str]:
+    kind = media_type(encoding)
+    if kind == SAFETENSORS_MEDIA_TYPE:
+        st_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
+        return encode_safetensors(tensors, st_meta), SAFETENSORS_MEDIA_TYPE
+    if kind == JSON_MEDIA_TYPE:
+        obj: dict[str, Any] = {k: tensor_to_json(v).model_dump() for k, v in tensors.items()}
+        obj.update(meta)
+        return json.dumps(obj, separators=(",", ":")).encode(), JSON_MEDIA_TYPE
+    raise ValueError(f"unknown encoding {encoding!r}")
+
+
+def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
+    """Client side: decode a positives answer in either encoding."""
+    kind = media_type(content_type)
+    if kind == SAFETENSORS_MEDIA_TYPE:
+        tensors, meta = decode_safetensors(body, max_header_bytes=1 << 20)
+        raw_params, model = meta.get("params"), meta.get("model", "")
+    elif kind == JSON_MEDIA_TYPE:
+        obj = _json_body(body)
+        try:
+            reply = PositivesResponse.model_validate(obj)
+        except ValidationError as exc:
+            raise _error("malformed answer: " + describe_validation_error(exc),
+                         code="invalid_body") from None
+        tensors = {name: tensor_from_json(name, getattr(reply, name))
+                   for name in _RESPONSE_TENSORS}
+        raw_params, model = reply.params.model_dump(), reply.model
+    else:
+        raise _error(f"unexpected answer content type {content_type!r}",
+                     code="unsupported_media_type", status=415)
+    missing = _RESPONSE_TENSORS - set(tensors)
+    if missing:
+        raise _error(f"answer lacks tensors {sorted(missing)}", code="invalid_body")
+    params = parse_params(raw_params, max_k=1 << 30)
+    return ResponseArrays(tensors["positives"], tensors["cache_hit"], model, params)

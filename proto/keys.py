@@ -1,0 +1,87 @@
+"""Cache keys and per-sample seeds (DESIGN §2).
+
+A positive is addressed by ``(model fingerprint, canonical params, anchor
+content, candidate index)``. The anchor is canonicalised before hashing so
+that the uint8 ``[H, W, C]`` and float32 ``[C, H, W]`` forms of one image give
+one key, and all randomness of a candidate is derived from its key, so the
+same key always yields the same positive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from clsp_positives.proto.params import GenerationParams
+
+KEY_DOMAIN = b"clsp-positives/key/v1"
+SEED_BITS = 63
+
+
+def uint8_to_unit(images: np.ndarray) -> np.ndarray:
+    """Map uint8 pixels to float32 in [-1, 1] as ``(x - 127.5) / 127.5``.
+
+    ``x - 127.5`` is exact in float32, so the only rounding is the division:
+    every value is the float32 nearest to the true one, and a client that
+    computes in float64 and casts gets the same bits.
+    """
+    return (images.astype(np.float32) - np.float32(127.5)) / np.float32(127.5)
+
+
+def unit_to_uint8(images: np.ndarray) -> np.ndarray:
+    """Inverse of ``uint8_to_unit`` for values in [-1, 1], rounding to nearest."""
+    scaled = np.rint((images.astype(np.float32) + np.float32(1.0)) * np.float32(127.5))
+    return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def canonical_anchors(anchors: np.ndarray) -> np.ndarray:
+    """Anchors as C-contiguous float32 ``[N, C, H, W]`` in [-1, 1].
+
+    uint8 input is ``[N, H, W, C]`` (pixels); float16/float32 input is already
+    ``[N, C, H, W]``. float16 converts to float32 exactly.
+    """
+    if anchors.ndim != 4:
+        raise ValueError(f"anchors must have rank 4, got shape {anchors.shape}")
+    if anchors.dtype == np.uint8:
+        return np.ascontiguousarray(uint8_to_unit(anchors).transpose(0, 3, 1, 2))
+    if anchors.dtype in (np.float16, np.float32):
+        return np.ascontiguousarray(anchors, dtype=np.float32)
+    raise ValueError(f"anchors must be uint8, float16 or float32, got {anchors.dtype}")
+
+
+def positive_key(
+    fingerprint: str, params: GenerationParams, anchor_chw: np.ndarray, candidate: int
+) -> bytes:
+    """sha256 of one positive's identity; ``anchor_chw`` is one canonical anchor."""
+    if anchor_chw.dtype != np.float32 or anchor_chw.ndim != 3:
+        raise ValueError("positive_key takes one canonical float32 [C, H, W] anchor")
+    if candidate < 0:
+        raise ValueError(f"candidate index must be >= 0, got {candidate}")
+    h = hashlib.sha256()
+    h.update(KEY_DOMAIN)
+    h.update(b"|" + fingerprint.encode())
+    h.update(b"|" + params.canonical())
+    h.update(b"|" + ",".join(str(d) for d in anchor_chw.shape).encode() + b"|")
+    h.update(np.ascontiguousarray(anchor_chw).astype("<f4", copy=False).tobytes())
+    h.update(b"|" + int(candidate).to_bytes(8, "little"))
+    return h.digest()
+
+
+def positive_keys(
+    fingerprint: str,
+    params: GenerationParams,
+    anchors: np.ndarray,
+    candidates: Sequence[int] | np.ndarray,
+) -> list[bytes]:
+    """Keys of a batch: ``anchors`` in any accepted form, one candidate per anchor."""
+    canon = canonical_anchors(anchors)
+    if len(candidates) != len(canon):
+        raise ValueError(f"{len(canon)} anchors but {len(candidates)} candidate indices")
+    return [positive_key(fingerprint, params, a, int(c)) for a, c in zip(canon, candidates)]
+
+
+def seed_from_key(key: bytes) -> int:
+    """The per-sample seed: the key's first 8 bytes, as a non-negative int64."""
+    return int.from_bytes(key[:8], "little") & ((1 << SEED_BITS) - 1)

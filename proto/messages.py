@@ -1,0 +1,107 @@
+"""Pydantic models of the HTTP API (DESIGN §4).
+
+The JSON forms below document the wire format (and feed the OpenAPI
+document); the safetensors fast path carries the same tensors by name. After
+decoding, both encodings become the plain-array dataclasses at the bottom, so
+nothing downstream cares which encoding a request used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from clsp_positives.proto.params import GenerationParams
+
+JSON_MEDIA_TYPE = "application/json"
+SAFETENSORS_MEDIA_TYPE = "application/x-safetensors"
+
+TensorDType = Literal["uint8", "int32", "int64", "float16", "float32", "float64"]
+
+
+class Tensor(BaseModel):
+    """One tensor in JSON: raw little-endian bytes, base64 encoded."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    dtype: TensorDType
+    shape: list[int] = Field(description="Dimensions; the product times the item size "
+                             "is the decoded byte length.")
+    data: str = Field(description="Base64 of the raw little-endian bytes, C order.")
+
+
+class PositivesRequest(BaseModel):
+    """``POST /v1/positives`` body in JSON."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    anchors: Tensor = Field(description="uint8 [N, H, W, C] pixels, or float32/float16 "
+                            "[N, C, H, W] in [-1, 1].")
+    candidates: Tensor | None = Field(None, description="int64 [N]: candidate index per "
+                                      "anchor (default 0). Exclusive with params.k.")
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+
+class PositivesResponse(BaseModel):
+    """``POST /v1/positives`` answer in JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    positives: Tensor = Field(description="uint8 [N, H, W, C], or [N, k, H, W, C] with k.")
+    cache_hit: Tensor = Field(description="uint8 [N] or [N, k]: 1 where the positive came "
+                              "from the cache.")
+    model: str = Field(description="Fingerprint of the model that generated the positives.")
+    params: GenerationParams = Field(description="The parameters as applied, defaults filled in.")
+
+
+class ModelInfo(BaseModel):
+    """``GET /v1/model``."""
+
+    fingerprint: str
+    sample_size: int
+    channels: int
+    scheduler: dict[str, Any] = Field(description="The model's scheduler config.")
+    device: str
+    dtype: str
+    max_k: int
+    max_anchors: int
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a code and a sentence saying what to fix."""
+
+    error: str = Field(examples=["invalid_tensor"])
+    detail: str = Field(
+        examples=["anchors must have rank 4 ([N, H, W, C] uint8), got shape [3, 32, 32]"])
+
+
+@dataclass(frozen=True)
+class RequestArrays:
+    """A decoded, validated positives request.
+
+    ``anchors`` is as sent (uint8 NHWC or float NCHW); ``candidates`` is int64
+    ``[M]`` and ``anchor_index`` maps each of the M items to its anchor, so
+    a request with ``k`` has ``M = N * k``.
+    """
+
+    anchors: np.ndarray
+    candidates: np.ndarray
+    anchor_index: np.ndarray
+    params: GenerationParams
+
+    @property
+    def num_anchors(self) -> int:
+        return int(self.anchors.shape[0])
+
+
+@dataclass(frozen=True)
+class ResponseArrays:
+    """A decoded positives answer."""
+
+    positives: np.ndarray
+    cache_hit: np.ndarray
+    model: str
+    params: GenerationParams

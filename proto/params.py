@@ -1,0 +1,128 @@
+"""Generation parameters: what a caller may ask of the sampler.
+
+Validation is strict (unknown fields and out-of-range values are refused)
+because a silently coerced parameter would generate, and cache, positives the
+caller did not ask for.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from clsp_positives.proto.errors import ProtocolError
+
+DEFAULT_MAX_K = 64
+"""Largest number of candidates per anchor a request may ask for, unless the
+service is configured otherwise (pass ``{"max_k": n}`` as validation context)."""
+
+Method = Literal["ddim", "ddpm"]
+CacheMode = Literal["use", "refresh", "bypass"]
+
+
+class GenerationParams(BaseModel):
+    """Parameters of one positives request (DESIGN §4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    interpolation_weight: float = Field(
+        0.1, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Weight of the candidate's own bottleneck; 1 = plain sampling, "
+        "0 = only the anchor's bottleneck.",
+    )
+    steps: int = Field(100, ge=1, le=1000, description="Sampling steps.")
+    eta: float = Field(
+        0.1, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="DDIM stochasticity (ignored by DDPM).",
+    )
+    method: Method = Field("ddim", description="Step rule: ddim or ddpm.")
+    k: int | None = Field(
+        None, ge=1,
+        description="Return candidates 0..k-1 for every anchor (exclusive with `candidates`).",
+    )
+    cache: CacheMode = Field(
+        "use", description="use: read and write the cache; refresh: regenerate and "
+        "overwrite; bypass: neither read nor write.",
+    )
+
+    @field_validator("k")
+    @classmethod
+    def _k_within_limit(cls, k: int | None, info: ValidationInfo) -> int | None:
+        max_k = (info.context or {}).get("max_k", DEFAULT_MAX_K)
+        if k is not None and k > max_k:
+            raise ValueError(f"k={k} is above this service's limit of {max_k}")
+        return k
+
+    def canonical(self) -> bytes:
+        """The bytes that enter a positive's cache key.
+
+        Only fields that change the generated image take part: ``k`` and
+        ``cache`` select and route, they do not change a positive, and DDPM
+        ignores ``eta``, so a DDPM request keys the same whatever eta says.
+        """
+        fields: dict[str, Any] = {
+            "interpolation_weight": float(self.interpolation_weight),
+            "method": self.method,
+            "steps": int(self.steps),
+        }
+        if self.method == "ddim":
+            fields["eta"] = float(self.eta)
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+    def group(self) -> tuple[int, float, str]:
+        """Items may share one sampler call only when this tuple is equal
+        (the interpolation weight may differ per item)."""
+        return (self.steps, self.eta if self.method == "ddim" else 0.0, self.method)
+
+
+def parse_params(raw: Any, *, max_k: int = DEFAULT_MAX_K) -> GenerationParams:
+    """Validate ``raw`` (a dict, a JSON string or None) into parameters.
+
+    Raises ProtocolError whose detail lists each offending field.
+    """
+    if raw is None:
+        return GenerationParams()
+    if isinstance(raw, (str, bytes)):
+        try:
+            raw = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ProtocolError(
+                f"params is not valid JSON ({exc}); send an object such as "
+                '{"interpolation_weight": 0.1, "steps": 100}',
+                code="invalid_params",
+                status=422,
+            ) from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(
+            f"params must be a JSON object, got {type(raw).__name__}",
+            code="invalid_params",
+            status=422,
+        )
+    try:
+        return GenerationParams.model_validate(raw, context={"max_k": max_k})
+    except ValidationError as exc:
+        raise ProtocolError(
+            "invalid params: "
+            + describe_validation_error(exc, allowed=sorted(GenerationParams.model_fields)),
+            code="invalid_params",
+            status=422,
+        ) from None
+
+
+def describe_validation_error(exc: ValidationError, *, allowed: list[str] | None = None) -> str:
+    """One readable line per pydantic error: ``field: message (got value)``."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+            if allowed:
+                msg += f"; allowed fields are {', '.join(allowed)}"
+        got = err.get("input")
+        hide = err["type"] == "extra_forbidden" or isinstance(got, dict)
+        shown = "" if hide else f" (got {got!r})"
+        parts.append(f"{loc}: {msg}{shown}")
+    return "; ".join(parts)

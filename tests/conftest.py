@@ -1,0 +1,34 @@
+"""Shared fixtures: one real redis-server per test run, helpers for uvicorn."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.servers import RedisServer
+
+# Keep torch to the two cores this project is tested on, and the tests quiet.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, for the whole run."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture()
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The shared server, flushed before each test so tests never see each other's keys."""
+    if not redis_server.ping():  # a fault test may have killed it
+        redis_server.start()
+    redis_server.command("FLUSHALL")
+    yield redis_server.url

@@ -1,0 +1,2 @@
+"""Real servers for the tests: redis-server and uvicorn in subprocesses on
+free loopback ports."""

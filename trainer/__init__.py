@@ -1,0 +1,2 @@
+"""The training client: contrastive methods with synthetic positives that
+stream in from a generation pool."""
