@@ -79,7 +79,8 @@ def positive_keys(
     canon = canonical_anchors(anchors)
     if len(candidates) != len(canon):
         raise ValueError(f"{len(canon)} anchors but {len(candidates)} candidate indices")
-    return [positive_key(fingerprint, params, a, int(c)) for a, c in zip(canon, candidates)]
+    pairs = zip(canon, candidates, strict=True)
+    return [positive_key(fingerprint, params, a, int(c)) for a, c in pairs]
 
 
 def seed_from_key(key: bytes) -> int:
