@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
-diffusion_app = typer.Typer(help="Train and inspect the diffusion models the service samples from.",
-                            no_args_is_help=True)
-
 
 def register(app: typer.Typer) -> None:
+    from clsp_positives.service.diffusion_cli import diffusion_app
+    from clsp_positives.service.serve_cli import serve
+
+    app.command("serve")(serve)
     app.add_typer(diffusion_app, name="diffusion")

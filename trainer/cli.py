@@ -1,4 +1,4 @@
-"""Sub-commands of the training side."""
+"""Sub-commands of the training side: ``train``, ``eval`` and ``generate``."""
 
 from __future__ import annotations
 
@@ -6,5 +6,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Nothing registered yet: ``train``, ``eval`` and ``generate`` come with the trainer."""
-    del app
+    from clsp_positives.trainer import generate_cli, train_cli
+
+    train_cli.register(app)
+    generate_cli.register(app)
