@@ -1,0 +1,188 @@
+"""Image data sets as plain numpy arrays (uint8 NHWC), shared by the DDPM trainer and the
+contrastive trainer.
+
+Everything is loaded into memory: the data sets this project targets (digits, CIFAR, STL-10 at
+small sizes) fit, and whole-array batches make augmentation on the training device cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SPLITS = ("train", "test")
+TORCHVISION_SETS = ("cifar10", "cifar100", "stl10")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+DIGITS_DEFAULT_SIZE = 16
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """A labelled image set; item ``i`` is ``(images[i], labels[i])`` and ``i`` is its index."""
+
+    images: np.ndarray  # uint8 [N, H, W, C]
+    labels: np.ndarray  # int64 [N]; -1 where a set has no label (STL-10 unlabeled)
+    classes: int
+    name: str
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 [N, H, W, C], got {self.images.dtype} "
+                             f"{self.images.shape}")
+        if self.labels.dtype != np.int64 or self.labels.shape != (len(self.images),):
+            raise ValueError(f"labels must be int64 [{len(self.images)}], got {self.labels.dtype} "
+                             f"{self.labels.shape}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[3])
+
+
+def load_images(
+    name: str,
+    *,
+    split: str = "train",
+    size: int | None = None,
+    channels: int | None = None,
+    root: str | None = None,
+    download: bool = False,
+) -> ImageSet:
+    """Load a data set by name ("digits", "cifar10", "cifar100", "stl10") or image-folder path.
+
+    ``size`` resizes to ``size x size`` (default: the set's native size; 16 for digits);
+    ``channels`` is 1 (luminance) or 3 (RGB; grey images are repeated).
+    """
+    if split not in SPLITS and not (name == "stl10" and split == "unlabeled"):
+        raise ValueError(f"split must be one of {SPLITS} (or 'unlabeled' for stl10), got {split!r}")
+    if size is not None and size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    key = name.lower()
+    if key == "digits":
+        images, labels, classes = _digits(split, size or DIGITS_DEFAULT_SIZE)
+    elif key in TORCHVISION_SETS:
+        images, labels, classes = _torchvision_set(key, split, root, download)
+    else:
+        folder = Path(name)
+        if not folder.is_dir():
+            raise ValueError(
+                f"unknown dataset {name!r}: use digits, cifar10, cifar100, stl10 or the path of "
+                "an image folder with one sub-folder per class"
+            )
+        images, labels, classes = _image_folder(folder, split, size)
+        key = str(folder)
+    images = _resize(images, size)
+    images = _to_channels(images, channels)
+    return ImageSet(np.ascontiguousarray(images), labels.astype(np.int64), classes, key)
+
+
+def _digits(split: str, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    # 0..16 -> 0..255 before resizing, so the interpolation works on the final value range.
+    small = np.rint(data.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    index = np.arange(len(small))
+    train_idx, test_idx = train_test_split(
+        index, test_size=DIGITS_TEST_FRACTION, stratify=data.target,
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    chosen = np.sort(train_idx if split == "train" else test_idx)
+    return _resize(small[chosen], size), data.target[chosen].astype(np.int64), 10
+
+
+def _torchvision_set(
+    name: str, split: str, root: str | None, download: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
+    if root is None:
+        raise ValueError(
+            f"{name} needs --data-root (the folder holding torchvision's {name} files)"
+        )
+    from torchvision import datasets
+
+    try:
+        if name == "stl10":
+            ds = datasets.STL10(root, split=split, download=download)
+            images = np.asarray(ds.data).transpose(0, 2, 3, 1)  # stored as NCHW
+            labels = np.asarray(ds.labels, dtype=np.int64)
+            classes = 10
+        else:
+            cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            ds = cls(root, train=split == "train", download=download)
+            images = np.asarray(ds.data)
+            labels = np.asarray(ds.targets, dtype=np.int64)
+            classes = 10 if name == "cifar10" else 100
+    except RuntimeError as exc:
+        if "not found" not in str(exc).lower():
+            raise
+        raise FileNotFoundError(
+            f"{name} ({split}) not found under --data-root {root!r}: point --data-root at the "
+            f"folder that holds torchvision's {name} files, or pass --download to fetch them"
+        ) from None
+    return images, labels, classes
+
+
+def _image_folder(
+    folder: Path, split: str, size: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """ImageFolder layout; ``folder/train`` and ``folder/test`` are used when both exist."""
+    if (folder / "train").is_dir() and (folder / "test").is_dir():
+        folder = folder / split
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise ValueError(f"image folder {str(folder)!r} has no class sub-folders (DIR/CLASS/*.png)")
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    target: tuple[int, int] | None = (size, size) if size else None
+    for label, class_dir in enumerate(class_dirs):
+        for path in sorted(class_dir.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            with Image.open(path) as img:
+                rgb = img.convert("RGB")
+            # The first image fixes the size when none is asked for, so the array is regular.
+            target = target or rgb.size
+            if rgb.size != target:
+                rgb = rgb.resize(target, Image.Resampling.BICUBIC)
+            images.append(np.asarray(rgb, dtype=np.uint8))
+            labels.append(label)
+    if not images:
+        raise ValueError(f"image folder {str(folder)!r} holds no images ({sorted(IMAGE_SUFFIXES)})")
+    return np.stack(images), np.asarray(labels, dtype=np.int64), len(class_dirs)
+
+
+def _resize(images: np.ndarray, size: int | None) -> np.ndarray:
+    """Bicubic resize of uint8 NHWC images (PIL clamps to 0..255)."""
+    if size is None or images.shape[1:3] == (size, size):
+        return images
+    out = np.empty((len(images), size, size, images.shape[3]), dtype=np.uint8)
+    for i, img in enumerate(images):
+        for c in range(images.shape[3]):
+            plane = Image.fromarray(np.ascontiguousarray(img[..., c]))
+            out[i, ..., c] = np.asarray(plane.resize((size, size), Image.Resampling.BICUBIC))
+    return out
+
+
+def _to_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
+    have = images.shape[3]
+    if channels is None or channels == have:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=3)
+    # ITU-R 601 luminance, as PIL's convert("L").
+    grey = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
