@@ -24,6 +24,8 @@ from pydantic import ValidationError
 from clsp_positives.proto.errors import ProtocolError
 from clsp_positives.proto.messages import (
     JSON_MEDIA_TYPE,
+    MAX_DIM,
+    MAX_RANK,
     SAFETENSORS_MEDIA_TYPE,
     PositivesRequest,
     PositivesResponse,
@@ -37,6 +39,9 @@ from clsp_positives.proto.params import (
     describe_validation_error,
     parse_params,
 )
+
+_NO_LIMIT = 1 << 30
+"""max_k on the client side: the service enforces its own limit."""
 
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 """A positives request has at most a handful of tensors; a larger header is
@@ -57,10 +62,46 @@ SUPPORTED_DTYPES = tuple(_JSON_TO_NP)
 
 _REQUEST_TENSORS = {"anchors", "candidates"}
 _RESPONSE_TENSORS = {"positives", "cache_hit"}
+_MAX_TENSOR_BYTES = 1 << 48
+"""Bound on the bytes a declared shape may describe, so that even an empty
+tensor with absurd dimensions is refused before numpy is asked to build it."""
 
 
 def _error(detail: str, code: str = "invalid_tensor", status: int = 400) -> ProtocolError:
     return ProtocolError(detail, code=code, status=status)
+
+
+def _check_shape(name: str, shape: Any, itemsize: int) -> list[int]:
+    """A declared shape as a list of ints that numpy can build, or a ProtocolError."""
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise _error(f"{name}: shape must be a list of non-negative integers of at most "
+                     f"{MAX_DIM}, got {_short(shape)}")
+    if len(shape) > MAX_RANK:
+        raise _error(f"{name}: shape has rank {len(shape)}; the limit is {MAX_RANK}")
+    if math.prod(max(d, 1) for d in shape) * itemsize > _MAX_TENSOR_BYTES:
+        raise _error(f"{name}: shape {shape} describes more than {_MAX_TENSOR_BYTES} bytes")
+    return shape
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_DIM
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _loads(text: str | bytes) -> Any:
+    """Strict JSON: no NaN/Infinity literals; every parser failure is a ValueError
+    (bad UTF-8, bad syntax, too-long integers, too-deep nesting)."""
+    def _no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 def _check_supported(name: str, dtype: np.dtype) -> np.dtype:
@@ -100,15 +141,15 @@ def decode_safetensors(
         raise _error(f"safetensors body is truncated: the header says {header_len} bytes "
                      f"but only {len(blob) - 8} follow", code="invalid_body")
     try:
-        header = json.loads(blob[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        header = _loads(bytes(blob[8 : 8 + header_len]).decode("utf-8"))
+    except ValueError:
         raise _error("body is not safetensors: its header is not UTF-8 JSON",
                      code="invalid_body") from None
     if not isinstance(header, dict):
         raise _error("body is not safetensors: its header is not a JSON object",
                      code="invalid_body")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -147,20 +188,17 @@ def _parse_entry(name: str, entry: Any) -> tuple[np.dtype, list[int], tuple[int,
         raise _error(f"{name}: a safetensors entry needs exactly dtype, shape and "
                      "data_offsets", code="invalid_body")
     tag, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if tag not in _ST_TO_NP:
-        raise _error(f"{name}: dtype {tag!r} is not supported; use one of "
+    if not isinstance(tag, str) or tag not in _ST_TO_NP:
+        raise _error(f"{name}: dtype {_short(tag)} is not supported; use one of "
                      f"{', '.join(_ST_TO_NP)}")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise _error(f"{name}: shape must be a list of non-negative integers, got {shape!r}")
+    dtype = _ST_TO_NP[tag]
+    shape = _check_shape(name, shape, dtype.itemsize)
     if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(_is_count(o) for o in offsets)):
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
+                       for o in offsets)):
         raise _error(f"{name}: data_offsets must be two non-negative integers",
                      code="invalid_body")
-    return _ST_TO_NP[tag], shape, (offsets[0], offsets[1])
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
+    return dtype, shape, (offsets[0], offsets[1])
 
 
 # ----------------------------------------------------------------------- JSON
@@ -182,24 +220,23 @@ def tensor_from_json(name: str, tensor: Tensor | Mapping[str, Any]) -> np.ndarra
         except ValidationError as exc:
             raise _error(f"{name}: " + describe_validation_error(exc)) from None
     dtype = _JSON_TO_NP[tensor.dtype]
-    if not all(_is_count(d) for d in tensor.shape):
-        raise _error(f"{name}: shape must be non-negative integers, got {tensor.shape}")
+    shape = _check_shape(name, list(tensor.shape), dtype.itemsize)
     try:
         raw = base64.b64decode(tensor.data, validate=True)
     except (binascii.Error, ValueError):
         raise _error(f"{name}: data is not valid base64 (standard alphabet, with padding)",
                      code="invalid_base64") from None
-    nbytes = math.prod(tensor.shape) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if len(raw) != nbytes:
-        raise _error(f"{name}: shape {tensor.shape} of {tensor.dtype} needs {nbytes} bytes "
+        raise _error(f"{name}: shape {shape} of {tensor.dtype} needs {nbytes} bytes "
                      f"but data decodes to {len(raw)}")
-    return np.frombuffer(raw, dtype=dtype).reshape(tensor.shape)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def _json_body(body: bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        obj = _loads(body)
+    except ValueError as exc:
         raise _error(f"body is not valid JSON: {exc}", code="invalid_body") from None
     if not isinstance(obj, dict):
         raise _error("body must be a JSON object", code="invalid_body")
@@ -228,6 +265,9 @@ def check_anchors(
     n = anchors.shape[0]
     if n == 0:
         raise _error("anchors is empty: send at least one anchor")
+    if 0 in anchors.shape:
+        raise _error(f"anchors have an empty dimension ({layout}), got shape "
+                     f"{list(anchors.shape)}")
     if max_anchors is not None and n > max_anchors:
         raise _error(f"{n} anchors in one request; the limit is {max_anchors}: split the "
                      "request", code="too_many_anchors", status=413)
@@ -326,6 +366,9 @@ def decode_request(
         if unknown:
             raise _error(f"unknown fields {sorted(unknown)}; a request has anchors, "
                          "candidates and params", code="invalid_body")
+        if "params" in obj and not isinstance(obj["params"], dict):
+            raise _error(f"params must be a JSON object, got {_short(obj['params'])}",
+                         code="invalid_params", status=422)
         tensors = {name: tensor_from_json(name, obj[name])
                    for name in ("anchors", "candidates") if obj.get(name) is not None}
         return _request_arrays(tensors, obj.get("params"), expected_chw=expected_chw,
@@ -343,7 +386,8 @@ def encode_request(
     encoding: str = SAFETENSORS_MEDIA_TYPE,
 ) -> tuple[bytes, str]:
     """Client side: (body, content type) of a positives request."""
-    p = params if isinstance(params, GenerationParams) else GenerationParams(**(params or {}))
+    p = params if isinstance(params, GenerationParams) else parse_params(
+        dict(params or {}), max_k=_NO_LIMIT)
     tensors = {"anchors": anchors}
     if candidates is not None:
         tensors["candidates"] = np.asarray(candidates, dtype=np.int64)
@@ -368,7 +412,8 @@ def _encode(tensors: dict[str, np.ndarray], meta: dict[str, Any], encoding: str
         obj: dict[str, Any] = {k: tensor_to_json(v).model_dump() for k, v in tensors.items()}
         obj.update(meta)
         return json.dumps(obj, separators=(",", ":")).encode(), JSON_MEDIA_TYPE
-    raise ValueError(f"unknown encoding {encoding!r}")
+    raise ProtocolError(f"unknown encoding {encoding!r}; use {SAFETENSORS_MEDIA_TYPE} or "
+                        f"{JSON_MEDIA_TYPE}", code="unsupported_media_type", status=415)
 
 
 def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
@@ -376,16 +421,19 @@ def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
     kind = media_type(content_type)
     if kind == SAFETENSORS_MEDIA_TYPE:
         tensors, meta = decode_safetensors(body, max_header_bytes=1 << 20)
-        raw_params, model = meta.get("params"), meta.get("model", "")
+        if "params" not in meta or "model" not in meta:
+            raise _error("malformed answer: safetensors metadata needs 'model' and 'params'",
+                         code="invalid_body")
+        raw_params, model = meta["params"], meta["model"]
     elif kind == JSON_MEDIA_TYPE:
         obj = _json_body(body)
         try:
-            reply = PositivesResponse.model_validate(obj)
+            reply = PositivesResponse.model_validate(obj, context={"max_k": _NO_LIMIT})
         except ValidationError as exc:
             raise _error("malformed answer: " + describe_validation_error(exc),
                          code="invalid_body") from None
         tensors = {name: tensor_from_json(name, getattr(reply, name))
-                   for name in _RESPONSE_TENSORS}
+                   for name in sorted(_RESPONSE_TENSORS)}
         raw_params, model = reply.params.model_dump(), reply.model
     else:
         raise _error(f"unexpected answer content type {content_type!r}",
@@ -393,5 +441,24 @@ def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
     missing = _RESPONSE_TENSORS - set(tensors)
     if missing:
         raise _error(f"answer lacks tensors {sorted(missing)}", code="invalid_body")
-    params = parse_params(raw_params, max_k=1 << 30)
-    return ResponseArrays(tensors["positives"], tensors["cache_hit"], model, params)
+    params = parse_params(raw_params, max_k=_NO_LIMIT)
+    positives, cache_hit = tensors["positives"], tensors["cache_hit"]
+    _check_answer(positives, cache_hit, params)
+    return ResponseArrays(positives, cache_hit, model, params)
+
+
+def _check_answer(positives: np.ndarray, cache_hit: np.ndarray, params: GenerationParams
+                  ) -> None:
+    """An answer's tensors must fit together: a client indexes them blindly."""
+    rank = 4 if params.k is None else 5
+    layout = "[N, H, W, C]" if params.k is None else "[N, k, H, W, C]"
+    if positives.dtype != np.uint8 or positives.ndim != rank:
+        raise _error(f"malformed answer: positives must be uint8 {layout}, got "
+                     f"{positives.dtype.name} {list(positives.shape)}", code="invalid_body")
+    if params.k is not None and positives.shape[1] != params.k:
+        raise _error(f"malformed answer: positives hold {positives.shape[1]} candidates per "
+                     f"anchor but params.k is {params.k}", code="invalid_body")
+    if cache_hit.dtype != np.uint8 or cache_hit.shape != positives.shape[: rank - 3]:
+        raise _error(f"malformed answer: cache_hit must be uint8 "
+                     f"{list(positives.shape[: rank - 3])}, got {cache_hit.dtype.name} "
+                     f"{list(cache_hit.shape)}", code="invalid_body")

@@ -64,7 +64,8 @@ def positive_key(
     h.update(b"|" + fingerprint.encode())
     h.update(b"|" + params.canonical())
     h.update(b"|" + ",".join(str(d) for d in anchor_chw.shape).encode() + b"|")
-    h.update(np.ascontiguousarray(anchor_chw).astype("<f4", copy=False).tobytes())
+    # + 0 folds -0.0 into 0.0, which the model cannot tell apart
+    h.update((np.ascontiguousarray(anchor_chw) + np.float32(0)).astype("<f4").tobytes())
     h.update(b"|" + int(candidate).to_bytes(8, "little"))
     return h.digest()
 

@@ -9,7 +9,7 @@ nothing downstream cares which encoding a request used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,6 +21,16 @@ SAFETENSORS_MEDIA_TYPE = "application/x-safetensors"
 
 TensorDType = Literal["uint8", "int32", "int64", "float16", "float32", "float64"]
 
+MAX_RANK = 8
+"""Most dimensions a wire tensor may have (the largest the API uses is 5)."""
+MAX_DIM = 2**31 - 1
+"""Largest single dimension; bounds the arithmetic on shapes before any array exists."""
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+"""Exactly the strings the decoder accepts as base64 (standard alphabet, padded).
+Documented in the schema only: the decoder checks it itself, with a clearer message."""
+
+Dim = Annotated[int, Field(ge=0, le=MAX_DIM)]
+
 
 class Tensor(BaseModel):
     """One tensor in JSON: raw little-endian bytes, base64 encoded."""
@@ -28,9 +38,10 @@ class Tensor(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     dtype: TensorDType
-    shape: list[int] = Field(description="Dimensions; the product times the item size "
-                             "is the decoded byte length.")
-    data: str = Field(description="Base64 of the raw little-endian bytes, C order.")
+    shape: list[Dim] = Field(max_length=MAX_RANK, description="Dimensions; their product "
+                             "times the item size is the decoded byte length.")
+    data: str = Field(description="Base64 of the raw little-endian bytes, C order.",
+                      json_schema_extra={"pattern": BASE64_PATTERN, "contentEncoding": "base64"})
 
 
 class PositivesRequest(BaseModel):
@@ -68,6 +79,12 @@ class ModelInfo(BaseModel):
     dtype: str
     max_k: int
     max_anchors: int
+
+
+class Health(BaseModel):
+    """``GET /healthz`` and ``GET /readyz`` when the answer is yes."""
+
+    status: str = Field(examples=["ok", "ready"])
 
 
 class ErrorBody(BaseModel):

@@ -63,12 +63,13 @@ class GenerationParams(BaseModel):
         ignores ``eta``, so a DDPM request keys the same whatever eta says.
         """
         fields: dict[str, Any] = {
-            "interpolation_weight": float(self.interpolation_weight),
+            # + 0.0 folds -0.0 into 0.0: the same sampler, so the same key
+            "interpolation_weight": float(self.interpolation_weight) + 0.0,
             "method": self.method,
             "steps": int(self.steps),
         }
         if self.method == "ddim":
-            fields["eta"] = float(self.eta)
+            fields["eta"] = float(self.eta) + 0.0
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def group(self) -> tuple[int, float, str]:
@@ -87,7 +88,7 @@ def parse_params(raw: Any, *, max_k: int = DEFAULT_MAX_K) -> GenerationParams:
     if isinstance(raw, (str, bytes)):
         try:
             raw = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # syntax, UTF-8, int digits, depth
             raise ProtocolError(
                 f"params is not valid JSON ({exc}); send an object such as "
                 '{"interpolation_weight": 0.1, "steps": 100}',
