@@ -1,0 +1,469 @@
+"""The HTTP service (DESIGN §4): ``create_app(settings, generator, cache)``.
+
+Handlers stay thin: decode and validate with ``proto.codec``, look up the cache
+once, hand the misses to the batcher, write what was generated back, encode.
+Everything that is the caller's fault is a ``ProtocolError`` and becomes a 4xx
+JSON ``ErrorBody``; the cache can only ever make a request uncached, not fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from clsp_positives.proto.codec import decode_request, encode_response, media_type
+from clsp_positives.proto.errors import ProtocolError
+from clsp_positives.proto.keys import canonical_anchors, positive_key, seed_from_key
+from clsp_positives.proto.messages import (
+    JSON_MEDIA_TYPE,
+    SAFETENSORS_MEDIA_TYPE,
+    ErrorBody,
+    ModelInfo,
+    RequestArrays,
+    ResponseArrays,
+)
+from clsp_positives.service.batcher import Batcher, BatcherClosed, BatchStats, Item, QueueFull
+from clsp_positives.service.cache import PositivesCache, build_cache
+from clsp_positives.service.metrics import ServiceMetrics, route_label
+from clsp_positives.service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from clsp_positives.service.generator import Generator
+
+log = logging.getLogger("clsp.service")
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+"""Routes that answer without the token: probes must work before secrets are mounted."""
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 406: "not_acceptable", 413: "body_too_large",
+                 415: "unsupported_media_type", 422: "invalid_request", 429: "queue_full",
+                 503: "unavailable"}
+
+
+def error_response(status: int, code: str, detail: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=code, detail=detail).model_dump(), status_code=status,
+                        headers=headers)
+
+
+# ------------------------------------------------------------------ the edge
+
+
+class EdgeMiddleware:
+    """Pure ASGI: bearer-token check and per-route request metrics.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``) so that ``receive`` reaches the
+    handler untouched and it can notice a client that hangs up.
+    """
+
+    def __init__(self, app: Any, *, token: str | None, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.expected = token.encode() if token else None
+        self.metrics = metrics
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        assert self.expected is not None
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, credential = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    return hmac.compare_digest(credential.strip(), self.expected)
+        return False
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = route_label(path)
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_status(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.expected is not None and path not in OPEN_PATHS and not self._authorized(
+                    scope):
+                reply = error_response(401, "unauthorized", "missing or wrong bearer token: "
+                                       "send 'Authorization: Bearer <token>'",
+                                       headers={"WWW-Authenticate": 'Bearer realm="clsp"'})
+                await reply(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------ the service
+
+
+class PositivesService:
+    """The request flow of ``POST /v1/positives`` and the app's lifecycle."""
+
+    def __init__(self, settings: ServiceSettings, generator: Generator, cache: PositivesCache,
+                 metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.generator = generator
+        self.cache = cache
+        self.metrics = metrics
+        self.fingerprint = generator.fingerprint
+        self.expected_chw = (generator.channels, generator.sample_size, generator.sample_size)
+        # One worker thread per device: batches never compete for it, and the
+        # event loop keeps answering while it samples.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="clsp-sampler")
+        self.batcher = Batcher(self._run_batch, max_batch=settings.max_batch,
+                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+                               executor=self.executor, on_batch=self._on_batch)
+        self.ready = False
+        self.not_ready_reason = "the model is warming up"
+        metrics.watch_cache(lambda: cache.stats)
+        metrics.watch_queue(lambda: self.batcher.queued)
+
+    # ---------------------------------------------------------- worker side
+
+    def _run_batch(self, group: Hashable, anchors: np.ndarray, seeds: np.ndarray,
+                   weights: np.ndarray) -> np.ndarray:
+        steps, eta, method = group  # GenerationParams.group()
+        return self.generator.sample(anchors, seeds, weights, steps=steps, eta=eta,
+                                     method=method)
+
+    def _on_batch(self, stats: BatchStats) -> None:
+        self.metrics.batch_size.observe(stats.size)
+        self.metrics.sampler_seconds.observe(stats.seconds)
+        if stats.error is None:
+            self.metrics.generated.inc(stats.size)
+        else:
+            self.metrics.sampler_errors.inc()
+            log.error("sampler call of %d items failed: %r", stats.size, stats.error)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        self.batcher.start()
+
+    async def warm_up(self) -> None:
+        """One small batch through the worker thread, so the first request does not
+        pay for lazy initialisation (and /readyz means 'can serve now')."""
+        c, h, w = self.expected_chw
+        t0 = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, lambda: self.generator.sample(
+                    np.zeros((1, c, h, w), np.float32), np.zeros(1, np.int64),
+                    np.ones(1, np.float32), steps=self.settings.warmup_steps, eta=0.0,
+                    method="ddim"))
+        except Exception as exc:
+            self.not_ready_reason = f"warm-up batch failed: {exc!r}"
+            log.exception("warm-up batch failed; /readyz stays 503")
+            return
+        self.ready = True
+        log.info("ready: model %s warmed up in %.2f s", self.fingerprint,
+                 time.perf_counter() - t0)
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.not_ready_reason = "the service is shutting down"
+        await self.batcher.close(drain=True)
+        self.executor.shutdown(wait=True)
+        await self.cache.close()
+
+    # ------------------------------------------------------------- requests
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise ProtocolError(f"Content-Length {declared!r} is not a number",
+                                    code="invalid_body") from None
+            if size > limit:
+                raise self._too_large(size)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(size, partial=True)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, size: int, partial: bool = False) -> ProtocolError:
+        what = "more than" if partial else ""
+        return ProtocolError(
+            f"body is {what} {size} bytes; the limit is {self.settings.max_body_bytes} "
+            f"({self.settings.max_body_mb:g} MB): send fewer anchors per request",
+            code="body_too_large", status=413)
+
+    def decode(self, body: bytes, content_type: str | None) -> RequestArrays:
+        s = self.settings
+        req = decode_request(body, content_type, expected_chw=self.expected_chw,
+                             max_anchors=s.max_anchors, max_k=s.max_k)
+        items = len(req.candidates)
+        cost = items * req.params.steps
+        if cost > s.max_cost:
+            raise ProtocolError(
+                f"request asks for {items} positives x {req.params.steps} steps = {cost} "
+                f"sampler item-steps; the limit is {s.max_cost}: send fewer anchors, a "
+                "smaller k or fewer steps", code="cost_too_high", status=413)
+        return req
+
+    async def positives(self, req: RequestArrays,
+                        disconnected: Callable[[], Awaitable[Any]]) -> ResponseArrays | None:
+        """Cache lookup, batched generation of the misses, cache write.
+
+        Returns None when the client went away before its positives were ready.
+        """
+        params = req.params
+        canon = canonical_anchors(req.anchors)
+        keys = [positive_key(self.fingerprint, params, canon[a], int(c))
+                for a, c in zip(req.anchor_index, req.candidates, strict=True)]
+        m = len(keys)
+        images: list[np.ndarray | None] = [None] * m
+        hit = np.zeros(m, np.uint8)
+        if params.cache == "use":
+            found = await self.cache.get_many(self.fingerprint, keys)
+            for i, image in enumerate(found):
+                if image is not None and image.shape == self._image_shape():
+                    images[i] = image
+                    hit[i] = 1
+        missing = [i for i in range(m) if images[i] is None]
+        if missing:
+            generated = await self._generate(req, canon, keys, missing, disconnected)
+            if generated is None:
+                return None
+            for i, image in zip(missing, generated, strict=True):
+                images[i] = image
+            if params.cache != "bypass":
+                await self.cache.set_many(self.fingerprint,
+                                          [(keys[i], images[i]) for i in missing],
+                                          self.settings.cache_ttl)
+        positives = np.stack(images)  # type: ignore[arg-type]
+        if params.k is not None:
+            positives = positives.reshape(req.num_anchors, params.k, *positives.shape[1:])
+            hit = hit.reshape(req.num_anchors, params.k)
+        self.metrics.served.inc(m)
+        return ResponseArrays(positives, hit, self.fingerprint, params)
+
+    def _image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.expected_chw
+        return (h, w, c)
+
+    async def _generate(self, req: RequestArrays, canon: np.ndarray, keys: list[bytes],
+                        missing: list[int], disconnected: Callable[[], Awaitable[Any]]
+                        ) -> list[np.ndarray] | None:
+        params = req.params
+        group = params.group()
+        items = [Item(keys[i], canon[req.anchor_index[i]], seed_from_key(keys[i]),
+                      float(params.interpolation_weight), group) for i in missing]
+        try:
+            ticket = self.batcher.submit(items)
+        except QueueFull:
+            self.metrics.rejected.inc()
+            raise
+        if ticket.deduplicated:
+            self.metrics.deduplicated.inc(ticket.deduplicated)
+        waiting = asyncio.ensure_future(asyncio.wait(set(ticket.futures)))
+        hangup = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({waiting, hangup}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                return None
+            return [f.result() for f in ticket.futures]
+        finally:
+            for task in (waiting, hangup):
+                task.cancel()
+            dropped = self.batcher.release(ticket)
+            if dropped:
+                self.metrics.dropped.inc(dropped)
+                log.info("client went away: %d queued items dropped", dropped)
+
+    def model_info(self) -> ModelInfo:
+        g = self.generator
+        return ModelInfo(fingerprint=g.fingerprint, sample_size=g.sample_size,
+                         channels=g.channels, scheduler=dict(g.scheduler_config),
+                         device=str(g.device), dtype=str(g.dtype).removeprefix("torch."),
+                         max_k=self.settings.max_k, max_anchors=self.settings.max_anchors)
+
+
+def response_encoding(accept: str | None, content_type: str | None) -> str:
+    """The first of our two encodings that ``Accept`` names, else the request's own."""
+    for part in (accept or "").split(","):
+        kind = media_type(part)
+        if kind in (SAFETENSORS_MEDIA_TYPE, JSON_MEDIA_TYPE):
+            return kind
+    kind = media_type(content_type)
+    return kind if kind in (SAFETENSORS_MEDIA_TYPE, JSON_MEDIA_TYPE) else JSON_MEDIA_TYPE
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # After the body is read, the server's receive() only returns on hang-up.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _openapi_document(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    def build() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            try:
+                from clsp_positives.proto.openapi import build_openapi
+            except ImportError:  # the checked-in contract is not there yet
+                from fastapi.openapi.utils import get_openapi
+                app.openapi_schema = get_openapi(title=app.title, version=app.version,
+                                                 routes=app.routes)
+            else:
+                app.openapi_schema = build_openapi()
+        return app.openapi_schema
+    return build
+
+
+# ---------------------------------------------------------------- the app
+
+
+def create_app(settings: ServiceSettings, generator: Generator, cache: PositivesCache, *,
+               metrics: ServiceMetrics | None = None) -> FastAPI:
+    """The FastAPI app of one generator; its metrics live in a registry of their own."""
+    metrics = metrics or ServiceMetrics()
+    service = PositivesService(settings, generator, cache, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        warm = asyncio.create_task(service.warm_up())
+        try:
+            yield
+        finally:
+            if not warm.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await warm
+            await service.stop()
+            log.info("stopped: in-flight batches finished")
+
+    from clsp_positives import __version__
+
+    app = FastAPI(title="CLSP positives", version=__version__, lifespan=lifespan)
+    app.state.service = service
+    app.state.metrics = metrics
+    app.openapi = _openapi_document(app)  # type: ignore[method-assign]
+
+    @app.exception_handler(ProtocolError)
+    async def _protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return error_response(429, "queue_full", f"{exc}", {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(BatcherClosed)
+    async def _closed(request: Request, exc: BatcherClosed) -> JSONResponse:
+        return error_response(503, "unavailable", str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 404:
+            detail = f"no route {request.url.path}; see /docs for the API"
+        elif exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return error_response(exc.status_code, code, detail, dict(exc.headers or {}))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [".".join(map(str, e.get("loc", ()))) + ": " + e.get("msg", "")
+                 for e in exc.errors()]
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(500, "internal_error", "the server failed; this is not your "
+                              "input's fault, retry later")
+
+    async def positives(request: Request) -> Response:
+        body = await service.read_body(request)
+        content_type = request.headers.get("content-type")
+        req = service.decode(body, content_type)
+        encoding = response_encoding(request.headers.get("accept"), content_type)
+        t0 = time.perf_counter()
+        result = await service.positives(req, lambda: _wait_for_disconnect(request))
+        if result is None:  # nobody is listening; the status is only for the metrics
+            return Response(status_code=499)
+        payload, media = encode_response(result, encoding=encoding)
+        log.info("positives", extra={"items": int(result.cache_hit.size),
+                                     "hits": int(result.cache_hit.sum()),
+                                     "seconds": round(time.perf_counter() - t0, 4)})
+        return Response(payload, media_type=media)
+
+    for path in ("/v1/positives", "/positives"):
+        app.add_api_route(path, positives, methods=["POST"], include_in_schema=False)
+
+    @app.get("/v1/model", include_in_schema=False)
+    async def model() -> JSONResponse:
+        return JSONResponse(service.model_info().model_dump(mode="json"))
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> JSONResponse:
+        if service.ready:
+            return JSONResponse({"status": "ready", "model": service.fingerprint})
+        return error_response(503, "not_ready", service.not_ready_reason, {"Retry-After": "1"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics_route() -> Response:
+        payload, media = metrics.render()
+        return Response(payload, media_type=media)
+
+    app.add_middleware(EdgeMiddleware, token=settings.token, metrics=metrics)
+    return app
+
+
+def build_generator(settings: ServiceSettings) -> Generator:
+    from clsp_positives.service.generator import Generator
+
+    return Generator.from_dir(settings.model, device=settings.device, dtype=settings.dtype)
+
+
+def build_app(settings: ServiceSettings) -> FastAPI:
+    """Load the model named by ``settings`` and build its app with the configured cache."""
+    from clsp_positives.service.logs import configure_logging
+
+    configure_logging(json_lines=settings.log_json, level=settings.log_level)
+    generator = build_generator(settings)
+    cache = build_cache(settings.redis, cache_mb=settings.cache_mb,
+                        timeout_s=settings.redis_timeout_s,
+                        backoff_max_s=settings.redis_backoff_max_s)
+    log.info("model %s loaded from %s on %s/%s; cache: %s", generator.fingerprint,
+             settings.model, settings.device, settings.dtype,
+             "redis" if settings.redis else f"in-process LRU of {settings.cache_mb:g} MB")
+    return create_app(settings, generator, cache)
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn factory (``uvicorn --factory clsp_positives.service.app:create_app_from_env``):
+    settings from ``CLSP_*`` variables (see ``ServiceSettings.from_env``)."""
+    return build_app(ServiceSettings.from_env())

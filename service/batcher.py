@@ -1,0 +1,293 @@
+"""Dynamic batching of generation items (DESIGN §3).
+
+The batcher knows items, groups, deadlines and futures, not UNets: it merges
+the items of concurrent requests into one call of a ``run_batch`` function,
+up to ``max_batch`` items or until the oldest waiting item has waited
+``max_wait_ms``. Items can share a call only when their ``group`` is equal
+(steps, eta, method); the interpolation weight travels per item.
+
+``run_batch`` runs in ONE worker thread (one per device), so the event loop
+keeps answering health checks and cache hits while the sampler works, and
+batches never compete for the device.
+
+Identical keys in flight are generated once: a second submission of a key that
+is queued or running shares the first one's future. Each request holds a
+``Ticket``; releasing it (the client went away) drops its items that have not
+started, unless another ticket still wants them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+RunBatch = Callable[[Hashable, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""``run_batch(group, anchors [M,C,H,W] float32, seeds [M] int64, weights [M] float32)
+-> uint8 [M, ...]``: one sampler call, run in the worker thread."""
+
+
+class QueueFull(Exception):
+    """Too many items wait already; the caller should retry after ``retry_after`` s."""
+
+    def __init__(self, queued: int, limit: int, retry_after: int) -> None:
+        super().__init__(f"{queued} items are waiting for the sampler (limit {limit}); "
+                         f"retry after {retry_after} s")
+        self.queued = queued
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class BatcherClosed(Exception):
+    """The batcher is shutting down and takes no new work."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One positive to generate: a canonical anchor, its seed and weight."""
+
+    key: bytes
+    anchor: np.ndarray  # float32 [C, H, W] in [-1, 1]
+    seed: int
+    weight: float
+    group: Hashable
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one sampler call did (for metrics and Retry-After estimates)."""
+
+    group: Hashable
+    size: int
+    seconds: float
+    error: BaseException | None = None
+
+
+@dataclass(eq=False)
+class _Entry:
+    item: Item
+    future: asyncio.Future
+    enqueued: float
+    holders: int = 1
+    started: bool = False
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A request's claim on its items; ``futures[i]`` resolves to item i's image."""
+
+    keys: list[bytes]
+    futures: list[asyncio.Future]
+    deduplicated: int = 0
+    released: bool = field(default=False, repr=False)
+
+
+class Batcher:
+    """Merge items of concurrent requests into sampler calls."""
+
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        *,
+        max_batch: int = 64,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 4096,
+        executor: ThreadPoolExecutor | None = None,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
+        self._run_batch = run_batch
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="clsp-sampler")
+        self._on_batch = on_batch
+        self._groups: dict[Hashable, OrderedDict[bytes, _Entry]] = {}
+        self._entries: dict[bytes, _Entry] = {}  # queued or running, by key
+        self._pending = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._closing = False
+        self._seconds_per_item = 0.0  # moving estimate, for Retry-After
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the scheduling task on the running loop."""
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._schedule(),
+                                                                name="clsp-batcher")
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop taking work; with ``drain`` finish every queued and running item first."""
+        self._closing = True
+        if not drain:
+            for entries in self._groups.values():
+                for entry in entries.values():
+                    entry.future.cancel()
+                    self._entries.pop(entry.item.key, None)
+            self._groups.clear()
+            self._pending = 0
+        if self._task is not None:
+            self._kick()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+
+    # ---------------------------------------------------------------- queries
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for the sampler (not counting the running batch)."""
+        return self._pending
+
+    @property
+    def in_flight(self) -> int:
+        """Items queued or running."""
+        return len(self._entries)
+
+    def retry_after(self) -> int:
+        """Whole seconds until the queue has likely drained enough to take work."""
+        return max(1, math.ceil(self._pending * self._seconds_per_item))
+
+    # ------------------------------------------------------------- submission
+
+    def submit(self, items: Sequence[Item]) -> Ticket:
+        """Queue ``items`` (sharing any key already in flight); raise ``QueueFull``
+        when the new ones do not fit, ``BatcherClosed`` while shutting down."""
+        if self._closing or self._task is None:
+            raise BatcherClosed("the service is shutting down")
+        new_keys = {it.key for it in items if it.key not in self._entries}
+        if self._pending and self._pending + len(new_keys) > self.max_queue:
+            raise QueueFull(self._pending, self.max_queue, self.retry_after())
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures: list[asyncio.Future] = []
+        shared = 0
+        for it in items:
+            entry = self._entries.get(it.key)
+            if entry is None:
+                entry = _Entry(it, loop.create_future(), now)
+                self._entries[it.key] = entry
+                self._groups.setdefault(it.group, OrderedDict())[it.key] = entry
+                self._pending += 1
+            else:
+                entry.holders += 1
+                shared += 1
+            futures.append(entry.future)
+        self._kick()
+        return Ticket([it.key for it in items], futures, deduplicated=shared)
+
+    def release(self, ticket: Ticket) -> int:
+        """Give up a ticket's claim; drop its unstarted items nobody else wants.
+
+        Returns how many items left the queue. Safe to call more than once and
+        after the futures resolved.
+        """
+        if ticket.released:
+            return 0
+        ticket.released = True
+        dropped = 0
+        for key in ticket.keys:
+            entry = self._entries.get(key)
+            if entry is None or entry.future.done():
+                continue
+            entry.holders -= 1
+            if entry.holders <= 0 and not entry.started:
+                group = self._groups.get(entry.item.group)
+                if group is not None and group.pop(key, None) is not None:
+                    self._pending -= 1
+                    if not group:
+                        del self._groups[entry.item.group]
+                del self._entries[key]
+                entry.future.cancel()
+                dropped += 1
+        return dropped
+
+    # -------------------------------------------------------------- scheduling
+
+    def _kick(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    def _oldest_group(self) -> tuple[Hashable, float]:
+        group, entries = min(self._groups.items(),
+                             key=lambda kv: next(iter(kv[1].values())).enqueued)
+        return group, next(iter(entries.values())).enqueued
+
+    async def _schedule(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._groups:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            group, oldest = self._oldest_group()
+            deadline = oldest + self.max_wait
+            wait = deadline - time.monotonic()
+            if (wait > 0 and len(self._groups[group]) < self.max_batch
+                    and not self._closing):
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                continue  # re-evaluate: the group may have filled, emptied or changed
+            batch = self._take(group)
+            await self._run(loop, group, batch)
+
+    def _take(self, group: Hashable) -> list[_Entry]:
+        entries = self._groups[group]
+        batch: list[_Entry] = []
+        while entries and len(batch) < self.max_batch:
+            _, entry = entries.popitem(last=False)
+            entry.started = True
+            batch.append(entry)
+        if not entries:
+            del self._groups[group]
+        self._pending -= len(batch)
+        return batch
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, group: Hashable,
+                   batch: list[_Entry]) -> None:
+        anchors = np.stack([e.item.anchor for e in batch]).astype(np.float32, copy=False)
+        seeds = np.array([e.item.seed for e in batch], dtype=np.int64)
+        weights = np.array([e.item.weight for e in batch], dtype=np.float32)
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            images = await loop.run_in_executor(self._executor, self._run_batch, group,
+                                                anchors, seeds, weights)
+            if len(images) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(images)} images for "
+                                   f"{len(batch)} items")
+        except Exception as exc:  # the sampler failed: every waiter learns why
+            error = exc
+        seconds = time.perf_counter() - t0
+        per_item = seconds / len(batch)
+        self._seconds_per_item = (per_item if self._seconds_per_item == 0.0
+                                  else 0.8 * self._seconds_per_item + 0.2 * per_item)
+        for i, entry in enumerate(batch):
+            self._entries.pop(entry.item.key, None)
+            if entry.future.done():
+                continue
+            if error is None:
+                entry.future.set_result(images[i])
+            else:
+                entry.future.set_exception(error)
+                entry.future.exception()  # marks it retrieved: waiters still see it
+        if self._on_batch is not None:
+            self._on_batch(BatchStats(group, len(batch), seconds, error))

@@ -1,0 +1,96 @@
+"""Prometheus metrics of one service instance.
+
+Every app gets its own ``CollectorRegistry``, so several apps in one process
+(tests, an embedded service beside a trainer) never clash over metric names.
+Cache counters are read from the cache's own ``CacheStats`` at scrape time
+rather than mirrored, so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from clsp_positives.service.cache import CacheStats
+
+ROUTES = ("/v1/positives", "/positives", "/v1/model", "/healthz", "/readyz", "/metrics",
+          "/docs", "/openapi.json")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
+
+
+def route_label(path: str) -> str:
+    """The route a path belongs to; anything else is ``other`` (bounded label values)."""
+    return path if path in ROUTES else "other"
+
+
+class _CacheCollector(Collector):
+    def __init__(self, stats: Callable[[], CacheStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats()
+        for name, value, doc in (
+            ("clsp_cache_hits", s.hits, "Positives served from the cache."),
+            ("clsp_cache_misses", s.misses, "Lookups that found nothing usable."),
+            ("clsp_cache_errors", s.errors, "Failed cache calls (Redis down or slow)."),
+            ("clsp_cache_skipped", s.skipped, "Keys not looked up or written while the "
+             "cache backs off after an error."),
+            ("clsp_cache_corrupt", s.corrupt, "Cached values that failed their checksum."),
+            ("clsp_cache_writes", s.writes, "Positives written to the cache."),
+        ):
+            family = CounterMetricFamily(name, doc)
+            family.add_metric([], value)
+            yield family
+
+
+class ServiceMetrics:
+    """The service's metrics, in a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("clsp_requests", "HTTP requests by route and status.",
+                                ["route", "status"], registry=r)
+        self.latency = Histogram("clsp_request_seconds", "HTTP request latency by route.",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("clsp_queue_depth", "Items waiting for the sampler.",
+                                 registry=r)
+        self.batch_size = Histogram("clsp_batch_size", "Items per sampler call.",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.sampler_seconds = Histogram("clsp_sampler_seconds", "Seconds per sampler call.",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.sampler_errors = Counter("clsp_sampler_errors", "Sampler calls that raised.",
+                                      registry=r)
+        self.generated = Counter("clsp_positives_generated", "Positives the sampler made.",
+                                 registry=r)
+        self.served = Counter("clsp_positives_served", "Positives returned to clients.",
+                              registry=r)
+        self.deduplicated = Counter("clsp_deduplicated_items", "Items that shared a "
+                                    "generation already in flight.", registry=r)
+        self.dropped = Counter("clsp_dropped_items", "Queued items dropped because their "
+                               "client went away.", registry=r)
+        self.rejected = Counter("clsp_rejected_requests", "Requests refused with 429 "
+                                "because the queue was full.", registry=r)
+
+    def watch_cache(self, stats: Callable[[], CacheStats]) -> None:
+        """Export the cache's counters (read at every scrape)."""
+        self.registry.register(_CacheCollector(stats))
+
+    def watch_queue(self, depth: Callable[[], float]) -> None:
+        self.queue_depth.set_function(depth)
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text exposition."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,199 @@
+"""The dynamic batcher on its own, with a recording stand-in for the sampler.
+
+The stand-in is the batcher's direct neighbour (``run_batch``): it returns each
+item's seed as its "image", so every answer can be traced to its item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from clsp_positives.service.batcher import Batcher, BatcherClosed, Item, QueueFull
+
+
+class RecordingSampler:
+    """Records each call; optionally blocks the first call until released."""
+
+    def __init__(self, block_first: bool = False, fail_groups: tuple = ()) -> None:
+        self.calls: list[tuple[object, list[int], list[float], str]] = []
+        self.gate = threading.Event()
+        if not block_first:
+            self.gate.set()
+        self.started = threading.Event()
+        self.fail_groups = fail_groups
+
+    def __call__(self, group, anchors, seeds, weights):
+        self.started.set()
+        self.gate.wait(10)
+        self.calls.append((group, seeds.tolist(), weights.tolist(),
+                           threading.current_thread().name))
+        if group in self.fail_groups:
+            raise RuntimeError("sampler exploded")
+        assert anchors.dtype == np.float32 and anchors.shape[1:] == (1, 2, 2)
+        return np.stack([np.full((2, 2, 1), s % 251, np.uint8) for s in seeds])
+
+
+def item(seed: int, group=("g", 1), weight: float = 0.1) -> Item:
+    return Item(key=seed.to_bytes(8, "little"), anchor=np.zeros((1, 2, 2), np.float32),
+                seed=seed, weight=weight, group=group)
+
+
+async def wait_started(sampler: RecordingSampler) -> None:
+    while not sampler.started.is_set():
+        await asyncio.sleep(0.005)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_concurrent_submissions_merge_into_one_call_up_to_max_batch():
+    async def main():
+        sampler = RecordingSampler(block_first=True)
+        b = Batcher(sampler, max_batch=8, max_wait_ms=5, max_queue=100)
+        b.start()
+        first = b.submit([item(1000)])
+        await wait_started(sampler)  # worker busy: the next submissions pile up
+        tickets = [b.submit([item(10 * r + i) for i in range(3)]) for r in range(4)]
+        assert b.queued == 12
+        sampler.gate.set()
+        await asyncio.wait(first.futures + [f for t in tickets for f in t.futures])
+        await b.close()
+        return sampler, tickets
+
+    sampler, tickets = run(main())
+    sizes = [len(seeds) for _, seeds, _, _ in sampler.calls]
+    assert sizes == [1, 8, 4]  # 12 queued items: one full batch, then the rest
+    for r, ticket in enumerate(tickets):
+        for i, fut in enumerate(ticket.futures):
+            assert fut.result()[0, 0, 0] == (10 * r + i) % 251
+    assert all(name.startswith("clsp-sampler") for *_, name in sampler.calls)
+
+
+def test_groups_never_share_a_call_but_weights_may_differ():
+    async def main():
+        sampler = RecordingSampler(block_first=True)
+        b = Batcher(sampler, max_batch=16, max_wait_ms=1, max_queue=100)
+        b.start()
+        t0 = b.submit([item(1, group="busy")])
+        await wait_started(sampler)
+        t1 = b.submit([item(2, "a", 0.1), item(3, "b", 0.5), item(4, "a", 0.9)])
+        sampler.gate.set()
+        await asyncio.wait(t0.futures + t1.futures)
+        await b.close()
+        return sampler
+
+    sampler = run(main())
+    by_group = {g: (seeds, weights) for g, seeds, weights, _ in sampler.calls}
+    assert sorted(by_group["a"][0]) == [2, 4]
+    assert sorted(by_group["a"][1]) == pytest.approx([0.1, 0.9])
+    assert by_group["b"][0] == [3]
+
+
+def test_identical_keys_in_flight_are_generated_once():
+    async def main():
+        sampler = RecordingSampler(block_first=True)
+        b = Batcher(sampler, max_batch=16, max_wait_ms=1, max_queue=100)
+        b.start()
+        busy = b.submit([item(99)])
+        await wait_started(sampler)
+        a = b.submit([item(1), item(2), item(1)])  # a duplicate inside one request
+        c = b.submit([item(2), item(3)])  # and across requests
+        sampler.gate.set()
+        await asyncio.wait(busy.futures + a.futures + c.futures)
+        await b.close()
+        return sampler, a, c
+
+    sampler, a, c = run(main())
+    assert sorted(sampler.calls[1][1]) == [1, 2, 3]
+    assert a.deduplicated == 1 and c.deduplicated == 1
+    assert a.futures[1] is c.futures[0]
+    assert np.array_equal(a.futures[0].result(), a.futures[2].result())
+
+
+def test_release_drops_unstarted_items_unless_someone_else_wants_them():
+    async def main():
+        sampler = RecordingSampler(block_first=True)
+        b = Batcher(sampler, max_batch=16, max_wait_ms=1, max_queue=100)
+        b.start()
+        busy = b.submit([item(99)])
+        await wait_started(sampler)
+        leaver = b.submit([item(1), item(2), item(3)])
+        stayer = b.submit([item(3), item(4)])
+        dropped = b.release(leaver)
+        assert dropped == 2  # 1 and 2; 3 is still wanted
+        assert b.release(leaver) == 0  # idempotent
+        assert b.queued == 2
+        assert leaver.futures[0].cancelled()
+        b.release(busy)  # already running: it still finishes
+        sampler.gate.set()
+        await asyncio.wait(stayer.futures)
+        await b.close()
+        return sampler, busy
+
+    sampler, busy = run(main())
+    assert busy.futures[0].result()[0, 0, 0] == 99  # released while running: it finished
+    assert sampler.calls[0][1] == [99]
+    assert sorted(sampler.calls[1][1]) == [3, 4]
+
+
+def test_full_queue_refuses_new_work_with_a_retry_hint():
+    async def main():
+        sampler = RecordingSampler(block_first=True)
+        b = Batcher(sampler, max_batch=4, max_wait_ms=1, max_queue=5)
+        b.start()
+        busy = b.submit([item(99)])
+        await wait_started(sampler)
+        ok = b.submit([item(i) for i in range(5)])
+        with pytest.raises(QueueFull) as info:
+            b.submit([item(100)])
+        shared = b.submit([item(0), item(1)])  # already queued keys cost nothing
+        assert b.queued == 5
+        sampler.gate.set()
+        await asyncio.wait(busy.futures + ok.futures + shared.futures)
+        await b.close()
+        return info.value
+
+    err = run(main())
+    assert err.retry_after >= 1 and err.limit == 5 and "retry after" in str(err)
+
+
+def test_a_failing_call_fails_its_waiters_and_the_batcher_carries_on():
+    async def main():
+        sampler = RecordingSampler(fail_groups=("bad",))
+        b = Batcher(sampler, max_batch=4, max_wait_ms=1, max_queue=10)
+        b.start()
+        bad = b.submit([item(1, "bad")])
+        await asyncio.wait(bad.futures)
+        good = b.submit([item(2, "good")])
+        await asyncio.wait(good.futures)
+        await b.close()
+        return bad, good
+
+    bad, good = run(main())
+    with pytest.raises(RuntimeError, match="exploded"):
+        bad.futures[0].result()
+    assert good.futures[0].result()[0, 0, 0] == 2
+
+
+def test_close_drains_queued_work_then_refuses_more():
+    async def main():
+        sampler = RecordingSampler(block_first=True)
+        b = Batcher(sampler, max_batch=2, max_wait_ms=50, max_queue=10)
+        b.start()
+        t = b.submit([item(i) for i in range(5)])
+        await wait_started(sampler)
+        closing = asyncio.create_task(b.close(drain=True))
+        await asyncio.sleep(0.01)
+        with pytest.raises(BatcherClosed):
+            b.submit([item(7)])
+        sampler.gate.set()
+        await closing
+        return t
+
+    t = run(main())
+    assert [f.result()[0, 0, 0] for f in t.futures] == [0, 1, 2, 3, 4]
