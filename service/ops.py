@@ -1,0 +1,246 @@
+"""Elementwise hot path of the CLSP sampler: torch references and dispatch to Triton.
+
+Each op computes in float32 and returns the dtype of its main input. On CUDA
+tensors (when triton imports) the fused Triton kernel of ``kernels.py`` runs;
+elsewhere the torch reference below, which draws the same counter-based noise
+(``noise.py``). ``CLSP_KERNELS=torch`` forces the references,
+``CLSP_KERNELS=triton`` forces the kernels (on CPU only together with
+``TRITON_INTERPRET=1``, for tests). The environment is read at every call so
+tests and benchmarks can switch paths without re-importing.
+
+Step coefficients are plain Python floats, so no op ever syncs with the device.
+Divisions by ``s0``/``s1`` are multiplications by reciprocals computed in float64
+on the host, identically in the reference and the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from clsp_positives.service import noise
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+KERNELS_ENV = "CLSP_KERNELS"
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """One sampling step: ``x_prev = coef_x0*x0 + coef_eps*eps + coef_x*x + sigma*z``.
+
+    ``sqrt_alpha_bar``/``sqrt_one_minus_alpha_bar`` are those of the current
+    timestep and turn the model output into ``(x0, eps)``.
+    """
+
+    sqrt_alpha_bar: float
+    sqrt_one_minus_alpha_bar: float
+    coef_x0: float
+    coef_eps: float
+    coef_x: float
+    sigma: float
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _kernels_module() -> ModuleType | None:
+    """``kernels`` if triton imports, else None; imported lazily so that the
+    interpreter switch (``TRITON_INTERPRET``) can be set before the first use.
+    Only a missing triton means "no kernels": an error inside ``kernels`` raises."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return None
+    from clsp_positives.service import kernels
+
+    return kernels
+
+
+def use_kernels(tensor: torch.Tensor) -> bool:
+    """Whether an op on ``tensor`` runs the Triton kernel (see module docstring)."""
+    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if _kernels_module() is None:
+            raise RuntimeError(f"{KERNELS_ENV}=triton but triton cannot be imported")
+        if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"{KERNELS_ENV}=triton on {tensor.device.type} tensors needs TRITON_INTERPRET=1"
+            )
+        return True
+    if mode != "auto":
+        raise ValueError(f"{KERNELS_ENV} must be 'torch', 'triton' or 'auto', got {mode!r}")
+    return tensor.device.type == "cuda" and _kernels_module() is not None
+
+
+def _check_batch(name: str, tensor: torch.Tensor, n: int, what: str) -> None:
+    if tensor.ndim != 1 or tensor.shape[0] != n:
+        raise ValueError(f"{name} must be [N] = [{n}] ({what}), got {tuple(tensor.shape)}")
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+        )
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def normal(
+    seeds: torch.Tensor,
+    stream: int,
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``noise.normal`` through the kernel on CUDA (one launch instead of ~150 torch ops)."""
+    device = seeds.device if device is None else torch.device(device)
+    probe = torch.empty(0, device=device)
+    if use_kernels(probe):
+        return _kernels_module().normal(seeds.to(device), stream, tuple(shape), dtype=dtype)
+    return noise.normal(seeds, stream, tuple(shape), device=device, dtype=dtype)
+
+
+def noise_anchor(
+    anchors: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    sqrt_alpha_bar: float,
+    sqrt_one_minus_alpha_bar: float,
+) -> torch.Tensor:
+    """Forward-diffuse the anchors to step t: ``sa*a + s1*n``, n the per-sample noise."""
+    _check_float("anchors", anchors)
+    noise.check_seeds(seeds)
+    noise.check_stream(stream)
+    if anchors.ndim < 2:
+        raise ValueError(f"anchors must be [N, C, H, W], got {tuple(anchors.shape)}")
+    _check_batch("seeds", seeds, anchors.shape[0], "one seed per anchor")
+    if use_kernels(anchors):
+        return _kernels_module().noise_anchor(
+            anchors, seeds, stream, float(sqrt_alpha_bar), float(sqrt_one_minus_alpha_bar)
+        )
+    return noise_anchor_reference(anchors, seeds, stream, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)
+
+
+def bottleneck_lerp(h: torch.Tensor, h_anchor: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample interpolation of the bottleneck: ``w*h + (1-w)*h_anchor``."""
+    _check_float("h", h)
+    if h_anchor.shape != h.shape:
+        raise ValueError(
+            f"h_anchor must have the shape of h {tuple(h.shape)}, got {tuple(h_anchor.shape)}"
+        )
+    if h.ndim < 1:
+        raise ValueError("h must have a leading batch dimension")
+    _check_batch("weights", weights, h.shape[0], "one interpolation weight per sample")
+    if use_kernels(h):
+        return _kernels_module().bottleneck_lerp(h, h_anchor, weights)
+    return bottleneck_lerp_reference(h, h_anchor, weights)
+
+
+def scheduler_update(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    coefs: StepCoefficients,
+    prediction_type: str,
+    clip_range: float | None,
+) -> torch.Tensor:
+    """One DDIM/DDPM step from the model output (see ``StepCoefficients``)."""
+    _check_float("x", x)
+    if model_output.shape != x.shape:
+        raise ValueError(
+            f"model_output must have the shape of x {tuple(x.shape)}, "
+            f"got {tuple(model_output.shape)}"
+        )
+    noise.check_seeds(seeds)
+    noise.check_stream(stream)
+    _check_batch("seeds", seeds, x.shape[0], "one seed per sample")
+    _check_prediction_type(prediction_type)
+    if clip_range is not None and not clip_range > 0:
+        raise ValueError(f"clip_range must be positive or None, got {clip_range}")
+    if use_kernels(x):
+        return _kernels_module().scheduler_update(
+            x, model_output, seeds, stream, coefs, prediction_type, clip_range
+        )
+    return scheduler_update_reference(
+        x, model_output, seeds, stream, coefs, prediction_type, clip_range
+    )
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def noise_anchor_reference(
+    anchors: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    sqrt_alpha_bar: float,
+    sqrt_one_minus_alpha_bar: float,
+) -> torch.Tensor:
+    """Torch reference of ``noise_anchor``."""
+    z = noise.normal(seeds, stream, tuple(anchors.shape[1:]), device=anchors.device)
+    # Python floats multiply float32 tensors as float32 scalars, rounded once
+    # like the kernels' float arguments.
+    sa = float(sqrt_alpha_bar)
+    s1 = float(sqrt_one_minus_alpha_bar)
+    out = sa * anchors.float() + s1 * z
+    return out.to(anchors.dtype)
+
+
+def bottleneck_lerp_reference(
+    h: torch.Tensor, h_anchor: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Torch reference of ``bottleneck_lerp``."""
+    w = weights.to(device=h.device, dtype=torch.float32).reshape(-1, *([1] * (h.ndim - 1)))
+    out = w * h.float() + (1.0 - w) * h_anchor.float()
+    return out.to(h.dtype)
+
+
+def scheduler_update_reference(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    coefs: StepCoefficients,
+    prediction_type: str,
+    clip_range: float | None,
+) -> torch.Tensor:
+    """Torch reference of ``scheduler_update``, in the kernel's order of operations."""
+    dev = x.device
+    s0 = float(coefs.sqrt_alpha_bar)
+    s1 = float(coefs.sqrt_one_minus_alpha_bar)
+    xf = x.float()
+    out = model_output.float()
+    if prediction_type == "epsilon":
+        x0 = (xf - s1 * out) * float(1.0 / coefs.sqrt_alpha_bar)
+        eps = out
+    elif prediction_type == "sample":
+        x0 = out
+        eps = (xf - s0 * x0) * float(1.0 / coefs.sqrt_one_minus_alpha_bar)
+    elif prediction_type == "v_prediction":
+        x0 = s0 * xf - s1 * out
+        eps = s0 * out + s1 * xf
+    else:
+        _check_prediction_type(prediction_type)
+    if clip_range is not None:
+        x0 = x0.clamp(-float(clip_range), float(clip_range))
+    prev = float(coefs.coef_x0) * x0
+    prev = prev + float(coefs.coef_eps) * eps
+    prev = prev + float(coefs.coef_x) * xf
+    if coefs.sigma != 0:
+        z = noise.normal(seeds, stream, tuple(x.shape[1:]), device=dev)
+        prev = prev + float(coefs.sigma) * z
+    return prev.to(x.dtype)
