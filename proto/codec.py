@@ -122,7 +122,7 @@ def encode_safetensors(
     for name, arr in tensors.items():
         arr = np.asarray(arr)
         dt = _check_supported(name, arr.dtype)
-        arrays[name] = np.ascontiguousarray(arr, dtype=dt)
+        arrays[name] = np.asarray(arr, dtype=dt, order="C")  # keeps 0-d arrays 0-d
     return safetensors.numpy.save(arrays, metadata=dict(metadata) if metadata else None)
 
 
