@@ -1,0 +1,132 @@
+"""Generation params: defaults, ranges, strict types, the k limit and the
+readable messages of ``parse_params``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from clsp_positives.proto import DEFAULT_MAX_K, GenerationParams, ProtocolError, parse_params
+
+ALLOWED = "cache, eta, interpolation_weight, k, method, steps"
+
+
+def refused(raw: object, *words: str, max_k: int = DEFAULT_MAX_K) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        parse_params(raw, max_k=max_k)
+    err = info.value
+    assert (err.status, err.code) == (422, "invalid_params")
+    for word in words:
+        assert word in err.detail, (word, err.detail)
+    return err
+
+
+def test_defaults_are_the_papers() -> None:
+    p = parse_params(None)
+    assert p == parse_params({}) == parse_params("{}") == parse_params(b"{}")
+    assert (p.interpolation_weight, p.steps, p.eta, p.method, p.k, p.cache) == (
+        0.1, 100, 0.1, "ddim", None, "use")
+
+
+@pytest.mark.parametrize("field,low,high,step", [
+    ("interpolation_weight", 0, 1, 1e-9), ("eta", 0, 1, 1e-9), ("steps", 1, 1000, 1),
+    ("k", 1, 64, 1)])
+def test_range_ends_are_accepted_and_beyond_is_refused(field: str, low: int, high: int,
+                                                        step: float) -> None:
+    assert getattr(parse_params({field: low}), field) == low
+    assert getattr(parse_params({field: high}), field) == high
+    refused({field: low - step}, f"{field}: Input should be greater than or equal to {low}")
+    if field == "k":
+        refused({field: high + 1}, f"k={high + 1} is above this service's limit of {high}")
+    else:
+        refused({field: high + step}, f"{field}: Input should be less than or equal to {high}")
+
+
+@pytest.mark.parametrize("raw,words", [
+    ({"steps": True}, ("steps: Input should be a valid integer", "(got True)")),
+    ({"steps": "5"}, ("steps: Input should be a valid integer", "(got '5')")),
+    ({"steps": 5.0}, ("steps: Input should be a valid integer",)),
+    ({"steps": None}, ("steps",)),
+    ({"k": True}, ("k",)),
+    ({"k": 2.0}, ("k",)),
+    ({"eta": "0.1"}, ("eta: Input should be a valid number",)),
+    ({"eta": True}, ("eta",)),
+    ({"interpolation_weight": float("nan")}, ("interpolation_weight", "finite")),
+    ({"interpolation_weight": float("inf")}, ("interpolation_weight",)),
+    ({"method": "DDIM"}, ("method: Input should be 'ddim' or 'ddpm'",)),
+    ({"cache": "off"}, ("cache: Input should be 'use', 'refresh' or 'bypass'",)),
+])
+def test_types_are_strict(raw: dict, words: tuple[str, ...]) -> None:
+    refused(raw, *words)
+
+
+def test_int_is_accepted_for_float_fields() -> None:
+    p = parse_params({"interpolation_weight": 1, "eta": 0})
+    assert p.interpolation_weight == 1.0 and isinstance(p.interpolation_weight, float)
+    assert isinstance(p.eta, float)
+
+
+def test_unknown_field_lists_the_allowed_ones() -> None:
+    err = refused({"stpes": 10}, "stpes: unknown field", f"allowed fields are {ALLOWED}")
+    assert "got" not in err.detail
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    err = refused({"steps": 0, "eta": 2, "seed": 1}, "steps:", "eta:", "seed: unknown field")
+    assert err.detail.count(";") >= 2
+
+
+def test_max_k_comes_from_the_caller() -> None:
+    assert parse_params({"k": 200}, max_k=256).k == 200
+    refused({"k": 65}, "k=65", "limit of 64")
+    refused({"k": 9}, "limit of 8", max_k=8)
+    assert GenerationParams.model_validate({"k": 100}, context={"max_k": 100}).k == 100
+    with pytest.raises(ValidationError):
+        GenerationParams.model_validate({"k": 100})
+
+
+@pytest.mark.parametrize("raw,words", [
+    ("{steps: 5}", ("params is not valid JSON",)),
+    (b"\xff\xfe", ("params is not valid JSON",)),
+    ('{"steps": ' + "1" * 5000 + "}", ("params is not valid JSON",)),
+    ("[" * 100000, ("params is not valid JSON",)),
+    ("[1, 2]", ("params must be a JSON object, got list",)),
+    (5, ("params must be a JSON object, got int",)),
+])
+def test_raw_params_that_are_not_an_object(raw: object, words: tuple[str, ...]) -> None:
+    refused(raw, *words)
+
+
+def test_params_are_frozen() -> None:
+    p = GenerationParams()
+    with pytest.raises(ValidationError):
+        p.steps = 5  # type: ignore[misc]
+
+
+@settings(max_examples=60, deadline=None)
+@given(raw=st.dictionaries(
+    st.sampled_from(["interpolation_weight", "steps", "eta", "method", "k", "cache", "x"]),
+    st.none() | st.booleans() | st.integers(-5, 2000) | st.floats() | st.text(max_size=6)))
+def test_parse_params_either_validates_or_explains(raw: dict) -> None:
+    try:
+        p = parse_params(raw)
+    except ProtocolError as err:
+        assert err.status == 422 and err.detail.startswith("invalid params: ")
+        return
+    assert parse_params(json.loads(p.model_dump_json())) == p
+    assert 0 <= p.interpolation_weight <= 1 and 1 <= p.steps <= 1000
+
+
+def test_canonical_and_group() -> None:
+    ddim = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5)
+    assert json.loads(ddim.canonical()) == {"interpolation_weight": 0.5, "method": "ddim",
+                                            "steps": 50, "eta": 0.3}
+    assert ddim.group() == (50, 0.3, "ddim")
+    # the weight may differ within one sampler call; ddpm ignores eta
+    assert GenerationParams(steps=50, eta=0.3, interpolation_weight=0.9).group() == ddim.group()
+    assert GenerationParams(method="ddpm", eta=0.7).group() == (100, 0.0, "ddpm")
+    assert "eta" not in json.loads(GenerationParams(method="ddpm").canonical())
