@@ -106,8 +106,9 @@ class PositivesSource(Protocol):
     enabled: bool
     """False for the no-op source: the trainer then skips the CLSP term."""
 
-    def submit(self, anchors: np.ndarray, indices: np.ndarray,
-               candidates: np.ndarray) -> PendingPositives: ...
+    def submit(
+        self, anchors: np.ndarray, indices: np.ndarray, candidates: np.ndarray
+    ) -> PendingPositives: ...
 
     def available(self) -> bool:
         """Whether positives can come at all now (False while every generator is down)."""
@@ -128,12 +129,15 @@ def _done(value: Any) -> concurrent.futures.Future[Any]:
 
 def _check_batch(anchors: np.ndarray, indices: np.ndarray, candidates: np.ndarray) -> None:
     if anchors.dtype != np.uint8 or anchors.ndim != 4:
-        raise ValueError(f"anchors must be uint8 [B, H, W, C], got {anchors.dtype} "
-                         f"{list(anchors.shape)}")
+        raise ValueError(
+            f"anchors must be uint8 [B, H, W, C], got {anchors.dtype} {list(anchors.shape)}"
+        )
     b = len(anchors)
     if np.shape(indices) != (b,) or np.shape(candidates) != (b,):
-        raise ValueError(f"indices and candidates must have shape [{b}], got "
-                         f"{list(np.shape(indices))} and {list(np.shape(candidates))}")
+        raise ValueError(
+            f"indices and candidates must have shape [{b}], got "
+            f"{list(np.shape(indices))} and {list(np.shape(candidates))}"
+        )
 
 
 # ---------------------------------------------------------------- the pool
@@ -144,11 +148,16 @@ class PoolSource:
 
     enabled = True
 
-    def __init__(self, client: PoolClient, params: GenerationParams, *,
-                 chunk: int = DEFAULT_CHUNK, own_client: bool = True) -> None:
+    def __init__(
+        self,
+        client: PoolClient,
+        params: GenerationParams,
+        *,
+        chunk: int = DEFAULT_CHUNK,
+        own_client: bool = True,
+    ) -> None:
         if params.k is not None:
-            raise ValueError("the trainer asks for one candidate per anchor: params.k must be "
-                             "None")
+            raise ValueError("the trainer asks for one candidate per anchor: params.k must be None")
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.client = client
@@ -156,16 +165,19 @@ class PoolSource:
         self.chunk = chunk
         self._own_client = own_client
 
-    def submit(self, anchors: np.ndarray, indices: np.ndarray,
-               candidates: np.ndarray) -> PendingPositives:
+    def submit(
+        self, anchors: np.ndarray, indices: np.ndarray, candidates: np.ndarray
+    ) -> PendingPositives:
         _check_batch(anchors, indices, candidates)
         anchors = np.ascontiguousarray(anchors)
         candidates = np.asarray(candidates, dtype=np.int64)
         expected = anchors.shape[1:]
 
         def send(where: slice) -> concurrent.futures.Future[tuple[np.ndarray, int]]:
-            return _chain(self.client.submit(anchors[where], candidates[where], self.params),
-                          lambda r: _unpack(r, len(anchors[where]), expected))
+            return _chain(
+                self.client.submit(anchors[where], candidates[where], self.params),
+                lambda r: _unpack(r, len(anchors[where]), expected),
+            )
 
         b = len(anchors)
         parts = [(slice(s, min(s + self.chunk, b)),) for s in range(0, b, self.chunk)]
@@ -185,15 +197,18 @@ class PoolSource:
 
 def _unpack(answer: ResponseArrays, n: int, hwc: tuple[int, ...]) -> tuple[np.ndarray, int]:
     if answer.positives.shape != (n, *hwc) or answer.positives.dtype != np.uint8:
-        raise ValueError(f"the pool answered positives {answer.positives.dtype} "
-                         f"{list(answer.positives.shape)} for anchors [{n}, "
-                         f"{', '.join(map(str, hwc))}]: the generator's model does not match "
-                         "the data (check --size/--channels against GET /v1/model)")
+        raise ValueError(
+            f"the pool answered positives {answer.positives.dtype} "
+            f"{list(answer.positives.shape)} for anchors [{n}, "
+            f"{', '.join(map(str, hwc))}]: the generator's model does not match "
+            "the data (check --size/--channels against GET /v1/model)"
+        )
     return answer.positives, int(np.count_nonzero(answer.cache_hit))
 
 
-def _chain(fut: concurrent.futures.Future[Any], fn: Callable[[Any], Any]
-           ) -> concurrent.futures.Future[Any]:
+def _chain(
+    fut: concurrent.futures.Future[Any], fn: Callable[[Any], Any]
+) -> concurrent.futures.Future[Any]:
     """A future of ``fn(result)``; cancelling it cancels the request."""
     out: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
@@ -236,39 +251,52 @@ class OfflineNpySource:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"offline positives {str(path)!r} do not exist: create them "
-                                    "with `clsp generate --out FILE.npy`")
+            raise FileNotFoundError(
+                f"offline positives {str(path)!r} do not exist: create them "
+                "with `clsp generate --out FILE.npy`"
+            )
         progress = progress_path(path)
         if progress.exists():
             done = np.load(progress)
-            raise ValueError(f"offline positives {str(path)!r} are incomplete ({int(done.sum())}"
-                             f" of {len(done)} rows): rerun the same `clsp generate` to finish")
+            raise ValueError(
+                f"offline positives {str(path)!r} are incomplete ({int(done.sum())}"
+                f" of {len(done)} rows): rerun the same `clsp generate` to finish"
+            )
         self.array = np.load(path, mmap_mode="r")
         if self.array.dtype != np.uint8 or self.array.ndim != 5:
-            raise ValueError(f"offline positives must be uint8 [N, K, H, W, C], got "
-                             f"{self.array.dtype} {list(self.array.shape)} in {str(path)!r}")
+            raise ValueError(
+                f"offline positives must be uint8 [N, K, H, W, C], got "
+                f"{self.array.dtype} {list(self.array.shape)} in {str(path)!r}"
+            )
         self.path = path
 
     @property
     def num_candidates(self) -> int:
         return int(self.array.shape[1])
 
-    def submit(self, anchors: np.ndarray, indices: np.ndarray,
-               candidates: np.ndarray) -> PendingPositives:
+    def submit(
+        self, anchors: np.ndarray, indices: np.ndarray, candidates: np.ndarray
+    ) -> PendingPositives:
         _check_batch(anchors, indices, candidates)
         n, k = self.array.shape[:2]
         indices = np.asarray(indices, dtype=np.int64)
         candidates = np.asarray(candidates, dtype=np.int64)
         if anchors.shape[1:] != self.array.shape[2:]:
-            raise ValueError(f"offline positives are {list(self.array.shape[2:])} (H, W, C) but "
-                             f"the anchors are {list(anchors.shape[1:])}: generate the .npy "
-                             "with the training --size and --channels")
+            raise ValueError(
+                f"offline positives are {list(self.array.shape[2:])} (H, W, C) but "
+                f"the anchors are {list(anchors.shape[1:])}: generate the .npy "
+                "with the training --size and --channels"
+            )
         if len(indices) and (indices.min() < 0 or indices.max() >= n):
-            raise ValueError(f"data set index {int(indices.max())} is outside the {n} rows of "
-                             f"{str(self.path)!r}: was it generated for another data set/split?")
+            raise ValueError(
+                f"data set index {int(indices.max())} is outside the {n} rows of "
+                f"{str(self.path)!r}: was it generated for another data set/split?"
+            )
         if len(candidates) and (candidates.min() < 0 or candidates.max() >= k):
-            raise ValueError(f"candidate {int(candidates.max())} asked but {str(self.path)!r} "
-                             f"holds K={k}: pass --candidates {k} or fewer")
+            raise ValueError(
+                f"candidate {int(candidates.max())} asked but {str(self.path)!r} "
+                f"holds K={k}: pass --candidates {k} or fewer"
+            )
         images = np.asarray(self.array[indices, candidates])
         return PendingPositives(anchors.shape, [(slice(0, len(anchors)), _done((images, 0)))])
 
@@ -293,8 +321,9 @@ class NoSource:
 
     enabled = False
 
-    def submit(self, anchors: np.ndarray, indices: np.ndarray,
-               candidates: np.ndarray) -> PendingPositives:
+    def submit(
+        self, anchors: np.ndarray, indices: np.ndarray, candidates: np.ndarray
+    ) -> PendingPositives:
         _check_batch(anchors, indices, candidates)
         return PendingPositives(anchors.shape, [])
 
@@ -320,11 +349,13 @@ def build_source(
 ) -> PositivesSource:
     """The source the options ask for: the pool (``--positives``), an offline .npy, or none."""
     if positives and offline_npy:
-        raise ValueError("give either --positives (a generation pool) or --offline-positives "
-                         "(a .npy), not both")
+        raise ValueError(
+            "give either --positives (a generation pool) or --offline-positives (a .npy), not both"
+        )
     if positives:
-        client = PoolClient(positives, token=token, timeout_s=timeout_s,
-                            **(client_options or {}))
+        if params.k is not None:
+            raise ValueError("the trainer asks for one candidate per anchor: params.k must be None")
+        client = PoolClient(positives, token=token, timeout_s=timeout_s, **(client_options or {}))
         return PoolSource(client, params, chunk=chunk)
     if offline_npy:
         return OfflineNpySource(offline_npy)

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -25,6 +28,7 @@ from fastapi.responses import JSONResponse
 from clsp_positives.proto.codec import decode_request, encode_response, media_type
 from clsp_positives.proto.errors import ProtocolError
 from clsp_positives.proto.messages import ResponseArrays
+from tests.support.servers import ServerProcess, free_port
 
 STUB_FINGERPRINT = "stub-pool-v1"
 
@@ -111,3 +115,27 @@ def create_app() -> FastAPI:
         return Response(blob, media_type=kind)
 
     return app
+
+
+def stub_server(port: int | None = None, **env: str) -> ServerProcess:
+    """A stub pool (not started) on ``port``; ``env`` sets STUB_* variables, e.g.
+    ``stub_server(STUB_DELAY_S="0.5")``. Ready when ``/readyz`` answers."""
+    repo = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
+    port = port or free_port()
+    # A short graceful shutdown: a stub told to be slow must not hold a test's teardown.
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "tests.support.stub_pool:create_app",
+           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+           "--timeout-graceful-shutdown", "1"]
+    return ServerProcess(cmd, port, health_path="/readyz", env={"PYTHONPATH": path, **env})
+
+
+def configure(server: ServerProcess, **config: Any) -> dict[str, Any]:
+    """Change a running stub's behaviour (delay_s, fail_status, ready)."""
+    return httpx.post(server.url + "/stub/config", json=config, timeout=5,
+                      trust_env=False).json()
+
+
+def counters(server: ServerProcess) -> dict[str, int]:
+    """Requests and items the stub has answered since it started."""
+    return httpx.get(server.url + "/stub/stats", timeout=5, trust_env=False).json()
