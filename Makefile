@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install lint format test test-fast redis bench gpu-check demo clean openapi
+.PHONY: install lint format test test-fast system-tools bench gpu-check demo clean openapi
 
 install: $(VENV)/.installed
 
@@ -19,17 +19,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[all]'
 	@touch $@
 
-# Tests talk to a real redis-server: install Debian's package when we can.
-redis:
-	@command -v redis-server >/dev/null 2>&1 || { \
+# Tests talk to a real redis-server and validate the compose files with
+# Debian's docker-compose: install both when we can (root on Debian).
+SYSTEM_TOOLS := redis-server:redis-server docker-compose:docker-compose
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing Debian's redis-server"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server) >/dev/null; \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) >/dev/null; \
 	  else \
-	    echo "redis-server is missing and this is not a root Debian shell."; \
-	    echo "Install it (Debian/Ubuntu: sudo apt-get install -y redis-server; macOS: brew install redis) and run make test again."; \
+	    echo "missing system packages:$$missing (and this is not a root Debian shell)."; \
+	    echo "Install them (Debian/Ubuntu: sudo apt-get install -y$$missing; macOS: brew install redis docker-compose) and run make test again."; \
 	    exit 1; \
-	  fi; }
+	  fi; fi
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -41,10 +45,10 @@ format: install
 openapi: install
 	$(PY) -m clsp_positives.proto.openapi --write
 
-test: install redis lint
+test: install system-tools lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: install redis
+test-fast: install system-tools
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:
