@@ -248,7 +248,7 @@ def test_dockerfile_copies_only_what_the_context_keeps() -> None:
 
 # --- Kubernetes -----------------------------------------------------------------
 
-_KUSTOMIZE_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels"}
+_KUSTOMIZE_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "images"}
 _CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole",
                    "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass"}
 
@@ -257,9 +257,10 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
     """Expand a kustomization the way `kustomize build` does, for the fields we use.
 
     No kustomize binary ships with Debian, so the manifests keep to what this
-    renders: `resources` (files or directories, recursively), `namespace`, and
-    `labels` with plain `pairs`. Anything else fails here, loudly, rather than
-    being silently ignored.
+    renders: `resources` (files or directories, recursively), `namespace`,
+    `labels` with plain `pairs`, and `images` (how users point the manifests at
+    their registry). Anything else fails here, loudly, rather than being
+    silently ignored.
     """
     path = directory / "kustomization.yaml"
     spec = yaml.safe_load(path.read_text())
@@ -283,6 +284,8 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
             if set(label) != {"pairs"}:
                 raise ValueError(f"{path}: labels support only `pairs`, got {sorted(label)}")
             meta.setdefault("labels", {}).update(label["pairs"])
+        for image in spec.get("images", []):
+            _set_image(doc, image)
     seen: set[tuple[str, str, str]] = set()
     for doc in docs:
         ident = _ident(doc)
@@ -290,6 +293,39 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: {ident} is defined twice")
         seen.add(ident)
     return docs
+
+
+def _split_image(ref: str) -> tuple[str, str]:
+    """`registry:5000/name:tag@sha256:...` -> (`registry:5000/name`, `:tag@sha256:...`)."""
+    name, at, digest = ref.partition("@")
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon:] + at + digest
+    return name, at + digest
+
+
+def _set_image(node: Any, rule: dict[str, str]) -> None:
+    """kustomize's `images` transformer: every container, whatever the kind."""
+    if isinstance(node, list):
+        for item in node:
+            _set_image(item, rule)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in ("containers", "initContainers") and isinstance(value, list):
+            for container in value:
+                name, suffix = _split_image(container.get("image", ""))
+                if name != rule["name"]:
+                    continue
+                if "digest" in rule:
+                    suffix = "@" + rule["digest"]
+                elif "newTag" in rule:
+                    suffix = ":" + str(rule["newTag"])
+                container["image"] = rule.get("newName", name) + suffix
+        else:
+            _set_image(value, rule)
 
 
 def _ident(doc: dict[str, Any]) -> tuple[str, str, str]:
@@ -340,6 +376,18 @@ def test_kubernetes_validate_accepts_every_manifest(
                                 .replace("/", "-")},
                    "spec": template["spec"]}
             kv.validate(copy.deepcopy(pod), version, strict=True)
+
+
+def test_model_loader_pod_is_valid_and_mounts_the_model_claim() -> None:
+    kv = pytest.importorskip("kubernetes_validate",
+                             reason="kubernetes-validate comes with the dev extra")
+    (pod,) = [d for d in yaml.safe_load_all((K8S / "tools" / "model-loader.yaml").read_text())
+              if d]
+    kv.validate(copy.deepcopy(pod), K8S_VERSIONS[0], strict=True)
+    base = render_kustomization(K8S / "base")
+    claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert claim in _by_kind(base, "PersistentVolumeClaim")
+    assert pod["metadata"]["namespace"] == _by_kind(base, "Namespace").popitem()[0]
 
 
 def test_kubernetes_names_agree_across_manifests(
@@ -487,9 +535,35 @@ def test_renderer_matches_kubectl_kustomize(rendered: tuple[str, list[dict[str, 
 
 def test_renderer_rejects_what_it_cannot_render(tmp_path: Path) -> None:
     (tmp_path / "kustomization.yaml").write_text(
-        "resources: []\nimages:\n  - name: x\n    newTag: y\n")
-    with pytest.raises(ValueError, match="images"):
+        "resources: []\npatches:\n  - path: p.yaml\n")
+    with pytest.raises(ValueError, match="patches"):
         render_kustomization(tmp_path)
+
+
+def test_images_point_the_manifests_at_a_registry(tmp_path: Path) -> None:
+    """The `images:` block docs/deployment.md shows renders as kustomize renders it."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    overlay = tmp_path / "k8s" / "overlays" / "pytorchjob" / "kustomization.yaml"
+    spec = yaml.safe_load(overlay.read_text())
+    spec["images"] = [
+        {"name": "clsp-positives-service", "newName": "ghcr.io/acme/clsp-positives-service",
+         "newTag": "0.2.0"},
+        {"name": "clsp-positives-trainer", "newName": "ghcr.io/acme/clsp-positives-trainer"},
+    ]
+    overlay.write_text(yaml.safe_dump(spec))
+    docs = render_kustomization(overlay.parent)
+    images = {c["image"] for _, t in _pod_templates(docs) for c in t["spec"]["containers"]}
+    assert images == {"ghcr.io/acme/clsp-positives-service:0.2.0",
+                      "ghcr.io/acme/clsp-positives-trainer:0.1.0", "redis:7"}
+    assert _split_image("host:5000/a/b:1@sha256:ab") == ("host:5000/a/b", ":1@sha256:ab")
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return
+    proc = subprocess.run([kubectl, "kustomize", str(overlay.parent)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    if proc.returncode == 0:
+        theirs = sorted((d for d in yaml.safe_load_all(proc.stdout) if d), key=_ident)
+        assert sorted(docs, key=_ident) == theirs
 
 
 # --- flags agree with the CLI ---------------------------------------------------
