@@ -1,0 +1,619 @@
+"""The training loop: data plan -> positives prefetch -> batched augmentation
+-> method step, with evaluation, checkpoints and a JSON-lines metrics log.
+
+While step b trains, the anchors of steps b+1..b+L are already with the
+generation pool (the plan of every epoch is known ahead, so the lookahead also
+crosses into the next epoch). A step takes whatever positives arrived by its
+deadline; anchors without one are masked out of the CLSP term.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from clsp_positives.trainer import checkpoint as ckpt
+from clsp_positives.trainer.augment import BatchAugment
+from clsp_positives.trainer.backbones import BACKBONES, build_backbone
+from clsp_positives.trainer.datasets import (
+    IndexedImages,
+    ShardedBatchSampler,
+    channel_stats,
+    epoch_candidates,
+)
+from clsp_positives.trainer.distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+    init_distributed,
+    shutdown_distributed,
+)
+from clsp_positives.trainer.evaluation import EvalResult, evaluate_backbone
+from clsp_positives.trainer.methods import ContrastiveMethod, MethodConfig, build_method
+
+log = logging.getLogger("clsp.train")
+
+METRICS_NAME = "metrics.jsonl"
+
+
+class TrainConfig(BaseModel):
+    """Every option of ``clsp train``; stored in checkpoints (without the token)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "digits"
+    data_root: str | None = None
+    download: bool = False
+    image_size: int | None = Field(None, ge=4)
+    subset: int | None = Field(None, ge=1, description="Train on the first N images only.")
+    method: Literal["simclr", "moco", "nnclr"] = "simclr"
+    backbone: str = "resnet18"
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(256, ge=2)
+    lr: float | None = Field(None, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    weight_decay: float | None = Field(None, ge=0)
+    temperature: float | None = Field(None, gt=0)
+    proj_hidden_dim: int = Field(2048, ge=1)
+    proj_dim: int | None = Field(None, ge=1)
+    pred_hidden_dim: int = Field(4096, ge=1)
+    queue_size: int = Field(65536, ge=1)
+    moco_momentum: float = Field(0.99, ge=0, le=1)
+    clsp_weight: float = Field(0.0, ge=0)
+    clsp_mode: Literal["similarity", "contrastive"] = "similarity"
+    positives: str | None = None
+    positives_npy: str | None = None
+    token: str | None = None
+    candidates: int = Field(8, ge=1)
+    prefetch: int = Field(4, ge=0)
+    positives_deadline_ms: float = Field(100.0, ge=0)
+    positives_strict: bool = False
+    positives_timeout_s: float = Field(30.0, gt=0)
+    interpolation_weight: float = Field(0.1, ge=0, le=1)
+    gen_steps: int = Field(100, ge=1, le=1000)
+    gen_eta: float = Field(0.1, ge=0, le=1)
+    gen_method: Literal["ddim", "ddpm"] = "ddim"
+    eval_every: int = Field(0, ge=0)
+    linear_epochs: int = Field(100, ge=1)
+    knn_k: int = Field(200, ge=1)
+    knn_tau: float = Field(0.1, gt=0)
+    out: str | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str | None = None
+    amp: bool = True
+    progress: bool | None = None
+
+    def method_config(self) -> MethodConfig:
+        return MethodConfig(
+            name=self.method,
+            temperature=self.temperature,
+            proj_hidden_dim=self.proj_hidden_dim,
+            proj_dim=self.proj_dim or (256 if self.method == "nnclr" else 128),
+            pred_hidden_dim=self.pred_hidden_dim,
+            clsp_weight=self.clsp_weight,
+            clsp_mode=self.clsp_mode,
+            queue_size=self.queue_size,
+            momentum=self.moco_momentum,
+        )
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        if self.optimizer == "adamw":
+            return 1e-3
+        return 0.06 * self.batch_size / 256 * 5  # SGD: 0.3 per 256 images
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 1e-4 if self.optimizer == "sgd" else 1e-2
+
+    def stored(self) -> dict[str, Any]:
+        """The config as checkpoints keep it: never the bearer token."""
+        return self.model_dump(exclude={"token"})
+
+
+@dataclass
+class TrainResult:
+    epochs: int
+    final: EvalResult | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    out_dir: Path | None = None
+
+
+class MetricsLog:
+    """JSON-lines events on the main rank: one line per epoch, eval and the summary."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """Positives from a model of another channel count, made to fit the data."""
+    c = images.shape[-1]
+    if c == channels:
+        return images
+    if c == 1:
+        return np.repeat(images, channels, axis=-1)
+    if channels == 1:
+        gray = images[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        return np.clip(np.rint(gray), 0, 255).astype(np.uint8)[..., None]
+    raise ValueError(f"positives have {c} channels, the data set {channels}")
+
+
+def _build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr, wd = config.resolved_lr(), config.resolved_weight_decay()
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+
+
+def _build_schedule(
+    config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    total = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str, total: int) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total, info="")
+        yield lambda info="": bar.update(task, advance=1, info=info)
+
+
+class _PositivesFeed:
+    """Keeps the prefetcher L batches ahead of training across epoch
+    boundaries; batch ids are global step numbers."""
+
+    def __init__(
+        self,
+        prefetcher: Any,
+        config: TrainConfig,
+        data: IndexedImages,
+        sampler: ShardedBatchSampler,
+    ) -> None:
+        self.prefetcher = prefetcher
+        self.config = config
+        self.data = data
+        self.sampler = sampler
+        self.submitted = -1
+        self._plans: dict[int, tuple] = {}
+
+    def _plan(self, epoch: int) -> tuple:
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            cands = epoch_candidates(
+                self.config.seed, epoch, len(self.data), self.config.candidates
+            )
+            self._plans[epoch] = (self.sampler.plan(epoch), cands)
+        return self._plans[epoch]
+
+    def ensure(self, epoch: int, step: int) -> None:
+        """Submit every batch up to ``step + L`` (global ids) not yet submitted."""
+        spe = self.sampler.steps_per_epoch
+        current = epoch * spe + step
+        last = min(current + self.config.prefetch, self.config.epochs * spe - 1)
+        first = max(self.submitted + 1, current)
+        for g in range(first, last + 1):
+            e, b = divmod(g, spe)
+            plan, cands = self._plan(e)
+            idx = plan.batches[b]
+            self.prefetcher.submit(g, self.data.data.images[idx], idx, cands[idx])
+        self.submitted = max(self.submitted, last)
+
+    def take(self, epoch: int, step: int) -> Any:
+        self.ensure(epoch, step)
+        return self.prefetcher.take(epoch * self.sampler.steps_per_epoch + step)
+
+
+def _open_positives(config: TrainConfig) -> Any | None:
+    if config.clsp_weight <= 0:
+        if config.positives or config.positives_npy:
+            log.warning("--clsp-weight is 0 (the baseline): the positives source is not used")
+        return None
+    if not (config.positives or config.positives_npy):
+        raise ValueError(
+            "--clsp-weight > 0 needs synthetic positives: pass --positives URL[,URL...] "
+            "or --positives-npy FILE (or set --clsp-weight 0 for the baseline)"
+        )
+    from clsp_positives.proto.params import GenerationParams
+    from clsp_positives.trainer.prefetch import Prefetcher
+    from clsp_positives.trainer.sources import build_source
+
+    params = GenerationParams(
+        interpolation_weight=config.interpolation_weight,
+        steps=config.gen_steps,
+        eta=config.gen_eta,
+        method=config.gen_method,
+    )
+    source = build_source(
+        config.positives,
+        offline_npy=config.positives_npy,
+        token=config.token,
+        params=params,
+        timeout_s=config.positives_timeout_s,
+    )
+    return Prefetcher(
+        source,
+        lookahead=config.prefetch,
+        deadline_ms=config.positives_deadline_ms,
+        strict=config.positives_strict,
+    )
+
+
+def _sum_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Positive statistics of all ranks as one epoch record."""
+    if not per_rank or not per_rank[0]:
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("wait_seconds", "missing", "failovers", "errors"):
+        vals = [r.get(key) for r in per_rank if r.get(key) is not None]
+        if vals:
+            out[key] = float(max(vals)) if key == "wait_seconds" else int(sum(vals))
+    for key in ("positive_fraction", "cache_hit_rate"):
+        vals = [r.get(key) for r in per_rank if r.get(key) is not None]
+        if vals:
+            out[key] = float(np.mean(vals))
+    return out
+
+
+def evaluate_method(
+    method: ContrastiveMethod,
+    config: TrainConfig,
+    train_data: Any,
+    test_data: Any,
+    preprocess: BatchAugment,
+) -> EvalResult:
+    return evaluate_backbone(
+        method.backbone,
+        train_data.images,
+        train_data.labels,
+        test_data.images,
+        test_data.labels,
+        train_data.classes,
+        preprocess,
+        k=config.knn_k,
+        tau=config.knn_tau,
+        linear_epochs=config.linear_epochs,
+        autocast=config.amp and preprocess.device.type == "cuda",
+    )
+
+
+def load_datasets(config: TrainConfig, ctx: DistributedContext) -> tuple[Any, Any]:
+    from clsp_positives.trainer.data import ImageSet, load_images
+
+    def load(split: str) -> ImageSet:
+        return load_images(
+            config.dataset,
+            split=split,
+            size=config.image_size,
+            root=config.data_root,
+            download=config.download and ctx.is_main,
+        )
+
+    if config.download and ctx.distributed:
+        if ctx.is_main:
+            load("train"), load("test")
+        barrier()
+    train_set, test_set = load("train"), load("test")
+    if config.subset is not None and config.subset < len(train_set.labels):
+        train_set = ImageSet(
+            images=train_set.images[: config.subset],
+            labels=train_set.labels[: config.subset],
+            classes=train_set.classes,
+            name=train_set.name,
+        )
+    return train_set, test_set
+
+
+def train(config: TrainConfig, *, echo: Any = print) -> TrainResult:
+    """Run ``clsp train``: returns the final evaluation and the per-epoch records."""
+    ctx = init_distributed(config.device)
+    try:
+        return _train(config, ctx, echo)
+    finally:
+        shutdown_distributed()
+
+
+def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResult:
+    dev = ctx.device
+    _seed_everything(config.seed + ctx.rank)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if config.backbone not in BACKBONES:
+        raise ValueError(f"unknown --backbone {config.backbone!r}; choose one of {BACKBONES}")
+    train_set, test_set = load_datasets(config, ctx)
+    n, size, _, channels = train_set.images.shape
+    mean, std = channel_stats(train_set.images)
+    data = IndexedImages(train_set)
+    sampler = ShardedBatchSampler(
+        n, config.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=config.seed
+    )
+    backbone, feature_dim = build_backbone(config.backbone, in_channels=channels, image_size=size)
+    method = build_method(config.method_config(), backbone, feature_dim, n).to(dev)
+    model: torch.nn.Module = method
+    if ctx.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            method,
+            device_ids=[dev.index] if dev.type == "cuda" else None,
+            broadcast_buffers=False,
+        )
+    optimizer = _build_optimizer(config, method)
+    schedule = _build_schedule(config, optimizer, sampler.steps_per_epoch)
+    augment = BatchAugment(size, mean, std, device=dev, seed=config.seed)
+    autocast = config.amp and dev.type == "cuda"
+
+    out_dir = Path(config.out) if config.out else None
+    metrics = MetricsLog(out_dir / METRICS_NAME if out_dir and ctx.is_main else None)
+    start_epoch = 0
+    if config.resume:
+        if out_dir is None:
+            raise ValueError("--resume needs --out DIR (the run to continue)")
+        path = out_dir / ckpt.CHECKPOINT_NAME
+        if path.is_file():
+            state = ckpt.load_checkpoint(path, map_location=dev)
+            method.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            start_epoch = int(state["epoch"]) + 1
+            ckpt.restore_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
+            if ctx.is_main:
+                echo(f"resumed from {path} at epoch {start_epoch}")
+        elif ctx.is_main:
+            echo(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+
+    prefetcher = _open_positives(config)
+    feed = _PositivesFeed(prefetcher, config, data, sampler) if prefetcher else None
+    show = config.progress if config.progress is not None else sys.stderr.isatty()
+    history: list[dict[str, Any]] = []
+    final: EvalResult | None = None
+    if ctx.is_main:
+        metrics.write(
+            {
+                "event": "start",
+                "world_size": ctx.world_size,
+                "device": str(dev),
+                "train_size": n,
+                "start_epoch": start_epoch,
+                "config": config.stored(),
+            }
+        )
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            record = _run_epoch(
+                epoch,
+                config,
+                ctx,
+                method,
+                model,
+                optimizer,
+                schedule,
+                augment,
+                data,
+                sampler,
+                feed,
+                channels,
+                autocast,
+                show and ctx.is_main,
+            )
+            evaluate_now = epoch == config.epochs - 1 or (
+                config.eval_every > 0 and (epoch + 1) % config.eval_every == 0
+            )
+            if evaluate_now and ctx.is_main:
+                final = evaluate_method(method, config, train_set, test_set, augment)
+                record.update(final.as_dict())
+                metrics.write({"event": "eval", "epoch": epoch, **final.as_dict()})
+            if ctx.is_main:
+                metrics.write(record)
+                history.append(record)
+                if out_dir is not None:
+                    _save(out_dir, config, method, optimizer, schedule, epoch, ctx)
+            elif out_dir is not None:
+                gather_objects(ckpt.rng_state())
+            barrier()
+            if ctx.is_main:
+                echo(_epoch_line(record))
+    finally:
+        if prefetcher is not None:
+            prefetcher.close()
+    if ctx.is_main and final is not None:
+        summary = {"event": "summary", "epochs": config.epochs, **final.as_dict()}
+        metrics.write(summary)
+    return TrainResult(epochs=config.epochs, final=final, history=history, out_dir=out_dir)
+
+
+def _save(
+    out_dir: Path,
+    config: TrainConfig,
+    method: ContrastiveMethod,
+    optimizer: Any,
+    schedule: Any,
+    epoch: int,
+    ctx: DistributedContext,
+) -> None:
+    rngs = gather_objects(ckpt.rng_state())
+    ckpt.save_checkpoint(
+        out_dir / ckpt.CHECKPOINT_NAME,
+        {
+            "model": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "epoch": epoch,
+            "rng": rngs,
+            "config": config.stored(),
+            "world_size": ctx.world_size,
+        },
+    )
+
+
+def _epoch_line(r: dict[str, Any]) -> str:
+    parts = [f"epoch {r['epoch'] + 1}", f"loss {r['loss']:.4f}"]
+    if "positive_fraction" in r:
+        parts.append(f"positives {r['positive_fraction']:.0%}")
+    if "cache_hit_rate" in r:
+        parts.append(f"cache hits {r['cache_hit_rate']:.0%}")
+    if "wait_seconds" in r:
+        parts.append(f"wait {r['wait_seconds']:.2f}s")
+    if "linear_acc" in r:
+        parts.append(f"linear {r['linear_acc']:.2%} kNN {r['knn_acc']:.2%}")
+    parts.append(f"{r['epoch_seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+def _run_epoch(
+    epoch: int,
+    config: TrainConfig,
+    ctx: DistributedContext,
+    method: ContrastiveMethod,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: Any,
+    augment: BatchAugment,
+    data: IndexedImages,
+    sampler: ShardedBatchSampler,
+    feed: _PositivesFeed | None,
+    channels: int,
+    autocast: bool,
+    show: bool,
+) -> dict[str, Any]:
+    dev = ctx.device
+    plan = sampler.plan(epoch)
+    # Views depend only on (seed, rank, epoch): a resumed run draws the same ones.
+    augment.reseed(int(np.random.default_rng([config.seed, ctx.rank, epoch]).integers(2**62)))
+    method.train()
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, base, clsp, steps
+    started = time.perf_counter()
+    with _progress(show, f"epoch {epoch + 1}/{config.epochs}", len(plan)) as tick:
+        for step, indices in enumerate(plan.batches):
+            v3 = mask = None
+            if feed is not None:
+                positives = feed.take(epoch, step)
+                v3 = augment(torch.from_numpy(_match_channels(positives.images, channels)))
+                mask = torch.from_numpy(np.asarray(positives.mask, dtype=bool)).to(dev)
+            images = torch.from_numpy(data.batch(indices).images)
+            v1, v2 = augment(images), augment(images)
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model(v1, v2, v3, mask)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            schedule.step()
+            method.after_step()
+            sums += torch.stack(
+                [
+                    out.loss.detach().double(),
+                    out.base.double(),
+                    out.clsp.double(),
+                    torch.ones((), dtype=torch.float64, device=dev),
+                ]
+            )
+            if tick is not None:
+                tick(f"loss {out.loss.item():.3f}")
+    sums = all_reduce_sum(sums)
+    steps = max(1.0, float(sums[3]))
+    record: dict[str, Any] = {
+        "event": "epoch",
+        "epoch": epoch,
+        "loss": float(sums[0]) / steps,
+        "loss_base": float(sums[1]) / steps,
+        "loss_clsp": float(sums[2]) / steps,
+        "lr": float(schedule.get_last_lr()[0]),
+        "steps": len(plan),
+        "epoch_seconds": time.perf_counter() - started,
+    }
+    if feed is not None:
+        record.update(_sum_stats(gather_objects(feed.prefetcher.epoch_stats())))
+    if not math.isfinite(record["loss"]):
+        raise FloatingPointError(f"the loss is {record['loss']} at epoch {epoch + 1}: lower --lr")
+    return record
+
+
+def evaluate_checkpoint(
+    path: str | Path,
+    *,
+    device: str | None = None,
+    data_root: str | None = None,
+    linear_epochs: int | None = None,
+) -> EvalResult:
+    """``clsp eval``: rebuild the run's backbone from the checkpoint's config
+    and evaluate it on the run's data set."""
+    from clsp_positives.trainer.distributed import resolve_device
+
+    dev = resolve_device(device)
+    state = ckpt.load_checkpoint(path, map_location=dev)
+    changes: dict[str, Any] = {"resume": False, "out": None, "device": str(dev)}
+    if data_root is not None:
+        changes["data_root"] = data_root
+    if linear_epochs is not None:
+        changes["linear_epochs"] = linear_epochs
+    config = TrainConfig(**{**state["config"], **changes, "download": False})
+    ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=dev)
+    train_set, test_set = load_datasets(config, ctx)
+    n, size, _, channels = train_set.images.shape
+    backbone, feature_dim = build_backbone(config.backbone, in_channels=channels, image_size=size)
+    method = build_method(config.method_config(), backbone, feature_dim, n).to(dev)
+    method.load_state_dict(state["model"])
+    mean, std = channel_stats(train_set.images)
+    preprocess = BatchAugment(size, mean, std, device=dev, seed=config.seed)
+    return evaluate_method(method, config, train_set, test_set, preprocess)
