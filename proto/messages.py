@@ -85,6 +85,7 @@ class Health(BaseModel):
     """``GET /healthz`` and ``GET /readyz`` when the answer is yes."""
 
     status: str = Field(examples=["ok", "ready"])
+    model: str | None = Field(None, description="Fingerprint of the loaded model (/readyz).")
 
 
 class ErrorBody(BaseModel):

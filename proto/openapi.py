@@ -58,26 +58,28 @@ _ERRORS = {
     "415": "Content-Type is neither application/x-safetensors nor application/json.",
     "422": "Unknown or out-of-range params, or params.k together with a candidates tensor.",
     "429": "The generation queue is full; retry after the number of seconds in Retry-After.",
+    "503": "Not available: the service is starting or shutting down; retry after the number "
+           "of seconds in Retry-After.",
 }
+_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                "required": True, "schema": {"type": "integer", "minimum": 0}}}
+_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "The scheme to authenticate with.",
+                                          "required": True, "schema": {"type": "string"}}}
 
 
 def _schema_ref(name: str) -> dict[str, str]:
     return {"$ref": REF.format(model=name)}
 
 
-def _error_response(status: str) -> dict[str, Any]:
+def _error_response(status: str, description: str | None = None) -> dict[str, Any]:
     response: dict[str, Any] = {
-        "description": _ERRORS[status],
+        "description": description or _ERRORS[status],
         "content": {JSON_MEDIA_TYPE: {"schema": _schema_ref("ErrorBody")}},
     }
-    if status == "429":
-        response["headers"] = {
-            "Retry-After": {
-                "description": "Seconds to wait before retrying.",
-                "required": True,
-                "schema": {"type": "integer", "minimum": 0},
-            }
-        }
+    if status in ("429", "503"):
+        response["headers"] = _RETRY_AFTER
+    elif status == "401":
+        response["headers"] = _WWW_AUTHENTICATE
     return response
 
 
@@ -173,7 +175,8 @@ def build_openapi() -> dict[str, Any]:
             }, tag="health"),
             "/readyz": _get("readyz", "Ready to generate", {
                 "200": _json_response("The model is loaded and warmed up.", "Health"),
-                "503": _json_response("Not ready yet (loading or warming up).", "ErrorBody"),
+                "503": _error_response("503", "Not ready yet: loading or warming up the "
+                                       "model, or shutting down."),
             }, tag="health"),
             "/metrics": _get("metrics", "Prometheus metrics", {
                 "200": {"description": "Prometheus text exposition format.",

@@ -138,13 +138,15 @@ def test_positives_routes(path: str) -> None:
     ok = op["responses"]["200"]["content"]
     assert ok[JSON_MEDIA_TYPE]["schema"] == {"$ref": "#/components/schemas/PositivesResponse"}
     assert ok[SAFETENSORS_MEDIA_TYPE]["schema"]["format"] == "binary"
-    for status in ("400", "401", "413", "415", "422", "429"):
+    for status in ("400", "401", "413", "415", "422", "429", "503"):
         response = op["responses"][status]
         assert response["content"][JSON_MEDIA_TYPE]["schema"] == {
             "$ref": "#/components/schemas/ErrorBody"}, status
         assert response["description"]
-    retry = op["responses"]["429"]["headers"]["Retry-After"]
-    assert retry["schema"]["type"] == "integer"
+    for status in ("429", "503"):
+        retry = op["responses"][status]["headers"]["Retry-After"]
+        assert retry["schema"]["type"] == "integer" and retry["required"] is True
+    assert "WWW-Authenticate" in op["responses"]["401"]["headers"]
     assert {} in op["security"] and {"bearerAuth": []} in op["security"]
     assert "500" not in op["responses"]
 
@@ -160,7 +162,10 @@ def test_other_routes() -> None:
                           "/metrics"}
     model = paths["/v1/model"]["get"]["responses"]
     assert model["200"]["content"][JSON_MEDIA_TYPE]["schema"]["$ref"].endswith("/ModelInfo")
-    assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
+    readyz = paths["/readyz"]["get"]["responses"]
+    assert set(readyz) == {"200", "503"}
+    assert readyz["503"]["content"][JSON_MEDIA_TYPE]["schema"]["$ref"].endswith("/ErrorBody")
+    assert "Retry-After" in readyz["503"]["headers"]
     assert set(paths["/healthz"]["get"]["responses"]) == {"200"}
     metrics = paths["/metrics"]["get"]["responses"]["200"]["content"]
     assert metrics == {"text/plain": {"schema": {"type": "string"}}}
@@ -189,6 +194,7 @@ def test_what_the_encoder_writes_fits_the_schemas() -> None:
     RESPONSE.validate(json.loads(encode_response(answer, encoding=JSON_MEDIA_TYPE)[0]))
     validator("ErrorBody").validate(ErrorBody(error="x", detail="y").model_dump())
     validator("Health").validate(Health(status="ok").model_dump())
+    validator("Health").validate({"status": "ready", "model": "sha256:abc"})
     info = ModelInfo(fingerprint="f", sample_size=16, channels=1, scheduler={"a": 1},
                      device="cpu", dtype="float32", max_k=64, max_anchors=1024)
     validator("ModelInfo").validate(info.model_dump(mode="json"))
