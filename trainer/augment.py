@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_GRAY = (0.299, 0.587, 0.114)
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's float weights
 
 
 @dataclass(frozen=True)
