@@ -468,12 +468,17 @@ def test_kubernetes_generator_pool(rendered: tuple[str, list[dict[str, Any]]]) -
     assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
 
 
-def _positives_url_resolves(argv: list[str], docs: list[dict[str, Any]]) -> None:
+def _positives_url_resolves(argv: list[str], docs: list[dict[str, Any]],
+                            pod: dict[str, Any]) -> None:
     url = re.fullmatch(r"dns\+http://([\w-]+):(\d+)", _flag_value(argv, "--positives"))
     assert url, "the trainer must discover generators through DNS (dns+http://SERVICE:PORT)"
     service = _by_kind(docs, "Service")[url.group(1)]["spec"]
     assert service["clusterIP"] == "None", "DNS discovery needs the headless Service"
     assert int(url.group(2)) in {p["port"] for p in service["ports"]}
+    # The pool client needs one address at start: an init container waits for it.
+    (init,) = pod["initContainers"]
+    assert f'"{url.group(1)}"' in " ".join(init["command"])
+    assert init["image"] == pod["containers"][0]["image"]
 
 
 def test_kubernetes_trainer_job_runs_torchrun() -> None:
@@ -486,7 +491,7 @@ def test_kubernetes_trainer_job_runs_torchrun() -> None:
     assert int(nproc) == container["resources"]["limits"]["nvidia.com/gpu"]
     train = argv[argv.index("-m") + 1:]
     assert train[:2] == ["clsp_positives.cli", "train"]
-    _positives_url_resolves(train, docs)
+    _positives_url_resolves(train, docs, job)
     assert job["restartPolicy"] in ("Never", "OnFailure")
 
 
@@ -515,7 +520,7 @@ def test_kubernetes_pytorchjob_structure() -> None:
             assert any(f"$({var})" in a for a in argv), f"{name}: torchrun ignores {var}"
         nproc = next(a for a in argv if a.startswith("--nproc_per_node=")).split("=")[1]
         assert int(nproc) == container["resources"]["limits"]["nvidia.com/gpu"]
-        _positives_url_resolves(argv[argv.index("-m") + 1:], docs)
+        _positives_url_resolves(argv[argv.index("-m") + 1:], docs, spec["template"]["spec"])
 
 
 def test_renderer_matches_kubectl_kustomize(rendered: tuple[str, list[dict[str, Any]]]) -> None:
