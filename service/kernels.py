@@ -327,7 +327,7 @@ def scheduler_update(
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max().cpu()) if a.numel() else 0.0
+    return float((a.cpu().float() - b.cpu().float()).abs().max()) if a.numel() else 0.0
 
 
 def _dtype_eps(dtype: torch.dtype) -> float:
@@ -352,6 +352,8 @@ def self_check(device: str | torch.device, *, atol: float | None = None) -> dict
     Default float32 tolerance: 1e-6 (interpreter and CUDA alike: the kernels do
     not contract into FMAs); half outputs may differ by 1 ulp of their dtype.
     On CPU this needs ``TRITON_INTERPRET=1`` set before triton was imported.
+    Seen on an H100 (triton 3.6): every case 0.0, integers and normals equal to
+    the CPU reference bit for bit; about 20 s, mostly compilation.
     """
     device = torch.device(device)
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -369,7 +371,7 @@ def self_check(device: str | torch.device, *, atol: float | None = None) -> dict
                 failures.append(name)
         else:
             scale = ref.float().abs().clamp_min(1.0) * _dtype_eps(got.dtype)
-            ulps = float(((got.float() - ref.float()).abs() / scale).max().cpu())
+            ulps = float(((got.cpu().float() - ref.cpu().float()).abs() / scale.cpu()).max())
             report[name + "@ulp"] = ulps
             if not ulps <= 1.0:
                 failures.append(name)

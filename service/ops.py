@@ -15,6 +15,7 @@ on the host, identically in the reference and the kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -46,13 +47,20 @@ class StepCoefficients:
 # ----------------------------------------------------------------------------- dispatch
 
 
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _kernels_module() -> ModuleType | None:
     """``kernels`` if triton imports, else None; imported lazily so that the
     interpreter switch (``TRITON_INTERPRET``) can be set before the first use.
     Only a missing triton means "no kernels": an error inside ``kernels`` raises."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not _triton_available():
         return None
     from clsp_positives.service import kernels
 
