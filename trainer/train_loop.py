@@ -584,6 +584,11 @@ def _run_epoch(
     }
     if feed is not None:
         record.update(_sum_stats(gather_objects(feed.prefetcher.epoch_stats())))
+    if ctx.distributed:
+        # The ranks' shards must be disjoint: count what more than one rank trained on.
+        seen = np.concatenate(gather_objects(np.concatenate(plan.batches)))
+        record["images_seen"] = len(seen)
+        record["shard_overlap"] = len(seen) - len(np.unique(seen))
     if not math.isfinite(record["loss"]):
         raise FloatingPointError(f"the loss is {record['loss']} at epoch {epoch + 1}: lower --lr")
     return record
