@@ -8,6 +8,7 @@ nothing downstream cares which encoding a request used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,28 @@ Documented in the schema only: the decoder checks it itself, with a clearer mess
 Dim = Annotated[int, Field(ge=0, le=MAX_DIM)]
 
 
+def _narrowed(dtypes: list[str], *, min_rank: int, max_rank: int, min_dim: int = 0
+              ) -> Callable[[dict[str, Any]], None]:
+    """A ``json_schema_extra`` that narrows the generic Tensor for one named tensor.
+
+    The reference to Tensor becomes ``allOf: [Tensor, constraint]`` (plain
+    keywords beside a ``$ref`` are ignored by some tools), so the document
+    says which dtypes and ranks each tensor takes; the decoder enforces the
+    same, with messages that say what to fix.
+    """
+    constraint = {"properties": {
+        "dtype": {"enum": dtypes},
+        "shape": {"minItems": min_rank, "maxItems": max_rank, "items": {"minimum": min_dim}},
+    }}
+
+    def narrow(schema: dict[str, Any]) -> None:
+        for node in [schema, *schema.get("anyOf", [])]:
+            if "$ref" in node:
+                node["allOf"] = [{"$ref": node.pop("$ref")}, constraint]
+
+    return narrow
+
+
 class Tensor(BaseModel):
     """One tensor in JSON: raw little-endian bytes, base64 encoded."""
 
@@ -49,10 +72,14 @@ class PositivesRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    anchors: Tensor = Field(description="uint8 [N, H, W, C] pixels, or float32/float16 "
-                            "[N, C, H, W] in [-1, 1].")
-    candidates: Tensor | None = Field(None, description="int64 [N]: candidate index per "
-                                      "anchor (default 0). Exclusive with params.k.")
+    anchors: Tensor = Field(
+        description="uint8 [N, H, W, C] pixels, or float32/float16 [N, C, H, W] in [-1, 1].",
+        json_schema_extra=_narrowed(["uint8", "float16", "float32"], min_rank=4,
+                                             max_rank=4, min_dim=1))
+    candidates: Tensor | None = Field(
+        None, description="int64 [N]: candidate index per anchor (default 0). Exclusive "
+        "with params.k.",
+        json_schema_extra=_narrowed(["int64"], min_rank=1, max_rank=1, min_dim=1))
     params: GenerationParams = Field(default_factory=GenerationParams)
 
 
@@ -61,9 +88,12 @@ class PositivesResponse(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    positives: Tensor = Field(description="uint8 [N, H, W, C], or [N, k, H, W, C] with k.")
-    cache_hit: Tensor = Field(description="uint8 [N] or [N, k]: 1 where the positive came "
-                              "from the cache.")
+    positives: Tensor = Field(
+        description="uint8 [N, H, W, C], or [N, k, H, W, C] with k.",
+        json_schema_extra=_narrowed(["uint8"], min_rank=4, max_rank=5))
+    cache_hit: Tensor = Field(
+        description="uint8 [N] or [N, k]: 1 where the positive came from the cache.",
+        json_schema_extra=_narrowed(["uint8"], min_rank=1, max_rank=2))
     model: str = Field(description="Fingerprint of the model that generated the positives.")
     params: GenerationParams = Field(description="The parameters as applied, defaults filled in.")
 

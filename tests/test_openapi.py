@@ -15,12 +15,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 
 from clsp_positives.proto import (
     JSON_MEDIA_TYPE,
     SAFETENSORS_MEDIA_TYPE,
+    SUPPORTED_DTYPES,
     ErrorBody,
     GenerationParams,
     Health,
@@ -106,6 +108,9 @@ def test_component_schemas_are_the_models() -> None:
     assert schemas["GenerationParams"]["additionalProperties"] is False
     assert schemas["PositivesRequest"]["additionalProperties"] is False
     assert schemas["Tensor"]["properties"]["data"]["pattern"] == BASE64_PATTERN
+    anchors = schemas["PositivesRequest"]["properties"]["anchors"]["allOf"]
+    assert anchors[0] == {"$ref": "#/components/schemas/Tensor"}
+    assert anchors[1]["properties"]["dtype"]["enum"] == ["uint8", "float16", "float32"]
     # every $ref in the document points at a schema that exists
     refs = {ref for ref in _walk(DOC, "$ref")}
     assert refs == {f"#/components/schemas/{name}" for name in schemas}
@@ -227,6 +232,11 @@ VALID_REQUEST = {
     {"anchors": {"dtype": "uint8", "shape": [1], "data": "AA==", "order": "C"}},
     {"anchors": {"dtype": "uint8", "shape": [1]}},
     {"candidates": []},
+    {"anchors": tensor_to_json(np.zeros((1, 1, 2, 2), np.float64)).model_dump()},
+    {"anchors": tensor_to_json(np.zeros((1, 2, 2), np.uint8)).model_dump()},
+    {"anchors": tensor_to_json(np.zeros((1, 0, 2, 1), np.uint8)).model_dump()},
+    {"candidates": tensor_to_json(np.array([3], np.int32)).model_dump()},
+    {"candidates": tensor_to_json(np.array([[3]], np.int64)).model_dump()},
 ])
 def test_schema_and_decoder_refuse_the_same_structure(change: dict) -> None:
     body = {**VALID_REQUEST, **change}
@@ -249,12 +259,23 @@ json_any = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=3)
 
 
 @st.composite
+def wire_tensors(draw: st.DrawFn) -> dict:
+    """A well-formed JSON tensor of any supported dtype and a small shape."""
+    dtype = draw(st.sampled_from(SUPPORTED_DTYPES))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=5, min_side=0, max_side=2))
+    values = draw(hnp.arrays(dtype, shape, elements=st.integers(0, 1)))
+    return tensor_to_json(values).model_dump()
+
+
+@st.composite
 def mutated_bodies(draw: st.DrawFn) -> dict:
     """The valid request with a field or a nested field replaced, added or dropped."""
     body = json.loads(json.dumps(VALID_REQUEST))
     for _ in range(draw(st.integers(1, 3))):
         outer = draw(st.sampled_from(["anchors", "candidates", "params", "x"]))
-        if outer not in body or not isinstance(body[outer], dict) or draw(st.booleans()):
+        if outer in ("anchors", "candidates") and draw(st.booleans()):
+            body[outer] = draw(wire_tensors())
+        elif outer not in body or not isinstance(body[outer], dict) or draw(st.booleans()):
             if draw(st.booleans()):
                 body.pop(outer, None)
             else:
