@@ -16,6 +16,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,15 +391,21 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
     sampler = ShardedBatchSampler(
         n, config.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=config.seed
     )
+    # Same initial weights, queue and support set on every rank; rank-specific RNG after.
+    _seed_everything(config.seed)
     backbone, feature_dim = build_backbone(config.backbone, in_channels=channels, image_size=size)
     method = build_method(config.method_config(), backbone, feature_dim, n).to(dev)
+    _seed_everything(config.seed + ctx.rank)
     model: torch.nn.Module = method
     if ctx.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            method,
-            device_ids=[dev.index] if dev.type == "cuda" else None,
-            broadcast_buffers=False,
-        )
+        with warnings.catch_warnings():
+            # torch >= 2.14 renames broadcast_buffers; the older name works on both.
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.nn.parallel.DistributedDataParallel(
+                method,
+                device_ids=[dev.index] if dev.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
     optimizer = _build_optimizer(config, method)
     schedule = _build_schedule(config, optimizer, sampler.steps_per_epoch)
     augment = BatchAugment(size, mean, std, device=dev, seed=config.seed)
