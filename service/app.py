@@ -136,7 +136,7 @@ class PositivesService:
         self.ready = False
         self.not_ready_reason = "the model is warming up"
         metrics.watch_cache(lambda: cache.stats)
-        metrics.watch_queue(lambda: self.batcher.queued)
+        metrics.watch_queue(lambda: self.batcher.queued, lambda: self.batcher.in_flight)
 
     # ---------------------------------------------------------- worker side
 
@@ -411,9 +411,10 @@ def create_app(settings: ServiceSettings, generator: Generator, cache: Positives
         if result is None:  # nobody is listening; the status is only for the metrics
             return Response(status_code=499)
         payload, media = encode_response(result, encoding=encoding)
-        log.info("positives", extra={"items": int(result.cache_hit.size),
-                                     "hits": int(result.cache_hit.sum()),
-                                     "seconds": round(time.perf_counter() - t0, 4)})
+        items, hits = int(result.cache_hit.size), int(result.cache_hit.sum())
+        seconds = round(time.perf_counter() - t0, 4)
+        log.info("positives: %d items, %d cache hits, %.3f s", items, hits, seconds,
+                 extra={"items": items, "hits": hits, "seconds": seconds})
         return Response(payload, media_type=media)
 
     for path in ("/v1/positives", "/positives"):

@@ -67,6 +67,8 @@ class ServiceMetrics:
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("clsp_queue_depth", "Items waiting for the sampler.",
                                  registry=r)
+        self.in_flight = Gauge("clsp_items_in_flight", "Items queued or in the sampler.",
+                               registry=r)
         self.batch_size = Histogram("clsp_batch_size", "Items per sampler call.",
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.sampler_seconds = Histogram("clsp_sampler_seconds", "Seconds per sampler call.",
@@ -88,8 +90,10 @@ class ServiceMetrics:
         """Export the cache's counters (read at every scrape)."""
         self.registry.register(_CacheCollector(stats))
 
-    def watch_queue(self, depth: Callable[[], float]) -> None:
+    def watch_queue(self, depth: Callable[[], float], in_flight: Callable[[], float]) -> None:
+        """Export the batcher's queue depth and in-flight items (read at every scrape)."""
         self.queue_depth.set_function(depth)
+        self.in_flight.set_function(in_flight)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""

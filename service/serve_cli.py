@@ -41,7 +41,8 @@ def serve(
     from clsp_positives.service.settings import ServiceSettings
 
     try:
-        settings = ServiceSettings(
+        # Flags win; CLSP_* variables fill what has no flag (e.g. CLSP_REDIS_TIMEOUT_S).
+        settings = ServiceSettings.from_env(
             model=model, redis=redis, host=host, port=port, device=device, dtype=dtype,
             max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
             max_anchors=max_anchors, max_body_mb=max_body_mb, max_k=max_k, max_cost=max_cost,
