@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from clsp_positives.proto.params import GenerationParams
+from clsp_positives.proto.params import GenerationParams, integral_floats_to_int
 
 JSON_MEDIA_TYPE = "application/json"
 SAFETENSORS_MEDIA_TYPE = "application/x-safetensors"
@@ -65,6 +65,8 @@ class Tensor(BaseModel):
                              "times the item size is the decoded byte length.")
     data: str = Field(description="Base64 of the raw little-endian bytes, C order.",
                       json_schema_extra={"pattern": BASE64_PATTERN, "contentEncoding": "base64"})
+
+    _integral = field_validator("shape", mode="before")(integral_floats_to_int)
 
 
 class PositivesRequest(BaseModel):

@@ -18,6 +18,20 @@ DEFAULT_MAX_K = 64
 """Largest number of candidates per anchor a request may ask for, unless the
 service is configured otherwise (pass ``{"max_k": n}`` as validation context)."""
 
+def integral_floats_to_int(value: Any) -> Any:
+    """``5.0`` -> ``5``; anything else unchanged (strict validation follows).
+
+    JSON, and JSON Schema, which calls ``5.0`` an integer, cannot tell 5 from
+    5.0, and some encoders write one for the other; booleans, strings and
+    5.5 are still refused. Lists are converted item by item (shapes).
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [integral_floats_to_int(v) if isinstance(v, float) else v for v in value]
+    return value
+
+
 Method = Literal["ddim", "ddpm"]
 CacheMode = Literal["use", "refresh", "bypass"]
 
@@ -46,6 +60,8 @@ class GenerationParams(BaseModel):
         "use", description="use: read and write the cache; refresh: regenerate and "
         "overwrite; bypass: neither read nor write.",
     )
+
+    _integral = field_validator("steps", "k", mode="before")(integral_floats_to_int)
 
     @field_validator("k")
     @classmethod
@@ -124,6 +140,11 @@ def describe_validation_error(exc: ValidationError, *, allowed: list[str] | None
                 msg += f"; allowed fields are {', '.join(allowed)}"
         got = err.get("input")
         hide = err["type"] == "extra_forbidden" or isinstance(got, dict)
-        shown = "" if hide else f" (got {got!r})"
+        shown = "" if hide else f" (got {_short(got)})"
         parts.append(f"{loc}: {msg}{shown}")
     return "; ".join(parts)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

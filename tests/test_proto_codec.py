@@ -386,7 +386,9 @@ MALFORMED_JSON = {
                              ("seed", "unknown field", "allowed fields are cache, eta")),
     "steps as a string": (_good_json(params={"steps": "5"}), 422, ("steps", "integer")),
     "steps as a boolean": (_good_json(params={"steps": True}), 422, ("steps", "integer")),
-    "steps as a float": (_good_json(params={"steps": 5.0}), 422, ("steps", "integer")),
+    "steps as a fraction": (_good_json(params={"steps": 5.5}), 422, ("steps", "integer")),
+    "fractional dimension": (_good_json(anchors={"dtype": "uint8", "shape": [1.5],
+                                                 "data": "AA=="}), 400, ("shape.0", "integer")),
     "eta above 1": (_good_json(params={"eta": 1.5}), 422, ("eta", "less than or equal to 1")),
     "unknown method": (_good_json(params={"method": "euler"}), 422, ("method", "ddim", "ddpm")),
     "unknown cache mode": (_good_json(params={"cache": "never"}), 422, ("cache", "bypass")),
@@ -416,6 +418,13 @@ def test_null_candidates_mean_default_and_int_weight_is_accepted() -> None:
     got = decode_request(body, JSON_MEDIA_TYPE)
     assert got.candidates.tolist() == [0, 0]
     assert got.params.interpolation_weight == 1.0
+
+
+def test_integral_floats_count_as_integers_in_json() -> None:
+    """JSON Schema calls 4.0 an integer; so does the decoder (shapes and params)."""
+    anchors = {**tensor_json(GOOD_ANCHORS), "shape": [2.0, 4.0, 4, 3]}
+    got = decode_request(_good_json(anchors=anchors, params={"steps": 5.0}), JSON_MEDIA_TYPE)
+    assert same_bits(got.anchors, GOOD_ANCHORS) and got.params.steps == 5
 
 
 def test_bad_client_side_input_is_a_protocol_error() -> None:

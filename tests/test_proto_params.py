@@ -49,10 +49,12 @@ def test_range_ends_are_accepted_and_beyond_is_refused(field: str, low: int, hig
 @pytest.mark.parametrize("raw,words", [
     ({"steps": True}, ("steps: Input should be a valid integer", "(got True)")),
     ({"steps": "5"}, ("steps: Input should be a valid integer", "(got '5')")),
-    ({"steps": 5.0}, ("steps: Input should be a valid integer",)),
+    ({"steps": 5.5}, ("steps: Input should be a valid integer", "(got 5.5)")),
     ({"steps": None}, ("steps",)),
     ({"k": True}, ("k",)),
-    ({"k": 2.0}, ("k",)),
+    ({"k": 2.5}, ("k: Input should be a valid integer",)),
+    ({"k": 0.0}, ("k: Input should be greater than or equal to 1",)),
+    ({"steps": 1e300}, ("steps: Input should be less than or equal to 1000", "...)")),
     ({"eta": "0.1"}, ("eta: Input should be a valid number",)),
     ({"eta": True}, ("eta",)),
     ({"interpolation_weight": float("nan")}, ("interpolation_weight", "finite")),
@@ -62,6 +64,13 @@ def test_range_ends_are_accepted_and_beyond_is_refused(field: str, low: int, hig
 ])
 def test_types_are_strict(raw: dict, words: tuple[str, ...]) -> None:
     refused(raw, *words)
+
+
+def test_integral_floats_are_accepted_for_int_fields() -> None:
+    """JSON Schema calls 5.0 an integer, and so does the decoder."""
+    p = parse_params({"steps": 5.0, "k": 2.0})
+    assert (p.steps, p.k) == (5, 2) and isinstance(p.steps, int) and isinstance(p.k, int)
+    assert p.canonical() == parse_params({"steps": 5, "k": 2}).canonical()
 
 
 def test_int_is_accepted_for_float_fields() -> None:
