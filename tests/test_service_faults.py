@@ -201,5 +201,6 @@ def test_sigterm_finishes_in_flight_work_then_exits(service):
     worker.join(120)
     response, reply = result["r"]
     assert response.status_code == 200 and reply.positives.shape == (8, 16, 16, 1)
-    assert service.proc.wait(60) == 0
+    # uvicorn re-raises the caught SIGTERM after its clean shutdown: the exit says so.
+    assert service.proc.wait(60) in (0, -signal.SIGTERM)
     assert any("in-flight" in ln for ln in service.log().splitlines())
