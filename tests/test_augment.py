@@ -117,3 +117,12 @@ def test_plain_resizes_and_normalises_without_randomness() -> None:
 def test_rejects_float_input() -> None:
     with pytest.raises(ValueError, match="uint8"):
         A.BatchAugment(8, [0.5], [0.5])(torch.rand(2, 8, 8, 1))
+
+
+def test_colour_jitter_follows_its_probability() -> None:
+    x = A.to_float_nchw(_images(64, 8, 3, seed=5))
+    never = A.AugmentConfig(jitter_p=0.0)
+    assert torch.equal(A.color_jitter(x, never, torch.Generator().manual_seed(0)), x)
+    changed = A.color_jitter(x, A.AugmentConfig(jitter_p=1.0), torch.Generator().manual_seed(0))
+    differs = (changed - x).abs().flatten(1).amax(1) > 1e-4
+    assert differs.float().mean().item() > 0.9

@@ -190,12 +190,13 @@ def color_jitter(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
     ]
     ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
     order = torch.argsort(torch.rand(n, 4, generator=gen, device=dev), dim=1)
-    out = x.clone()
+    out = x
+    # Every op runs on the whole batch and torch.where keeps it where chosen:
+    # no data-dependent indexing, so no host-device synchronisation on CUDA.
     for step in range(4):
         for op_id, op in enumerate(ops):
-            sel = torch.nonzero(apply & (order[:, step] == op_id), as_tuple=True)[0]
-            if sel.numel():
-                out[sel] = op(out[sel], factors[op_id][sel])
+            chosen = (apply & (order[:, step] == op_id)).view(-1, 1, 1, 1)
+            out = torch.where(chosen, op(out, factors[op_id]), out)
     return out
 
 
