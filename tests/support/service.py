@@ -18,10 +18,13 @@ FACTORY = "clsp_positives.service.app:create_app_from_env"
 
 
 def start_service(model_dir: str, *, redis_url: str | None = None, token: str | None = None,
-                  **settings: Any) -> ServerProcess:
-    """A real uvicorn running the service; ready once /readyz answers 200 (warm-up done)."""
-    env = {"CLSP_MODEL": str(model_dir), "CLSP_WARMUP_STEPS": "1", "OMP_NUM_THREADS": "1",
-           "CLSP_LOG_LEVEL": "warning"}
+                  threads: int = 1, **settings: Any) -> ServerProcess:
+    """A real uvicorn running the service; ready once /readyz answers 200 (warm-up done).
+
+    ``settings`` become ``CLSP_<NAME>`` variables (see ``ServiceSettings.from_env``).
+    """
+    env = {"CLSP_MODEL": str(model_dir), "CLSP_WARMUP_STEPS": "1",
+           "OMP_NUM_THREADS": str(threads), "CLSP_LOG_LEVEL": "warning"}
     if redis_url:
         env["CLSP_REDIS"] = redis_url
     if token:
