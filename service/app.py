@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -58,6 +59,18 @@ def error_response(status: int, code: str, detail: str,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorBody(error=code, detail=detail).model_dump(), status_code=status,
                         headers=headers)
+
+
+_INLINE_DECODE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request with its canonical anchors and one cache key per item."""
+
+    request: RequestArrays
+    canonical: np.ndarray  # float32 [N, C, H, W]
+    keys: list[bytes]
 
 
 # ------------------------------------------------------------------ the edge
@@ -214,7 +227,8 @@ class PositivesService:
             f"({self.settings.max_body_mb:g} MB): send fewer anchors per request",
             code="body_too_large", status=413)
 
-    def decode(self, body: bytes, content_type: str | None) -> RequestArrays:
+    def prepare(self, body: bytes, content_type: str | None) -> PreparedRequest:
+        """Decode, validate, check the cost budget, canonicalise and key every item."""
         s = self.settings
         req = decode_request(body, content_type, expected_chw=self.expected_chw,
                              max_anchors=s.max_anchors, max_k=s.max_k)
@@ -225,18 +239,25 @@ class PositivesService:
                 f"request asks for {items} positives x {req.params.steps} steps = {cost} "
                 f"sampler item-steps; the limit is {s.max_cost}: send fewer anchors, a "
                 "smaller k or fewer steps", code="cost_too_high", status=413)
-        return req
+        canon = canonical_anchors(req.anchors)
+        keys = [positive_key(self.fingerprint, req.params, canon[a], int(c))
+                for a, c in zip(req.anchor_index, req.candidates, strict=True)]
+        return PreparedRequest(req, canon, keys)
 
-    async def positives(self, req: RequestArrays,
+    async def prepare_async(self, body: bytes, content_type: str | None) -> PreparedRequest:
+        # Large bodies decode and hash in a helper thread so the loop keeps serving.
+        if len(body) > _INLINE_DECODE_BYTES:
+            return await asyncio.to_thread(self.prepare, body, content_type)
+        return self.prepare(body, content_type)
+
+    async def positives(self, prepared: PreparedRequest,
                         disconnected: Callable[[], Awaitable[Any]]) -> ResponseArrays | None:
         """Cache lookup, batched generation of the misses, cache write.
 
         Returns None when the client went away before its positives were ready.
         """
+        req, canon, keys = prepared.request, prepared.canonical, prepared.keys
         params = req.params
-        canon = canonical_anchors(req.anchors)
-        keys = [positive_key(self.fingerprint, params, canon[a], int(c))
-                for a, c in zip(req.anchor_index, req.candidates, strict=True)]
         m = len(keys)
         images: list[np.ndarray | None] = [None] * m
         hit = np.zeros(m, np.uint8)
@@ -404,10 +425,10 @@ def create_app(settings: ServiceSettings, generator: Generator, cache: Positives
     async def positives(request: Request) -> Response:
         body = await service.read_body(request)
         content_type = request.headers.get("content-type")
-        req = service.decode(body, content_type)
+        prepared = await service.prepare_async(body, content_type)
         encoding = response_encoding(request.headers.get("accept"), content_type)
         t0 = time.perf_counter()
-        result = await service.positives(req, lambda: _wait_for_disconnect(request))
+        result = await service.positives(prepared, lambda: _wait_for_disconnect(request))
         if result is None:  # nobody is listening; the status is only for the metrics
             return Response(status_code=499)
         payload, media = encode_response(result, encoding=encoding)
