@@ -110,6 +110,8 @@ def main() -> dict[str, Any]:
     ap.add_argument("--hit-requests", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, here and in the "
                     "server")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -123,7 +125,7 @@ def main() -> dict[str, Any]:
 
     tmp = tempfile.mkdtemp(prefix="clsp-bench-")
     model_dir = args.model or str(random_model_dir(Path(tmp) / "tiny"))
-    generator = Generator.from_dir(model_dir)
+    generator = Generator.from_dir(model_dir, device=args.device, dtype=args.dtype)
     size, channels = generator.sample_size, generator.channels
     _direct(generator, args.batch, args.steps, 1, seed=0)  # warm-up
 
@@ -131,7 +133,7 @@ def main() -> dict[str, Any]:
     server = start_service(model_dir, redis_url=redis.url, max_batch=args.batch,
                            max_wait_ms=5, max_anchors=max(args.hit_anchors, args.batch),
                            max_queue=64 * args.batch, max_cost=10**9,
-                           threads=args.threads)
+                           threads=args.threads, device=args.device, dtype=args.dtype)
     try:
         direct_before = _direct(generator, args.batch, args.steps, 3, seed=100)
         http = asyncio.run(_http_misses(server.url, batch=args.batch, steps=args.steps,
@@ -167,12 +169,14 @@ def main() -> dict[str, Any]:
 
     figures = {
         "model": f"{size}x{size}x{channels}", "steps": args.steps, "batch": args.batch,
+        "device": args.device, "dtype": args.dtype,
         "threads": args.threads, "cpu_count": os.cpu_count(),
         "miss_direct_positives_per_s": direct, "miss_http_positives_per_s": http,
         "miss_overhead": direct / http - 1.0, "hit_anchors": args.hit_anchors, "hits": hit_runs,
     }
-    print(f"\nservice benchmark: model {figures['model']}, {args.steps} DDIM steps, batch "
-          f"{args.batch}, {args.threads} torch thread(s), {os.cpu_count()} CPUs")
+    print(f"\nservice benchmark: model {figures['model']} on {args.device}/{args.dtype}, "
+          f"{args.steps} DDIM steps, batch {args.batch}, {args.threads} torch thread(s), "
+          f"{os.cpu_count()} CPUs")
     print(f"{'measure':52s} {'value':>12s}")
     print(f"{'cache miss, generator.sample direct (positives/s)':52s} {direct:12.1f}")
     print(f"{'cache miss, HTTP + batcher + Redis (positives/s)':52s} {http:12.1f}")
