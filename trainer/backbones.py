@@ -7,20 +7,11 @@ no max-pool) for images of 32x32 and smaller: the ImageNet stem would shrink a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 BACKBONES = ("resnet18", "resnet50", "resnet-tiny")
 SMALL_IMAGE_MAX = 32
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    in_channels: int
-    image_size: int
 
 
 class TinyConvNet(nn.Module):

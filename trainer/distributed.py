@@ -64,6 +64,11 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """Ranks in the current process group (1 without one)."""
+    return _world()
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -24,7 +24,12 @@ from torch import Tensor, nn
 
 from clsp_positives.trainer import losses
 from clsp_positives.trainer.backbones import predictor_mlp, projection_mlp
-from clsp_positives.trainer.distributed import gather_nograd, gather_with_grad
+from clsp_positives.trainer.distributed import (
+    all_reduce_sum,
+    gather_nograd,
+    gather_with_grad,
+    world_size,
+)
 
 METHODS = ("simclr", "moco", "nnclr")
 CLSP_MODES = ("similarity", "contrastive")
@@ -107,10 +112,26 @@ class ContrastiveMethod(nn.Module):
         if z3 is None or self.config.clsp_mode != "similarity":
             zero = base.new_zeros(())
             return StepLoss(loss=base, base=base.detach(), clsp=zero)
-        clsp = losses.clsp_similarity_term(z1, z3, mask)
+        clsp = self._clsp_term(z1, z3, mask)
         return StepLoss(
             loss=base + self.config.clsp_weight * clsp, base=base.detach(), clsp=clsp.detach()
         )
+
+    @staticmethod
+    def _clsp_term(z1: Tensor, z3: Tensor, mask: Tensor) -> Tensor:
+        """The similarity term as the mean over the positives of *all* ranks.
+
+        Ranks may receive different numbers of positives; DDP averages
+        gradients over W ranks, so rank r uses ``W * S_r / C`` (S_r its sum,
+        C the global count) and the average is exactly ``sum_r S_r / C``.
+        """
+        term = losses.clsp_similarity_term(z1, z3, mask)
+        world = world_size()
+        if world == 1:
+            return term
+        local = mask.sum().clamp(min=1).to(term.dtype)
+        total = all_reduce_sum(mask.sum().to(term.dtype)).clamp(min=1)
+        return term * local * world / total
 
     @torch.no_grad()
     def after_step(self) -> None:
