@@ -130,3 +130,28 @@ def test_option_errors_name_what_to_fix(extra: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["train", *FAST, "--epochs", "1", *extra])
     assert result.exit_code == 2
     assert message in result.output
+
+
+@pytest.mark.slow
+def test_positives_from_a_pool_over_http(tmp_path: Path) -> None:
+    """The loop with the real pool client against a stand-in generator on
+    loopback: every anchor gets its positive, the token comes from the
+    environment, and epoch 2 (same candidate) is all cache hits."""
+    from tests.support.stub_pool import counters, stub_server
+
+    out = tmp_path / "run"
+    with stub_server(STUB_TOKEN="pool-token") as server:
+        args = [
+            "train", *FAST, "--subset", "96", "--epochs", "2", "--batch-size", "32",
+            "--clsp-weight", "1", "--positives", server.url, "--candidates", "1",
+            "--prefetch", "2", "--positives-strict", "--out", str(out),
+        ]  # fmt: skip
+        result = CliRunner().invoke(app, args, env={"CLSP_API_TOKEN": "pool-token"})
+        assert result.exit_code == 0, result.output
+        served = counters(server)
+    epochs = [r for r in _records(out) if r["event"] == "epoch"]
+    assert [e["positive_fraction"] for e in epochs] == [1.0, 1.0]
+    assert epochs[0]["cache_hit_rate"] < 0.1 and epochs[1]["cache_hit_rate"] == 1.0
+    assert all(e["loss_clsp"] > 0 and e["errors"] == 0 for e in epochs)
+    assert served["items"] == 2 * 3 * 32  # each planned batch asked once, none after the end
+    assert "pool-token" not in (out / "metrics.jsonl").read_text()
