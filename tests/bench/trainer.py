@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             "proj_hidden_dim": 256, "gen_steps": args.gen_steps}
     warm_params = GenerationParams(steps=args.gen_steps, interpolation_weight=0.1, eta=0.1)
     rows: list[dict[str, Any]] = []
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="clsp-bench-") as tmp:
         if use_service:
             from clsp_positives.service.presets import random_model_dir
@@ -187,15 +188,22 @@ def main(argv: list[str] | None = None) -> int:
         "offline_vs_baseline_step": by["offline .npy"]["step_ms"]
         / by["baseline (no positives)"]["step_ms"],
     }
+    # Robust to load from elsewhere on the machine: the time a step spent waiting for its
+    # positives, as a fraction of the baseline's step time.
+    for r in rows[1:]:
+        ratios[f"{r['config']}: wait per step / baseline step"] = (
+            r["wait_ms_per_step"] or 0.0) / by["baseline (no positives)"]["step_ms"]
     for r in rows[3:]:
         ratios[f"{r['config']} vs baseline step"] = r["step_ms"] / by[
             "baseline (no positives)"]["step_ms"]
         ratios[f"{r['config']} vs offline step"] = r["step_ms"] / by["offline .npy"]["step_ms"]
     report = {"generator": "clsp serve (tiny model, CPU)" if use_service else "stub",
               "machine": f"{os.cpu_count()} CPUs, torch threads {args.threads}",
+              "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
               "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
               "ratios": ratios}
-    print(json.dumps(ratios, indent=1))
+    print(json.dumps({"ratios": ratios, "load_average_1m": report["load_average_1m"]},
+                     indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
