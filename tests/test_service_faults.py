@@ -128,7 +128,7 @@ def test_a_client_that_hangs_up_does_not_keep_its_work_queued(service, client):
     def busy() -> None:
         with httpx.Client(base_url=service.url, timeout=300) as c:
             busy_result["r"] = post_positives(c, anchors_u8(16, seed=1200),
-                                              {**PARAMS, "steps": 20})[0]
+                                              {**PARAMS, "steps": 50})[0]
 
     m0 = scrape(service.url)
     worker = threading.Thread(target=busy)
