@@ -53,3 +53,9 @@ test-fast: install system-tools
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
+
+# The whole loop on this machine (CPU is fine): DDPM, service, positives, baseline vs CLSP.
+# DEMO_ARGS=--quick for the short run.
+DEMO_ARGS ?=
+demo: install
+	$(PY) -m clsp_positives.cli demo $(DEMO_ARGS)

@@ -37,11 +37,13 @@ def _root(
 
 
 def _register_components() -> None:
+    from clsp_positives import demo
     from clsp_positives.service import cli as service_cli
     from clsp_positives.trainer import cli as trainer_cli
 
     service_cli.register(app)
     trainer_cli.register(app)
+    demo.register(app)
 
 
 _register_components()

@@ -1,0 +1,672 @@
+"""``clsp demo``: the whole loop on one machine, in one command.
+
+A newcomer's first run must show the product working end to end without a GPU,
+a network or any file to fetch, so the demo wires the real pieces together on
+the embedded default (scikit-learn's digits, 16x16):
+
+1. a small DDPM, trained by ``clsp diffusion train`` in-process (or reused from a
+   cache directory, where an earlier shorter run is continued rather than redone);
+2. the generation service, ``clsp serve`` with its in-process cache, as a
+   subprocess on a free loopback port (its own process group, always stopped);
+3. K positives per training image, requested ahead through the pool client, so
+   the sampler runs with full batches while nothing else competes for the CPU;
+4. a baseline (CLSP weight 0) and a CLSP model (weight 1) trained in-process on
+   the same budget and seed; the CLSP arm's prefetcher pulls its positives from
+   the service (cache hits, since step 3 warmed the cache);
+5. a table, ``results.json`` and a PNG grid of anchors beside their candidates.
+
+Nothing heavy is imported at module import (``clsp --help`` stays instant).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+RESULTS_NAME = "results.json"
+GRID_NAME = "positives-grid.png"
+SAMPLES_NAME = "ddpm-samples.png"
+SERVICE_LOG = "service.log"
+MODEL_MARKER = "demo-model.json"
+CACHE_ENV = "CLSP_CACHE_DIR"
+
+GRID_SCALE = 4
+"""Tiles are upscaled (nearest) so that 16x16 digits are visible in a viewer."""
+GRID_GAP = 8
+"""Pixels of grey between the anchor column and its candidates."""
+GRID_GAP_VALUE = 128
+
+
+class DemoError(RuntimeError):
+    """A stage of the demo failed; the message says which and what to look at."""
+
+
+# ------------------------------------------------------------------ budgets
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of each stage one demo run does (chosen for 2 CPU cores)."""
+
+    name: str
+    ddpm_steps: int  # target optimizer steps of the cached DDPM (a resume continues to it)
+    ddpm_minutes: float  # wall-clock cap of the DDPM stage in one run
+    candidates: int  # K positives per training image (the trainer draws one per epoch)
+    gen_steps: int  # DDIM steps per positive
+    epochs: int  # contrastive epochs, the same for both arms
+    linear_epochs: int  # linear-probe epochs of the evaluation
+    grid_candidates: int  # candidates per anchor shown in the PNG
+    ddpm_preset: str = "small"
+    ddpm_batch: int = 64
+    ddpm_lr: float = 5e-4
+    ddpm_sample_count: int = 64
+    ddpm_sample_steps: int = 25
+    interpolation_weight: float = 0.1
+    eta: float = 0.1
+    batch_size: int = 128
+    backbone: str = "resnet-tiny"
+    method: str = "simclr"
+    proj_hidden_dim: int = 256
+    grid_rows: int = 10  # one anchor per digit class
+
+    def positives_params(self, k: int | None = None) -> Any:
+        from clsp_positives.proto.params import GenerationParams
+
+        return GenerationParams(interpolation_weight=self.interpolation_weight,
+                                steps=self.gen_steps, eta=self.eta, method="ddim", k=k)
+
+
+BUDGETS: dict[str, Budget] = {
+    "full": Budget(name="full", ddpm_steps=2000, ddpm_minutes=6.0, candidates=2, gen_steps=25,
+                   epochs=25, linear_epochs=50, grid_candidates=8),
+    "quick": Budget(name="quick", ddpm_steps=200, ddpm_minutes=1.5, candidates=1, gen_steps=10,
+                    epochs=2, linear_epochs=20, grid_candidates=4, ddpm_sample_count=16,
+                    ddpm_sample_steps=10),
+}
+
+
+def grid_size(rows: int, candidates: int, *, tile: int, scale: int = GRID_SCALE,
+              gap: int = GRID_GAP) -> tuple[int, int]:
+    """(width, height) in pixels of the anchors-and-candidates PNG."""
+    side = tile * scale
+    return (1 + candidates) * side + gap, rows * side
+
+
+def default_cache_dir() -> Path:
+    """``$CLSP_CACHE_DIR``, else ``$XDG_CACHE_HOME/clsp-positives``, else ``~/.cache/...``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "clsp-positives"
+
+
+def _shown(path: Path) -> str:
+    """A path for humans: relative to the working directory or to ~, never this machine's
+    absolute layout (the output ends up pasted in docs)."""
+    path = path.resolve()
+    for base, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        with contextlib.suppress(ValueError):
+            return prefix + str(path.relative_to(base.resolve()))
+    return str(path)
+
+
+# ------------------------------------------------------------------ the service
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ServiceProcess:
+    """``clsp serve`` in its own process group, so that stopping it stops everything it
+    started, and a Ctrl-C in the terminal reaches the demo first (which then stops it)."""
+
+    def __init__(self, model_dir: Path, *, log_path: Path, device: str, threads: int,
+                 host: str = "127.0.0.1", port: int | None = None) -> None:
+        self.model_dir = model_dir
+        self.log_path = log_path
+        self.device = device
+        self.threads = threads
+        self.host = host
+        self.port = port or free_port(host)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "clsp_positives.cli", "serve", "--model",
+                str(self.model_dir), "--host", self.host, "--port", str(self.port),
+                "--device", self.device, "--max-batch", "128", "--max-wait-ms", "20",
+                "--log-level", "warning"]
+
+    def start(self, timeout_s: float = 300.0) -> ServiceProcess:
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads),
+               "MKL_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1",
+               "PYTHONUNBUFFERED": "1"}
+        env.pop("CLSP_REDIS", None)  # the demo always uses the in-process cache
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env,
+                                         start_new_session=True)
+        self._wait_ready(timeout_s)
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        import httpx
+
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=2.0, trust_env=False) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise DemoError(f"the service exited with code {self.proc.returncode} "
+                                    f"before it was ready; its log:\n{self.log_tail()}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(self.url + "/readyz").status_code == 200:
+                        return
+                time.sleep(0.2)
+        raise DemoError(f"the service was not ready after {timeout_s:.0f} s; its log:\n"
+                        f"{self.log_tail()}")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return "(no log)"
+
+    def metrics(self) -> dict[str, float]:
+        """The service's Prometheus counters and gauges (samples without labels)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(self.url + "/metrics", timeout=10.0, trust_env=False).text
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if not sample.labels:
+                    out[sample.name] = float(sample.value)
+        return out
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM to the whole group (graceful), SIGKILL if it lingers; idempotent."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, sig)
+                try:
+                    proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        # Anything the service itself started is in its group too.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.returncode
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind the stack like Ctrl-C does, so every ``finally`` (the one
+    that stops the service above all) runs whichever way the demo is told to stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------ stages
+
+
+@dataclass
+class ModelStage:
+    dir: Path
+    step: int
+    seconds: float
+    reused: bool
+    preset: str
+
+
+def ensure_model(cache_dir: Path, budget: Budget, *, device: str, threads: int, seed: int,
+                 progress: bool, retrain: bool, say: Callable[[str], None]) -> ModelStage:
+    """The cached DDPM when it has had at least this budget's steps; else train (resuming
+    the cached run's state, so a quick run's model is continued, not thrown away)."""
+    from clsp_positives.service.diffusion_train import DiffusionTrainConfig, train
+
+    model_dir = cache_dir / "demo-model"
+    marker = model_dir / MODEL_MARKER
+    identity = {"dataset": "digits", "size": 16, "preset": budget.ddpm_preset,
+                "batch_size": budget.ddpm_batch, "seed": seed}
+    if retrain and model_dir.exists():
+        shutil.rmtree(model_dir)
+    done: dict[str, Any] = {}
+    if marker.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            done = json.loads(marker.read_text())
+    if done and done.get("identity") != identity:
+        say(f"the cached model in {_shown(model_dir)} was made with other options: retraining")
+        shutil.rmtree(model_dir)
+        done = {}
+    if done and int(done.get("target_steps", 0)) >= budget.ddpm_steps and (
+            model_dir / "unet" / "config.json").is_file():
+        say(f"reusing the DDPM in {_shown(model_dir)} ({done['step']} steps; --retrain to "
+            "train a new one)")
+        return ModelStage(model_dir, int(done["step"]), 0.0, True, budget.ddpm_preset)
+    config = DiffusionTrainConfig(
+        out=str(model_dir), dataset="digits", size=16, channels=1, preset=budget.ddpm_preset,
+        steps=budget.ddpm_steps, minutes=budget.ddpm_minutes, batch_size=budget.ddpm_batch,
+        lr=budget.ddpm_lr, lr_warmup=100, seed=seed, save_every=max(100, budget.ddpm_steps // 4),
+        sample_count=budget.ddpm_sample_count, sample_steps=budget.ddpm_sample_steps,
+        threads=threads, device=device, progress=progress)
+    say(f"training a {budget.ddpm_preset!r} DDPM on digits 16x16 for up to "
+        f"{budget.ddpm_steps} steps or {budget.ddpm_minutes:g} min -> {_shown(model_dir)}")
+    t0 = time.perf_counter()
+    result = train(config)
+    seconds = time.perf_counter() - t0
+    say(f"DDPM: step {result.step} (this run: {result.step - result.start_step} steps in "
+        f"{result.seconds:.0f} s, loss {result.loss:.4f}, {result.parameters / 1e6:.2f}M "
+        "parameters)")
+    # A run stopped by the time cap still counts as this budget's model: rerunning the
+    # demo should reuse it, not train again.
+    marker.write_text(json.dumps({"identity": identity, "step": result.step,
+                                  "target_steps": budget.ddpm_steps}, indent=1) + "\n")
+    return ModelStage(model_dir, result.step, seconds, False, budget.ddpm_preset)
+
+
+@dataclass
+class GenerationStage:
+    positives: Any  # uint8 [N, K, H, W, C]
+    seconds: float
+    requested: int
+    cache_hits: int
+
+    @property
+    def per_s(self) -> float:
+        return self.requested / self.seconds if self.seconds > 0 else 0.0
+
+
+def generate_positives(url: str, images: Any, budget: Budget, *, progress: bool,
+                       chunk: int = 64, in_flight: int = 4) -> GenerationStage:
+    """K candidates for every training image, through the pool client, before training:
+    the sampler then works with full batches and the CLSP arm's requests are cache hits."""
+    import concurrent.futures
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from clsp_positives.trainer.pool_client import PoolClient
+
+    k = budget.candidates
+    params = budget.positives_params(k=k)
+    out = np.zeros((len(images), k, *images.shape[1:]), np.uint8)
+    hits = 0
+    t0 = time.perf_counter()
+    with PoolClient(url, timeout_s=600.0) as client, tqdm(
+            total=len(images) * k, unit="positive", desc="positives", disable=not progress,
+            dynamic_ncols=True) as bar:
+        starts = list(range(0, len(images), chunk))
+        running: dict[concurrent.futures.Future[Any], int] = {}
+        while starts or running:
+            while starts and len(running) < in_flight:
+                s = starts.pop(0)
+                running[client.submit(np.ascontiguousarray(images[s:s + chunk]), None,
+                                      params)] = s
+            finished, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
+            for fut in finished:
+                s = running.pop(fut)
+                answer = fut.result()
+                out[s:s + chunk] = answer.positives
+                hits += int(np.count_nonzero(answer.cache_hit))
+                bar.update(int(answer.positives.shape[0]) * k)
+    return GenerationStage(out, time.perf_counter() - t0, len(images) * k, hits)
+
+
+@dataclass
+class ArmResult:
+    name: str
+    clsp_weight: float
+    linear_acc: float
+    knn_acc: float
+    epochs: int
+    seconds: float
+    positives_generated: int | None = None
+    cache_hit_rate: float | None = None
+    positives_per_s: float | None = None
+    positive_fraction: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def train_arm(name: str, budget: Budget, *, seed: int, device: str, url: str | None,
+              progress: bool, say: Callable[[str], None]) -> ArmResult:
+    """One ``clsp train`` run, in-process; ``url`` given means the CLSP arm."""
+    from clsp_positives.trainer.train_loop import TrainConfig, train
+
+    clsp = url is not None
+    config = TrainConfig(
+        dataset="digits", method=budget.method, backbone=budget.backbone,
+        proj_hidden_dim=budget.proj_hidden_dim, epochs=budget.epochs,
+        batch_size=budget.batch_size, optimizer="adamw", linear_epochs=budget.linear_epochs,
+        seed=seed, device=device, progress=progress, clsp_weight=1.0 if clsp else 0.0,
+        positives=url, candidates=budget.candidates, prefetch=4, positives_strict=True,
+        positives_timeout_s=120.0, interpolation_weight=budget.interpolation_weight,
+        gen_steps=budget.gen_steps, gen_eta=budget.eta, gen_method="ddim",
+    )
+    t0 = time.perf_counter()
+    result = train(config, echo=lambda line: say(f"[{name}] {line}"))
+    seconds = time.perf_counter() - t0
+    if result.final is None:
+        raise DemoError(f"the {name} training ended without an evaluation")
+    arm = ArmResult(name=name, clsp_weight=config.clsp_weight,
+                    linear_acc=float(result.final.linear_acc),
+                    knn_acc=float(result.final.knn_acc), epochs=budget.epochs,
+                    seconds=seconds, history=result.history)
+    if clsp:
+        rates = [r["cache_hit_rate"] for r in result.history if "cache_hit_rate" in r]
+        fractions = [r["positive_fraction"] for r in result.history if "positive_fraction" in r]
+        arm.cache_hit_rate = float(sum(rates) / len(rates)) if rates else None
+        arm.positive_fraction = float(sum(fractions) / len(fractions)) if fractions else None
+    return arm
+
+
+def write_grid(anchors: Any, candidates: Any, path: Path) -> tuple[int, int]:
+    """Each row: an anchor, a grey gap, then its candidates; uint8 NHWC in, PNG out."""
+    import numpy as np
+    from PIL import Image
+
+    rows, k = candidates.shape[:2]
+    tile, channels = anchors.shape[1], anchors.shape[3]
+    side = tile * GRID_SCALE
+    width, height = grid_size(rows, k, tile=tile)
+    canvas = np.full((height, width, channels), GRID_GAP_VALUE, np.uint8)
+
+    def put(img: Any, r: int, x: int) -> None:
+        big = img.repeat(GRID_SCALE, axis=0).repeat(GRID_SCALE, axis=1)
+        canvas[r * side:(r + 1) * side, x:x + side] = big
+
+    for r in range(rows):
+        put(anchors[r], r, 0)
+        for j in range(k):
+            put(candidates[r, j], r, side + GRID_GAP + j * side)
+    image = canvas[..., 0] if channels == 1 else canvas
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return width, height
+
+
+def grid_anchors(labels: Any, rows: int) -> Any:
+    """Index of the first training image of each class (up to ``rows``)."""
+    import numpy as np
+
+    picks = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)]
+    return np.array(picks[:rows], dtype=np.int64)
+
+
+# ------------------------------------------------------------------ the run
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    out: Path
+    cache_dir: Path
+    budget: Budget
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    retrain: bool = False
+    progress: bool = True
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def results_table(results: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"clsp demo ({results['mode']}): digits 16x16, "
+                  f"{results['arms']['baseline']['epochs']} epochs per arm, seed "
+                  f"{results['seed']}")
+    for column in ("arm", "linear acc", "kNN acc", "positives generated", "cache-hit rate",
+                   "positives/s", "wall time"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for arm in results["arms"].values():
+        gen = arm.get("positives_generated")
+        rate = arm.get("positives_per_s")
+        table.add_row(
+            f"{arm['name']} (clsp-weight {arm['clsp_weight']:g})",
+            _fmt_pct(arm["linear_acc"]), _fmt_pct(arm["knn_acc"]),
+            "-" if gen is None else str(gen), _fmt_pct(arm.get("cache_hit_rate")),
+            "-" if rate is None else f"{rate:.1f}", f"{arm['seconds']:.0f} s")
+    return table
+
+
+def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
+    """Every stage, in order; the service is stopped whatever happens."""
+    import torch
+    from rich.console import Console
+
+    console = console or Console()
+    budget = options.budget
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+    device = _resolve_device(options.device)
+    threads = options.threads or max(1, min(os.cpu_count() or 1, 8))
+    torch.set_num_threads(threads)
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (RESULTS_NAME, GRID_NAME, SAMPLES_NAME):
+        (out / stale).unlink(missing_ok=True)
+
+    def say(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+
+    def stage(number: int, title: str) -> None:
+        console.rule(f"[bold][{number}/5] {title}")
+
+    from clsp_positives.trainer.data import load_images
+
+    data = load_images("digits", split="train", size=16)
+
+    stage(1, "diffusion model")
+    t0 = time.perf_counter()
+    model = ensure_model(options.cache_dir, budget, device=device, threads=threads,
+                         seed=options.seed, progress=options.progress,
+                         retrain=options.retrain, say=say)
+    stages["diffusion_model"] = time.perf_counter() - t0
+    samples = model.dir / "samples.png"
+    if samples.is_file():
+        shutil.copyfile(samples, out / SAMPLES_NAME)
+
+    service = ServiceProcess(model.dir, log_path=out / SERVICE_LOG, device=device,
+                             threads=threads)
+    try:
+        with _stop_on_signals():
+            stage(2, "generation service")
+            t0 = time.perf_counter()
+            service.start()
+            stages["service_start"] = time.perf_counter() - t0
+            info = _model_info(service.url)
+            say(f"clsp serve on {service.url} (model {info['fingerprint'][:12]}, in-process "
+                f"cache, log: {_shown(out / SERVICE_LOG)}), ready in "
+                f"{stages['service_start']:.0f} s")
+
+            stage(3, f"positives: {budget.candidates} per training image, "
+                     f"{budget.gen_steps} DDIM steps, w={budget.interpolation_weight}")
+            gen = generate_positives(service.url, data.images, budget,
+                                     progress=options.progress)
+            stages["positives"] = gen.seconds
+            say(f"{gen.requested} positives for {len(data.images)} images in "
+                f"{gen.seconds:.0f} s ({gen.per_s:.1f}/s, {gen.cache_hits} cache hits)")
+            picks = grid_anchors(data.labels, budget.grid_rows)
+            grid_k = max(budget.grid_candidates, budget.candidates)
+            grid_answer = _grid_candidates(service.url, data.images[picks], budget, grid_k)
+            grid_w, grid_h = write_grid(data.images[picks], grid_answer, out / GRID_NAME)
+            metrics_after_gen = service.metrics()
+
+            stage(4, "baseline (clsp-weight 0)")
+            baseline = train_arm("baseline", budget, seed=options.seed, device=device,
+                                 url=None, progress=options.progress, say=say)
+            stages["baseline"] = baseline.seconds
+
+            stage(5, "CLSP (clsp-weight 1, positives from the service)")
+            clsp = train_arm("clsp", budget, seed=options.seed, device=device,
+                             url=service.url, progress=options.progress, say=say)
+            stages["clsp"] = clsp.seconds
+            metrics_end = service.metrics()
+    finally:
+        code = service.stop()
+        if service.proc is not None:
+            say(f"service stopped (exit code {code})")
+
+    generated = int(metrics_end.get("clsp_positives_generated_total", 0))
+    clsp.positives_generated = generated
+    clsp.positives_per_s = gen.per_s
+    served_hits = metrics_end.get("clsp_cache_hits_total", 0) - metrics_after_gen.get(
+        "clsp_cache_hits_total", 0)
+    served_misses = metrics_end.get("clsp_cache_misses_total", 0) - metrics_after_gen.get(
+        "clsp_cache_misses_total", 0)
+    if clsp.cache_hit_rate is None and served_hits + served_misses > 0:
+        clsp.cache_hit_rate = served_hits / (served_hits + served_misses)
+    results: dict[str, Any] = {
+        "mode": budget.name,
+        "seed": options.seed,
+        "device": device,
+        "threads": threads,
+        "budget": asdict(budget),
+        "model": {"preset": model.preset, "steps": model.step, "reused": model.reused,
+                  "seconds": model.seconds, "fingerprint": info["fingerprint"]},
+        "generation": {"images": len(data.images), "candidates": budget.candidates,
+                       "positives": gen.requested, "seconds": gen.seconds,
+                       "positives_per_s": gen.per_s, "cache_hits": gen.cache_hits,
+                       "params": json.loads(budget.positives_params().canonical())},
+        "service": {"positives_generated": generated,
+                    "training_cache_hits": int(served_hits),
+                    "training_cache_misses": int(served_misses)},
+        "arms": {a.name: asdict(a) for a in (baseline, clsp)},
+        "grid": {"file": GRID_NAME, "width": grid_w, "height": grid_h,
+                 "rows": len(picks), "candidates": grid_k, "scale": GRID_SCALE},
+        "stages_seconds": stages,
+        "wall_seconds": time.perf_counter() - started,
+    }
+    (out / RESULTS_NAME).write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
+    console.print(results_table(results))
+    how = "reused" if model.reused else f"trained in {model.seconds:.0f} s"
+    say(f"diffusion model: {model.step} steps ({how}); positives: {gen.requested} in "
+        f"{gen.seconds:.0f} s; total {results['wall_seconds'] / 60:.1f} min")
+    say(f"wrote {_shown(out / RESULTS_NAME)}, {_shown(out / GRID_NAME)} ({grid_w}x{grid_h}: "
+        f"anchors | {grid_k} candidates each)")
+    return results
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value.name
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _model_info(url: str) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(url + "/v1/model", timeout=30.0, trust_env=False).json()
+
+
+def _grid_candidates(url: str, anchors: Any, budget: Budget, k: int) -> Any:
+    """Candidates 0..k-1 of a few anchors (the first K are cache hits by now)."""
+    from clsp_positives.trainer.pool_client import PoolClient
+
+    with PoolClient(url, timeout_s=600.0) as client:
+        return client.positives(anchors, None, budget.positives_params(k=k)).positives
+
+
+# ------------------------------------------------------------------ the command
+
+
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="A reduced run (~2-3 min on 2 cores)."),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Where results.json, the PNG "
+                             "grid and the service log go."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the trained "
+                                             f"DDPM is kept (default: ${CACHE_ENV} or "
+                                             "~/.cache/clsp-positives)."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train a new DDPM even if one is "
+                                 "cached."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the DDPM and of both trainings."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads "
+                                          "(default: the CPU count, at most 8)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the "
+                                         "contrastive epochs of both arms."),
+    ddpm_steps: Optional[int] = typer.Option(None, "--ddpm-steps", min=1, help="Override "
+                                             "the DDPM's target steps."),
+    ddpm_minutes: Optional[float] = typer.Option(None, "--ddpm-minutes", min=0.01,
+                                                 help="Override the DDPM time cap."),
+    candidates: Optional[int] = typer.Option(None, "--candidates", min=1, max=16,
+                                             help="Override K, positives per image."),
+    gen_steps: Optional[int] = typer.Option(None, "--gen-steps", min=1, max=1000,
+                                            help="Override the DDIM steps per positive."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+) -> None:
+    """Run the whole loop locally: DDPM, service, positives, baseline vs CLSP, results."""
+    budget = BUDGETS["quick" if quick else "full"]
+    overrides = {k: v for k, v in (("epochs", epochs), ("ddpm_steps", ddpm_steps),
+                                   ("ddpm_minutes", ddpm_minutes), ("candidates", candidates),
+                                   ("gen_steps", gen_steps)) if v is not None}
+    budget = replace(budget, **overrides)
+    options = DemoOptions(out=out, cache_dir=cache_dir or default_cache_dir(), budget=budget,
+                          seed=seed, device=device, threads=threads, retrain=retrain,
+                          progress=progress)
+    try:
+        run_demo(options)
+    except KeyboardInterrupt:
+        typer.echo("clsp demo: interrupted; the service was stopped", err=True)
+        raise typer.Exit(130) from None
+    except DemoError as exc:
+        typer.echo(f"clsp demo: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
