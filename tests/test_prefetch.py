@@ -201,3 +201,4 @@ def test_close_cancels_in_flight_work_and_leaves_no_threads() -> None:
         with pytest.raises(RuntimeError, match="closed"):
             submit(pf, 4)
     assert set(threading.enumerate()) <= before
+

@@ -277,9 +277,10 @@ class PoolClient:
         return False
 
     def available(self) -> bool:
-        """Whether some endpoint may take a request now (breaker not open, or due a probe)."""
+        """Whether some endpoint may take a request now (circuit closed, or due a probe)."""
         now = time.monotonic()
-        return any(e.state == "closed" or now - e.opened_at >= self.breaker_cooldown_s
+        return any(e.state == "closed" or (e.state == "open"
+                                           and now - e.opened_at >= self.breaker_cooldown_s)
                    for e in list(self._endpoints.values()))
 
     def stats(self) -> PoolStats:
@@ -337,23 +338,24 @@ class PoolClient:
     # ------------------------------------------------------------ balancing
 
     def _pick(self, exclude: set[str]) -> _Endpoint | None:
-        """Least outstanding requests among closed endpoints (ready ones first); else one
-        open endpoint whose cool-down is over, as the half-open probe."""
+        """An open endpoint whose cool-down is over gets the request as its half-open probe
+        (one at a time); otherwise the closed endpoint with the least outstanding requests
+        (ready ones first)."""
         now = time.monotonic()
         pool = [e for e in self._endpoints.values() if e.url not in exclude]
+        due = [e for e in pool if e.state == "open"
+               and now - e.opened_at >= self.breaker_cooldown_s]
+        if due:
+            probe = min(due, key=lambda e: e.opened_at)
+            probe.state, probe.probing = "half_open", True
+            return probe
         closed = [e for e in pool if e.state == "closed"]
         usable = [e for e in closed if e.healthy] or closed
-        if usable:
-            least = min(e.outstanding for e in usable)
-            ties = [e for e in usable if e.outstanding == least]
-            return ties[next(self._tie) % len(ties)]
-        due = [e for e in pool if e.state != "closed" and not e.probing
-               and now - e.opened_at >= self.breaker_cooldown_s]
-        if not due:
+        if not usable:
             return None
-        probe = min(due, key=lambda e: e.opened_at)
-        probe.state, probe.probing = "half_open", True
-        return probe
+        least = min(e.outstanding for e in usable)
+        ties = [e for e in usable if e.outstanding == least]
+        return ties[next(self._tie) % len(ties)]
 
     def _succeeded(self, ep: _Endpoint) -> None:
         if ep.state != "closed":
@@ -468,24 +470,26 @@ class PoolClient:
     # ------------------------------------------------------ health, discovery
 
     async def _probe(self, ep: _Endpoint) -> bool:
+        """``/readyz`` of one endpoint. It never closes a circuit (a real request does, as
+        the half-open probe), but an open endpoint that is still unreachable or not ready
+        restarts its cool-down, so no real request is spent on a generator known down."""
         try:
             resp = await self._http.get(ep.url + READY_PATH,
                                         timeout=min(2.0, self.timeout_s))
+            ep.healthy = resp.status_code == 200
+            reason = f"{READY_PATH} answered {resp.status_code}"
         except httpx.HTTPError as exc:
             ep.healthy = False
-            if ep.state == "closed" or not ep.probing:
-                self._failed(ep, f"{READY_PATH}: {type(exc).__name__}")
-            return False
-        ep.healthy = resp.status_code == 200
-        if ep.healthy and ep.state != "closed" and not ep.probing:
-            self._succeeded(ep)
+            reason = f"{READY_PATH}: {type(exc).__name__}"
+            if ep.state == "closed":
+                self._failed(ep, reason)
+        if not ep.healthy and ep.state == "open":
+            ep.opened_at = time.monotonic()
+            log.debug("generator %s still down (%s)", ep.url, reason)
         return ep.healthy
 
-    async def _check_all(self, *, due_only: bool = False) -> bool:
-        now = time.monotonic()
-        eps = [e for e in self._endpoints.values()
-               if not due_only or e.state == "closed"
-               or now - e.opened_at >= self.breaker_cooldown_s]
+    async def _check_all(self) -> bool:
+        eps = list(self._endpoints.values())
         results = await asyncio.gather(*(self._probe(e) for e in eps), return_exceptions=True)
         return any(r is True for r in results)
 
@@ -493,7 +497,7 @@ class PoolClient:
         while True:
             await asyncio.sleep(self.health_interval_s)
             with contextlib.suppress(Exception):
-                await self._check_all(due_only=True)
+                await self._check_all()
 
     async def _resolve_loop(self) -> None:
         while True:
