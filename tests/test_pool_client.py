@@ -93,6 +93,14 @@ def test_dns_endpoint_reaches_a_stub_on_localhost(stubs: list[ServerProcess]) ->
             assert client.positives(anchors(2, i)).positives.shape == (2, 16, 16, 1)
 
 
+def test_dns_endpoints_are_re_resolved(stubs: list[ServerProcess]) -> None:
+    url = f"http://127.0.0.1:{stubs[0].port}"
+    opts = {**FAST, "resolve_interval_s": 0.1}
+    with PoolClient(f"dns+http://localhost:{stubs[0].port}", **opts) as client:
+        del client._endpoints[url]  # as if the replica had not existed at the last lookup
+        wait_for(lambda: url in client.endpoint_urls, "re-resolution finding the replica")
+
+
 def test_least_outstanding_spreads_concurrent_requests(stubs: list[ServerProcess]) -> None:
     for s in stubs:
         configure(s, delay_s=0.3)

@@ -23,7 +23,8 @@ import typer
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.sources import progress_path
 
-TOKEN_ENV = "CLSP_TOKEN"
+TOKEN_ENV = "CLSP_API_TOKEN"
+"""The same variable `clsp serve` and `clsp train` read, so one secret serves all three."""
 
 
 def meta_path(out: str | Path) -> Path:

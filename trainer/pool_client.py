@@ -235,7 +235,12 @@ class PoolClient:
             if any(s.dns for s in self.specs):
                 self._background.append(asyncio.ensure_future(self._resolve_loop()))
 
-        self._call(setup(), 10)
+        try:
+            self._call(setup(), 10)
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            raise
 
     # ------------------------------------------------------------ public API
 
