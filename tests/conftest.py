@@ -32,3 +32,13 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
         redis_server.start()
     redis_server.command("FLUSHALL")
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A random "tiny" 16x16, 1-channel model directory (pipeline layout), made once."""
+    from clsp_positives.service import presets
+
+    return presets.random_model_dir(
+        tmp_path_factory.mktemp("tiny-model"), preset="tiny", sample_size=16, channels=1, seed=0
+    )
