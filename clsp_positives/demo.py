@@ -49,6 +49,8 @@ GRID_SCALE = 4
 """Tiles are upscaled (nearest) so that 16x16 digits are visible in a viewer."""
 GRID_GAP = 8
 """Pixels of grey between the anchor column and its candidates."""
+GRID_SEP = 2
+"""Pixels of grey between neighbouring tiles (digits on black would run together)."""
 GRID_GAP_VALUE = 128
 
 
@@ -101,10 +103,11 @@ BUDGETS: dict[str, Budget] = {
 
 
 def grid_size(rows: int, candidates: int, *, tile: int, scale: int = GRID_SCALE,
-              gap: int = GRID_GAP) -> tuple[int, int]:
+              gap: int = GRID_GAP, sep: int = GRID_SEP) -> tuple[int, int]:
     """(width, height) in pixels of the anchors-and-candidates PNG."""
     side = tile * scale
-    return (1 + candidates) * side + gap, rows * side
+    return ((1 + candidates) * side + gap + (candidates - 1) * sep,
+            rows * side + (rows - 1) * sep)
 
 
 def default_cache_dir() -> Path:
@@ -288,7 +291,9 @@ def ensure_model(cache_dir: Path, budget: Budget, *, device: str, threads: int, 
         steps=budget.ddpm_steps, minutes=budget.ddpm_minutes, batch_size=budget.ddpm_batch,
         lr=budget.ddpm_lr, lr_warmup=100, seed=seed, save_every=max(100, budget.ddpm_steps // 4),
         sample_count=budget.ddpm_sample_count, sample_steps=budget.ddpm_sample_steps,
-        threads=threads, device=device, progress=progress)
+        threads=threads, progress=progress,
+        # Older DiffusionTrainConfig versions train on the CPU only and have no device field.
+        **({"device": device} if "device" in DiffusionTrainConfig.model_fields else {}))
     say(f"training a {budget.ddpm_preset!r} DDPM on digits 16x16 for up to "
         f"{budget.ddpm_steps} steps or {budget.ddpm_minutes:g} min -> {_shown(model_dir)}")
     t0 = time.perf_counter()
@@ -412,12 +417,13 @@ def write_grid(anchors: Any, candidates: Any, path: Path) -> tuple[int, int]:
 
     def put(img: Any, r: int, x: int) -> None:
         big = img.repeat(GRID_SCALE, axis=0).repeat(GRID_SCALE, axis=1)
-        canvas[r * side:(r + 1) * side, x:x + side] = big
+        y = r * (side + GRID_SEP)
+        canvas[y:y + side, x:x + side] = big
 
     for r in range(rows):
         put(anchors[r], r, 0)
         for j in range(k):
-            put(candidates[r, j], r, side + GRID_GAP + j * side)
+            put(candidates[r, j], r, side + GRID_GAP + j * (side + GRID_SEP))
     image = canvas[..., 0] if channels == 1 else canvas
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(path)
@@ -525,9 +531,10 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
             service.start()
             stages["service_start"] = time.perf_counter() - t0
             info = _model_info(service.url)
-            say(f"clsp serve on {service.url} (model {info['fingerprint'][:12]}, in-process "
-                f"cache, log: {_shown(out / SERVICE_LOG)}), ready in "
-                f"{stages['service_start']:.0f} s")
+            assert service.proc is not None
+            say(f"clsp serve on {service.url} (pid {service.proc.pid}, model "
+                f"{info['fingerprint'][:12]}, in-process cache, log: "
+                f"{_shown(out / SERVICE_LOG)}), ready in {stages['service_start']:.0f} s")
 
             stage(3, f"positives: {budget.candidates} per training image, "
                      f"{budget.gen_steps} DDIM steps, w={budget.interpolation_weight}")
@@ -555,7 +562,9 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
     finally:
         code = service.stop()
         if service.proc is not None:
-            say(f"service stopped (exit code {code})")
+            # uvicorn re-raises the SIGTERM it handled, after its graceful shutdown.
+            how = f"signal {signal.Signals(-code).name}" if code and code < 0 else f"exit {code}"
+            say(f"service stopped ({how})")
 
     generated = int(metrics_end.get("clsp_positives_generated_total", 0))
     clsp.positives_generated = generated
@@ -578,7 +587,7 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
                        "positives": gen.requested, "seconds": gen.seconds,
                        "positives_per_s": gen.per_s, "cache_hits": gen.cache_hits,
                        "params": json.loads(budget.positives_params().canonical())},
-        "service": {"positives_generated": generated,
+        "service": {"url": service.url, "positives_generated": generated,
                     "training_cache_hits": int(served_hits),
                     "training_cache_misses": int(served_misses)},
         "arms": {a.name: asdict(a) for a in (baseline, clsp)},
@@ -658,8 +667,13 @@ def demo(
     options = DemoOptions(out=out, cache_dir=cache_dir or default_cache_dir(), budget=budget,
                           seed=seed, device=device, threads=threads, retrain=retrain,
                           progress=progress)
+    from rich.console import Console
+
+    # Off a terminal rich assumes 80 columns and would wrap the table; logs and CI want
+    # it whole.
+    console = Console(width=None if sys.stdout.isatty() else 160)
     try:
-        run_demo(options)
+        run_demo(options, console=console)
     except KeyboardInterrupt:
         typer.echo("clsp demo: interrupted; the service was stopped", err=True)
         raise typer.Exit(130) from None
