@@ -4,6 +4,7 @@ strict waits, a generator killed mid-way, every generator down and back."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.prefetch import Prefetcher
 from clsp_positives.trainer.sources import build_source
+from tests.support.servers import ServerProcess, free_port
 from tests.support.stub_pool import configure, counters, stub_positive, stub_server
 
 PARAMS = GenerationParams(steps=3)
@@ -202,3 +204,28 @@ def test_close_cancels_in_flight_work_and_leaves_no_threads() -> None:
             submit(pf, 4)
     assert set(threading.enumerate()) <= before
 
+
+@pytest.mark.slow
+def test_real_service_positives_flow_then_come_from_its_cache(tiny_model_dir) -> None:
+    """The same client against the real `clsp serve` with the tiny model."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "clsp_positives.cli", "serve", "--model", str(tiny_model_dir),
+           "--host", "127.0.0.1", "--port", str(port), "--max-wait-ms", "20"]
+    env = {"OMP_NUM_THREADS": "1", "CLSP_WARMUP_STEPS": "1", "CLSP_LOG_LEVEL": "warning"}
+    with ServerProcess(cmd, port, health_path="/readyz", env=env).start(timeout=300) as server:
+        with pool_prefetcher(server.url, deadline_ms=0, strict=True) as pf:
+            for b in range(2):
+                submit(pf, b)
+            cold = [pf.take(b) for b in range(2)]
+            assert all(batch.mask.all() for batch in cold)
+            first = pf.epoch_stats()
+            assert first["positive_fraction"] == 1.0 and first["cache_hit_rate"] == 0.0
+        with pool_prefetcher(server.url, deadline_ms=60_000) as pf:
+            for b in range(2):
+                submit(pf, b)
+            warm = [pf.take(b) for b in range(2)]
+            second = pf.epoch_stats()
+    assert second["positive_fraction"] == 1.0 and second["cache_hit_rate"] == 1.0
+    for c, w in zip(cold, warm, strict=True):
+        np.testing.assert_array_equal(c.images, w.images)  # the cache returns what was made
+    assert not np.array_equal(cold[0].images, cold[1].images)
