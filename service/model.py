@@ -162,7 +162,9 @@ def load_model(model: str | Path) -> LoadedModel:
         _check_unet_config(_read_json(unet_dir / _UNET_CONFIG), unet_dir / _UNET_CONFIG)
         scheduler_config = _read_json(scheduler_path)
         try:
-            unet = UNet2DModel.from_pretrained(unet_dir, torch_dtype=torch.float32)
+            unet = UNet2DModel.from_pretrained(
+                unet_dir, torch_dtype=torch.float32, low_cpu_mem_usage=False
+            )
         except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError...
             raise ModelLoadError(f"cannot load the UNet weights from {unet_dir}: {exc}") from None
         source = str(path)
