@@ -59,3 +59,9 @@ clean:
 DEMO_ARGS ?=
 demo: install
 	$(PY) -m clsp_positives.cli demo $(DEMO_ARGS)
+
+# The lent CUDA machine has torch and triton but no venv: it runs the check
+# with its own python3 (the wheels of missing pure-Python packages travel in .whl/).
+GPU_PY ?= python3
+gpu-check:
+	$(GPU_PY) tests/bench/gpu_check.py --out $${OUT:-gpu-check-out}
