@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.prefetch import Prefetcher
+from clsp_positives.trainer.prefetch import Prefetcher, WaitBucket
 from clsp_positives.trainer.sources import build_source
 from tests.support.servers import ServerProcess, free_port
 from tests.support.stub_pool import configure, counters, stub_positive, stub_server
@@ -113,6 +113,21 @@ def test_slow_generator_masks_only_its_own_part() -> None:
         half = got.mask.nonzero()[0]
         np.testing.assert_array_equal(got.images[half], expected(0)[half])
         assert pf.epoch_stats()["positive_fraction"] == 0.5
+
+
+def test_wait_bucket_rations_waiting_to_a_share_of_wall_time() -> None:
+    bucket = WaitBucket(capacity=0.1, share=0.05, now=0.0)
+    assert bucket.allowance(0.0) == pytest.approx(0.1)  # a first late batch: the deadline
+    bucket.spend(0.1)
+    assert bucket.allowance(0.2) == pytest.approx(0.01)  # then 5% of the 0.2 s since
+    bucket.spend(0.01)
+    assert bucket.allowance(1.2) == pytest.approx(0.05)
+    assert bucket.allowance(100.0) == pytest.approx(0.1)  # never more than one deadline
+    bucket.spend(5.0)
+    assert bucket.tokens == 0.0
+    with pytest.raises(ValueError, match="wait_share"):
+        Prefetcher(build_source(None, offline_npy=None, token=None, params=PARAMS),
+                   lookahead=1, deadline_ms=10, strict=False, wait_share=2.0)
 
 
 def test_strict_waits_for_a_slow_generator() -> None:

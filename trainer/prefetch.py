@@ -5,6 +5,13 @@ batches b+1..b+L while step b runs and takes batch b's positives just before
 its CLSP term. ``take`` waits at most the deadline: whatever has not arrived is
 masked out of the CLSP term and counted, so a slow or dead pool makes training
 no slower than the baseline. ``strict`` waits for every positive instead.
+
+The deadline alone would still cost a full deadline on every step while the
+pool is hopelessly behind (a cold cache, a slow generator), so waiting is also
+rationed by a token bucket: it holds at most one deadline and refills at
+``wait_share`` of the wall time, so a persistently slow pool costs at most that
+share of the step time, while an occasional late batch still gets the whole
+deadline.
 """
 
 from __future__ import annotations
@@ -21,8 +28,30 @@ from clsp_positives.trainer.sources import PendingPositives, PositivesBatch, Pos
 
 log = logging.getLogger(__name__)
 
+DEFAULT_WAIT_SHARE = 0.05
+"""Most of the training's wall time that waiting for late positives may take in the long run."""
+
 STRICT_RETRY_S = (0.2, 5.0)
 """First and largest pause before strict mode asks again for parts that failed."""
+
+
+class WaitBucket:
+    """Token bucket of waiting time: at most ``capacity`` s at once, refilled at ``share``
+    seconds per second of wall time. Times are passed in, so it is a pure state machine."""
+
+    def __init__(self, capacity: float, share: float, now: float) -> None:
+        self.capacity = capacity
+        self.share = share
+        self.tokens = capacity
+        self._at = now
+
+    def allowance(self, now: float) -> float:
+        self.tokens = min(self.capacity, self.tokens + self.share * max(0.0, now - self._at))
+        self._at = now
+        return self.tokens
+
+    def spend(self, seconds: float) -> None:
+        self.tokens = max(0.0, self.tokens - seconds)
 
 
 class Prefetcher:
@@ -36,6 +65,7 @@ class Prefetcher:
         deadline_ms: float,
         strict: bool,
         strict_timeout_s: float = 600.0,
+        wait_share: float | None = DEFAULT_WAIT_SHARE,
     ) -> None:
         if lookahead < 0:
             raise ValueError(f"--prefetch must be >= 0, got {lookahead}")
@@ -46,6 +76,10 @@ class Prefetcher:
         self.deadline_s = deadline_ms / 1000.0
         self.strict = strict
         self.strict_timeout_s = strict_timeout_s
+        if wait_share is not None and not 0 < wait_share <= 1:
+            raise ValueError(f"wait_share must lie in (0, 1], got {wait_share}")
+        self._bucket = None if wait_share is None else WaitBucket(
+            self.deadline_s, wait_share, time.monotonic())
         self._pending: dict[int, PendingPositives] = {}
         self._closed = False
         self._reset()
@@ -124,7 +158,11 @@ class Prefetcher:
     # ------------------------------------------------------------- waiting
 
     def _take_deadline(self, pending: PendingPositives) -> PositivesBatch:
-        pending.wait(self.deadline_s)
+        start = time.monotonic()
+        allowed = self.deadline_s if self._bucket is None else self._bucket.allowance(start)
+        pending.wait(allowed)
+        if self._bucket is not None:
+            self._bucket.spend(time.monotonic() - start)
         batch, errors = pending.collect()
         self._raise_rejected(errors)
         if not batch.mask.all() and self.source.enabled and (
