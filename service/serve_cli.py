@@ -50,7 +50,11 @@ def serve(
             cache_mb=cache_mb, log_json=log_json, log_level=log_level)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    app = build_app(settings)
+    try:
+        app = build_app(settings)
+    except (ValueError, OSError) as exc:  # a model that cannot load: say why, no traceback
+        typer.echo(f"clsp serve: {exc}", err=True)
+        raise typer.Exit(2) from None
     # log_config=None: our own logging setup (plain or JSON) covers uvicorn too.
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None,
                 access_log=False, timeout_graceful_shutdown=60)
