@@ -41,6 +41,7 @@ def train(
     sample_count: int = typer.Option(64, "--sample-count", help="Images in samples.png (0: none)."),
     sample_steps: int = typer.Option(50, "--sample-steps", help="DDIM steps for samples.png."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Train an unconditional DDPM (EMA weights saved in the diffusers pipeline layout)."""
@@ -56,7 +57,8 @@ def train(
             batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, lr_schedule=lr_schedule,
             weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, flip=flip,
             seed=seed, save_every=save_every, sample_count=sample_count,
-            sample_steps=sample_steps, threads=threads, progress=progress,
+            sample_steps=sample_steps, threads=threads, device=device,
+            progress=progress,
         )
     except ValidationError as exc:
         problems = "; ".join(
