@@ -42,3 +42,14 @@ def test_bad_settings_name_the_variable(env, fragment):
 ])
 def test_response_encoding_follows_accept_else_the_request(accept, content_type, expected):
     assert response_encoding(accept, content_type) == expected
+
+
+def test_clsp_serve_without_a_loadable_model_says_why(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "clsp_positives.cli", "serve", "--model",
+                        str(tmp_path / "missing"), "--port", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr
