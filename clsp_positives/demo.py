@@ -118,6 +118,41 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "clsp-positives"
 
 
+def default_threads() -> int:
+    """The cores that are free now: all of them on an idle machine, fewer under load.
+
+    torch's thread pool synchronises after every small operation; on a machine whose cores
+    are busy with other work each of those waits costs a time slice, and a 16x16 model
+    runs ten times slower with two threads than with one. So count only idle cores.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(8, cores, round(cores - busy)))
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has Linux send the child SIGTERM when the demo dies, even by
+    SIGKILL (when no ``finally`` can run). Resolved before the fork: the child only calls
+    a C function."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def set_parent_death_signal() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return set_parent_death_signal
+
+
 def _shown(path: Path) -> str:
     """A path for humans: relative to the working directory or to ~, never this machine's
     absolute layout (the output ends up pasted in docs)."""
@@ -170,7 +205,8 @@ class ServiceProcess:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=_die_with_parent())
         self._wait_ready(timeout_s)
         return self
 
@@ -495,7 +531,7 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
     started = time.perf_counter()
     stages: dict[str, float] = {}
     device = _resolve_device(options.device)
-    threads = options.threads or max(1, min(os.cpu_count() or 1, 8))
+    threads = options.threads or default_threads()
     torch.set_num_threads(threads)
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
@@ -645,7 +681,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of the DDPM and of both trainings."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads "
-                                          "(default: the CPU count, at most 8)."),
+                                          "(default: the idle cores, at most 8)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the "
                                          "contrastive epochs of both arms."),
     ddpm_steps: Optional[int] = typer.Option(None, "--ddpm-steps", min=1, help="Override "
