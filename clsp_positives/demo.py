@@ -95,7 +95,7 @@ class Budget:
 
 BUDGETS: dict[str, Budget] = {
     "full": Budget(name="full", ddpm_steps=2000, ddpm_minutes=6.0, candidates=2, gen_steps=25,
-                   epochs=25, linear_epochs=50, grid_candidates=8),
+                   epochs=40, linear_epochs=50, grid_candidates=8),
     "quick": Budget(name="quick", ddpm_steps=200, ddpm_minutes=1.5, candidates=1, gen_steps=10,
                     epochs=2, linear_epochs=20, grid_candidates=4, ddpm_sample_count=16,
                     ddpm_sample_steps=10),
