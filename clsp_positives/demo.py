@@ -69,6 +69,7 @@ class Budget:
     ddpm_steps: int  # target optimizer steps of the cached DDPM (a resume continues to it)
     ddpm_minutes: float  # wall-clock cap of the DDPM stage in one run
     candidates: int  # K positives per training image (the trainer draws one per epoch)
+    positives_minutes: float  # time for generating them; fewer candidates when it runs out
     gen_steps: int  # DDIM steps per positive
     epochs: int  # contrastive epochs, the same for both arms
     linear_epochs: int  # linear-probe epochs of the evaluation
@@ -94,11 +95,12 @@ class Budget:
 
 
 BUDGETS: dict[str, Budget] = {
-    "full": Budget(name="full", ddpm_steps=2000, ddpm_minutes=6.0, candidates=2, gen_steps=25,
-                   epochs=40, linear_epochs=50, grid_candidates=8),
-    "quick": Budget(name="quick", ddpm_steps=200, ddpm_minutes=1.5, candidates=1, gen_steps=10,
-                    epochs=2, linear_epochs=20, grid_candidates=4, ddpm_sample_count=16,
-                    ddpm_sample_steps=10),
+    "full": Budget(name="full", ddpm_steps=2000, ddpm_minutes=6.0, candidates=2,
+                   positives_minutes=3.0, gen_steps=25, epochs=40, linear_epochs=50,
+                   grid_candidates=8),
+    "quick": Budget(name="quick", ddpm_steps=200, ddpm_minutes=1.5, candidates=1,
+                    positives_minutes=1.0, gen_steps=10, epochs=2, linear_epochs=20,
+                    grid_candidates=4, ddpm_sample_count=16, ddpm_sample_steps=10),
 }
 
 
@@ -358,9 +360,16 @@ class GenerationStage:
 
 
 def generate_positives(url: str, images: Any, budget: Budget, *, progress: bool,
-                       chunk: int = 64, in_flight: int = 4) -> GenerationStage:
-    """K candidates for every training image, through the pool client, before training:
-    the sampler then works with full batches and the CLSP arm's requests are cache hits."""
+                       say: Callable[[str], None], chunk: int = 64,
+                       in_flight: int = 4) -> GenerationStage:
+    """Up to K candidates of every training image, through the pool client, before
+    training: the sampler then works with full batches and the CLSP arm's requests are
+    cache hits.
+
+    One pass per candidate index over all images; a pass starts only when the last one's
+    pace says it ends within ``positives_minutes``, so a busy machine trains with fewer
+    candidates rather than overrunning the demo's time (at least one pass always runs).
+    """
     import concurrent.futures
 
     import numpy as np
@@ -368,29 +377,40 @@ def generate_positives(url: str, images: Any, budget: Budget, *, progress: bool,
 
     from clsp_positives.trainer.pool_client import PoolClient
 
-    k = budget.candidates
-    params = budget.positives_params(k=k)
-    out = np.zeros((len(images), k, *images.shape[1:]), np.uint8)
-    hits = 0
+    n = len(images)
+    params = budget.positives_params()
+    out = np.zeros((n, budget.candidates, *images.shape[1:]), np.uint8)
+    hits = done = 0
+    budget_s = budget.positives_minutes * 60.0
     t0 = time.perf_counter()
     with PoolClient(url, timeout_s=600.0) as client, tqdm(
-            total=len(images) * k, unit="positive", desc="positives", disable=not progress,
-            dynamic_ncols=True) as bar:
-        starts = list(range(0, len(images), chunk))
-        running: dict[concurrent.futures.Future[Any], int] = {}
-        while starts or running:
-            while starts and len(running) < in_flight:
-                s = starts.pop(0)
-                running[client.submit(np.ascontiguousarray(images[s:s + chunk]), None,
-                                      params)] = s
-            finished, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
-            for fut in finished:
-                s = running.pop(fut)
-                answer = fut.result()
-                out[s:s + chunk] = answer.positives
-                hits += int(np.count_nonzero(answer.cache_hit))
-                bar.update(int(answer.positives.shape[0]) * k)
-    return GenerationStage(out, time.perf_counter() - t0, len(images) * k, hits)
+            total=n * budget.candidates, unit="positive", desc="positives",
+            disable=not progress, dynamic_ncols=True) as bar:
+        for k in range(budget.candidates):
+            elapsed = time.perf_counter() - t0
+            if k and elapsed + elapsed / k > budget_s:
+                say(f"{k} of {budget.candidates} candidates per image fit the "
+                    f"{budget.positives_minutes:g} min budget of this stage on this machine: "
+                    f"training with K={k}")
+                break
+            starts = list(range(0, n, chunk))
+            running: dict[concurrent.futures.Future[Any], int] = {}
+            while starts or running:
+                while starts and len(running) < in_flight:
+                    s = starts.pop(0)
+                    rows = np.ascontiguousarray(images[s:s + chunk])
+                    which = np.full(len(rows), k, dtype=np.int64)
+                    running[client.submit(rows, which, params)] = s
+                finished, _ = concurrent.futures.wait(running,
+                                                      return_when="FIRST_COMPLETED")
+                for fut in finished:
+                    s = running.pop(fut)
+                    answer = fut.result()
+                    out[s:s + chunk, k] = answer.positives
+                    hits += int(np.count_nonzero(answer.cache_hit))
+                    bar.update(len(answer.positives))
+            done = k + 1
+    return GenerationStage(out[:, :done], time.perf_counter() - t0, n * done, hits)
 
 
 @dataclass
@@ -575,7 +595,9 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
             stage(3, f"positives: {budget.candidates} per training image, "
                      f"{budget.gen_steps} DDIM steps, w={budget.interpolation_weight}")
             gen = generate_positives(service.url, data.images, budget,
-                                     progress=options.progress)
+                                     progress=options.progress, say=say)
+            # The trainer draws among the candidates that exist (all of them cached).
+            budget = replace(budget, candidates=gen.positives.shape[1])
             stages["positives"] = gen.seconds
             say(f"{gen.requested} positives for {len(data.images)} images in "
                 f"{gen.seconds:.0f} s ({gen.per_s:.1f}/s, {gen.cache_hits} cache hits)")
@@ -620,6 +642,7 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
         "model": {"preset": model.preset, "steps": model.step, "reused": model.reused,
                   "seconds": model.seconds, "fingerprint": info["fingerprint"]},
         "generation": {"images": len(data.images), "candidates": budget.candidates,
+                       "candidates_requested": options.budget.candidates,
                        "positives": gen.requested, "seconds": gen.seconds,
                        "positives_per_s": gen.per_s, "cache_hits": gen.cache_hits,
                        "params": json.loads(budget.positives_params().canonical())},
