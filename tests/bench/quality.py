@@ -1,6 +1,9 @@
 """Quality benchmark: do CLSP positives keep their anchor's class? (not a test; prints a table)
 
-Trains a DDPM on digits at 16x16 for a fixed CPU budget with ``clsp diffusion train``'s code,
+Trains a DDPM on digits at 16x16 for a fixed CPU budget with ``clsp diffusion train``'s code
+(default: 10 minutes of process CPU time on one thread, capped at 20 wall minutes: on a
+shared 2-core machine two OpenMP threads spent most of their CPU time waiting for each other,
+and CPU time keeps the budget independent of what else runs),
 generates positives for test anchors with the service's ``Generator`` at w = 0.1 (CLSP) and
 w = 1.0 (plain unconditional sampling: the anchor is ignored) with the same anchors and seeds,
 and asks classifiers trained on the real digits training images which class each positive is.
@@ -15,7 +18,7 @@ from the candidate's skips and kept the class far less often in exploratory runs
 budget (see docs/performance.md). Plain DDPM recipe otherwise: lr 2e-4 with cosine decay over the
 budget, batch 64, EMA 0.999 with warm-up.
 
-    .venv/bin/python tests/bench/quality.py --out quality.json            # 10 minutes
+    .venv/bin/python tests/bench/quality.py --out quality.json            # 10 CPU minutes
     .venv/bin/python tests/bench/quality.py --minutes 1 --anchors 50      # quick look
 """
 
@@ -56,17 +59,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "on a shared machine); wall: elapsed time",
     )
     p.add_argument(
-        "--max-wall-minutes", type=float, default=25.0,
+        "--max-wall-minutes", type=float, default=20.0,
         help="with --clock cpu: stop by this much elapsed time too (a heavily shared machine)",
     )
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lr-schedule", default="cosine")
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--preset", default=None, help="UNet preset or JSON (default: the config above)")
     p.add_argument("--anchors", type=int, default=200)
-    p.add_argument("--steps", type=int, default=100, help="DDIM sampling steps")
+    p.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
     p.add_argument("--eta", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
