@@ -43,8 +43,8 @@ class CLSPSampler:
     ) -> None:
         self.split = split
         self.channels_last = channels_last
-        self.encode = encode or split.encode
-        self.decode = decode or split.decode
+        self.encode = encode if encode is not None else split.encode
+        self.decode = decode if decode is not None else split.decode
 
     @property
     def model_dtype(self) -> torch.dtype:
