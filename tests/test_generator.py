@@ -131,3 +131,18 @@ def test_half_precision_needs_cuda(tiny_model_dir: Path, dtype: str) -> None:
 def test_unknown_dtype(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="dtype must be one of"):
         Generator.from_dir(tiny_model_dir, dtype="int8")
+
+
+@pytest.mark.slow
+def test_compiled_generator_keeps_the_contract(tiny_model_dir: Path, gen: Generator) -> None:
+    """torch.compile changes speed, not results: alone == in batch, and == eager (1 level)."""
+    compiled = Generator.from_dir(tiny_model_dir, compile=True)
+    n = 8
+    anchors = uint8_to_unit(_anchors(n, seed=7)).transpose(0, 3, 1, 2).copy()
+    seeds = np.arange(n, dtype=np.int64) * 7919
+    weights = np.linspace(0, 1, n).astype(np.float32)
+    kw = dict(steps=3, eta=0.1, method="ddim")
+    batch = compiled.sample(anchors, seeds, weights, **kw)
+    alone = compiled.sample(anchors[2:3], seeds[2:3], weights[2:3], **kw)
+    assert np.abs(alone[0].astype(int) - batch[2]).max() <= 1
+    assert np.abs(batch.astype(int) - gen.sample(anchors, seeds, weights, **kw)).max() <= 1

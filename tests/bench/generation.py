@@ -68,13 +68,20 @@ def _sync(device: torch.device) -> None:
 
 def _timed(fn, device: torch.device, repeat: int) -> float:
     """Best-of-``repeat`` wall time of ``fn()`` (the least disturbed run)."""
-    best = float("inf")
+    return _interleaved([fn], device, repeat)[0]
+
+
+def _interleaved(fns, device: torch.device, repeat: int) -> list[float]:
+    """Best-of-``repeat`` wall times of several functions run in turn (ABAB...), so a
+    change in the machine's load during the benchmark hits all of them alike."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeat):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        for i, fn in enumerate(fns):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -137,8 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         ours()  # warm-up (and compilation for this batch shape)
         ref()
-        t_ours = _timed(ours, device, args.repeat)
-        t_ref = _timed(ref, device, args.repeat)
+        t_ours, t_ref = _interleaved([ours, ref], device, args.repeat)
         row = {
             "batch": batch,
             "ours_per_s": batch / t_ours,
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the encoder/decoder (default: on for CUDA, off on CPU)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
-    ap.add_argument("--repeat", type=int, default=2, help="timed runs per batch (best counts)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs per batch (best counts)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="bf16 matmul peak to compare with (measured when omitted, CUDA)")
