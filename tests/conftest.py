@@ -9,8 +9,9 @@ import pytest
 
 from tests.support.servers import RedisServer
 
-# Keep torch to the two cores this project is tested on, and the tests quiet.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One torch thread per process: the tests run servers in subprocesses beside
+# the test process on two cores, and oversubscribed OpenMP pools crawl.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
