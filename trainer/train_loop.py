@@ -556,8 +556,11 @@ def _run_epoch(
             v3 = mask = None
             if feed is not None:
                 positives = feed.take(epoch, step)
-                v3 = augment(torch.from_numpy(_match_channels(positives.images, channels)))
-                mask = torch.from_numpy(np.asarray(positives.mask, dtype=bool)).to(dev)
+                # A batch with no positive costs no third view; under DDP every rank
+                # must still join the CLSP term's collective, so there it always runs.
+                if ctx.distributed or positives.mask.any():
+                    v3 = augment(torch.from_numpy(_match_channels(positives.images, channels)))
+                    mask = torch.from_numpy(np.asarray(positives.mask, dtype=bool)).to(dev)
             images = torch.from_numpy(data.batch(indices).images)
             v1, v2 = augment(images), augment(images)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
