@@ -36,7 +36,6 @@ def _state_step(out: Path) -> int:
     return int(torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)["step"])
 
 
-@pytest.mark.slow
 def test_cli_trains_saves_loads_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "ddpm"
     first = _run("--out", str(out), "--steps", "3", *TINY)
