@@ -249,7 +249,8 @@ class DiffusionTrainer:
         path = self.out / STATE_FILE
         if not path.is_file():
             return None
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # Tensors, numbers, strings and plain containers only: no pickled objects.
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"{path} is not a training state of this version; use a new --out")
         return state
