@@ -41,6 +41,7 @@ import typer
 RESULTS_NAME = "results.json"
 GRID_NAME = "positives-grid.png"
 SAMPLES_NAME = "ddpm-samples.png"
+POSITIVES_NAME = "positives.npy"
 SERVICE_LOG = "service.log"
 MODEL_MARKER = "demo-model.json"
 CACHE_ENV = "CLSP_CACHE_DIR"
@@ -84,6 +85,10 @@ class Budget:
     batch_size: int = 128
     backbone: str = "resnet-tiny"
     method: str = "simclr"
+    # The positive as one more InfoNCE positive of the anchor. The similarity form (pull
+    # z1 to z3 with 2 - 2cos) collapses this small SimCLR model to a constant projection
+    # within two epochs on digits (base loss pinned at log(2B - 1), CLSP term 0).
+    clsp_mode: str = "contrastive"
     proj_hidden_dim: int = 256
     grid_rows: int = 10  # one anchor per digit class
 
@@ -439,6 +444,7 @@ def train_arm(name: str, budget: Budget, *, seed: int, device: str, url: str | N
         proj_hidden_dim=budget.proj_hidden_dim, epochs=budget.epochs,
         batch_size=budget.batch_size, optimizer="adamw", linear_epochs=budget.linear_epochs,
         seed=seed, device=device, progress=progress, clsp_weight=1.0 if clsp else 0.0,
+        clsp_mode=budget.clsp_mode,
         positives=url, candidates=budget.candidates, prefetch=4, positives_strict=True,
         positives_timeout_s=120.0, interpolation_weight=budget.interpolation_weight,
         gen_steps=budget.gen_steps, gen_eta=budget.eta, gen_method="ddim",
@@ -543,6 +549,7 @@ def results_table(results: dict[str, Any]) -> Any:
 
 def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
     """Every stage, in order; the service is stopped whatever happens."""
+    import numpy as np
     import torch
     from rich.console import Console
 
@@ -555,7 +562,7 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
     torch.set_num_threads(threads)
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
-    for stale in (RESULTS_NAME, GRID_NAME, SAMPLES_NAME):
+    for stale in (RESULTS_NAME, GRID_NAME, SAMPLES_NAME, POSITIVES_NAME):
         (out / stale).unlink(missing_ok=True)
 
     def say(line: str) -> None:
@@ -598,6 +605,8 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
                                      progress=options.progress, say=say)
             # The trainer draws among the candidates that exist (all of them cached).
             budget = replace(budget, candidates=gen.positives.shape[1])
+            # The paper's offline layout too: `clsp train --positives-npy` takes it.
+            np.save(out / POSITIVES_NAME, gen.positives)
             stages["positives"] = gen.seconds
             say(f"{gen.requested} positives for {len(data.images)} images in "
                 f"{gen.seconds:.0f} s ({gen.per_s:.1f}/s, {gen.cache_hits} cache hits)")
