@@ -279,10 +279,7 @@ def _extra_imports(extra: str) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(("image", "other"), [
     ("trainer", "service"),
-    pytest.param("service", "trainer", marks=pytest.mark.xfail(
-        reason="KNOWN BUG (owner of trainer/generate_cli.py): it imports trainer.sources, "
-               "hence httpx, at module level, and clsp_positives.cli registers it, so "
-               "`clsp serve` cannot start in the service image; import it inside the command")),
+    ("service", "trainer"),
 ])
 def test_each_image_imports_its_component_without_the_other_extra(image: str,
                                                                    other: str) -> None:

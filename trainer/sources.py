@@ -15,13 +15,15 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from clsp_positives.proto.messages import ResponseArrays
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.pool_client import PoolClient
+
+if TYPE_CHECKING:  # httpx is the trainer extra's: the service image must import this module
+    from clsp_positives.trainer.pool_client import PoolClient
 
 DEFAULT_CHUNK = 64
 """Anchors per pool request: small enough that a batch spreads over several
@@ -355,6 +357,8 @@ def build_source(
     if positives:
         if params.k is not None:
             raise ValueError("the trainer asks for one candidate per anchor: params.k must be None")
+        from clsp_positives.trainer.pool_client import PoolClient
+
         client = PoolClient(positives, token=token, timeout_s=timeout_s, **(client_options or {}))
         return PoolSource(client, params, chunk=chunk)
     if offline_npy:
