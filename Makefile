@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install lint format test test-fast system-tools bench gpu-check demo clean openapi
+.PHONY: install lint format test test-fast system-tools bench bench-quality gpu-check demo clean openapi
 
 install: $(VENV)/.installed
 
@@ -65,3 +65,14 @@ demo: install
 GPU_PY ?= python3
 gpu-check:
 	$(GPU_PY) tests/bench/gpu_check.py --out $${OUT:-gpu-check-out}
+
+# Benchmarks: ratios against a baseline in the same run (docs/performance.md).
+bench: install system-tools
+	$(PY) tests/bench/generation.py --batches 1,8,64 --steps 3 --threads 1 --compile
+	$(PY) tests/bench/service.py
+	$(PY) tests/bench/trainer.py
+	$(PY) tests/bench/load.py --seconds 60 --clients 32
+
+# Ten CPU minutes of DDPM training, then the class-kept rate of the positives.
+bench-quality: install
+	$(PY) tests/bench/quality.py --out runs/quality.json
