@@ -26,6 +26,16 @@ def redis_server() -> Iterator[RedisServer]:
         server.close()
 
 
+@pytest.fixture(scope="module")
+def own_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test module's own, for tests that kill or fill it."""
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture()
 def redis_url(redis_server: RedisServer) -> Iterator[str]:
     """The shared server, flushed before each test so tests never see each other's keys."""

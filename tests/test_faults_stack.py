@@ -31,7 +31,7 @@ from clsp_positives.proto.params import GenerationParams
 from clsp_positives.service.cache import decode_value, encode_value, entry_name
 from clsp_positives.trainer.prefetch import Prefetcher
 from clsp_positives.trainer.sources import build_source
-from tests.support.servers import RedisServer, ServerProcess, free_port
+from tests.support.servers import ServerProcess, free_port
 from tests.support.service import anchors_u8, post_positives, scrape
 
 pytestmark = pytest.mark.slow
@@ -52,15 +52,8 @@ def _serve(model_dir, redis_url: str) -> ServerProcess:
 
 
 @pytest.fixture(scope="module")
-def shared_redis():
-    server = RedisServer().start()
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
-def pool(tiny_model_dir, shared_redis):
-    servers = [_serve(tiny_model_dir, shared_redis.url) for _ in range(2)]
+def pool(tiny_model_dir, own_redis):
+    servers = [_serve(tiny_model_dir, own_redis.url) for _ in range(2)]
     with concurrent.futures.ThreadPoolExecutor(2) as ex:  # the two start side by side
         started = [ex.submit(s.start, 180) for s in servers]
         errors = [f.exception() for f in started]
@@ -123,7 +116,7 @@ def _damage(good: bytes, how: str) -> bytes:
 @pytest.mark.parametrize("how", ["garbage", "truncated", "empty", "pickle",
                                  "wrong shape, valid checksum"])
 def test_damaged_entry_is_never_served_and_is_repaired_for_the_whole_pool(
-        pool, shared_redis, how):
+        pool, own_redis, how):
     first, second = pool
     anchors = anchors_u8(1, seed=60_000 + len(how))
     params = FAST.model_dump()
@@ -132,7 +125,7 @@ def test_damaged_entry_is_never_served_and_is_repaired_for_the_whole_pool(
         _, original = post_positives(a, anchors, params)
         fp = original.model
         name = entry_name(fp, positive_key(fp, FAST, canonical_anchors(anchors)[0], 0))
-        store = redis_sync.Redis.from_url(shared_redis.url)
+        store = redis_sync.Redis.from_url(own_redis.url)
         try:
             good = store.get(name)
             assert good is not None and decode_value(good).shape == (16, 16, 1)

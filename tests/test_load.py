@@ -15,7 +15,6 @@ from __future__ import annotations
 import pytest
 
 from tests.bench.load import drive, run_with_warmup, warm_sets
-from tests.support.servers import RedisServer
 from tests.support.service import run, scrape, start_service
 
 CLIENTS = 32
@@ -23,13 +22,6 @@ ANCHORS = 4
 PARAMS = {"steps": 2, "eta": 0.1, "interpolation_weight": 0.1}
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def own_redis():
-    server = RedisServer().start()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

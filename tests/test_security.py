@@ -35,7 +35,6 @@ from clsp_positives.proto.codec import encode_request, encode_safetensors
 from clsp_positives.proto.keys import canonical_anchors, positive_key
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.service.cache import entry_name
-from tests.support.servers import RedisServer
 from tests.support.service import anchors_u8, auth, post_positives, start_service
 
 pytestmark = pytest.mark.slow
@@ -54,13 +53,6 @@ ROUTES = {"/v1/positives", "/positives", "/v1/model", "/healthz", "/readyz", "/m
           "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 """Every route the app has today: a new one fails the enumeration test until its
 guard has been decided here."""
-
-
-@pytest.fixture(scope="module")
-def own_redis():
-    server = RedisServer().start()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

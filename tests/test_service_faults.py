@@ -23,20 +23,13 @@ import redis as redis_sync
 from clsp_positives.proto.keys import canonical_anchors, positive_key
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.service.cache import decode_value, entry_name
-from tests.support.servers import RedisServer, ServerProcess, free_port
+from tests.support.servers import ServerProcess, free_port
 from tests.support.service import anchors_u8, post_positives, run, scrape
 
 PARAMS = {"steps": 2, "eta": 0.1, "interpolation_weight": 0.1}
 MAX_QUEUE = 16
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def own_redis():
-    server = RedisServer().start()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
