@@ -97,26 +97,55 @@ class Budget:
     def positives_params(self, k: int | None = None) -> Any:
         from clsp_positives.proto.params import GenerationParams
 
-        return GenerationParams(interpolation_weight=self.interpolation_weight,
-                                steps=self.gen_steps, eta=self.eta, method="ddim", k=k)
+        return GenerationParams(
+            interpolation_weight=self.interpolation_weight,
+            steps=self.gen_steps,
+            eta=self.eta,
+            method="ddim",
+            k=k,
+        )
 
 
 BUDGETS: dict[str, Budget] = {
-    "full": Budget(name="full", ddpm_steps=2000, ddpm_minutes=6.0, candidates=2,
-                   positives_minutes=3.0, gen_steps=25, epochs=40, linear_epochs=50,
-                   grid_candidates=8),
-    "quick": Budget(name="quick", ddpm_steps=200, ddpm_minutes=1.5, candidates=1,
-                    positives_minutes=1.0, gen_steps=10, epochs=2, linear_epochs=20,
-                    grid_candidates=4, ddpm_sample_count=16, ddpm_sample_steps=10),
+    "full": Budget(
+        name="full",
+        ddpm_steps=2000,
+        ddpm_minutes=6.0,
+        candidates=2,
+        positives_minutes=3.0,
+        gen_steps=25,
+        epochs=40,
+        linear_epochs=50,
+        grid_candidates=8,
+    ),
+    "quick": Budget(
+        name="quick",
+        ddpm_steps=200,
+        ddpm_minutes=1.5,
+        candidates=1,
+        positives_minutes=1.0,
+        gen_steps=10,
+        epochs=2,
+        linear_epochs=20,
+        grid_candidates=4,
+        ddpm_sample_count=16,
+        ddpm_sample_steps=10,
+    ),
 }
 
 
-def grid_size(rows: int, candidates: int, *, tile: int, scale: int = GRID_SCALE,
-              gap: int = GRID_GAP, sep: int = GRID_SEP) -> tuple[int, int]:
+def grid_size(
+    rows: int,
+    candidates: int,
+    *,
+    tile: int,
+    scale: int = GRID_SCALE,
+    gap: int = GRID_GAP,
+    sep: int = GRID_SEP,
+) -> tuple[int, int]:
     """(width, height) in pixels of the anchors-and-candidates PNG."""
     side = tile * scale
-    return ((1 + candidates) * side + gap + (candidates - 1) * sep,
-            rows * side + (rows - 1) * sep)
+    return ((1 + candidates) * side + gap + (candidates - 1) * sep, rows * side + (rows - 1) * sep)
 
 
 def default_cache_dir() -> Path:
@@ -185,8 +214,16 @@ class ServiceProcess:
     """``clsp serve`` in its own process group, so that stopping it stops everything it
     started, and a Ctrl-C in the terminal reaches the demo first (which then stops it)."""
 
-    def __init__(self, model_dir: Path, *, log_path: Path, device: str, threads: int,
-                 host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        log_path: Path,
+        device: str,
+        threads: int,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+    ) -> None:
         self.model_dir = model_dir
         self.log_path = log_path
         self.device = device
@@ -200,22 +237,47 @@ class ServiceProcess:
         return f"http://{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "clsp_positives.cli", "serve", "--model",
-                str(self.model_dir), "--host", self.host, "--port", str(self.port),
-                "--device", self.device, "--max-batch", "128", "--max-wait-ms", "20",
-                "--log-level", "warning"]
+        return [
+            sys.executable,
+            "-m",
+            "clsp_positives.cli",
+            "serve",
+            "--model",
+            str(self.model_dir),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--device",
+            self.device,
+            "--max-batch",
+            "128",
+            "--max-wait-ms",
+            "20",
+            "--log-level",
+            "warning",
+        ]
 
     def start(self, timeout_s: float = 300.0) -> ServiceProcess:
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads),
-               "MKL_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1",
-               "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "MKL_NUM_THREADS": str(self.threads),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         env.pop("CLSP_REDIS", None)  # the demo always uses the in-process cache
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env,
-                                         start_new_session=True,
-                                         preexec_fn=_die_with_parent())
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
         self._wait_ready(timeout_s)
         return self
 
@@ -227,14 +289,17 @@ class ServiceProcess:
         with httpx.Client(timeout=2.0, trust_env=False) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise DemoError(f"the service exited with code {self.proc.returncode} "
-                                    f"before it was ready; its log:\n{self.log_tail()}")
+                    raise DemoError(
+                        f"the service exited with code {self.proc.returncode} "
+                        f"before it was ready; its log:\n{self.log_tail()}"
+                    )
                 with contextlib.suppress(httpx.HTTPError):
                     if client.get(self.url + "/readyz").status_code == 200:
                         return
                 time.sleep(0.2)
-        raise DemoError(f"the service was not ready after {timeout_s:.0f} s; its log:\n"
-                        f"{self.log_tail()}")
+        raise DemoError(
+            f"the service was not ready after {timeout_s:.0f} s; its log:\n{self.log_tail()}"
+        )
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -306,16 +371,30 @@ class ModelStage:
     preset: str
 
 
-def ensure_model(cache_dir: Path, budget: Budget, *, device: str, threads: int, seed: int,
-                 progress: bool, retrain: bool, say: Callable[[str], None]) -> ModelStage:
+def ensure_model(
+    cache_dir: Path,
+    budget: Budget,
+    *,
+    device: str,
+    threads: int,
+    seed: int,
+    progress: bool,
+    retrain: bool,
+    say: Callable[[str], None],
+) -> ModelStage:
     """The cached DDPM when it has had at least this budget's steps; else train (resuming
     the cached run's state, so a quick run's model is continued, not thrown away)."""
     from clsp_positives.service.diffusion_train import DiffusionTrainConfig, train
 
     model_dir = cache_dir / "demo-model"
     marker = model_dir / MODEL_MARKER
-    identity = {"dataset": "digits", "size": 16, "preset": budget.ddpm_preset,
-                "batch_size": budget.ddpm_batch, "seed": seed}
+    identity = {
+        "dataset": "digits",
+        "size": 16,
+        "preset": budget.ddpm_preset,
+        "batch_size": budget.ddpm_batch,
+        "seed": seed,
+    }
     if retrain and model_dir.exists():
         shutil.rmtree(model_dir)
     done: dict[str, Any] = {}
@@ -326,31 +405,56 @@ def ensure_model(cache_dir: Path, budget: Budget, *, device: str, threads: int, 
         say(f"the cached model in {_shown(model_dir)} was made with other options: retraining")
         shutil.rmtree(model_dir)
         done = {}
-    if done and int(done.get("target_steps", 0)) >= budget.ddpm_steps and (
-            model_dir / "unet" / "config.json").is_file():
-        say(f"reusing the DDPM in {_shown(model_dir)} ({done['step']} steps; --retrain to "
-            "train a new one)")
+    if (
+        done
+        and int(done.get("target_steps", 0)) >= budget.ddpm_steps
+        and (model_dir / "unet" / "config.json").is_file()
+    ):
+        say(
+            f"reusing the DDPM in {_shown(model_dir)} ({done['step']} steps; --retrain to "
+            "train a new one)"
+        )
         return ModelStage(model_dir, int(done["step"]), 0.0, True, budget.ddpm_preset)
     config = DiffusionTrainConfig(
-        out=str(model_dir), dataset="digits", size=16, channels=1, preset=budget.ddpm_preset,
-        steps=budget.ddpm_steps, minutes=budget.ddpm_minutes, batch_size=budget.ddpm_batch,
-        lr=budget.ddpm_lr, lr_warmup=100, seed=seed, save_every=max(100, budget.ddpm_steps // 4),
-        sample_count=budget.ddpm_sample_count, sample_steps=budget.ddpm_sample_steps,
-        threads=threads, progress=progress,
+        out=str(model_dir),
+        dataset="digits",
+        size=16,
+        channels=1,
+        preset=budget.ddpm_preset,
+        steps=budget.ddpm_steps,
+        minutes=budget.ddpm_minutes,
+        batch_size=budget.ddpm_batch,
+        lr=budget.ddpm_lr,
+        lr_warmup=100,
+        seed=seed,
+        save_every=max(100, budget.ddpm_steps // 4),
+        sample_count=budget.ddpm_sample_count,
+        sample_steps=budget.ddpm_sample_steps,
+        threads=threads,
+        progress=progress,
         # Older DiffusionTrainConfig versions train on the CPU only and have no device field.
-        **({"device": device} if "device" in DiffusionTrainConfig.model_fields else {}))
-    say(f"training a {budget.ddpm_preset!r} DDPM on digits 16x16 for up to "
-        f"{budget.ddpm_steps} steps or {budget.ddpm_minutes:g} min -> {_shown(model_dir)}")
+        **({"device": device} if "device" in DiffusionTrainConfig.model_fields else {}),
+    )
+    say(
+        f"training a {budget.ddpm_preset!r} DDPM on digits 16x16 for up to "
+        f"{budget.ddpm_steps} steps or {budget.ddpm_minutes:g} min -> {_shown(model_dir)}"
+    )
     t0 = time.perf_counter()
     result = train(config)
     seconds = time.perf_counter() - t0
-    say(f"DDPM: step {result.step} (this run: {result.step - result.start_step} steps in "
+    say(
+        f"DDPM: step {result.step} (this run: {result.step - result.start_step} steps in "
         f"{result.seconds:.0f} s, loss {result.loss:.4f}, {result.parameters / 1e6:.2f}M "
-        "parameters)")
+        "parameters)"
+    )
     # A run stopped by the time cap still counts as this budget's model: rerunning the
     # demo should reuse it, not train again.
-    marker.write_text(json.dumps({"identity": identity, "step": result.step,
-                                  "target_steps": budget.ddpm_steps}, indent=1) + "\n")
+    marker.write_text(
+        json.dumps(
+            {"identity": identity, "step": result.step, "target_steps": budget.ddpm_steps}, indent=1
+        )
+        + "\n"
+    )
     return ModelStage(model_dir, result.step, seconds, False, budget.ddpm_preset)
 
 
@@ -366,9 +470,16 @@ class GenerationStage:
         return self.requested / self.seconds if self.seconds > 0 else 0.0
 
 
-def generate_positives(url: str, images: Any, budget: Budget, *, progress: bool,
-                       say: Callable[[str], None], chunk: int = 64,
-                       in_flight: int = 4) -> GenerationStage:
+def generate_positives(
+    url: str,
+    images: Any,
+    budget: Budget,
+    *,
+    progress: bool,
+    say: Callable[[str], None],
+    chunk: int = 64,
+    in_flight: int = 4,
+) -> GenerationStage:
     """Up to K candidates of every training image, through the pool client, before
     training: the sampler then works with full batches and the CLSP arm's requests are
     cache hits.
@@ -390,30 +501,38 @@ def generate_positives(url: str, images: Any, budget: Budget, *, progress: bool,
     hits = done = 0
     budget_s = budget.positives_minutes * 60.0
     t0 = time.perf_counter()
-    with PoolClient(url, timeout_s=600.0) as client, tqdm(
-            total=n * budget.candidates, unit="positive", desc="positives",
-            disable=not progress, dynamic_ncols=True) as bar:
+    with (
+        PoolClient(url, timeout_s=600.0) as client,
+        tqdm(
+            total=n * budget.candidates,
+            unit="positive",
+            desc="positives",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         for k in range(budget.candidates):
             elapsed = time.perf_counter() - t0
             if k and elapsed + elapsed / k > budget_s:
-                say(f"{k} of {budget.candidates} candidates per image fit the "
+                say(
+                    f"{k} of {budget.candidates} candidates per image fit the "
                     f"{budget.positives_minutes:g} min budget of this stage on this machine: "
-                    f"training with K={k}")
+                    f"training with K={k}"
+                )
                 break
             starts = list(range(0, n, chunk))
             running: dict[concurrent.futures.Future[Any], int] = {}
             while starts or running:
                 while starts and len(running) < in_flight:
                     s = starts.pop(0)
-                    rows = np.ascontiguousarray(images[s:s + chunk])
+                    rows = np.ascontiguousarray(images[s : s + chunk])
                     which = np.full(len(rows), k, dtype=np.int64)
                     running[client.submit(rows, which, params)] = s
-                finished, _ = concurrent.futures.wait(running,
-                                                      return_when="FIRST_COMPLETED")
+                finished, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
                 for fut in finished:
                     s = running.pop(fut)
                     answer = fut.result()
-                    out[s:s + chunk, k] = answer.positives
+                    out[s : s + chunk, k] = answer.positives
                     hits += int(np.count_nonzero(answer.cache_hit))
                     bar.update(len(answer.positives))
             done = k + 1
@@ -435,31 +554,58 @@ class ArmResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train_arm(name: str, budget: Budget, *, seed: int, device: str, url: str | None,
-              progress: bool, say: Callable[[str], None]) -> ArmResult:
+def train_arm(
+    name: str,
+    budget: Budget,
+    *,
+    seed: int,
+    device: str,
+    url: str | None,
+    progress: bool,
+    say: Callable[[str], None],
+) -> ArmResult:
     """One ``clsp train`` run, in-process; ``url`` given means the CLSP arm."""
     from clsp_positives.trainer.train_loop import TrainConfig, train
 
     clsp = url is not None
     config = TrainConfig(
-        dataset="digits", method=budget.method, backbone=budget.backbone,
-        proj_hidden_dim=budget.proj_hidden_dim, epochs=budget.epochs,
-        batch_size=budget.batch_size, optimizer="adamw", linear_epochs=budget.linear_epochs,
-        seed=seed, device=device, progress=progress, clsp_weight=1.0 if clsp else 0.0,
+        dataset="digits",
+        method=budget.method,
+        backbone=budget.backbone,
+        proj_hidden_dim=budget.proj_hidden_dim,
+        epochs=budget.epochs,
+        batch_size=budget.batch_size,
+        optimizer="adamw",
+        linear_epochs=budget.linear_epochs,
+        seed=seed,
+        device=device,
+        progress=progress,
+        clsp_weight=1.0 if clsp else 0.0,
         clsp_mode=budget.clsp_mode,
-        positives=url, candidates=budget.candidates, prefetch=4, positives_strict=True,
-        positives_timeout_s=120.0, interpolation_weight=budget.interpolation_weight,
-        gen_steps=budget.gen_steps, gen_eta=budget.eta, gen_method="ddim",
+        positives=url,
+        candidates=budget.candidates,
+        prefetch=4,
+        positives_strict=True,
+        positives_timeout_s=120.0,
+        interpolation_weight=budget.interpolation_weight,
+        gen_steps=budget.gen_steps,
+        gen_eta=budget.eta,
+        gen_method="ddim",
     )
     t0 = time.perf_counter()
     result = train(config, echo=lambda line: say(f"[{name}] {line}"))
     seconds = time.perf_counter() - t0
     if result.final is None:
         raise DemoError(f"the {name} training ended without an evaluation")
-    arm = ArmResult(name=name, clsp_weight=config.clsp_weight,
-                    linear_acc=float(result.final.linear_acc),
-                    knn_acc=float(result.final.knn_acc), epochs=budget.epochs,
-                    seconds=seconds, history=result.history)
+    arm = ArmResult(
+        name=name,
+        clsp_weight=config.clsp_weight,
+        linear_acc=float(result.final.linear_acc),
+        knn_acc=float(result.final.knn_acc),
+        epochs=budget.epochs,
+        seconds=seconds,
+        history=result.history,
+    )
     if clsp:
         rates = [r["cache_hit_rate"] for r in result.history if "cache_hit_rate" in r]
         fractions = [r["positive_fraction"] for r in result.history if "positive_fraction" in r]
@@ -482,7 +628,7 @@ def write_grid(anchors: Any, candidates: Any, path: Path) -> tuple[int, int]:
     def put(img: Any, r: int, x: int) -> None:
         big = img.repeat(GRID_SCALE, axis=0).repeat(GRID_SCALE, axis=1)
         y = r * (side + GRID_SEP)
-        canvas[y:y + side, x:x + side] = big
+        canvas[y : y + side, x : x + side] = big
 
     for r in range(rows):
         put(anchors[r], r, 0)
@@ -532,20 +678,33 @@ def _fmt_pct(value: float | None) -> str:
 def results_table(results: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    table = Table(title=f"clsp demo ({results['mode']}): digits 16x16, "
-                  f"{results['arms']['baseline']['epochs']} epochs per arm, seed "
-                  f"{results['seed']}")
-    for column in ("arm", "linear acc", "kNN acc", "positives generated", "cache-hit rate",
-                   "positives/s", "wall time"):
+    table = Table(
+        title=f"clsp demo ({results['mode']}): digits 16x16, "
+        f"{results['arms']['baseline']['epochs']} epochs per arm, seed "
+        f"{results['seed']}"
+    )
+    for column in (
+        "arm",
+        "linear acc",
+        "kNN acc",
+        "positives generated",
+        "cache-hit rate",
+        "positives/s",
+        "wall time",
+    ):
         table.add_column(column, justify="left" if column == "arm" else "right")
     for arm in results["arms"].values():
         gen = arm.get("positives_generated")
         rate = arm.get("positives_per_s")
         table.add_row(
             f"{arm['name']} (clsp-weight {arm['clsp_weight']:g})",
-            _fmt_pct(arm["linear_acc"]), _fmt_pct(arm["knn_acc"]),
-            "-" if gen is None else str(gen), _fmt_pct(arm.get("cache_hit_rate")),
-            "-" if rate is None else f"{rate:.1f}", f"{arm['seconds']:.0f} s")
+            _fmt_pct(arm["linear_acc"]),
+            _fmt_pct(arm["knn_acc"]),
+            "-" if gen is None else str(gen),
+            _fmt_pct(arm.get("cache_hit_rate")),
+            "-" if rate is None else f"{rate:.1f}",
+            f"{arm['seconds']:.0f} s",
+        )
     return table
 
 
@@ -579,16 +738,22 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
 
     stage(1, "diffusion model")
     t0 = time.perf_counter()
-    model = ensure_model(options.cache_dir, budget, device=device, threads=threads,
-                         seed=options.seed, progress=options.progress,
-                         retrain=options.retrain, say=say)
+    model = ensure_model(
+        options.cache_dir,
+        budget,
+        device=device,
+        threads=threads,
+        seed=options.seed,
+        progress=options.progress,
+        retrain=options.retrain,
+        say=say,
+    )
     stages["diffusion_model"] = time.perf_counter() - t0
     samples = model.dir / "samples.png"
     if samples.is_file():
         shutil.copyfile(samples, out / SAMPLES_NAME)
 
-    service = ServiceProcess(model.dir, log_path=out / SERVICE_LOG, device=device,
-                             threads=threads)
+    service = ServiceProcess(model.dir, log_path=out / SERVICE_LOG, device=device, threads=threads)
     try:
         with _stop_on_signals():
             stage(2, "generation service")
@@ -597,21 +762,29 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
             stages["service_start"] = time.perf_counter() - t0
             info = _model_info(service.url)
             assert service.proc is not None
-            say(f"clsp serve on {service.url} (pid {service.proc.pid}, model "
+            say(
+                f"clsp serve on {service.url} (pid {service.proc.pid}, model "
                 f"{info['fingerprint'][:12]}, in-process cache, log: "
-                f"{_shown(out / SERVICE_LOG)}), ready in {stages['service_start']:.0f} s")
+                f"{_shown(out / SERVICE_LOG)}), ready in {stages['service_start']:.0f} s"
+            )
 
-            stage(3, f"positives: {budget.candidates} per training image, "
-                     f"{budget.gen_steps} DDIM steps, w={budget.interpolation_weight}")
-            gen = generate_positives(service.url, data.images, budget,
-                                     progress=options.progress, say=say)
+            stage(
+                3,
+                f"positives: {budget.candidates} per training image, "
+                f"{budget.gen_steps} DDIM steps, w={budget.interpolation_weight}",
+            )
+            gen = generate_positives(
+                service.url, data.images, budget, progress=options.progress, say=say
+            )
             # The trainer draws among the candidates that exist (all of them cached).
             budget = replace(budget, candidates=gen.positives.shape[1])
             # The paper's offline layout too: `clsp train --positives-npy` takes it.
             np.save(out / POSITIVES_NAME, gen.positives)
             stages["positives"] = gen.seconds
-            say(f"{gen.requested} positives for {len(data.images)} images in "
-                f"{gen.seconds:.0f} s ({gen.per_s:.1f}/s, {gen.cache_hits} cache hits)")
+            say(
+                f"{gen.requested} positives for {len(data.images)} images in "
+                f"{gen.seconds:.0f} s ({gen.per_s:.1f}/s, {gen.cache_hits} cache hits)"
+            )
             picks = grid_anchors(data.labels, budget.grid_rows)
             grid_k = max(budget.grid_candidates, budget.candidates)
             grid_answer = _grid_candidates(service.url, data.images[picks], budget, grid_k)
@@ -619,13 +792,27 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
             metrics_after_gen = service.metrics()
 
             stage(4, "baseline (clsp-weight 0)")
-            baseline = train_arm("baseline", budget, seed=options.seed, device=device,
-                                 url=None, progress=options.progress, say=say)
+            baseline = train_arm(
+                "baseline",
+                budget,
+                seed=options.seed,
+                device=device,
+                url=None,
+                progress=options.progress,
+                say=say,
+            )
             stages["baseline"] = baseline.seconds
 
             stage(5, "CLSP (clsp-weight 1, positives from the service)")
-            clsp = train_arm("clsp", budget, seed=options.seed, device=device,
-                             url=service.url, progress=options.progress, say=say)
+            clsp = train_arm(
+                "clsp",
+                budget,
+                seed=options.seed,
+                device=device,
+                url=service.url,
+                progress=options.progress,
+                say=say,
+            )
             stages["clsp"] = clsp.seconds
             metrics_end = service.metrics()
     finally:
@@ -639,9 +826,11 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
     clsp.positives_generated = generated
     clsp.positives_per_s = gen.per_s
     served_hits = metrics_end.get("clsp_cache_hits_total", 0) - metrics_after_gen.get(
-        "clsp_cache_hits_total", 0)
+        "clsp_cache_hits_total", 0
+    )
     served_misses = metrics_end.get("clsp_cache_misses_total", 0) - metrics_after_gen.get(
-        "clsp_cache_misses_total", 0)
+        "clsp_cache_misses_total", 0
+    )
     if clsp.cache_hit_rate is None and served_hits + served_misses > 0:
         clsp.cache_hit_rate = served_hits / (served_hits + served_misses)
     results: dict[str, Any] = {
@@ -650,29 +839,52 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
         "device": device,
         "threads": threads,
         "budget": asdict(budget),
-        "model": {"preset": model.preset, "steps": model.step, "reused": model.reused,
-                  "seconds": model.seconds, "fingerprint": info["fingerprint"]},
-        "generation": {"images": len(data.images), "candidates": budget.candidates,
-                       "candidates_requested": options.budget.candidates,
-                       "positives": gen.requested, "seconds": gen.seconds,
-                       "positives_per_s": gen.per_s, "cache_hits": gen.cache_hits,
-                       "params": json.loads(budget.positives_params().canonical())},
-        "service": {"url": service.url, "positives_generated": generated,
-                    "training_cache_hits": int(served_hits),
-                    "training_cache_misses": int(served_misses)},
+        "model": {
+            "preset": model.preset,
+            "steps": model.step,
+            "reused": model.reused,
+            "seconds": model.seconds,
+            "fingerprint": info["fingerprint"],
+        },
+        "generation": {
+            "images": len(data.images),
+            "candidates": budget.candidates,
+            "candidates_requested": options.budget.candidates,
+            "positives": gen.requested,
+            "seconds": gen.seconds,
+            "positives_per_s": gen.per_s,
+            "cache_hits": gen.cache_hits,
+            "params": json.loads(budget.positives_params().canonical()),
+        },
+        "service": {
+            "url": service.url,
+            "positives_generated": generated,
+            "training_cache_hits": int(served_hits),
+            "training_cache_misses": int(served_misses),
+        },
         "arms": {a.name: asdict(a) for a in (baseline, clsp)},
-        "grid": {"file": GRID_NAME, "width": grid_w, "height": grid_h,
-                 "rows": len(picks), "candidates": grid_k, "scale": GRID_SCALE},
+        "grid": {
+            "file": GRID_NAME,
+            "width": grid_w,
+            "height": grid_h,
+            "rows": len(picks),
+            "candidates": grid_k,
+            "scale": GRID_SCALE,
+        },
         "stages_seconds": stages,
         "wall_seconds": time.perf_counter() - started,
     }
     (out / RESULTS_NAME).write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
     console.print(results_table(results))
     how = "reused" if model.reused else f"trained in {model.seconds:.0f} s"
-    say(f"diffusion model: {model.step} steps ({how}); positives: {gen.requested} in "
-        f"{gen.seconds:.0f} s; total {results['wall_seconds'] / 60:.1f} min")
-    say(f"wrote {_shown(out / RESULTS_NAME)}, {_shown(out / GRID_NAME)} ({grid_w}x{grid_h}: "
-        f"anchors | {grid_k} candidates each)")
+    say(
+        f"diffusion model: {model.step} steps ({how}); positives: {gen.requested} in "
+        f"{gen.seconds:.0f} s; total {results['wall_seconds'] / 60:.1f} min"
+    )
+    say(
+        f"wrote {_shown(out / RESULTS_NAME)}, {_shown(out / GRID_NAME)} ({grid_w}x{grid_h}: "
+        f"anchors | {grid_k} candidates each)"
+    )
     return results
 
 
@@ -705,38 +917,63 @@ def _grid_candidates(url: str, anchors: Any, budget: Budget, k: int) -> Any:
 
 def demo(
     quick: bool = typer.Option(False, "--quick", help="A reduced run (~2-3 min on 2 cores)."),
-    out: Path = typer.Option(Path("demo-out"), "--out", help="Where results.json, the PNG "
-                             "grid and the service log go."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Where the trained "
-                                             f"DDPM is kept (default: ${CACHE_ENV} or "
-                                             "~/.cache/clsp-positives)."),
-    retrain: bool = typer.Option(False, "--retrain", help="Train a new DDPM even if one is "
-                                 "cached."),
+    out: Path = typer.Option(
+        Path("demo-out"), "--out", help="Where results.json, the PNG grid and the service log go."
+    ),
+    cache_dir: Optional[Path] = typer.Option(
+        None,
+        "--cache-dir",
+        help=f"Where the trained DDPM is kept (default: ${CACHE_ENV} or ~/.cache/clsp-positives).",
+    ),
+    retrain: bool = typer.Option(
+        False, "--retrain", help="Train a new DDPM even if one is cached."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the DDPM and of both trainings."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads "
-                                          "(default: the idle cores, at most 8)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override the "
-                                         "contrastive epochs of both arms."),
-    ddpm_steps: Optional[int] = typer.Option(None, "--ddpm-steps", min=1, help="Override "
-                                             "the DDPM's target steps."),
-    ddpm_minutes: Optional[float] = typer.Option(None, "--ddpm-minutes", min=0.01,
-                                                 help="Override the DDPM time cap."),
-    candidates: Optional[int] = typer.Option(None, "--candidates", min=1, max=16,
-                                             help="Override K, positives per image."),
-    gen_steps: Optional[int] = typer.Option(None, "--gen-steps", min=1, max=1000,
-                                            help="Override the DDIM steps per positive."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="torch CPU threads (default: the idle cores, at most 8)."
+    ),
+    epochs: Optional[int] = typer.Option(
+        None, "--epochs", min=1, help="Override the contrastive epochs of both arms."
+    ),
+    ddpm_steps: Optional[int] = typer.Option(
+        None, "--ddpm-steps", min=1, help="Override the DDPM's target steps."
+    ),
+    ddpm_minutes: Optional[float] = typer.Option(
+        None, "--ddpm-minutes", min=0.01, help="Override the DDPM time cap."
+    ),
+    candidates: Optional[int] = typer.Option(
+        None, "--candidates", min=1, max=16, help="Override K, positives per image."
+    ),
+    gen_steps: Optional[int] = typer.Option(
+        None, "--gen-steps", min=1, max=1000, help="Override the DDIM steps per positive."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
 ) -> None:
     """Run the whole loop locally: DDPM, service, positives, baseline vs CLSP, results."""
     budget = BUDGETS["quick" if quick else "full"]
-    overrides = {k: v for k, v in (("epochs", epochs), ("ddpm_steps", ddpm_steps),
-                                   ("ddpm_minutes", ddpm_minutes), ("candidates", candidates),
-                                   ("gen_steps", gen_steps)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("epochs", epochs),
+            ("ddpm_steps", ddpm_steps),
+            ("ddpm_minutes", ddpm_minutes),
+            ("candidates", candidates),
+            ("gen_steps", gen_steps),
+        )
+        if v is not None
+    }
     budget = replace(budget, **overrides)
-    options = DemoOptions(out=out, cache_dir=cache_dir or default_cache_dir(), budget=budget,
-                          seed=seed, device=device, threads=threads, retrain=retrain,
-                          progress=progress)
+    options = DemoOptions(
+        out=out,
+        cache_dir=cache_dir or default_cache_dir(),
+        budget=budget,
+        seed=seed,
+        device=device,
+        threads=threads,
+        retrain=retrain,
+        progress=progress,
+    )
     from rich.console import Console
 
     # Off a terminal rich assumes 80 columns and would wrap the table; logs and CI want

@@ -74,8 +74,10 @@ def _error(detail: str, code: str = "invalid_tensor", status: int = 400) -> Prot
 def _check_shape(name: str, shape: Any, itemsize: int) -> list[int]:
     """A declared shape as a list of ints that numpy can build, or a ProtocolError."""
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise _error(f"{name}: shape must be a list of non-negative integers of at most "
-                     f"{MAX_DIM}, got {_short(shape)}")
+        raise _error(
+            f"{name}: shape must be a list of non-negative integers of at most "
+            f"{MAX_DIM}, got {_short(shape)}"
+        )
     if len(shape) > MAX_RANK:
         raise _error(f"{name}: shape has rank {len(shape)}; the limit is {MAX_RANK}")
     if math.prod(max(d, 1) for d in shape) * itemsize > _MAX_TENSOR_BYTES:
@@ -95,6 +97,7 @@ def _short(value: Any, limit: int = 80) -> str:
 def _loads(text: str | bytes) -> Any:
     """Strict JSON: no NaN/Infinity literals; every parser failure is a ValueError
     (bad UTF-8, bad syntax, too-long integers, too-deep nesting)."""
+
     def _no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
@@ -106,8 +109,9 @@ def _loads(text: str | bytes) -> Any:
 
 def _check_supported(name: str, dtype: np.dtype) -> np.dtype:
     if dtype.name not in _JSON_TO_NP:
-        raise _error(f"{name}: dtype {dtype.name} is not supported; use one of "
-                     f"{', '.join(SUPPORTED_DTYPES)}")
+        raise _error(
+            f"{name}: dtype {dtype.name} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}"
+        )
     return _JSON_TO_NP[dtype.name]
 
 
@@ -131,23 +135,34 @@ def decode_safetensors(
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse safetensors bytes into read-only arrays and the metadata dict."""
     if len(blob) < 8:
-        raise _error(f"body is {len(blob)} bytes, too short for safetensors (it starts "
-                     "with an 8-byte header length)", code="invalid_body")
+        raise _error(
+            f"body is {len(blob)} bytes, too short for safetensors (it starts "
+            "with an 8-byte header length)",
+            code="invalid_body",
+        )
     (header_len,) = struct.unpack("<Q", blob[:8])
     if header_len > max_header_bytes:
-        raise _error(f"safetensors header is {header_len} bytes; the limit is "
-                     f"{max_header_bytes}", code="header_too_large", status=413)
+        raise _error(
+            f"safetensors header is {header_len} bytes; the limit is {max_header_bytes}",
+            code="header_too_large",
+            status=413,
+        )
     if 8 + header_len > len(blob):
-        raise _error(f"safetensors body is truncated: the header says {header_len} bytes "
-                     f"but only {len(blob) - 8} follow", code="invalid_body")
+        raise _error(
+            f"safetensors body is truncated: the header says {header_len} bytes "
+            f"but only {len(blob) - 8} follow",
+            code="invalid_body",
+        )
     try:
         header = _loads(bytes(blob[8 : 8 + header_len]).decode("utf-8"))
     except ValueError:
-        raise _error("body is not safetensors: its header is not UTF-8 JSON",
-                     code="invalid_body") from None
+        raise _error(
+            "body is not safetensors: its header is not UTF-8 JSON", code="invalid_body"
+        ) from None
     if not isinstance(header, dict):
-        raise _error("body is not safetensors: its header is not a JSON object",
-                     code="invalid_body")
+        raise _error(
+            "body is not safetensors: its header is not a JSON object", code="invalid_body"
+        )
 
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
@@ -162,11 +177,16 @@ def decode_safetensors(
         dtype, shape, (begin, end) = _parse_entry(name, entry)
         nbytes = math.prod(shape) * dtype.itemsize
         if not 0 <= begin <= end <= len(data):
-            raise _error(f"{name}: data_offsets [{begin}, {end}] lie outside the "
-                         f"{len(data)} data bytes (is the body truncated?)", code="invalid_body")
+            raise _error(
+                f"{name}: data_offsets [{begin}, {end}] lie outside the "
+                f"{len(data)} data bytes (is the body truncated?)",
+                code="invalid_body",
+            )
         if end - begin != nbytes:
-            raise _error(f"{name}: shape {shape} of {dtype.name} needs {nbytes} bytes but "
-                         f"data_offsets span {end - begin}")
+            raise _error(
+                f"{name}: shape {shape} of {dtype.name} needs {nbytes} bytes but "
+                f"data_offsets span {end - begin}"
+            )
         spans.append((begin, end, name))
         arr = np.frombuffer(data[begin:end], dtype=dtype) if nbytes else np.empty(0, dtype)
         tensors[name] = arr.reshape(shape)
@@ -174,30 +194,38 @@ def decode_safetensors(
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
-            raise _error(f"{name}: data_offsets leave a gap or overlap at byte {position}",
-                         code="invalid_body")
+            raise _error(
+                f"{name}: data_offsets leave a gap or overlap at byte {position}",
+                code="invalid_body",
+            )
         position = end
     if position != len(data):
-        raise _error(f"safetensors body has {len(data) - position} bytes after the last "
-                     "tensor", code="invalid_body")
+        raise _error(
+            f"safetensors body has {len(data) - position} bytes after the last tensor",
+            code="invalid_body",
+        )
     return tensors, metadata
 
 
 def _parse_entry(name: str, entry: Any) -> tuple[np.dtype, list[int], tuple[int, int]]:
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
-        raise _error(f"{name}: a safetensors entry needs exactly dtype, shape and "
-                     "data_offsets", code="invalid_body")
+        raise _error(
+            f"{name}: a safetensors entry needs exactly dtype, shape and data_offsets",
+            code="invalid_body",
+        )
     tag, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(tag, str) or tag not in _ST_TO_NP:
-        raise _error(f"{name}: dtype {_short(tag)} is not supported; use one of "
-                     f"{', '.join(_ST_TO_NP)}")
+        raise _error(
+            f"{name}: dtype {_short(tag)} is not supported; use one of {', '.join(_ST_TO_NP)}"
+        )
     dtype = _ST_TO_NP[tag]
     shape = _check_shape(name, shape, dtype.itemsize)
-    if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
-                       for o in offsets)):
-        raise _error(f"{name}: data_offsets must be two non-negative integers",
-                     code="invalid_body")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+    ):
+        raise _error(f"{name}: data_offsets must be two non-negative integers", code="invalid_body")
     return dtype, shape, (offsets[0], offsets[1])
 
 
@@ -224,12 +252,16 @@ def tensor_from_json(name: str, tensor: Tensor | Mapping[str, Any]) -> np.ndarra
     try:
         raw = base64.b64decode(tensor.data, validate=True)
     except (binascii.Error, ValueError):
-        raise _error(f"{name}: data is not valid base64 (standard alphabet, with padding)",
-                     code="invalid_base64") from None
+        raise _error(
+            f"{name}: data is not valid base64 (standard alphabet, with padding)",
+            code="invalid_base64",
+        ) from None
     nbytes = math.prod(shape) * dtype.itemsize
     if len(raw) != nbytes:
-        raise _error(f"{name}: shape {shape} of {tensor.dtype} needs {nbytes} bytes "
-                     f"but data decodes to {len(raw)}")
+        raise _error(
+            f"{name}: shape {shape} of {tensor.dtype} needs {nbytes} bytes "
+            f"but data decodes to {len(raw)}"
+        )
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
@@ -258,34 +290,46 @@ def check_anchors(
     elif anchors.dtype in (np.float16, np.float32):
         layout = "[N, C, H, W] float in [-1, 1]"
     else:
-        raise _error(f"anchors: dtype {anchors.dtype.name} is not accepted; send uint8 "
-                     "[N, H, W, C] pixels or float32/float16 [N, C, H, W] in [-1, 1]")
+        raise _error(
+            f"anchors: dtype {anchors.dtype.name} is not accepted; send uint8 "
+            "[N, H, W, C] pixels or float32/float16 [N, C, H, W] in [-1, 1]"
+        )
     if anchors.ndim != 4:
         raise _error(f"anchors must have rank 4 ({layout}), got shape {list(anchors.shape)}")
     n = anchors.shape[0]
     if n == 0:
         raise _error("anchors is empty: send at least one anchor")
     if 0 in anchors.shape:
-        raise _error(f"anchors have an empty dimension ({layout}), got shape "
-                     f"{list(anchors.shape)}")
+        raise _error(f"anchors have an empty dimension ({layout}), got shape {list(anchors.shape)}")
     if max_anchors is not None and n > max_anchors:
-        raise _error(f"{n} anchors in one request; the limit is {max_anchors}: split the "
-                     "request", code="too_many_anchors", status=413)
-    chw = anchors.shape[1:] if anchors.dtype != np.uint8 else (
-        anchors.shape[3], anchors.shape[1], anchors.shape[2])
+        raise _error(
+            f"{n} anchors in one request; the limit is {max_anchors}: split the request",
+            code="too_many_anchors",
+            status=413,
+        )
+    chw = (
+        anchors.shape[1:]
+        if anchors.dtype != np.uint8
+        else (anchors.shape[3], anchors.shape[1], anchors.shape[2])
+    )
     if expected_chw is not None and tuple(chw) != tuple(expected_chw):
         c, h, w = expected_chw
         want = f"[N, {h}, {w}, {c}] uint8 or [N, {c}, {h}, {w}] float"
-        raise _error(f"anchors have {chw[0]} channels of {chw[1]}x{chw[2]} but the model "
-                     f"takes {c} channels of {h}x{w}: send {want}", code="wrong_shape")
+        raise _error(
+            f"anchors have {chw[0]} channels of {chw[1]}x{chw[2]} but the model "
+            f"takes {c} channels of {h}x{w}: send {want}",
+            code="wrong_shape",
+        )
     if anchors.dtype != np.uint8:
         values = anchors.astype(np.float32, copy=False)
         if not np.isfinite(values).all():
             raise _error("anchors contain NaN or Inf")
         lo, hi = float(values.min()), float(values.max())
         if lo < -1.0 or hi > 1.0:
-            raise _error(f"float anchors must lie in [-1, 1], got values in [{lo:.4g}, "
-                         f"{hi:.4g}]; scale pixels as x / 127.5 - 1")
+            raise _error(
+                f"float anchors must lie in [-1, 1], got values in [{lo:.4g}, "
+                f"{hi:.4g}]; scale pixels as x / 127.5 - 1"
+            )
 
 
 def _candidate_items(
@@ -294,20 +338,28 @@ def _candidate_items(
     """(candidate index, anchor index) of every requested item."""
     if params.k is not None:
         if candidates is not None:
-            raise _error("send either params.k or a candidates tensor, not both",
-                         code="invalid_params", status=422)
-        return (np.tile(np.arange(params.k, dtype=np.int64), n),
-                np.repeat(np.arange(n, dtype=np.int64), params.k))
+            raise _error(
+                "send either params.k or a candidates tensor, not both",
+                code="invalid_params",
+                status=422,
+            )
+        return (
+            np.tile(np.arange(params.k, dtype=np.int64), n),
+            np.repeat(np.arange(n, dtype=np.int64), params.k),
+        )
     if candidates is None:
         return np.zeros(n, np.int64), np.arange(n, dtype=np.int64)
     if candidates.dtype != np.int64:
         raise _error(f"candidates must be int64, got {candidates.dtype.name}")
     if candidates.shape != (n,):
-        raise _error(f"candidates must have shape [{n}] (one index per anchor), got "
-                     f"{list(candidates.shape)}")
+        raise _error(
+            f"candidates must have shape [{n}] (one index per anchor), got {list(candidates.shape)}"
+        )
     if n and (candidates.min() < 0 or candidates.max() >= max_k):
-        raise _error(f"candidate indices must lie in [0, {max_k - 1}], got "
-                     f"[{candidates.min()}, {candidates.max()}]")
+        raise _error(
+            f"candidate indices must lie in [0, {max_k - 1}], got "
+            f"[{candidates.min()}, {candidates.max()}]"
+        )
     return candidates.astype(np.int64), np.arange(n, dtype=np.int64)
 
 
@@ -321,15 +373,18 @@ def _request_arrays(
 ) -> RequestArrays:
     unknown = set(tensors) - _REQUEST_TENSORS
     if unknown:
-        raise _error(f"unknown tensors {sorted(unknown)}; a request carries 'anchors' and "
-                     "optionally 'candidates'")
+        raise _error(
+            f"unknown tensors {sorted(unknown)}; a request carries 'anchors' and "
+            "optionally 'candidates'"
+        )
     if "anchors" not in tensors:
         raise _error("the request has no 'anchors' tensor")
     params = parse_params(raw_params, max_k=max_k)
     anchors = tensors["anchors"]
     check_anchors(anchors, expected_chw=expected_chw, max_anchors=max_anchors)
     candidates, anchor_index = _candidate_items(
-        anchors.shape[0], tensors.get("candidates"), params, max_k)
+        anchors.shape[0], tensors.get("candidates"), params, max_k
+    )
     return RequestArrays(anchors, candidates, anchor_index, params)
 
 
@@ -356,26 +411,50 @@ def decode_request(
         tensors, metadata = decode_safetensors(body, max_header_bytes=max_header_bytes)
         unknown_meta = set(metadata) - {"params"}
         if unknown_meta:
-            raise _error(f"unknown metadata keys {sorted(unknown_meta)}; only 'params' is "
-                         "read", code="invalid_params", status=422)
-        return _request_arrays(tensors, metadata.get("params"), expected_chw=expected_chw,
-                               max_anchors=max_anchors, max_k=max_k)
+            raise _error(
+                f"unknown metadata keys {sorted(unknown_meta)}; only 'params' is read",
+                code="invalid_params",
+                status=422,
+            )
+        return _request_arrays(
+            tensors,
+            metadata.get("params"),
+            expected_chw=expected_chw,
+            max_anchors=max_anchors,
+            max_k=max_k,
+        )
     if kind == JSON_MEDIA_TYPE:
         obj = _json_body(body)
         unknown = set(obj) - set(PositivesRequest.model_fields)
         if unknown:
-            raise _error(f"unknown fields {sorted(unknown)}; a request has anchors, "
-                         "candidates and params", code="invalid_body")
+            raise _error(
+                f"unknown fields {sorted(unknown)}; a request has anchors, candidates and params",
+                code="invalid_body",
+            )
         if "params" in obj and not isinstance(obj["params"], dict):
-            raise _error(f"params must be a JSON object, got {_short(obj['params'])}",
-                         code="invalid_params", status=422)
-        tensors = {name: tensor_from_json(name, obj[name])
-                   for name in ("anchors", "candidates") if obj.get(name) is not None}
-        return _request_arrays(tensors, obj.get("params"), expected_chw=expected_chw,
-                               max_anchors=max_anchors, max_k=max_k)
-    raise _error(f"unsupported content type {content_type!r}; send "
-                 f"{SAFETENSORS_MEDIA_TYPE} or {JSON_MEDIA_TYPE}",
-                 code="unsupported_media_type", status=415)
+            raise _error(
+                f"params must be a JSON object, got {_short(obj['params'])}",
+                code="invalid_params",
+                status=422,
+            )
+        tensors = {
+            name: tensor_from_json(name, obj[name])
+            for name in ("anchors", "candidates")
+            if obj.get(name) is not None
+        }
+        return _request_arrays(
+            tensors,
+            obj.get("params"),
+            expected_chw=expected_chw,
+            max_anchors=max_anchors,
+            max_k=max_k,
+        )
+    raise _error(
+        f"unsupported content type {content_type!r}; send "
+        f"{SAFETENSORS_MEDIA_TYPE} or {JSON_MEDIA_TYPE}",
+        code="unsupported_media_type",
+        status=415,
+    )
 
 
 def encode_request(
@@ -386,8 +465,11 @@ def encode_request(
     encoding: str = SAFETENSORS_MEDIA_TYPE,
 ) -> tuple[bytes, str]:
     """Client side: (body, content type) of a positives request."""
-    p = params if isinstance(params, GenerationParams) else parse_params(
-        dict(params or {}), max_k=_NO_LIMIT)
+    p = (
+        params
+        if isinstance(params, GenerationParams)
+        else parse_params(dict(params or {}), max_k=_NO_LIMIT)
+    )
     tensors = {"anchors": anchors}
     if candidates is not None:
         tensors["candidates"] = np.asarray(candidates, dtype=np.int64)
@@ -402,8 +484,9 @@ def encode_response(result: ResponseArrays, *, encoding: str) -> tuple[bytes, st
     return _encode(tensors, meta, encoding)
 
 
-def _encode(tensors: dict[str, np.ndarray], meta: dict[str, Any], encoding: str
-            ) -> tuple[bytes, str]:
+def _encode(
+    tensors: dict[str, np.ndarray], meta: dict[str, Any], encoding: str
+) -> tuple[bytes, str]:
     kind = media_type(encoding)
     if kind == SAFETENSORS_MEDIA_TYPE:
         st_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
@@ -412,8 +495,11 @@ def _encode(tensors: dict[str, np.ndarray], meta: dict[str, Any], encoding: str
         obj: dict[str, Any] = {k: tensor_to_json(v).model_dump() for k, v in tensors.items()}
         obj.update(meta)
         return json.dumps(obj, separators=(",", ":")).encode(), JSON_MEDIA_TYPE
-    raise ProtocolError(f"unknown encoding {encoding!r}; use {SAFETENSORS_MEDIA_TYPE} or "
-                        f"{JSON_MEDIA_TYPE}", code="unsupported_media_type", status=415)
+    raise ProtocolError(
+        f"unknown encoding {encoding!r}; use {SAFETENSORS_MEDIA_TYPE} or {JSON_MEDIA_TYPE}",
+        code="unsupported_media_type",
+        status=415,
+    )
 
 
 def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
@@ -422,22 +508,29 @@ def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
     if kind == SAFETENSORS_MEDIA_TYPE:
         tensors, meta = decode_safetensors(body, max_header_bytes=1 << 20)
         if "params" not in meta or "model" not in meta:
-            raise _error("malformed answer: safetensors metadata needs 'model' and 'params'",
-                         code="invalid_body")
+            raise _error(
+                "malformed answer: safetensors metadata needs 'model' and 'params'",
+                code="invalid_body",
+            )
         raw_params, model = meta["params"], meta["model"]
     elif kind == JSON_MEDIA_TYPE:
         obj = _json_body(body)
         try:
             reply = PositivesResponse.model_validate(obj, context={"max_k": _NO_LIMIT})
         except ValidationError as exc:
-            raise _error("malformed answer: " + describe_validation_error(exc),
-                         code="invalid_body") from None
-        tensors = {name: tensor_from_json(name, getattr(reply, name))
-                   for name in sorted(_RESPONSE_TENSORS)}
+            raise _error(
+                "malformed answer: " + describe_validation_error(exc), code="invalid_body"
+            ) from None
+        tensors = {
+            name: tensor_from_json(name, getattr(reply, name)) for name in sorted(_RESPONSE_TENSORS)
+        }
         raw_params, model = reply.params.model_dump(), reply.model
     else:
-        raise _error(f"unexpected answer content type {content_type!r}",
-                     code="unsupported_media_type", status=415)
+        raise _error(
+            f"unexpected answer content type {content_type!r}",
+            code="unsupported_media_type",
+            status=415,
+        )
     missing = _RESPONSE_TENSORS - set(tensors)
     if missing:
         raise _error(f"answer lacks tensors {sorted(missing)}", code="invalid_body")
@@ -447,18 +540,26 @@ def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
     return ResponseArrays(positives, cache_hit, model, params)
 
 
-def _check_answer(positives: np.ndarray, cache_hit: np.ndarray, params: GenerationParams
-                  ) -> None:
+def _check_answer(positives: np.ndarray, cache_hit: np.ndarray, params: GenerationParams) -> None:
     """An answer's tensors must fit together: a client indexes them blindly."""
     rank = 4 if params.k is None else 5
     layout = "[N, H, W, C]" if params.k is None else "[N, k, H, W, C]"
     if positives.dtype != np.uint8 or positives.ndim != rank:
-        raise _error(f"malformed answer: positives must be uint8 {layout}, got "
-                     f"{positives.dtype.name} {list(positives.shape)}", code="invalid_body")
+        raise _error(
+            f"malformed answer: positives must be uint8 {layout}, got "
+            f"{positives.dtype.name} {list(positives.shape)}",
+            code="invalid_body",
+        )
     if params.k is not None and positives.shape[1] != params.k:
-        raise _error(f"malformed answer: positives hold {positives.shape[1]} candidates per "
-                     f"anchor but params.k is {params.k}", code="invalid_body")
+        raise _error(
+            f"malformed answer: positives hold {positives.shape[1]} candidates per "
+            f"anchor but params.k is {params.k}",
+            code="invalid_body",
+        )
     if cache_hit.dtype != np.uint8 or cache_hit.shape != positives.shape[: rank - 3]:
-        raise _error(f"malformed answer: cache_hit must be uint8 "
-                     f"{list(positives.shape[: rank - 3])}, got {cache_hit.dtype.name} "
-                     f"{list(cache_hit.shape)}", code="invalid_body")
+        raise _error(
+            f"malformed answer: cache_hit must be uint8 "
+            f"{list(positives.shape[: rank - 3])}, got {cache_hit.dtype.name} "
+            f"{list(cache_hit.shape)}",
+            code="invalid_body",
+        )

@@ -33,8 +33,9 @@ Documented in the schema only: the decoder checks it itself, with a clearer mess
 Dim = Annotated[int, Field(ge=0, le=MAX_DIM)]
 
 
-def _narrowed(dtypes: list[str], *, min_rank: int, max_rank: int, min_dim: int = 0
-              ) -> Callable[[dict[str, Any]], None]:
+def _narrowed(
+    dtypes: list[str], *, min_rank: int, max_rank: int, min_dim: int = 0
+) -> Callable[[dict[str, Any]], None]:
     """A ``json_schema_extra`` that narrows the generic Tensor for one named tensor.
 
     The reference to Tensor becomes ``allOf: [Tensor, constraint]`` (plain
@@ -42,10 +43,12 @@ def _narrowed(dtypes: list[str], *, min_rank: int, max_rank: int, min_dim: int =
     says which dtypes and ranks each tensor takes; the decoder enforces the
     same, with messages that say what to fix.
     """
-    constraint = {"properties": {
-        "dtype": {"enum": dtypes},
-        "shape": {"minItems": min_rank, "maxItems": max_rank, "items": {"minimum": min_dim}},
-    }}
+    constraint = {
+        "properties": {
+            "dtype": {"enum": dtypes},
+            "shape": {"minItems": min_rank, "maxItems": max_rank, "items": {"minimum": min_dim}},
+        }
+    }
 
     def narrow(schema: dict[str, Any]) -> None:
         for node in [schema, *schema.get("anyOf", [])]:
@@ -61,10 +64,14 @@ class Tensor(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     dtype: TensorDType
-    shape: list[Dim] = Field(max_length=MAX_RANK, description="Dimensions; their product "
-                             "times the item size is the decoded byte length.")
-    data: str = Field(description="Base64 of the raw little-endian bytes, C order.",
-                      json_schema_extra={"pattern": BASE64_PATTERN, "contentEncoding": "base64"})
+    shape: list[Dim] = Field(
+        max_length=MAX_RANK,
+        description="Dimensions; their product times the item size is the decoded byte length.",
+    )
+    data: str = Field(
+        description="Base64 of the raw little-endian bytes, C order.",
+        json_schema_extra={"pattern": BASE64_PATTERN, "contentEncoding": "base64"},
+    )
 
     _integral = field_validator("shape", mode="before")(integral_floats_to_int)
 
@@ -76,12 +83,15 @@ class PositivesRequest(BaseModel):
 
     anchors: Tensor = Field(
         description="uint8 [N, H, W, C] pixels, or float32/float16 [N, C, H, W] in [-1, 1].",
-        json_schema_extra=_narrowed(["uint8", "float16", "float32"], min_rank=4,
-                                             max_rank=4, min_dim=1))
+        json_schema_extra=_narrowed(
+            ["uint8", "float16", "float32"], min_rank=4, max_rank=4, min_dim=1
+        ),
+    )
     candidates: Tensor | None = Field(
-        None, description="int64 [N]: candidate index per anchor (default 0). Exclusive "
-        "with params.k.",
-        json_schema_extra=_narrowed(["int64"], min_rank=1, max_rank=1, min_dim=1))
+        None,
+        description="int64 [N]: candidate index per anchor (default 0). Exclusive with params.k.",
+        json_schema_extra=_narrowed(["int64"], min_rank=1, max_rank=1, min_dim=1),
+    )
     params: GenerationParams = Field(default_factory=GenerationParams)
 
 
@@ -92,10 +102,12 @@ class PositivesResponse(BaseModel):
 
     positives: Tensor = Field(
         description="uint8 [N, H, W, C], or [N, k, H, W, C] with k.",
-        json_schema_extra=_narrowed(["uint8"], min_rank=4, max_rank=5))
+        json_schema_extra=_narrowed(["uint8"], min_rank=4, max_rank=5),
+    )
     cache_hit: Tensor = Field(
         description="uint8 [N] or [N, k]: 1 where the positive came from the cache.",
-        json_schema_extra=_narrowed(["uint8"], min_rank=1, max_rank=2))
+        json_schema_extra=_narrowed(["uint8"], min_rank=1, max_rank=2),
+    )
     model: str = Field(description="Fingerprint of the model that generated the positives.")
     params: GenerationParams = Field(description="The parameters as applied, defaults filled in.")
 
@@ -125,7 +137,8 @@ class ErrorBody(BaseModel):
 
     error: str = Field(examples=["invalid_tensor"])
     detail: str = Field(
-        examples=["anchors must have rank 4 ([N, H, W, C] uint8), got shape [3, 32, 32]"])
+        examples=["anchors must have rank 4 ([N, H, W, C] uint8), got shape [3, 32, 32]"]
+    )
 
 
 @dataclass(frozen=True)

@@ -49,22 +49,32 @@ _SAFETENSORS_RESPONSE = (
 )
 _ERRORS = {
     "400": "The body is malformed: not safetensors or not JSON, a tensor of the wrong dtype, "
-           "rank or shape, a byte length that does not match the shape, NaN/Inf or values "
-           "outside [-1, 1], bad base64, unknown tensors.",
+    "rank or shape, a byte length that does not match the shape, NaN/Inf or values "
+    "outside [-1, 1], bad base64, unknown tensors.",
     "401": "A bearer token is required (the service was started with one) and was missing "
-           "or wrong.",
+    "or wrong.",
     "413": "Too large: the body, the safetensors header, the number of anchors, or the "
-           "compute one request asks for.",
+    "compute one request asks for.",
     "415": "Content-Type is neither application/x-safetensors nor application/json.",
     "422": "Unknown or out-of-range params, or params.k together with a candidates tensor.",
     "429": "The generation queue is full; retry after the number of seconds in Retry-After.",
     "503": "Not available: the service is starting or shutting down; retry after the number "
-           "of seconds in Retry-After.",
+    "of seconds in Retry-After.",
 }
-_RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before retrying.",
-                                "required": True, "schema": {"type": "integer", "minimum": 0}}}
-_WWW_AUTHENTICATE = {"WWW-Authenticate": {"description": "The scheme to authenticate with.",
-                                          "required": True, "schema": {"type": "string"}}}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "required": True,
+        "schema": {"type": "integer", "minimum": 0},
+    }
+}
+_WWW_AUTHENTICATE = {
+    "WWW-Authenticate": {
+        "description": "The scheme to authenticate with.",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+}
 
 
 def _schema_ref(name: str) -> dict[str, str]:
@@ -84,8 +94,14 @@ def _error_response(status: str, description: str | None = None) -> dict[str, An
 
 
 def _binary(description: str) -> dict[str, Any]:
-    return {"schema": {"type": "string", "format": "binary",
-                       "contentMediaType": SAFETENSORS_MEDIA_TYPE, "description": description}}
+    return {
+        "schema": {
+            "type": "string",
+            "format": "binary",
+            "contentMediaType": SAFETENSORS_MEDIA_TYPE,
+            "description": description,
+        }
+    }
 
 
 def _positives_operation(operation_id: str, summary: str) -> dict[str, Any]:
@@ -120,15 +136,22 @@ def _positives_operation(operation_id: str, summary: str) -> dict[str, Any]:
     }
 
 
-def _get(operation_id: str, summary: str, responses: dict[str, Any], *, tag: str
-         ) -> dict[str, Any]:
-    return {"get": {"operationId": operation_id, "summary": summary, "tags": [tag],
-                    "responses": responses}}
+def _get(operation_id: str, summary: str, responses: dict[str, Any], *, tag: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": summary,
+            "tags": [tag],
+            "responses": responses,
+        }
+    }
 
 
 def _json_response(description: str, schema: str) -> dict[str, Any]:
-    return {"description": description,
-            "content": {JSON_MEDIA_TYPE: {"schema": _schema_ref(schema)}}}
+    return {
+        "description": description,
+        "content": {JSON_MEDIA_TYPE: {"schema": _schema_ref(schema)}},
+    }
 
 
 def component_schemas() -> dict[str, Any]:
@@ -153,8 +176,9 @@ def build_openapi() -> dict[str, Any]:
     optional_auth: list[dict[str, list[str]]] = [{}, {BEARER: []}]
     unauthorized = {"401": _error_response("401")}
     positives = _positives_operation("positives", "Synthetic positives for anchors")
-    alias = _positives_operation("positives_unversioned",
-                                 "Synthetic positives (alias of /v1/positives)")
+    alias = _positives_operation(
+        "positives_unversioned", "Synthetic positives (alias of /v1/positives)"
+    )
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -166,23 +190,46 @@ def build_openapi() -> dict[str, Any]:
         "paths": {
             "/v1/positives": {"post": {**positives, "security": optional_auth}},
             "/positives": {"post": {**alias, "security": optional_auth}},
-            "/v1/model": _get("model_info", "The loaded model", {
-                "200": _json_response("Fingerprint, shape, scheduler and limits.", "ModelInfo"),
-                **unauthorized,
-            }, tag="service"),
-            "/healthz": _get("healthz", "Alive", {
-                "200": _json_response("The process answers.", "Health"),
-            }, tag="health"),
-            "/readyz": _get("readyz", "Ready to generate", {
-                "200": _json_response("The model is loaded and warmed up.", "Health"),
-                "503": _error_response("503", "Not ready yet: loading or warming up the "
-                                       "model, or shutting down."),
-            }, tag="health"),
-            "/metrics": _get("metrics", "Prometheus metrics", {
-                "200": {"description": "Prometheus text exposition format.",
-                        "content": {METRICS_MEDIA_TYPE: {"schema": {"type": "string"}}}},
-                **unauthorized,
-            }, tag="service"),
+            "/v1/model": _get(
+                "model_info",
+                "The loaded model",
+                {
+                    "200": _json_response("Fingerprint, shape, scheduler and limits.", "ModelInfo"),
+                    **unauthorized,
+                },
+                tag="service",
+            ),
+            "/healthz": _get(
+                "healthz",
+                "Alive",
+                {
+                    "200": _json_response("The process answers.", "Health"),
+                },
+                tag="health",
+            ),
+            "/readyz": _get(
+                "readyz",
+                "Ready to generate",
+                {
+                    "200": _json_response("The model is loaded and warmed up.", "Health"),
+                    "503": _error_response(
+                        "503", "Not ready yet: loading or warming up the model, or shutting down."
+                    ),
+                },
+                tag="health",
+            ),
+            "/metrics": _get(
+                "metrics",
+                "Prometheus metrics",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format.",
+                        "content": {METRICS_MEDIA_TYPE: {"schema": {"type": "string"}}},
+                    },
+                    **unauthorized,
+                },
+                tag="service",
+            ),
         },
         "components": {
             "schemas": component_schemas(),
@@ -210,11 +257,15 @@ def render(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m clsp_positives.proto.openapi",
-        description="Write or check the checked-in OpenAPI document.")
+        description="Write or check the checked-in OpenAPI document.",
+    )
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--write", action="store_true", help=f"rewrite {OPENAPI_PATH.name}")
-    group.add_argument("--check", action="store_true",
-                       help=f"exit 1 when {OPENAPI_PATH.name} differs from the models")
+    group.add_argument(
+        "--check",
+        action="store_true",
+        help=f"exit 1 when {OPENAPI_PATH.name} differs from the models",
+    )
     args = parser.parse_args(argv)
     text = render(build_openapi())
     if args.write:
@@ -223,8 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     current = OPENAPI_PATH.read_text() if OPENAPI_PATH.exists() else ""
     if current != text:
-        print(f"{OPENAPI_PATH} is stale: run `python -m clsp_positives.proto.openapi --write` "
-              "and commit the result", file=sys.stderr)
+        print(
+            f"{OPENAPI_PATH} is stale: run `python -m clsp_positives.proto.openapi --write` "
+            "and commit the result",
+            file=sys.stderr,
+        )
         return 1
     print(f"{OPENAPI_PATH} is up to date")
     return 0

@@ -18,6 +18,7 @@ DEFAULT_MAX_K = 64
 """Largest number of candidates per anchor a request may ask for, unless the
 service is configured otherwise (pass ``{"max_k": n}`` as validation context)."""
 
+
 def integral_floats_to_int(value: Any) -> Any:
     """``5.0`` -> ``5``; anything else unchanged (strict validation follows).
 
@@ -42,22 +43,30 @@ class GenerationParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     interpolation_weight: float = Field(
-        0.1, ge=0.0, le=1.0, allow_inf_nan=False,
+        0.1,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
         description="Weight of the candidate's own bottleneck; 1 = plain sampling, "
         "0 = only the anchor's bottleneck.",
     )
     steps: int = Field(100, ge=1, le=1000, description="Sampling steps.")
     eta: float = Field(
-        0.1, ge=0.0, le=1.0, allow_inf_nan=False,
+        0.1,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
         description="DDIM stochasticity (ignored by DDPM).",
     )
     method: Method = Field("ddim", description="Step rule: ddim or ddpm.")
     k: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Return candidates 0..k-1 for every anchor (exclusive with `candidates`).",
     )
     cache: CacheMode = Field(
-        "use", description="use: read and write the cache; refresh: regenerate and "
+        "use",
+        description="use: read and write the cache; refresh: regenerate and "
         "overwrite; bypass: neither read nor write.",
     )
 

@@ -49,16 +49,27 @@ log = logging.getLogger("clsp.service")
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 """Routes that answer without the token: probes must work before secrets are mounted."""
 
-_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 406: "not_acceptable", 413: "body_too_large",
-                 415: "unsupported_media_type", 422: "invalid_request", 429: "queue_full",
-                 503: "unavailable"}
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "queue_full",
+    503: "unavailable",
+}
 
 
-def error_response(status: int, code: str, detail: str,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorBody(error=code, detail=detail).model_dump(), status_code=status,
-                        headers=headers)
+def error_response(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        ErrorBody(error=code, detail=detail).model_dump(), status_code=status, headers=headers
+    )
 
 
 _INLINE_DECODE_BYTES = 1 << 20
@@ -113,11 +124,13 @@ class EdgeMiddleware:
             await send(message)
 
         try:
-            if self.expected is not None and path not in OPEN_PATHS and not self._authorized(
-                    scope):
-                reply = error_response(401, "unauthorized", "missing or wrong bearer token: "
-                                       "send 'Authorization: Bearer <token>'",
-                                       headers={"WWW-Authenticate": 'Bearer realm="clsp"'})
+            if self.expected is not None and path not in OPEN_PATHS and not self._authorized(scope):
+                reply = error_response(
+                    401,
+                    "unauthorized",
+                    "missing or wrong bearer token: send 'Authorization: Bearer <token>'",
+                    headers={"WWW-Authenticate": 'Bearer realm="clsp"'},
+                )
                 await reply(scope, receive, send_status)
             else:
                 await self.app(scope, receive, send_status)
@@ -132,8 +145,13 @@ class EdgeMiddleware:
 class PositivesService:
     """The request flow of ``POST /v1/positives`` and the app's lifecycle."""
 
-    def __init__(self, settings: ServiceSettings, generator: Generator, cache: PositivesCache,
-                 metrics: ServiceMetrics) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        generator: Generator,
+        cache: PositivesCache,
+        metrics: ServiceMetrics,
+    ) -> None:
         self.settings = settings
         self.generator = generator
         self.cache = cache
@@ -143,9 +161,14 @@ class PositivesService:
         # One worker thread per device: batches never compete for it, and the
         # event loop keeps answering while it samples.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="clsp-sampler")
-        self.batcher = Batcher(self._run_batch, max_batch=settings.max_batch,
-                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                               executor=self.executor, on_batch=self._on_batch)
+        self.batcher = Batcher(
+            self._run_batch,
+            max_batch=settings.max_batch,
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            executor=self.executor,
+            on_batch=self._on_batch,
+        )
         self.ready = False
         self.not_ready_reason = "the model is warming up"
         metrics.watch_cache(lambda: cache.stats)
@@ -153,11 +176,11 @@ class PositivesService:
 
     # ---------------------------------------------------------- worker side
 
-    def _run_batch(self, group: Hashable, anchors: np.ndarray, seeds: np.ndarray,
-                   weights: np.ndarray) -> np.ndarray:
+    def _run_batch(
+        self, group: Hashable, anchors: np.ndarray, seeds: np.ndarray, weights: np.ndarray
+    ) -> np.ndarray:
         steps, eta, method = group  # GenerationParams.group()
-        return self.generator.sample(anchors, seeds, weights, steps=steps, eta=eta,
-                                     method=method)
+        return self.generator.sample(anchors, seeds, weights, steps=steps, eta=eta, method=method)
 
     def _on_batch(self, stats: BatchStats) -> None:
         self.metrics.batch_size.observe(stats.size)
@@ -180,17 +203,22 @@ class PositivesService:
         t0 = time.perf_counter()
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self.executor, lambda: self.generator.sample(
-                    np.zeros((1, c, h, w), np.float32), np.zeros(1, np.int64),
-                    np.ones(1, np.float32), steps=self.settings.warmup_steps, eta=0.0,
-                    method="ddim"))
+                self.executor,
+                lambda: self.generator.sample(
+                    np.zeros((1, c, h, w), np.float32),
+                    np.zeros(1, np.int64),
+                    np.ones(1, np.float32),
+                    steps=self.settings.warmup_steps,
+                    eta=0.0,
+                    method="ddim",
+                ),
+            )
         except Exception as exc:
             self.not_ready_reason = f"warm-up batch failed: {exc!r}"
             log.exception("warm-up batch failed; /readyz stays 503")
             return
         self.ready = True
-        log.info("ready: model %s warmed up in %.2f s", self.fingerprint,
-                 time.perf_counter() - t0)
+        log.info("ready: model %s warmed up in %.2f s", self.fingerprint, time.perf_counter() - t0)
 
     async def stop(self) -> None:
         self.ready = False
@@ -208,8 +236,9 @@ class PositivesService:
             try:
                 size = int(declared)
             except ValueError:
-                raise ProtocolError(f"Content-Length {declared!r} is not a number",
-                                    code="invalid_body") from None
+                raise ProtocolError(
+                    f"Content-Length {declared!r} is not a number", code="invalid_body"
+                ) from None
             if size > limit:
                 raise self._too_large(size)
         chunks, size = [], 0
@@ -225,23 +254,35 @@ class PositivesService:
         return ProtocolError(
             f"body is {what} {size} bytes; the limit is {self.settings.max_body_bytes} "
             f"({self.settings.max_body_mb:g} MB): send fewer anchors per request",
-            code="body_too_large", status=413)
+            code="body_too_large",
+            status=413,
+        )
 
     def prepare(self, body: bytes, content_type: str | None) -> PreparedRequest:
         """Decode, validate, check the cost budget, canonicalise and key every item."""
         s = self.settings
-        req = decode_request(body, content_type, expected_chw=self.expected_chw,
-                             max_anchors=s.max_anchors, max_k=s.max_k)
+        req = decode_request(
+            body,
+            content_type,
+            expected_chw=self.expected_chw,
+            max_anchors=s.max_anchors,
+            max_k=s.max_k,
+        )
         items = len(req.candidates)
         cost = items * req.params.steps
         if cost > s.max_cost:
             raise ProtocolError(
                 f"request asks for {items} positives x {req.params.steps} steps = {cost} "
                 f"sampler item-steps; the limit is {s.max_cost}: send fewer anchors, a "
-                "smaller k or fewer steps", code="cost_too_high", status=413)
+                "smaller k or fewer steps",
+                code="cost_too_high",
+                status=413,
+            )
         canon = canonical_anchors(req.anchors)
-        keys = [positive_key(self.fingerprint, req.params, canon[a], int(c))
-                for a, c in zip(req.anchor_index, req.candidates, strict=True)]
+        keys = [
+            positive_key(self.fingerprint, req.params, canon[a], int(c))
+            for a, c in zip(req.anchor_index, req.candidates, strict=True)
+        ]
         return PreparedRequest(req, canon, keys)
 
     async def prepare_async(self, body: bytes, content_type: str | None) -> PreparedRequest:
@@ -250,8 +291,9 @@ class PositivesService:
             return await asyncio.to_thread(self.prepare, body, content_type)
         return self.prepare(body, content_type)
 
-    async def positives(self, prepared: PreparedRequest,
-                        disconnected: Callable[[], Awaitable[Any]]) -> ResponseArrays | None:
+    async def positives(
+        self, prepared: PreparedRequest, disconnected: Callable[[], Awaitable[Any]]
+    ) -> ResponseArrays | None:
         """Cache lookup, batched generation of the misses, cache write.
 
         Returns None when the client went away before its positives were ready.
@@ -275,9 +317,11 @@ class PositivesService:
             for i, image in zip(missing, generated, strict=True):
                 images[i] = image
             if params.cache != "bypass":
-                await self.cache.set_many(self.fingerprint,
-                                          [(keys[i], images[i]) for i in missing],
-                                          self.settings.cache_ttl)
+                await self.cache.set_many(
+                    self.fingerprint,
+                    [(keys[i], images[i]) for i in missing],
+                    self.settings.cache_ttl,
+                )
         positives = np.stack(images)  # type: ignore[arg-type]
         if params.k is not None:
             positives = positives.reshape(req.num_anchors, params.k, *positives.shape[1:])
@@ -289,13 +333,26 @@ class PositivesService:
         c, h, w = self.expected_chw
         return (h, w, c)
 
-    async def _generate(self, req: RequestArrays, canon: np.ndarray, keys: list[bytes],
-                        missing: list[int], disconnected: Callable[[], Awaitable[Any]]
-                        ) -> list[np.ndarray] | None:
+    async def _generate(
+        self,
+        req: RequestArrays,
+        canon: np.ndarray,
+        keys: list[bytes],
+        missing: list[int],
+        disconnected: Callable[[], Awaitable[Any]],
+    ) -> list[np.ndarray] | None:
         params = req.params
         group = params.group()
-        items = [Item(keys[i], canon[req.anchor_index[i]], seed_from_key(keys[i]),
-                      float(params.interpolation_weight), group) for i in missing]
+        items = [
+            Item(
+                keys[i],
+                canon[req.anchor_index[i]],
+                seed_from_key(keys[i]),
+                float(params.interpolation_weight),
+                group,
+            )
+            for i in missing
+        ]
         try:
             ticket = self.batcher.submit(items)
         except QueueFull:
@@ -320,10 +377,16 @@ class PositivesService:
 
     def model_info(self) -> ModelInfo:
         g = self.generator
-        return ModelInfo(fingerprint=g.fingerprint, sample_size=g.sample_size,
-                         channels=g.channels, scheduler=dict(g.scheduler_config),
-                         device=str(g.device), dtype=str(g.dtype).removeprefix("torch."),
-                         max_k=self.settings.max_k, max_anchors=self.settings.max_anchors)
+        return ModelInfo(
+            fingerprint=g.fingerprint,
+            sample_size=g.sample_size,
+            channels=g.channels,
+            scheduler=dict(g.scheduler_config),
+            device=str(g.device),
+            dtype=str(g.dtype).removeprefix("torch."),
+            max_k=self.settings.max_k,
+            max_anchors=self.settings.max_anchors,
+        )
 
 
 def response_encoding(accept: str | None, content_type: str | None) -> str:
@@ -351,19 +414,27 @@ def _openapi_document(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 from clsp_positives.proto.openapi import build_openapi
             except ImportError:  # the checked-in contract is not there yet
                 from fastapi.openapi.utils import get_openapi
-                app.openapi_schema = get_openapi(title=app.title, version=app.version,
-                                                 routes=app.routes)
+
+                app.openapi_schema = get_openapi(
+                    title=app.title, version=app.version, routes=app.routes
+                )
             else:
                 app.openapi_schema = build_openapi()
         return app.openapi_schema
+
     return build
 
 
 # ---------------------------------------------------------------- the app
 
 
-def create_app(settings: ServiceSettings, generator: Generator, cache: PositivesCache, *,
-               metrics: ServiceMetrics | None = None) -> FastAPI:
+def create_app(
+    settings: ServiceSettings,
+    generator: Generator,
+    cache: PositivesCache,
+    *,
+    metrics: ServiceMetrics | None = None,
+) -> FastAPI:
     """The FastAPI app of one generator; its metrics live in a registry of their own."""
     metrics = metrics or ServiceMetrics()
     service = PositivesService(settings, generator, cache, metrics)
@@ -412,15 +483,17 @@ def create_app(settings: ServiceSettings, generator: Generator, cache: Positives
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [".".join(map(str, e.get("loc", ()))) + ": " + e.get("msg", "")
-                 for e in exc.errors()]
+        parts = [
+            ".".join(map(str, e.get("loc", ()))) + ": " + e.get("msg", "") for e in exc.errors()
+        ]
         return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(500, "internal_error", "the server failed; this is not your "
-                              "input's fault, retry later")
+        return error_response(
+            500, "internal_error", "the server failed; this is not your input's fault, retry later"
+        )
 
     async def positives(request: Request) -> Response:
         body = await service.read_body(request)
@@ -434,8 +507,13 @@ def create_app(settings: ServiceSettings, generator: Generator, cache: Positives
         payload, media = encode_response(result, encoding=encoding)
         items, hits = int(result.cache_hit.size), int(result.cache_hit.sum())
         seconds = round(time.perf_counter() - t0, 4)
-        log.info("positives: %d items, %d cache hits, %.3f s", items, hits, seconds,
-                 extra={"items": items, "hits": hits, "seconds": seconds})
+        log.info(
+            "positives: %d items, %d cache hits, %.3f s",
+            items,
+            hits,
+            seconds,
+            extra={"items": items, "hits": hits, "seconds": seconds},
+        )
         return Response(payload, media_type=media)
 
     for path in ("/v1/positives", "/positives"):
@@ -476,12 +554,20 @@ def build_app(settings: ServiceSettings) -> FastAPI:
 
     configure_logging(json_lines=settings.log_json, level=settings.log_level)
     generator = build_generator(settings)
-    cache = build_cache(settings.redis, cache_mb=settings.cache_mb,
-                        timeout_s=settings.redis_timeout_s,
-                        backoff_max_s=settings.redis_backoff_max_s)
-    log.info("model %s loaded from %s on %s/%s; cache: %s", generator.fingerprint,
-             settings.model, settings.device, settings.dtype,
-             "redis" if settings.redis else f"in-process LRU of {settings.cache_mb:g} MB")
+    cache = build_cache(
+        settings.redis,
+        cache_mb=settings.cache_mb,
+        timeout_s=settings.redis_timeout_s,
+        backoff_max_s=settings.redis_backoff_max_s,
+    )
+    log.info(
+        "model %s loaded from %s on %s/%s; cache: %s",
+        generator.fingerprint,
+        settings.model,
+        settings.device,
+        settings.dtype,
+        "redis" if settings.redis else f"in-process LRU of {settings.cache_mb:g} MB",
+    )
     return create_app(settings, generator, cache)
 
 

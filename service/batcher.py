@@ -38,8 +38,10 @@ class QueueFull(Exception):
     """Too many items wait already; the caller should retry after ``retry_after`` s."""
 
     def __init__(self, queued: int, limit: int, retry_after: int) -> None:
-        super().__init__(f"{queued} items are waiting for the sampler (limit {limit}); "
-                         f"retry after {retry_after} s")
+        super().__init__(
+            f"{queued} items are waiting for the sampler (limit {limit}); "
+            f"retry after {retry_after} s"
+        )
         self.queued = queued
         self.limit = limit
         self.retry_after = retry_after
@@ -125,8 +127,9 @@ class Batcher:
         """Start the scheduling task on the running loop."""
         if self._task is None:
             self._wakeup = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._schedule(),
-                                                                name="clsp-batcher")
+            self._task = asyncio.get_running_loop().create_task(
+                self._schedule(), name="clsp-batcher"
+            )
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop taking work; with ``drain`` finish every queued and running item first."""
@@ -223,8 +226,9 @@ class Batcher:
             self._wakeup.set()
 
     def _oldest_group(self) -> tuple[Hashable, float]:
-        group, entries = min(self._groups.items(),
-                             key=lambda kv: next(iter(kv[1].values())).enqueued)
+        group, entries = min(
+            self._groups.items(), key=lambda kv: next(iter(kv[1].values())).enqueued
+        )
         return group, next(iter(entries.values())).enqueued
 
     async def _schedule(self) -> None:
@@ -240,8 +244,7 @@ class Batcher:
             group, oldest = self._oldest_group()
             deadline = oldest + self.max_wait
             wait = deadline - time.monotonic()
-            if (wait > 0 and len(self._groups[group]) < self.max_batch
-                    and not self._closing):
+            if wait > 0 and len(self._groups[group]) < self.max_batch and not self._closing:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), wait)
@@ -261,25 +264,31 @@ class Batcher:
         self._pending -= len(batch)
         return batch
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, group: Hashable,
-                   batch: list[_Entry]) -> None:
+    async def _run(
+        self, loop: asyncio.AbstractEventLoop, group: Hashable, batch: list[_Entry]
+    ) -> None:
         anchors = np.stack([e.item.anchor for e in batch]).astype(np.float32, copy=False)
         seeds = np.array([e.item.seed for e in batch], dtype=np.int64)
         weights = np.array([e.item.weight for e in batch], dtype=np.float32)
         t0 = time.perf_counter()
         error: BaseException | None = None
         try:
-            images = await loop.run_in_executor(self._executor, self._run_batch, group,
-                                                anchors, seeds, weights)
+            images = await loop.run_in_executor(
+                self._executor, self._run_batch, group, anchors, seeds, weights
+            )
             if len(images) != len(batch):
-                raise RuntimeError(f"run_batch returned {len(images)} images for "
-                                   f"{len(batch)} items")
+                raise RuntimeError(
+                    f"run_batch returned {len(images)} images for {len(batch)} items"
+                )
         except Exception as exc:  # the sampler failed: every waiter learns why
             error = exc
         seconds = time.perf_counter() - t0
         per_item = seconds / len(batch)
-        self._seconds_per_item = (per_item if self._seconds_per_item == 0.0
-                                  else 0.8 * self._seconds_per_item + 0.2 * per_item)
+        self._seconds_per_item = (
+            per_item
+            if self._seconds_per_item == 0.0
+            else 0.8 * self._seconds_per_item + 0.2 * per_item
+        )
         for i, entry in enumerate(batch):
             self._entries.pop(entry.item.key, None)
             if entry.future.done():

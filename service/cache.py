@@ -97,8 +97,9 @@ class PositivesCache(Protocol):
         """One lookup for all keys; ``None`` for a miss (or when the cache is unavailable)."""
         ...
 
-    async def set_many(self, namespace: str, items: Sequence[tuple[bytes, np.ndarray]],
-                       ttl_s: int) -> None:
+    async def set_many(
+        self, namespace: str, items: Sequence[tuple[bytes, np.ndarray]], ttl_s: int
+    ) -> None:
         """Store positives for ``ttl_s`` seconds (best effort)."""
         ...
 
@@ -155,8 +156,9 @@ class MemoryCache:
             blobs.append(found[0] if found else None)
         return _decode_all(self.stats, blobs)
 
-    async def set_many(self, namespace: str, items: Sequence[tuple[bytes, np.ndarray]],
-                       ttl_s: int) -> None:
+    async def set_many(
+        self, namespace: str, items: Sequence[tuple[bytes, np.ndarray]], ttl_s: int
+    ) -> None:
         expires = time.monotonic() + ttl_s
         for key, image in items:
             blob = encode_value(image)
@@ -211,8 +213,12 @@ class RedisCache:
         # No client-side retries: a failed call falls back to uncached at once and
         # our own backoff decides when to try again.
         self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0)
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
         self._backoff = 0.0
         self._down_until = 0.0
 
@@ -225,8 +231,13 @@ class RedisCache:
         self.stats.errors += 1
         self._backoff = min(self.backoff_max_s, max(self.backoff_min_s, self._backoff * 2))
         self._down_until = time.monotonic() + self._backoff
-        log.warning("redis %s failed (%s: %s); serving uncached, next try in %.1f s",
-                    op, type(exc).__name__, exc, self._backoff)
+        log.warning(
+            "redis %s failed (%s: %s); serving uncached, next try in %.1f s",
+            op,
+            type(exc).__name__,
+            exc,
+            self._backoff,
+        )
 
     def _succeeded(self) -> None:
         if self._backoff:
@@ -253,13 +264,15 @@ class RedisCache:
             self.stats.skipped += len(keys)
             return [None] * len(keys)
         blobs, ok = await self._guard(
-            "MGET", self._client.mget([entry_name(namespace, k) for k in keys]))
+            "MGET", self._client.mget([entry_name(namespace, k) for k in keys])
+        )
         if not ok:
             return [None] * len(keys)
         return _decode_all(self.stats, blobs)
 
-    async def set_many(self, namespace: str, items: Sequence[tuple[bytes, np.ndarray]],
-                       ttl_s: int) -> None:
+    async def set_many(
+        self, namespace: str, items: Sequence[tuple[bytes, np.ndarray]], ttl_s: int
+    ) -> None:
         if not items:
             return
         if not self.available:
@@ -283,8 +296,13 @@ class RedisCache:
             log.debug("closing redis: %s", exc)
 
 
-def build_cache(redis_url: str | None, *, cache_mb: float = 256.0, timeout_s: float = 0.3,
-                backoff_max_s: float = 5.0) -> PositivesCache:
+def build_cache(
+    redis_url: str | None,
+    *,
+    cache_mb: float = 256.0,
+    timeout_s: float = 0.3,
+    backoff_max_s: float = 5.0,
+) -> PositivesCache:
     """Redis when a URL is given, else the in-process LRU."""
     if redis_url:
         return RedisCache(redis_url, timeout_s=timeout_s, backoff_max_s=backoff_max_s)

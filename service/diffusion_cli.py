@@ -52,18 +52,36 @@ def train(
 
     try:
         config = DiffusionTrainConfig(
-            out=out, dataset=dataset, data_root=data_root, download=download, size=size,
-            channels=channels, preset=preset, steps=steps, minutes=minutes,
-            batch_size=batch_size, lr=lr, lr_warmup=lr_warmup, lr_schedule=lr_schedule,
-            weight_decay=weight_decay, grad_clip=grad_clip, ema_decay=ema_decay, flip=flip,
-            seed=seed, save_every=save_every, sample_count=sample_count,
-            sample_steps=sample_steps, threads=threads, device=device,
+            out=out,
+            dataset=dataset,
+            data_root=data_root,
+            download=download,
+            size=size,
+            channels=channels,
+            preset=preset,
+            steps=steps,
+            minutes=minutes,
+            batch_size=batch_size,
+            lr=lr,
+            lr_warmup=lr_warmup,
+            lr_schedule=lr_schedule,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            ema_decay=ema_decay,
+            flip=flip,
+            seed=seed,
+            save_every=save_every,
+            sample_count=sample_count,
+            sample_steps=sample_steps,
+            threads=threads,
+            device=device,
             progress=progress,
         )
     except ValidationError as exc:
         problems = "; ".join(
             f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
-            if e["loc"] else e["msg"]
+            if e["loc"]
+            else e["msg"]
             for e in exc.errors()
         )
         raise typer.BadParameter(problems) from None

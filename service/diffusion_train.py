@@ -195,8 +195,12 @@ class DiffusionTrainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         data = load_images(
-            config.dataset, split="train", size=config.size, channels=config.channels,
-            root=config.data_root, download=config.download,
+            config.dataset,
+            split="train",
+            size=config.size,
+            channels=config.channels,
+            root=config.data_root,
+            download=config.download,
         )
         self.data_name = data.name
         self.device = torch.device(config.device)
@@ -276,8 +280,11 @@ class DiffusionTrainer:
             "order": self.order.state_dict(),
             "unet_config": self.unet_config,
             "scheduler_config": self.scheduler_config,
-            "data": {"dataset": self.data_name, "size": self.sample_size,
-                     "channels": self.channels},
+            "data": {
+                "dataset": self.data_name,
+                "size": self.sample_size,
+                "channels": self.channels,
+            },
             "batch_size": self.config.batch_size,
             "seed": self.config.seed,
         }
@@ -343,8 +350,9 @@ class DiffusionTrainer:
             return None
         from PIL import Image
 
-        grid = image_grid(self.sample(self.config.sample_count, self.config.sample_steps,
-                                      self.config.seed))
+        grid = image_grid(
+            self.sample(self.config.sample_count, self.config.sample_steps, self.config.seed)
+        )
         path = self.out / SAMPLES_FILE
         Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(path)
         return path
@@ -354,8 +362,14 @@ def _progress_bar(config: DiffusionTrainConfig, start: int) -> Any:
     from tqdm.auto import tqdm
 
     total = config.steps if config.steps is not None else None
-    return tqdm(total=total, initial=start, disable=not config.progress, unit="step",
-                dynamic_ncols=True, desc="diffusion train")
+    return tqdm(
+        total=total,
+        initial=start,
+        disable=not config.progress,
+        unit="step",
+        dynamic_ncols=True,
+        desc="diffusion train",
+    )
 
 
 def train(
@@ -408,9 +422,13 @@ def train(
     trainer.save()
     trainer.write_samples()
     return TrainResult(
-        out=trainer.out, step=trainer.step, start_step=trainer.start_step,
+        out=trainer.out,
+        step=trainer.step,
+        start_step=trainer.start_step,
         loss=last_loss,
-        images_per_s=ips, seconds=seconds, parameters=trainer.parameters,
+        images_per_s=ips,
+        seconds=seconds,
+        parameters=trainer.parameters,
     )
 
 

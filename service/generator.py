@@ -24,9 +24,12 @@ from clsp_positives.service.schedule import SamplingPlan, sampling_plan
 from clsp_positives.service.unet_split import UNetSplit
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
 }
 
 
@@ -139,7 +142,10 @@ class Generator:
         """Load a model directory (see ``model.load_model``) onto ``device``."""
         resolve_dtype(dtype, resolve_device(device))  # refuse before the (slow) load
         return cls(
-            load_model(model_dir), device=device, dtype=dtype, compile=compile,
+            load_model(model_dir),
+            device=device,
+            dtype=dtype,
+            compile=compile,
             channels_last=channels_last,
         )
 

@@ -23,8 +23,16 @@ from prometheus_client.registry import Collector
 
 from clsp_positives.service.cache import CacheStats
 
-ROUTES = ("/v1/positives", "/positives", "/v1/model", "/healthz", "/readyz", "/metrics",
-          "/docs", "/openapi.json")
+ROUTES = (
+    "/v1/positives",
+    "/positives",
+    "/v1/model",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024)
@@ -45,8 +53,11 @@ class _CacheCollector(Collector):
             ("clsp_cache_hits", s.hits, "Positives served from the cache."),
             ("clsp_cache_misses", s.misses, "Lookups that found nothing usable."),
             ("clsp_cache_errors", s.errors, "Failed cache calls (Redis down or slow)."),
-            ("clsp_cache_skipped", s.skipped, "Keys not looked up or written while the "
-             "cache backs off after an error."),
+            (
+                "clsp_cache_skipped",
+                s.skipped,
+                "Keys not looked up or written while the cache backs off after an error.",
+            ),
             ("clsp_cache_corrupt", s.corrupt, "Cached values that failed their checksum."),
             ("clsp_cache_writes", s.writes, "Positives written to the cache."),
         ):
@@ -61,30 +72,49 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.requests = Counter("clsp_requests", "HTTP requests by route and status.",
-                                ["route", "status"], registry=r)
-        self.latency = Histogram("clsp_request_seconds", "HTTP request latency by route.",
-                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("clsp_queue_depth", "Items waiting for the sampler.",
-                                 registry=r)
-        self.in_flight = Gauge("clsp_items_in_flight", "Items queued or in the sampler.",
-                               registry=r)
-        self.batch_size = Histogram("clsp_batch_size", "Items per sampler call.",
-                                    buckets=_BATCH_BUCKETS, registry=r)
-        self.sampler_seconds = Histogram("clsp_sampler_seconds", "Seconds per sampler call.",
-                                         buckets=_LATENCY_BUCKETS, registry=r)
-        self.sampler_errors = Counter("clsp_sampler_errors", "Sampler calls that raised.",
-                                      registry=r)
-        self.generated = Counter("clsp_positives_generated", "Positives the sampler made.",
-                                 registry=r)
-        self.served = Counter("clsp_positives_served", "Positives returned to clients.",
-                              registry=r)
-        self.deduplicated = Counter("clsp_deduplicated_items", "Items that shared a "
-                                    "generation already in flight.", registry=r)
-        self.dropped = Counter("clsp_dropped_items", "Queued items dropped because their "
-                               "client went away.", registry=r)
-        self.rejected = Counter("clsp_rejected_requests", "Requests refused with 429 "
-                                "because the queue was full.", registry=r)
+        self.requests = Counter(
+            "clsp_requests", "HTTP requests by route and status.", ["route", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "clsp_request_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge("clsp_queue_depth", "Items waiting for the sampler.", registry=r)
+        self.in_flight = Gauge(
+            "clsp_items_in_flight", "Items queued or in the sampler.", registry=r
+        )
+        self.batch_size = Histogram(
+            "clsp_batch_size", "Items per sampler call.", buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.sampler_seconds = Histogram(
+            "clsp_sampler_seconds",
+            "Seconds per sampler call.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.sampler_errors = Counter(
+            "clsp_sampler_errors", "Sampler calls that raised.", registry=r
+        )
+        self.generated = Counter(
+            "clsp_positives_generated", "Positives the sampler made.", registry=r
+        )
+        self.served = Counter("clsp_positives_served", "Positives returned to clients.", registry=r)
+        self.deduplicated = Counter(
+            "clsp_deduplicated_items",
+            "Items that shared a generation already in flight.",
+            registry=r,
+        )
+        self.dropped = Counter(
+            "clsp_dropped_items", "Queued items dropped because their client went away.", registry=r
+        )
+        self.rejected = Counter(
+            "clsp_rejected_requests",
+            "Requests refused with 429 because the queue was full.",
+            registry=r,
+        )
 
     def watch_cache(self, stats: Callable[[], CacheStats]) -> None:
         """Export the cache's counters (read at every scrape)."""

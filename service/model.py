@@ -151,7 +151,9 @@ def load_model(model: str | Path) -> LoadedModel:
     """
     path = Path(model)
     looks_like_hub_id = (
-        isinstance(model, str) and not path.exists() and model.count("/") == 1
+        isinstance(model, str)
+        and not path.exists()
+        and model.count("/") == 1
         and not model.startswith((".", "/", "~"))
     )
     if looks_like_hub_id:

@@ -93,8 +93,11 @@ class CLSPSampler:
                 t, emb = self._embedding(timestep, batch)
                 if use_anchor:
                     a_t = ops.noise_anchor(
-                        anchors, seeds, anchor_stream(i),
-                        coefs.sqrt_alpha_bar, coefs.sqrt_one_minus_alpha_bar,
+                        anchors,
+                        seeds,
+                        anchor_stream(i),
+                        coefs.sqrt_alpha_bar,
+                        coefs.sqrt_one_minus_alpha_bar,
                     )
                     # Both paths in one encoder call: [candidates; anchors].
                     enc = self.encode(self._to_model(torch.cat([x, a_t])), emb)
@@ -104,7 +107,12 @@ class CLSPSampler:
                 else:
                     out = self.decode(self.encode(self._to_model(x), emb), emb, t)
                 x = ops.scheduler_update(
-                    x, out.contiguous(), seeds, step_stream(i), coefs,
-                    plan.prediction_type, plan.clip_range,
+                    x,
+                    out.contiguous(),
+                    seeds,
+                    step_stream(i),
+                    coefs,
+                    plan.prediction_type,
+                    plan.clip_range,
                 )
             return x.float().clamp_(-1.0, 1.0)

@@ -27,42 +27,60 @@ class ServiceSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(..., description="Model directory (diffusers save_pretrained layout).")
-    redis: str | None = Field(None, description="Redis URL; without it the cache is an "
-                              "in-process LRU bounded by cache_mb.")
+    redis: str | None = Field(
+        None,
+        description="Redis URL; without it the cache is an in-process LRU bounded by cache_mb.",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: str = "cpu"
     dtype: DType = "float32"
     max_batch: int = Field(64, ge=1, description="Most items in one sampler call.")
-    max_wait_ms: float = Field(10.0, ge=0.0, description="How long the oldest queued item "
-                               "waits for others before its batch runs anyway.")
-    max_queue: int = Field(4096, ge=1, description="Most items waiting for the sampler; "
-                           "above it requests get 429.")
+    max_wait_ms: float = Field(
+        10.0,
+        ge=0.0,
+        description="How long the oldest queued item "
+        "waits for others before its batch runs anyway.",
+    )
+    max_queue: int = Field(
+        4096, ge=1, description="Most items waiting for the sampler; above it requests get 429."
+    )
     max_anchors: int = Field(1024, ge=1, description="Most anchors in one request (413).")
     max_body_mb: float = Field(64.0, gt=0.0, description="Largest request body (413).")
     max_k: int = Field(64, ge=1, description="Largest params.k and candidate index + 1.")
-    max_cost: int = Field(256 * 1000, ge=1, description="Most steps x items in one request: "
-                          "the compute one request may ask for (413).")
-    token: str | None = Field(None, description="Bearer token required on every route but "
-                              "the health checks.")
+    max_cost: int = Field(
+        256 * 1000,
+        ge=1,
+        description="Most steps x items in one request: the compute one request may ask for (413).",
+    )
+    token: str | None = Field(
+        None, description="Bearer token required on every route but the health checks."
+    )
     cache_ttl: int = Field(7 * 24 * 3600, ge=1, description="Seconds a cached positive lives.")
     cache_mb: float = Field(256.0, ge=0.0, description="Size of the in-process LRU cache.")
-    redis_timeout_s: float = Field(0.3, gt=0.0, description="Socket timeout of every Redis "
-                                   "call; slower means the request is served uncached.")
-    redis_backoff_max_s: float = Field(5.0, gt=0.0, description="Longest pause between "
-                                       "reconnection attempts while Redis is down.")
+    redis_timeout_s: float = Field(
+        0.3,
+        gt=0.0,
+        description="Socket timeout of every Redis "
+        "call; slower means the request is served uncached.",
+    )
+    redis_backoff_max_s: float = Field(
+        5.0, gt=0.0, description="Longest pause between reconnection attempts while Redis is down."
+    )
     log_json: bool = False
     log_level: str = "info"
-    warmup_steps: int = Field(2, ge=1, description="Steps of the warm-up batch run before "
-                              "/readyz answers 200.")
+    warmup_steps: int = Field(
+        2, ge=1, description="Steps of the warm-up batch run before /readyz answers 200."
+    )
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any
-                 ) -> ServiceSettings:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, **overrides: Any
+    ) -> ServiceSettings:
         """Settings from ``CLSP_<FIELD>`` variables (``CLSP_MODEL``, ``CLSP_MAX_BATCH``,
         ...; the token from ``CLSP_API_TOKEN``); ``overrides`` win."""
         env = os.environ if environ is None else environ
@@ -79,6 +97,8 @@ class ServiceSettings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            names = ", ".join(ENV_PREFIX + ".".join(map(str, e["loc"])).upper()
-                              + f": {e['msg']}" for e in exc.errors(include_url=False))
+            names = ", ".join(
+                ENV_PREFIX + ".".join(map(str, e["loc"])).upper() + f": {e['msg']}"
+                for e in exc.errors(include_url=False)
+            )
             raise ValueError(f"invalid service settings: {names}") from None

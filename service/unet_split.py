@@ -98,9 +98,7 @@ class UNetSplit:
             sample = unet.mid_block(sample, emb)
         return Encoded(sample, skips)
 
-    def decode(
-        self, encoded: Encoded, emb: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
+    def decode(self, encoded: Encoded, emb: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The up blocks and the output head (``forward`` steps 5-6)."""
         unet = self.unet
         sample = encoded.h

@@ -29,8 +29,9 @@ class RecordingSampler:
     def __call__(self, group, anchors, seeds, weights):
         self.started.set()
         self.gate.wait(10)
-        self.calls.append((group, seeds.tolist(), weights.tolist(),
-                           threading.current_thread().name))
+        self.calls.append(
+            (group, seeds.tolist(), weights.tolist(), threading.current_thread().name)
+        )
         if group in self.fail_groups:
             raise RuntimeError("sampler exploded")
         assert anchors.dtype == np.float32 and anchors.shape[1:] == (1, 2, 2)
@@ -38,8 +39,13 @@ class RecordingSampler:
 
 
 def item(seed: int, group=("g", 1), weight: float = 0.1) -> Item:
-    return Item(key=seed.to_bytes(8, "little"), anchor=np.zeros((1, 2, 2), np.float32),
-                seed=seed, weight=weight, group=group)
+    return Item(
+        key=seed.to_bytes(8, "little"),
+        anchor=np.zeros((1, 2, 2), np.float32),
+        seed=seed,
+        weight=weight,
+        group=group,
+    )
 
 
 async def wait_started(sampler: RecordingSampler) -> None:

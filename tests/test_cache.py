@@ -46,8 +46,9 @@ def test_value_round_trips_with_shape():
     assert np.array_equal(out, img)
 
 
-@pytest.mark.parametrize("damage", ["flip_data", "flip_shape", "truncate", "magic", "empty",
-                                    "pickle"])
+@pytest.mark.parametrize(
+    "damage", ["flip_data", "flip_shape", "truncate", "magic", "empty", "pickle"]
+)
 def test_damaged_values_are_detected(damage):
     blob = bytearray(encode_value(images(1)[0]))
     if damage == "flip_data":
@@ -119,7 +120,9 @@ def test_memory_cache_expires_entries():
         cache = MemoryCache(max_mb=1)
         await cache.set_many(NS, [(keys(1)[0], images(1)[0])], ttl_s=1)
         cache._entries[entry_name(NS, keys(1)[0])] = (
-            cache._entries[entry_name(NS, keys(1)[0])][0], time.monotonic() - 1)
+            cache._entries[entry_name(NS, keys(1)[0])][0],
+            time.monotonic() - 1,
+        )
         return await cache.get_many(NS, keys(1)), cache
 
     got, cache = run(main())
@@ -178,9 +181,9 @@ def test_redis_corrupt_value_is_a_counted_miss_and_can_be_overwritten(redis_url)
 def test_redis_down_serves_misses_counts_errors_and_recovers_after_backoff():
     server = RedisServer().start()
     try:
+
         async def main():
-            cache = RedisCache(server.url, timeout_s=0.2, backoff_min_s=0.05,
-                               backoff_max_s=0.2)
+            cache = RedisCache(server.url, timeout_s=0.2, backoff_min_s=0.05, backoff_max_s=0.2)
             k, img = keys(2), images(2)
             await cache.set_many(NS, [(k[0], img[0])], 60)
             server.kill()
@@ -211,6 +214,7 @@ def test_redis_down_serves_misses_counts_errors_and_recovers_after_backoff():
 def test_redis_slower_than_the_timeout_is_an_error_not_a_wait():
     server = RedisServer().start()
     try:
+
         async def main():
             cache = RedisCache(server.url, timeout_s=0.2)
             await cache.get_many(NS, keys(1))  # connect while Redis is responsive

@@ -23,13 +23,29 @@ from clsp_positives.demo import BUDGETS, GRID_NAME, RESULTS_NAME, SERVICE_LOG, g
 pytestmark = pytest.mark.slow
 
 QUICK = BUDGETS["quick"]
-COLUMNS = ("linear acc", "kNN acc", "positives generated", "cache-hit rate", "positives/s",
-           "wall time")
+COLUMNS = (
+    "linear acc",
+    "kNN acc",
+    "positives generated",
+    "cache-hit rate",
+    "positives/s",
+    "wall time",
+)
 
 
 def demo_command(out: Path, cache: Path) -> list[str]:
-    return [sys.executable, "-m", "clsp_positives.cli", "demo", "--quick", "--out", str(out),
-            "--cache-dir", str(cache), "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "clsp_positives.cli",
+        "demo",
+        "--quick",
+        "--out",
+        str(out),
+        "--cache-dir",
+        str(cache),
+        "--no-progress",
+    ]
 
 
 def demo_env() -> dict[str, str]:
@@ -71,8 +87,9 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> QuickRun:
     base = tmp_path_factory.mktemp("demo")
     out, cache = base / "out", base / "cache"
     # Under pytest-timeout's 600 s, so that a stuck run fails here with its output.
-    done = subprocess.run(demo_command(out, cache), capture_output=True, text=True,
-                          timeout=540, env=demo_env())
+    done = subprocess.run(
+        demo_command(out, cache), capture_output=True, text=True, timeout=540, env=demo_env()
+    )
     assert done.returncode == 0, f"stdout:\n{done.stdout[-6000:]}\nstderr:\n{done.stderr[-6000:]}"
     results = json.loads((out / RESULTS_NAME).read_text())
     return QuickRun(out, cache, done.stdout, done.stderr, results)
@@ -82,9 +99,17 @@ def test_prints_the_results_table(quick_run: QuickRun) -> None:
     header = next((line for line in quick_run.stdout.splitlines() if "linear acc" in line), "")
     for column in COLUMNS:
         assert column in header, f"column {column!r} missing from the table:\n{quick_run.stdout}"
-    rows = {arm: next((line for line in quick_run.stdout.splitlines()
-                       if line.lstrip("│| ").startswith(f"{arm} (clsp-weight")), None)
-            for arm in ("baseline", "clsp")}
+    rows = {
+        arm: next(
+            (
+                line
+                for line in quick_run.stdout.splitlines()
+                if line.lstrip("│| ").startswith(f"{arm} (clsp-weight")
+            ),
+            None,
+        )
+        for arm in ("baseline", "clsp")
+    }
     assert all(rows.values()), quick_run.stdout
     # Each row shows its two accuracies as percentages, and the CLSP row its positives.
     for line in rows.values():
@@ -143,16 +168,22 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return not _alive(pid)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL],
-                         ids=["ctrl-c", "sigterm", "sigkill"])
-def test_stopping_the_demo_stops_the_service(quick_run: QuickRun, tmp_path: Path,
-                                             sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "sigkill"]
+)
+def test_stopping_the_demo_stops_the_service(
+    quick_run: QuickRun, tmp_path: Path, sig: signal.Signals
+) -> None:
     """Ctrl-C or SIGTERM while the service runs: the demo exits 130 and takes it down;
     SIGKILL (no cleanup can run): the kernel's parent-death signal takes it down."""
     # The quick run left its DDPM in the cache, so this run reaches the service at once.
-    proc = subprocess.Popen(demo_command(tmp_path / "out", quick_run.cache),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=demo_env())
+    proc = subprocess.Popen(
+        demo_command(tmp_path / "out", quick_run.cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=demo_env(),
+    )
     lines: list[str] = []
     try:
         assert proc.stdout is not None

@@ -47,13 +47,16 @@ _COMPOSE_ENV_PREFIXES = ("CLSP_", "REDIS_", "MODEL_DIR", "COMPOSE_", "DOCKER_")
 def _docker_compose() -> str:
     exe = shutil.which("docker-compose")
     if exe is None:
-        pytest.skip("Debian's docker-compose is not installed (apt-get install docker-compose; "
-                    "`make test` does it as root)")
+        pytest.skip(
+            "Debian's docker-compose is not installed (apt-get install docker-compose; "
+            "`make test` does it as root)"
+        )
     return exe
 
 
-def compose_config(*files: Path, env: dict[str, str] | None = None,
-                   env_file: Path | None = None, tmp_path: Path) -> dict[str, Any]:
+def compose_config(
+    *files: Path, env: dict[str, str] | None = None, env_file: Path | None = None, tmp_path: Path
+) -> dict[str, Any]:
     """Render compose files with `docker-compose config`, in a controlled environment."""
     if env_file is None:
         env_file = tmp_path / "empty.env"
@@ -64,8 +67,9 @@ def compose_config(*files: Path, env: dict[str, str] | None = None,
     cmd.append("config")
     environ = {k: v for k, v in os.environ.items() if not k.startswith(_COMPOSE_ENV_PREFIXES)}
     environ.update(env or {})
-    proc = subprocess.run(cmd, cwd=ROOT, env=environ, capture_output=True, text=True,
-                          timeout=120, check=False)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, f"{shlex.join(cmd)} failed:\n{proc.stderr}"
     return yaml.safe_load(proc.stdout)
 
@@ -141,8 +145,9 @@ def test_compose_default_reserves_a_gpu_and_is_scalable(tmp_path: Path) -> None:
         pytest.param([COMPOSE, COMPOSE_CPU], {"CLSP_ACCELERATOR": "cpu"}, id="override+variable"),
     ],
 )
-def test_compose_cpu_override_drops_the_gpu(files: list[Path], env: dict[str, str],
-                                            tmp_path: Path) -> None:
+def test_compose_cpu_override_drops_the_gpu(
+    files: list[Path], env: dict[str, str], tmp_path: Path
+) -> None:
     services = compose_config(*files, env=env, tmp_path=tmp_path)["services"]
     for name, service in services.items():
         assert not _gpu_devices(service), f"{name} still reserves a GPU"
@@ -154,15 +159,24 @@ def test_compose_cpu_override_drops_the_gpu(files: list[Path], env: dict[str, st
 
 def test_compose_accelerator_variable_alone_drops_the_gpu(tmp_path: Path) -> None:
     """Compose v2 resolves `extends` per file, so there the variable does the removal."""
-    services = compose_config(COMPOSE, env={"CLSP_ACCELERATOR": "cpu"},
-                              tmp_path=tmp_path)["services"]
+    services = compose_config(COMPOSE, env={"CLSP_ACCELERATOR": "cpu"}, tmp_path=tmp_path)[
+        "services"
+    ]
     assert not any(_gpu_devices(s) for s in services.values())
 
 
 def test_compose_knobs_come_from_the_environment(tmp_path: Path) -> None:
-    config = compose_config(COMPOSE, env_file=ENV_EXAMPLE, tmp_path=tmp_path,
-                            env={"CLSP_MAX_BATCH": "77", "MODEL_DIR": "/srv/models/cifar",
-                                 "REDIS_MAXMEMORY": "512mb", "CLSP_API_TOKEN": "s3cret"})
+    config = compose_config(
+        COMPOSE,
+        env_file=ENV_EXAMPLE,
+        tmp_path=tmp_path,
+        env={
+            "CLSP_MAX_BATCH": "77",
+            "MODEL_DIR": "/srv/models/cifar",
+            "REDIS_MAXMEMORY": "512mb",
+            "CLSP_API_TOKEN": "s3cret",
+        },
+    )
     services = config["services"]
     gen = services["generator"]
     assert _flag_value(_argv(gen["command"]), "--max-batch") == "77"
@@ -176,11 +190,15 @@ def test_compose_knobs_come_from_the_environment(tmp_path: Path) -> None:
 def test_env_example_lists_exactly_the_knobs_the_compose_files_use() -> None:
     used: set[str] = set()
     for path in (COMPOSE, COMPOSE_CPU, ROOT / "deploy" / "compose" / "accelerators.yml"):
-        code = "\n".join(line for line in path.read_text().splitlines()
-                         if not line.lstrip().startswith("#"))
+        code = "\n".join(
+            line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")
+        )
         used |= set(re.findall(r"\$\{([A-Z0-9_]+)", code))
-    listed = {line.split("=", 1)[0] for line in ENV_EXAMPLE.read_text().splitlines()
-              if line and not line.startswith("#")}
+    listed = {
+        line.split("=", 1)[0]
+        for line in ENV_EXAMPLE.read_text().splitlines()
+        if line and not line.startswith("#")
+    }
     assert used - listed == set(), "knobs missing from .env.example"
     assert listed - used == set(), ".env.example lists knobs nothing uses"
 
@@ -225,8 +243,9 @@ def test_dockerfile_targets_run_as_non_root_on_a_pinned_pytorch_base() -> None:
         lines = stages[target]
         installs = [line for line in lines if "pip install" in line]
         assert installs and all(extra in line for line in installs)
-        assert not any(re.search(r"requirements|\[dev\]|\[all\]|pytest|ruff", line)
-                       for line in installs), "dev tools or a second source of dependencies"
+        assert not any(
+            re.search(r"requirements|\[dev\]|\[all\]|pytest|ruff", line) for line in installs
+        ), "dev tools or a second source of dependencies"
         users = [line.split()[1] for line in lines if line.startswith("USER ")]
         assert users and users[-1] not in ("root", "0"), f"{target} runs as root"
         assert any(line.startswith("HEALTHCHECK") for line in lines)
@@ -235,10 +254,17 @@ def test_dockerfile_targets_run_as_non_root_on_a_pinned_pytorch_base() -> None:
 
 
 def test_dockerfile_copies_only_what_the_context_keeps() -> None:
-    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")]
-    copies = [line for lines in _dockerfile_stages().values() for line in lines
-              if line.startswith("COPY ") and "--from=" not in line]
+    ignored = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copies = [
+        line
+        for lines in _dockerfile_stages().values()
+        for line in lines
+        if line.startswith("COPY ") and "--from=" not in line
+    ]
     assert copies
     for line in copies:
         for src in line.split()[1:-1]:
@@ -248,10 +274,20 @@ def test_dockerfile_copies_only_what_the_context_keeps() -> None:
 
 
 # Import names of the distributions in the extras, and what the base image has.
-_IMPORT_NAMES = {"torch": "torch", "torchvision": "torchvision", "triton": "triton",
-                 "diffusers": "diffusers", "fastapi": "fastapi", "uvicorn": "uvicorn",
-                 "redis": "redis", "prometheus-client": "prometheus_client", "pillow": "PIL",
-                 "tqdm": "tqdm", "httpx": "httpx", "scikit-learn": "sklearn"}
+_IMPORT_NAMES = {
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "triton": "triton",
+    "diffusers": "diffusers",
+    "fastapi": "fastapi",
+    "uvicorn": "uvicorn",
+    "redis": "redis",
+    "prometheus-client": "prometheus_client",
+    "pillow": "PIL",
+    "tqdm": "tqdm",
+    "httpx": "httpx",
+    "scikit-learn": "sklearn",
+}
 _IN_BASE_IMAGE = {"torch", "torchvision", "triton"}
 
 _IMPORT_ALL = """
@@ -269,35 +305,53 @@ def _extra_imports(extra: str) -> set[str]:
     text = (ROOT / "pyproject.toml").read_text()
     block = re.search(rf"^{extra} = \[(.*?)^\]", text, re.MULTILINE | re.DOTALL)
     assert block, f"no [{extra}] extra in pyproject.toml"
-    names = {re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower()
-             for req in re.findall(r'"([^"]+)"', block.group(1))}
+    names = {
+        re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower()
+        for req in re.findall(r'"([^"]+)"', block.group(1))
+    }
     unknown = names - set(_IMPORT_NAMES)
     assert not unknown, f"add the import names of {sorted(unknown)} to _IMPORT_NAMES"
     return {_IMPORT_NAMES[n] for n in names}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("image", "other"), [
-    ("trainer", "service"),
-    ("service", "trainer"),
-])
-def test_each_image_imports_its_component_without_the_other_extra(image: str,
-                                                                   other: str) -> None:
+@pytest.mark.parametrize(
+    ("image", "other"),
+    [
+        ("trainer", "service"),
+        ("service", "trainer"),
+    ],
+)
+def test_each_image_imports_its_component_without_the_other_extra(image: str, other: str) -> None:
     """An image has the base's torch plus its own extra: its code must not need the other's."""
     missing = _extra_imports(other) - _extra_imports(image) - _IN_BASE_IMAGE
     assert missing, "the extras no longer differ: this test checks nothing"
     proc = subprocess.run(
         [sys.executable, "-c", _IMPORT_ALL, ",".join(sorted(missing)), f"clsp_positives.{image}"],
-        capture_output=True, text=True, timeout=300, check=False, cwd=ROOT)
-    assert proc.returncode == 0, (f"the {image} image lacks {sorted(missing)}, but importing "
-                                  f"clsp_positives.{image} needs one:\n{proc.stderr[-2000:]}")
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, (
+        f"the {image} image lacks {sorted(missing)}, but importing "
+        f"clsp_positives.{image} needs one:\n{proc.stderr[-2000:]}"
+    )
 
 
 # --- Kubernetes -----------------------------------------------------------------
 
 _KUSTOMIZE_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "images"}
-_CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole",
-                   "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass"}
+_CLUSTER_SCOPED = {
+    "Namespace",
+    "PersistentVolume",
+    "StorageClass",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PriorityClass",
+}
 
 
 def render_kustomization(directory: Path) -> list[dict[str, Any]]:
@@ -313,8 +367,10 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
     spec = yaml.safe_load(path.read_text())
     unknown = set(spec) - _KUSTOMIZE_FIELDS
     if unknown:
-        raise ValueError(f"{path}: fields {sorted(unknown)} are not supported by the test's "
-                         f"renderer; keep to {sorted(_KUSTOMIZE_FIELDS)} or extend it")
+        raise ValueError(
+            f"{path}: fields {sorted(unknown)} are not supported by the test's "
+            f"renderer; keep to {sorted(_KUSTOMIZE_FIELDS)} or extend it"
+        )
     docs: list[dict[str, Any]] = []
     for entry in spec.get("resources", []):
         target = (directory / entry).resolve()
@@ -403,9 +459,11 @@ def _pod_templates(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]
 
 
 def test_kubernetes_validate_accepts_every_manifest(
-        rendered: tuple[str, list[dict[str, Any]]]) -> None:
-    kv = pytest.importorskip("kubernetes_validate",
-                             reason="kubernetes-validate comes with the dev extra")
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate comes with the dev extra"
+    )
     from kubernetes_validate.utils import latest_version
 
     _, docs = rendered
@@ -418,18 +476,23 @@ def test_kubernetes_validate_accepts_every_manifest(
             kv.validate(copy.deepcopy(doc), version, strict=True)
         # Pod templates, including the PyTorchJob's, are validated as Pods.
         for owner, template in _pod_templates(docs):
-            pod = {"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {**template.get("metadata", {}), "name": owner.lower()
-                                .replace("/", "-")},
-                   "spec": template["spec"]}
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    **template.get("metadata", {}),
+                    "name": owner.lower().replace("/", "-"),
+                },
+                "spec": template["spec"],
+            }
             kv.validate(copy.deepcopy(pod), version, strict=True)
 
 
 def test_model_loader_pod_is_valid_and_mounts_the_model_claim() -> None:
-    kv = pytest.importorskip("kubernetes_validate",
-                             reason="kubernetes-validate comes with the dev extra")
-    (pod,) = [d for d in yaml.safe_load_all((K8S / "tools" / "model-loader.yaml").read_text())
-              if d]
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate comes with the dev extra"
+    )
+    (pod,) = [d for d in yaml.safe_load_all((K8S / "tools" / "model-loader.yaml").read_text()) if d]
     kv.validate(copy.deepcopy(pod), K8S_VERSIONS[0], strict=True)
     base = render_kustomization(K8S / "base")
     claim = pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
@@ -438,21 +501,27 @@ def test_model_loader_pod_is_valid_and_mounts_the_model_claim() -> None:
 
 
 def test_kubernetes_names_agree_across_manifests(
-        rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    rendered: tuple[str, list[dict[str, Any]]],
+) -> None:
     _, docs = rendered
     namespaces = {d["metadata"]["namespace"] for d in docs if d["kind"] not in _CLUSTER_SCOPED}
     assert namespaces == {"clsp"}
-    assert all(d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "clsp-positives"
-               for d in docs)
+    assert all(
+        d["metadata"]["labels"]["app.kubernetes.io/part-of"] == "clsp-positives" for d in docs
+    )
 
     deployments = _by_kind(docs, "Deployment")
     for svc in _by_kind(docs, "Service").values():
         selector = svc["spec"]["selector"]
-        assert any(selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
-                   for d in deployments.values()), f"{svc['metadata']['name']} selects no pods"
+        assert any(
+            selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            for d in deployments.values()
+        ), f"{svc['metadata']['name']} selects no pods"
     for dep in deployments.values():
-        assert (dep["spec"]["selector"]["matchLabels"].items()
-                <= dep["spec"]["template"]["metadata"]["labels"].items())
+        assert (
+            dep["spec"]["selector"]["matchLabels"].items()
+            <= dep["spec"]["template"]["metadata"]["labels"].items()
+        )
     for hpa in _by_kind(docs, "HorizontalPodAutoscaler").values():
         assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
 
@@ -515,8 +584,9 @@ def test_kubernetes_generator_pool(rendered: tuple[str, list[dict[str, Any]]]) -
     assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
 
 
-def _positives_url_resolves(argv: list[str], docs: list[dict[str, Any]],
-                            pod: dict[str, Any]) -> None:
+def _positives_url_resolves(
+    argv: list[str], docs: list[dict[str, Any]], pod: dict[str, Any]
+) -> None:
     url = re.fullmatch(r"dns\+http://([\w-]+):(\d+)", _flag_value(argv, "--positives"))
     assert url, "the trainer must discover generators through DNS (dns+http://SERVICE:PORT)"
     service = _by_kind(docs, "Service")[url.group(1)]["spec"]
@@ -536,7 +606,7 @@ def test_kubernetes_trainer_job_runs_torchrun() -> None:
     assert argv[0] == "torchrun" and "--standalone" in argv
     nproc = next(a for a in argv if a.startswith("--nproc_per_node=")).split("=")[1]
     assert int(nproc) == container["resources"]["limits"]["nvidia.com/gpu"]
-    train = argv[argv.index("-m") + 1:]
+    train = argv[argv.index("-m") + 1 :]
     assert train[:2] == ["clsp_positives.cli", "train"]
     _positives_url_resolves(train, docs, job)
     assert job["restartPolicy"] in ("Never", "OnFailure")
@@ -547,8 +617,7 @@ def test_kubernetes_pytorchjob_structure() -> None:
     docs = render_kustomization(K8S / "overlays" / "pytorchjob")
     (job,) = [d for d in docs if d["kind"] == "PyTorchJob"]
     assert job["apiVersion"] == "kubeflow.org/v1"
-    assert set(job["spec"]) <= {"runPolicy", "pytorchReplicaSpecs", "elasticPolicy",
-                                "nprocPerNode"}
+    assert set(job["spec"]) <= {"runPolicy", "pytorchReplicaSpecs", "elasticPolicy", "nprocPerNode"}
     assert "nprocPerNode" not in job["spec"], "WORLD_SIZE would no longer count pods"
     replicas = job["spec"]["pytorchReplicaSpecs"]
     assert set(replicas) == {"Master", "Worker"}
@@ -567,7 +636,7 @@ def test_kubernetes_pytorchjob_structure() -> None:
             assert any(f"$({var})" in a for a in argv), f"{name}: torchrun ignores {var}"
         nproc = next(a for a in argv if a.startswith("--nproc_per_node=")).split("=")[1]
         assert int(nproc) == container["resources"]["limits"]["nvidia.com/gpu"]
-        _positives_url_resolves(argv[argv.index("-m") + 1:], docs, spec["template"]["spec"])
+        _positives_url_resolves(argv[argv.index("-m") + 1 :], docs, spec["template"]["spec"])
 
 
 def _kubectl_with_kustomize_v5() -> str | None:
@@ -575,8 +644,9 @@ def _kubectl_with_kustomize_v5() -> str | None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         return None
-    proc = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        [kubectl, "version", "--client"], capture_output=True, text=True, timeout=60, check=False
+    )
     match = re.search(r"Kustomize Version: v(\d+)", proc.stdout)
     return kubectl if match and int(match.group(1)) >= 5 else None
 
@@ -587,16 +657,20 @@ def test_renderer_matches_kubectl_kustomize(rendered: tuple[str, list[dict[str, 
     if kubectl is None:
         pytest.skip("no kubectl with kustomize >= 5; the Python renderer is checked on its own")
     name, docs = rendered
-    proc = subprocess.run([kubectl, "kustomize", str(K8S / name)], capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(K8S / name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     theirs = sorted((d for d in yaml.safe_load_all(proc.stdout) if d), key=_ident)
     assert sorted(docs, key=_ident) == theirs
 
 
 def test_renderer_rejects_what_it_cannot_render(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: []\npatches:\n  - path: p.yaml\n")
+    (tmp_path / "kustomization.yaml").write_text("resources: []\npatches:\n  - path: p.yaml\n")
     with pytest.raises(ValueError, match="patches"):
         render_kustomization(tmp_path)
 
@@ -607,21 +681,32 @@ def test_images_point_the_manifests_at_a_registry(tmp_path: Path) -> None:
     overlay = tmp_path / "k8s" / "overlays" / "pytorchjob" / "kustomization.yaml"
     spec = yaml.safe_load(overlay.read_text())
     spec["images"] = [
-        {"name": "clsp-positives-service", "newName": "ghcr.io/acme/clsp-positives-service",
-         "newTag": "0.2.0"},
+        {
+            "name": "clsp-positives-service",
+            "newName": "ghcr.io/acme/clsp-positives-service",
+            "newTag": "0.2.0",
+        },
         {"name": "clsp-positives-trainer", "newName": "ghcr.io/acme/clsp-positives-trainer"},
     ]
     overlay.write_text(yaml.safe_dump(spec))
     docs = render_kustomization(overlay.parent)
     images = {c["image"] for _, t in _pod_templates(docs) for c in t["spec"]["containers"]}
-    assert images == {"ghcr.io/acme/clsp-positives-service:0.2.0",
-                      "ghcr.io/acme/clsp-positives-trainer:0.1.0", "redis:7"}
+    assert images == {
+        "ghcr.io/acme/clsp-positives-service:0.2.0",
+        "ghcr.io/acme/clsp-positives-trainer:0.1.0",
+        "redis:7",
+    }
     assert _split_image("host:5000/a/b:1@sha256:ab") == ("host:5000/a/b", ":1@sha256:ab")
     kubectl = _kubectl_with_kustomize_v5()
     if kubectl is None:
         return
-    proc = subprocess.run([kubectl, "kustomize", str(overlay.parent)], capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(overlay.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     theirs = sorted((d for d in yaml.safe_load_all(proc.stdout) if d), key=_ident)
     assert sorted(docs, key=_ident) == theirs
@@ -654,7 +739,7 @@ def test_deploy_files_use_only_existing_serve_and_train_flags(tmp_path: Path) ->
         for _, template in _pod_templates(k8s_docs[name]):
             argv = template["spec"]["containers"][0].get("command", [])
             if argv[:1] == ["torchrun"]:
-                train_argvs.append(argv[argv.index("train") + 1:])
+                train_argvs.append(argv[argv.index("train") + 1 :])
     if shutil.which("docker-compose"):
         for files in ([COMPOSE], [COMPOSE, COMPOSE_CPU]):
             services = compose_config(*files, env_file=ENV_EXAMPLE, tmp_path=tmp_path)["services"]

@@ -22,8 +22,21 @@ from clsp_positives.service.diffusion_train import (
     train,
 )
 
-TINY = ["--preset", "tiny", "--batch-size", "16", "--threads", "1", "--no-progress",
-        "--sample-count", "4", "--sample-steps", "2", "--lr-warmup", "2"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--sample-count",
+    "4",
+    "--sample-steps",
+    "2",
+    "--lr-warmup",
+    "2",
+]
 
 
 def _run(*args: str) -> str:
@@ -69,8 +82,15 @@ def test_cli_trains_saves_loads_and_resumes(tmp_path: Path) -> None:
 
 def _tiny_config(out: Path, steps: int, **kw: object) -> DiffusionTrainConfig:
     return DiffusionTrainConfig(
-        out=str(out), preset="tiny", steps=steps, batch_size=8, threads=1, progress=False,
-        sample_count=0, lr_warmup=2, **kw,
+        out=str(out),
+        preset="tiny",
+        steps=steps,
+        batch_size=8,
+        threads=1,
+        progress=False,
+        sample_count=0,
+        lr_warmup=2,
+        **kw,
     )
 
 
@@ -98,12 +118,26 @@ def test_cli_errors_name_the_option(tmp_path: Path) -> None:
     no_budget = runner.invoke(app, ["diffusion", "train", "--out", str(tmp_path)])
     assert no_budget.exit_code != 0
     assert "--steps or --minutes" in no_budget.output
-    bad = runner.invoke(app, ["diffusion", "train", "--out", str(tmp_path), "--steps", "1",
-                              "--dataset", "cifar10", "--data-root", str(tmp_path)])
+    bad = runner.invoke(
+        app,
+        [
+            "diffusion",
+            "train",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "1",
+            "--dataset",
+            "cifar10",
+            "--data-root",
+            str(tmp_path),
+        ],
+    )
     assert bad.exit_code == 2
     assert "--download" in bad.output
-    unknown = runner.invoke(app, ["diffusion", "train", "--out", str(tmp_path), "--steps", "1",
-                                  "--preset", "huge"])
+    unknown = runner.invoke(
+        app, ["diffusion", "train", "--out", str(tmp_path), "--steps", "1", "--preset", "huge"]
+    )
     assert unknown.exit_code == 2
     assert "preset" in unknown.output
 

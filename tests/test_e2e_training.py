@@ -35,8 +35,23 @@ def _invoke(args: list[str]) -> str:
 
 def test_generate_warms_the_pool_then_train_takes_positives_from_it(service, tmp_path: Path):
     npy = tmp_path / "digits-positives.npy"
-    _invoke(["generate", "--dataset", "digits", "--positives", service.url, "--candidates",
-             "1", "--batch-size", "128", "--out", str(npy), "--no-progress", *GEN])
+    _invoke(
+        [
+            "generate",
+            "--dataset",
+            "digits",
+            "--positives",
+            service.url,
+            "--candidates",
+            "1",
+            "--batch-size",
+            "128",
+            "--out",
+            str(npy),
+            "--no-progress",
+            *GEN,
+        ]
+    )
     bank = np.load(npy)
     assert bank.dtype == np.uint8 and bank.shape == (1437, 1, 16, 16, 1)
     generated = total(scrape(service.url), "clsp_positives_generated")

@@ -44,9 +44,22 @@ CLIENT = {"health_interval_s": 0.2, "breaker_cooldown_s": 0.5, "backoff_s": 0.02
 
 def _serve(model_dir, redis_url: str) -> ServerProcess:
     port = free_port()
-    cmd = [sys.executable, "-m", "clsp_positives.cli", "serve", "--model", str(model_dir),
-           "--redis", redis_url, "--port", str(port), "--max-batch", "8",
-           "--max-wait-ms", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clsp_positives.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--redis",
+        redis_url,
+        "--port",
+        str(port),
+        "--max-batch",
+        "8",
+        "--max-wait-ms",
+        "20",
+    ]
     env = {"OMP_NUM_THREADS": "1", "CLSP_WARMUP_STEPS": "1", "CLSP_LOG_LEVEL": "warning"}
     return ServerProcess(cmd, port, health_path="/readyz", env=env)
 
@@ -113,15 +126,17 @@ def _damage(good: bytes, how: str) -> bytes:
     raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["garbage", "truncated", "empty", "pickle",
-                                 "wrong shape, valid checksum"])
-def test_damaged_entry_is_never_served_and_is_repaired_for_the_whole_pool(
-        pool, own_redis, how):
+@pytest.mark.parametrize(
+    "how", ["garbage", "truncated", "empty", "pickle", "wrong shape, valid checksum"]
+)
+def test_damaged_entry_is_never_served_and_is_repaired_for_the_whole_pool(pool, own_redis, how):
     first, second = pool
     anchors = anchors_u8(1, seed=60_000 + len(how))
     params = FAST.model_dump()
-    with httpx.Client(base_url=first.url, timeout=120) as a, \
-            httpx.Client(base_url=second.url, timeout=120) as b:
+    with (
+        httpx.Client(base_url=first.url, timeout=120) as a,
+        httpx.Client(base_url=second.url, timeout=120) as b,
+    ):
         _, original = post_positives(a, anchors, params)
         fp = original.model
         name = entry_name(fp, positive_key(fp, FAST, canonical_anchors(anchors)[0], 0))
@@ -147,16 +162,23 @@ def test_damaged_entry_is_never_served_and_is_repaired_for_the_whole_pool(
 # ---------------------------------------------------------------- SIGKILL
 
 
-def test_generator_sigkilled_mid_batch_trainer_fails_over_and_loses_nothing(
-        pool, generator):
+def test_generator_sigkilled_mid_batch_trainer_fails_over_and_loses_nothing(pool, generator):
     doomed, survivor = pool
     batches = 3
-    source = build_source(f"{doomed.url},{survivor.url}", offline_npy=None, token=None,
-                          params=SLOW, timeout_s=120, chunk=B // 2, client_options=CLIENT)
+    source = build_source(
+        f"{doomed.url},{survivor.url}",
+        offline_npy=None,
+        token=None,
+        params=SLOW,
+        timeout_s=120,
+        chunk=B // 2,
+        client_options=CLIENT,
+    )
     # One generous deadline per batch (no rationing): what arrives is what the
     # pool client delivered by itself, failover included.
-    with Prefetcher(source, lookahead=batches, deadline_ms=300_000, strict=False,
-                    wait_share=None) as pf:
+    with Prefetcher(
+        source, lookahead=batches, deadline_ms=300_000, strict=False, wait_share=None
+    ) as pf:
         for b in range(batches):
             pf.submit(b, *_batch(b))
         deadline = time.monotonic() + 120  # bound only: the doomed one gets work at once

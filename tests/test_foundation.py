@@ -21,13 +21,16 @@ ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, env=ENV, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120
+    )
 
 
 def test_proto_does_not_import_torch() -> None:
-    done = run_python("import clsp_positives.proto, sys; assert 'torch' not in sys.modules, "
-                      "sorted(m for m in sys.modules if m.startswith('torch'))")
+    done = run_python(
+        "import clsp_positives.proto, sys; assert 'torch' not in sys.modules, "
+        "sorted(m for m in sys.modules if m.startswith('torch'))"
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -47,13 +50,15 @@ def test_clsp_help_lists_the_registered_commands() -> None:
 
     registered = sorted(typer.main.get_command(app).commands)
     assert "serve" in registered
-    done = subprocess.run([*_clsp(), "--help"], capture_output=True, text=True, env=ENV,
-                          timeout=120)
+    done = subprocess.run(
+        [*_clsp(), "--help"], capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     for name in registered:
         assert name in done.stdout, (name, done.stdout)
-    version = subprocess.run([*_clsp(), "--version"], capture_output=True, text=True, env=ENV,
-                             timeout=120)
+    version = subprocess.run(
+        [*_clsp(), "--version"], capture_output=True, text=True, env=ENV, timeout=120
+    )
     assert version.returncode == 0 and version.stdout.startswith("clsp-positives ")
 
 

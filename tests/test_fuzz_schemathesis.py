@@ -34,8 +34,14 @@ from tests.support.service import anchors_u8, start_service
 
 TOKEN = "fuzz-token-42"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-LIMITS = {"max_cost": 64, "max_anchors": 8, "max_k": 4, "max_body_mb": 0.05,
-          "max_batch": 8, "max_wait_ms": 5}
+LIMITS = {
+    "max_cost": 64,
+    "max_anchors": 8,
+    "max_k": 4,
+    "max_body_mb": 0.05,
+    "max_batch": 8,
+    "max_wait_ms": 5,
+}
 EXAMPLES = 40  # per route and mode: ~1000 requests in all, well under a minute
 
 pytestmark = pytest.mark.slow
@@ -59,8 +65,9 @@ def _safetensors_answer(ctx, response):
 
 def _schema() -> schemathesis.BaseSchema:
     schema = schemathesis.openapi.from_dict(build_openapi())
-    schema.config.generation.update(modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
-                                    max_examples=EXAMPLES)
+    schema.config.generation.update(
+        modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=EXAMPLES
+    )
     return schema
 
 
@@ -79,8 +86,12 @@ def service(tiny_model_dir):
 
 
 SETTINGS = hypothesis.settings(
-    max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-    suppress_health_check=list(hypothesis.HealthCheck))
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
 # positive_data_acceptance expects a 2xx for any body that fits the schema; ours
 # answers 400 when random base64 does not match its shape, which the document allows.
 EXCLUDED = [schemathesis.checks.positive_data_acceptance]
@@ -91,12 +102,12 @@ EXCLUDED = [schemathesis.checks.positive_data_acceptance]
 def test_every_route_conforms_and_never_fails_with_and_without_the_token(case, service):
     """Each generated case goes out twice: with the token (the route's own answers)
     and without it (401 everywhere but the health checks); both must conform."""
-    with_token = case.call_and_validate(base_url=service.url, headers=AUTH,
-                                        excluded_checks=EXCLUDED, timeout=60)
+    with_token = case.call_and_validate(
+        base_url=service.url, headers=AUTH, excluded_checks=EXCLUDED, timeout=60
+    )
     assert with_token.status_code < 500, with_token.text
     SEEN[(case.operation.path, str(case.media_type), with_token.status_code)] += 1
-    without = case.call_and_validate(base_url=service.url, excluded_checks=EXCLUDED,
-                                     timeout=60)
+    without = case.call_and_validate(base_url=service.url, excluded_checks=EXCLUDED, timeout=60)
     if case.operation.path in OPEN_PATHS:
         assert without.status_code == with_token.status_code
     else:
@@ -111,20 +122,27 @@ def mutated_safetensors(draw: st.DrawFn) -> bytes:
     anchors = anchors_u8(n, seed=draw(st.integers(0, 3)))
     body = bytearray(encode_request(anchors, None, {"steps": 2})[0])
     for _ in range(draw(st.integers(1, 4))):
-        op, at = draw(st.sampled_from(["flip", "cut", "insert"])), draw(
-            st.integers(0, len(body) - 1))
+        op, at = (
+            draw(st.sampled_from(["flip", "cut", "insert"])),
+            draw(st.integers(0, len(body) - 1)),
+        )
         if op == "flip":
             body[at] ^= 1 << draw(st.integers(0, 7))
         elif op == "cut":
-            del body[at: at + draw(st.integers(1, 16))]
+            del body[at : at + draw(st.integers(1, 16))]
         else:
             body[at:at] = draw(st.binary(min_size=1, max_size=8))
     return bytes(body)
 
 
 @hypothesis.given(body=mutated_safetensors())
-@hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+)
 def test_mutated_safetensors_bodies_get_conforming_answers(service, body):
     case = api["/v1/positives"]["POST"].Case(body=body, media_type=SAFETENSORS_MEDIA_TYPE)
     response = case.call_and_validate(base_url=service.url, headers=AUTH, timeout=60)
@@ -155,11 +173,14 @@ def test_the_fuzz_reached_both_encodings_and_every_route():
 @pytest.mark.parametrize("path", ["/v1/positives", "/positives"])
 def test_valid_requests_get_conforming_200s_in_both_encodings(service, encoding, accept, path):
     anchors = anchors_u8(2, seed=9000)
-    body, ctype = encode_request(anchors, np.array([0, 3], np.int64),
-                                 {"steps": 2, "eta": 0.1}, encoding=encoding)
+    body, ctype = encode_request(
+        anchors, np.array([0, 3], np.int64), {"steps": 2, "eta": 0.1}, encoding=encoding
+    )
     case = api[path]["POST"].Case(
         body=body if encoding == SAFETENSORS_MEDIA_TYPE else json.loads(body),
-        media_type=ctype, headers={"Accept": accept})
+        media_type=ctype,
+        headers={"Accept": accept},
+    )
     response = case.call_and_validate(base_url=service.url, headers=AUTH, timeout=60)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"][0].startswith(accept)

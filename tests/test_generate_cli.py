@@ -24,9 +24,25 @@ K = 2
 
 
 def args(url: str, out: Path, *extra: str) -> list[str]:
-    return ["generate", "--dataset", "digits", "--size", "16", "--channels", "1",
-            "--positives", url, "--candidates", str(K), "--out", str(out), "--gen-steps", "3",
-            "--no-progress", *extra]
+    return [
+        "generate",
+        "--dataset",
+        "digits",
+        "--size",
+        "16",
+        "--channels",
+        "1",
+        "--positives",
+        url,
+        "--candidates",
+        str(K),
+        "--out",
+        str(out),
+        "--gen-steps",
+        "3",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def check_complete(out: Path) -> None:
@@ -58,15 +74,22 @@ def test_generate_writes_the_paper_layout_and_knows_when_it_is_done(tmp_path: Pa
 def test_generate_resumes_after_being_killed(tmp_path: Path) -> None:
     out = tmp_path / "pos.npy"
     with stub_server(STUB_DELAY_S="0.3") as server:
-        cmd = [sys.executable, "-m", "clsp_positives.cli",
-               *args(server.url, out, "--batch-size", "100", "--in-flight", "1")]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONPATH": str(Path.cwd())},
-                                start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "clsp_positives.cli",
+            *args(server.url, out, "--batch-size", "100", "--in-flight", "1"),
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+            start_new_session=True,
+        )
         try:
             end = time.monotonic() + 60  # bound only
-            while not (progress_path(out).exists()
-                       and np.load(progress_path(out)).sum() >= 300):
+            while not (progress_path(out).exists() and np.load(progress_path(out)).sum() >= 300):
                 assert proc.poll() is None and time.monotonic() < end, "no progress"
                 time.sleep(0.05)
         finally:
@@ -84,8 +107,9 @@ def test_generate_resumes_after_being_killed(tmp_path: Path) -> None:
 
 def test_generate_with_the_pool_down_fails_clearly_and_keeps_progress(tmp_path: Path) -> None:
     out = tmp_path / "pos.npy"
-    result = CliRunner().invoke(app, args(f"http://127.0.0.1:{free_port()}", out,
-                                          "--timeout-s", "2"))
+    result = CliRunner().invoke(
+        app, args(f"http://127.0.0.1:{free_port()}", out, "--timeout-s", "2")
+    )
     assert result.exit_code == 1
     assert "clsp generate:" in result.output and "GET /v1/model" in result.output
     with stub_server(STUB_FAIL_STATUS="503") as server:

@@ -43,8 +43,9 @@ def test_positives_are_keyed_and_deterministic(gen: Generator) -> None:
     assert np.array_equal(out, gen.positives(as_float, cands, PARAMS))
     # positives == sample with the seeds of the keys.
     seeds = np.array([seed_from_key(k) for k in gen.keys(anchors, cands, PARAMS)], np.int64)
-    direct = gen.sample(as_float, seeds, np.full(3, 0.1, np.float32), steps=5, eta=0.1,
-                        method="ddim")
+    direct = gen.sample(
+        as_float, seeds, np.full(3, 0.1, np.float32), steps=5, eta=0.1, method="ddim"
+    )
     assert np.array_equal(out, direct)
     # The positive is not a copy of its anchor.
     assert np.abs(out.astype(float) - anchors).mean() / 255 > 0.05
@@ -59,8 +60,14 @@ def test_alone_equals_inside_a_mixed_batch(gen: Generator) -> None:
     for method in ("ddim", "ddpm"):
         batch = gen.sample(anchors, seeds, weights, steps=4, eta=0.1, method=method)
         for j in (0, 31, 63):
-            alone = gen.sample(anchors[j : j + 1], seeds[j : j + 1], weights[j : j + 1],
-                               steps=4, eta=0.1, method=method)
+            alone = gen.sample(
+                anchors[j : j + 1],
+                seeds[j : j + 1],
+                weights[j : j + 1],
+                steps=4,
+                eta=0.1,
+                method=method,
+            )
             assert np.abs(alone[0].astype(int) - batch[j]).max() <= 1
 
 
@@ -87,8 +94,14 @@ def test_works_from_a_worker_thread(gen: Generator) -> None:
 
 
 def test_empty_batch(gen: Generator) -> None:
-    out = gen.sample(np.zeros((0, 1, 16, 16), np.float32), np.zeros(0, np.int64),
-                     np.zeros(0, np.float32), steps=3, eta=0.0, method="ddim")
+    out = gen.sample(
+        np.zeros((0, 1, 16, 16), np.float32),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.float32),
+        steps=3,
+        eta=0.0,
+        method="ddim",
+    )
     assert out.shape == (0, 16, 16, 1)
 
 

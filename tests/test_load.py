@@ -26,8 +26,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, own_redis):
-    server = start_service(tiny_model_dir, redis_url=own_redis.url, threads=1,
-                           redis_timeout_s=0.2, redis_backoff_max_s=0.5)
+    server = start_service(
+        tiny_model_dir,
+        redis_url=own_redis.url,
+        threads=1,
+        redis_timeout_s=0.2,
+        redis_backoff_max_s=0.5,
+    )
     yield server
     server.stop()
 
@@ -38,9 +43,20 @@ def _drained(url: str) -> None:
 
 
 def test_32_clients_hits_and_misses_no_errors_bounded_memory(service):
-    result = run(run_with_warmup(service.url, pid=service.proc.pid, clients=CLIENTS,
-                                 seconds=10, warmup_s=3, anchors=ANCHORS, params=PARAMS,
-                                 warm_count=8, hit_ratio=0.5), timeout=300)
+    result = run(
+        run_with_warmup(
+            service.url,
+            pid=service.proc.pid,
+            clients=CLIENTS,
+            seconds=10,
+            warmup_s=3,
+            anchors=ANCHORS,
+            params=PARAMS,
+            warm_count=8,
+            hit_ratio=0.5,
+        ),
+        timeout=300,
+    )
     print("\n" + result.table())
     assert not result.failures, result.failures[:10]
     assert set(result.statuses) <= {200, 429}, result.statuses
@@ -60,10 +76,20 @@ def test_redis_killed_and_restarted_under_load(service, own_redis):
     warm = run(warm_sets(service.url, 8, ANCHORS, PARAMS))
     errors0 = scrape(service.url)["clsp_cache_errors_total"]
     kill_at, restart_at = 2.5, 5.5
-    result = run(drive(service.url, clients=CLIENTS, seconds=9, anchors=ANCHORS,
-                       params=PARAMS, warm=warm, seed=3, hits_required=False,
-                       events=[(kill_at, own_redis.kill), (restart_at, own_redis.start)]),
-                 timeout=300)
+    result = run(
+        drive(
+            service.url,
+            clients=CLIENTS,
+            seconds=9,
+            anchors=ANCHORS,
+            params=PARAMS,
+            warm=warm,
+            seed=3,
+            hits_required=False,
+            events=[(kill_at, own_redis.kill), (restart_at, own_redis.start)],
+        ),
+        timeout=300,
+    )
     print("\n" + result.table())
     assert not result.failures, result.failures[:10]
     assert set(result.statuses) <= {200, 429}, result.statuses

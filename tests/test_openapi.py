@@ -60,7 +60,8 @@ RESPONSE = validator("PositivesResponse")
 def test_checked_in_document_is_current() -> None:
     on_disk = json.loads(OPENAPI_PATH.read_text())
     assert build_openapi() == on_disk, (
-        "proto/openapi.json is stale: run `python -m clsp_positives.proto.openapi --write`")
+        "proto/openapi.json is stale: run `python -m clsp_positives.proto.openapi --write`"
+    )
     assert OPENAPI_PATH.read_text() == render(DOC)
 
 
@@ -72,13 +73,16 @@ def test_check_and_write_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert openapi_module.main(["--check"]) == 1
     assert openapi_module.main(["--write"]) == 0
     text = target.read_text()
-    assert text.endswith("}\n") and text == json.dumps(json.loads(text), sort_keys=True,
-                                                       indent=2) + "\n"
+    assert (
+        text.endswith("}\n")
+        and text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
+    )
     assert openapi_module.main(["--check"]) == 0
 
 
-def test_check_reports_staleness_on_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_reports_staleness_on_stderr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     target = tmp_path / "openapi.json"
     target.write_text("{}\n")
     monkeypatch.setattr(openapi_module, "OPENAPI_PATH", target)
@@ -88,8 +92,12 @@ def test_check_reports_staleness_on_stderr(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_check_command_passes_on_the_checked_in_file() -> None:
-    done = subprocess.run([sys.executable, "-m", "clsp_positives.proto.openapi", "--check"],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "clsp_positives.proto.openapi", "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -103,8 +111,15 @@ def test_document_is_valid_openapi_31() -> None:
 
 def test_component_schemas_are_the_models() -> None:
     schemas = DOC["components"]["schemas"]
-    assert set(schemas) == {"PositivesRequest", "PositivesResponse", "Tensor",
-                            "GenerationParams", "ModelInfo", "Health", "ErrorBody"}
+    assert set(schemas) == {
+        "PositivesRequest",
+        "PositivesResponse",
+        "Tensor",
+        "GenerationParams",
+        "ModelInfo",
+        "Health",
+        "ErrorBody",
+    }
     assert schemas["GenerationParams"]["additionalProperties"] is False
     assert schemas["PositivesRequest"]["additionalProperties"] is False
     assert schemas["Tensor"]["properties"]["data"]["pattern"] == BASE64_PATTERN
@@ -137,7 +152,8 @@ def test_positives_routes(path: str) -> None:
     body = op["requestBody"]
     assert body["required"] is True
     assert body["content"][JSON_MEDIA_TYPE]["schema"] == {
-        "$ref": "#/components/schemas/PositivesRequest"}
+        "$ref": "#/components/schemas/PositivesRequest"
+    }
     binary = body["content"][SAFETENSORS_MEDIA_TYPE]["schema"]
     assert (binary["type"], binary["format"]) == ("string", "binary")
     ok = op["responses"]["200"]["content"]
@@ -146,7 +162,8 @@ def test_positives_routes(path: str) -> None:
     for status in ("400", "401", "413", "415", "422", "429", "503"):
         response = op["responses"][status]
         assert response["content"][JSON_MEDIA_TYPE]["schema"] == {
-            "$ref": "#/components/schemas/ErrorBody"}, status
+            "$ref": "#/components/schemas/ErrorBody"
+        }, status
         assert response["description"]
     for status in ("429", "503"):
         retry = op["responses"][status]["headers"]["Retry-After"]
@@ -163,8 +180,14 @@ def test_operation_ids_are_unique() -> None:
 
 def test_other_routes() -> None:
     paths = DOC["paths"]
-    assert set(paths) == {"/v1/positives", "/positives", "/v1/model", "/healthz", "/readyz",
-                          "/metrics"}
+    assert set(paths) == {
+        "/v1/positives",
+        "/positives",
+        "/v1/model",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
     model = paths["/v1/model"]["get"]["responses"]
     assert model["200"]["content"][JSON_MEDIA_TYPE]["schema"]["$ref"].endswith("/ModelInfo")
     readyz = paths["/readyz"]["get"]["responses"]
@@ -194,50 +217,68 @@ def test_what_the_encoder_writes_fits_the_schemas() -> None:
     REQUEST.validate(json.loads(body))
     body, _ = encode_request(anchors, None, {"k": 3}, encoding=JSON_MEDIA_TYPE)
     REQUEST.validate(json.loads(body))
-    answer = ResponseArrays(np.zeros((2, 3, 4, 4, 1), np.uint8), np.ones((2, 3), np.uint8),
-                            "fp", GenerationParams(k=3))
+    answer = ResponseArrays(
+        np.zeros((2, 3, 4, 4, 1), np.uint8), np.ones((2, 3), np.uint8), "fp", GenerationParams(k=3)
+    )
     RESPONSE.validate(json.loads(encode_response(answer, encoding=JSON_MEDIA_TYPE)[0]))
     validator("ErrorBody").validate(ErrorBody(error="x", detail="y").model_dump())
     validator("Health").validate(Health(status="ok").model_dump())
     validator("Health").validate({"status": "ready", "model": "sha256:abc"})
-    info = ModelInfo(fingerprint="f", sample_size=16, channels=1, scheduler={"a": 1},
-                     device="cpu", dtype="float32", max_k=64, max_anchors=1024)
+    info = ModelInfo(
+        fingerprint="f",
+        sample_size=16,
+        channels=1,
+        scheduler={"a": 1},
+        device="cpu",
+        dtype="float32",
+        max_k=64,
+        max_anchors=1024,
+    )
     validator("ModelInfo").validate(info.model_dump(mode="json"))
 
 
 VALID_REQUEST = {
     "anchors": tensor_to_json(np.zeros((1, 2, 2, 1), np.uint8)).model_dump(),
     "candidates": tensor_to_json(np.array([3], np.int64)).model_dump(),
-    "params": {"steps": 5, "eta": 0.0, "method": "ddpm", "k": None, "cache": "bypass",
-               "interpolation_weight": 1},
+    "params": {
+        "steps": 5,
+        "eta": 0.0,
+        "method": "ddpm",
+        "k": None,
+        "cache": "bypass",
+        "interpolation_weight": 1,
+    },
 }
 
 
-@pytest.mark.parametrize("change", [
-    {"extra": 1},
-    {"params": None},
-    {"params": '{"steps": 5}'},
-    {"params": {"seed": 1}},
-    {"params": {"steps": 0}},
-    {"params": {"steps": True}},
-    {"params": {"steps": "5"}},
-    {"params": {"eta": 1.5}},
-    {"params": {"method": "euler"}},
-    {"params": {"k": 0}},
-    {"anchors": None},
-    {"anchors": {"dtype": "int8", "shape": [1], "data": "AA=="}},
-    {"anchors": {"dtype": "uint8", "shape": [-1], "data": ""}},
-    {"anchors": {"dtype": "uint8", "shape": [1] * 9, "data": "AA=="}},
-    {"anchors": {"dtype": "uint8", "shape": [1], "data": "AA"}},
-    {"anchors": {"dtype": "uint8", "shape": [1], "data": "AA==", "order": "C"}},
-    {"anchors": {"dtype": "uint8", "shape": [1]}},
-    {"candidates": []},
-    {"anchors": tensor_to_json(np.zeros((1, 1, 2, 2), np.float64)).model_dump()},
-    {"anchors": tensor_to_json(np.zeros((1, 2, 2), np.uint8)).model_dump()},
-    {"anchors": tensor_to_json(np.zeros((1, 0, 2, 1), np.uint8)).model_dump()},
-    {"candidates": tensor_to_json(np.array([3], np.int32)).model_dump()},
-    {"candidates": tensor_to_json(np.array([[3]], np.int64)).model_dump()},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"extra": 1},
+        {"params": None},
+        {"params": '{"steps": 5}'},
+        {"params": {"seed": 1}},
+        {"params": {"steps": 0}},
+        {"params": {"steps": True}},
+        {"params": {"steps": "5"}},
+        {"params": {"eta": 1.5}},
+        {"params": {"method": "euler"}},
+        {"params": {"k": 0}},
+        {"anchors": None},
+        {"anchors": {"dtype": "int8", "shape": [1], "data": "AA=="}},
+        {"anchors": {"dtype": "uint8", "shape": [-1], "data": ""}},
+        {"anchors": {"dtype": "uint8", "shape": [1] * 9, "data": "AA=="}},
+        {"anchors": {"dtype": "uint8", "shape": [1], "data": "AA"}},
+        {"anchors": {"dtype": "uint8", "shape": [1], "data": "AA==", "order": "C"}},
+        {"anchors": {"dtype": "uint8", "shape": [1]}},
+        {"candidates": []},
+        {"anchors": tensor_to_json(np.zeros((1, 1, 2, 2), np.float64)).model_dump()},
+        {"anchors": tensor_to_json(np.zeros((1, 2, 2), np.uint8)).model_dump()},
+        {"anchors": tensor_to_json(np.zeros((1, 0, 2, 1), np.uint8)).model_dump()},
+        {"candidates": tensor_to_json(np.array([3], np.int32)).model_dump()},
+        {"candidates": tensor_to_json(np.array([[3]], np.int64)).model_dump()},
+    ],
+)
 def test_schema_and_decoder_refuse_the_same_structure(change: dict) -> None:
     body = {**VALID_REQUEST, **change}
     assert not REQUEST.is_valid(body), change
@@ -250,12 +291,23 @@ def test_valid_request_passes_both() -> None:
     assert decode_request(json.dumps(VALID_REQUEST).encode(), JSON_MEDIA_TYPE).num_anchors == 1
 
 
-json_leaf = (st.none() | st.booleans() | st.integers(-3, 10) | st.floats(-2, 2)
-             | st.sampled_from(["", "AA==", "uint8", "int64", "float32", "ddim", "use", "x"]))
-json_any = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=3)
-                        | st.dictionaries(st.sampled_from(["dtype", "shape", "data", "steps",
-                                                           "k", "x"]), inner, max_size=3),
-                        max_leaves=6)
+json_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 10)
+    | st.floats(-2, 2)
+    | st.sampled_from(["", "AA==", "uint8", "int64", "float32", "ddim", "use", "x"])
+)
+json_any = st.recursive(
+    json_leaf,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(["dtype", "shape", "data", "steps", "k", "x"]), inner, max_size=3
+        )
+    ),
+    max_leaves=6,
+)
 
 
 @st.composite

@@ -22,8 +22,7 @@ from clsp_positives.trainer.pool_client import (
 from tests.support.servers import ServerProcess, free_port
 from tests.support.stub_pool import configure, counters, stub_positive, stub_server
 
-FAST = {"health_interval_s": 0.1, "breaker_cooldown_s": 0.3, "backoff_s": 0.01,
-        "timeout_s": 10.0}
+FAST = {"health_interval_s": 0.1, "breaker_cooldown_s": 0.3, "backoff_s": 0.01, "timeout_s": 10.0}
 
 
 @pytest.fixture()
@@ -123,7 +122,8 @@ def test_bearer_token_is_sent_and_a_refusal_says_what_to_fix() -> None:
 
 
 def test_failing_endpoint_fails_over_then_its_circuit_opens_and_recovers(
-        stubs: list[ServerProcess]) -> None:
+    stubs: list[ServerProcess],
+) -> None:
     bad, good = stubs
     configure(bad, fail_status=500)
     opts = {**FAST, "breaker_cooldown_s": 60.0, "breaker_failures": 2}
@@ -138,8 +138,12 @@ def test_failing_endpoint_fails_over_then_its_circuit_opens_and_recovers(
         assert counters(bad)["requests"] == 2
         client.breaker_cooldown_s = 0.2  # the half-open probe becomes due
         configure(bad, fail_status=0)
-        wait_for(lambda: client.positives(anchors(1)) is not None
-                 and state_of(client, bad.url) == "closed", "half-open probe closing")
+        wait_for(
+            lambda: (
+                client.positives(anchors(1)) is not None and state_of(client, bad.url) == "closed"
+            ),
+            "half-open probe closing",
+        )
         for i in range(6):
             client.positives(anchors(1, i))
         assert counters(bad)["requests"] >= 5  # back in the rotation

@@ -28,8 +28,9 @@ def anchors(batch_id: int) -> np.ndarray:
 
 
 def submit(pf: Prefetcher, batch_id: int) -> None:
-    pf.submit(batch_id, anchors(batch_id), np.arange(B) + B * batch_id,
-              np.arange(B, dtype=np.int64) % 4)
+    pf.submit(
+        batch_id, anchors(batch_id), np.arange(B) + B * batch_id, np.arange(B, dtype=np.int64) % 4
+    )
 
 
 def expected(batch_id: int) -> np.ndarray:
@@ -37,16 +38,27 @@ def expected(batch_id: int) -> np.ndarray:
     return np.stack([stub_positive(a, c) for a, c in zip(anchors(batch_id), cands, strict=True)])
 
 
-def pool_prefetcher(urls: str, *, deadline_ms: float, strict: bool = False, chunk: int = 4,
-                    lookahead: int = 2) -> Prefetcher:
-    source = build_source(urls, offline_npy=None, token=None, params=PARAMS, timeout_s=10.0,
-                          chunk=chunk, client_options=FAST)
+def pool_prefetcher(
+    urls: str, *, deadline_ms: float, strict: bool = False, chunk: int = 4, lookahead: int = 2
+) -> Prefetcher:
+    source = build_source(
+        urls,
+        offline_npy=None,
+        token=None,
+        params=PARAMS,
+        timeout_s=10.0,
+        chunk=chunk,
+        client_options=FAST,
+    )
     return Prefetcher(source, lookahead=lookahead, deadline_ms=deadline_ms, strict=strict)
 
 
 def down_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records
-            if r.levelno == logging.WARNING and "generators unavailable" in r.getMessage()]
+    return [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "generators unavailable" in r.getMessage()
+    ]
 
 
 def test_offline_positives_flow_through_and_stats_reset(tmp_path: Path) -> None:
@@ -93,8 +105,10 @@ def test_positives_arrive_and_skipped_batches_are_dropped() -> None:
 
 
 def test_slow_generator_never_holds_a_take_beyond_its_deadline() -> None:
-    with stub_server(STUB_DELAY_S="20") as server, \
-            pool_prefetcher(server.url, deadline_ms=100) as pf:
+    with (
+        stub_server(STUB_DELAY_S="20") as server,
+        pool_prefetcher(server.url, deadline_ms=100) as pf,
+    ):
         for b in range(3):
             submit(pf, b)
         for b in range(3):
@@ -105,8 +119,11 @@ def test_slow_generator_never_holds_a_take_beyond_its_deadline() -> None:
 
 
 def test_slow_generator_masks_only_its_own_part() -> None:
-    with stub_server() as fast, stub_server(STUB_DELAY_S="30") as slow, \
-            pool_prefetcher(f"{fast.url},{slow.url}", deadline_ms=3000, chunk=B // 2) as pf:
+    with (
+        stub_server() as fast,
+        stub_server(STUB_DELAY_S="30") as slow,
+        pool_prefetcher(f"{fast.url},{slow.url}", deadline_ms=3000, chunk=B // 2) as pf,
+    ):
         submit(pf, 0)  # two parts: least-outstanding sends one to each generator
         got = pf.take(0)
         assert got.mask.sum() == B // 2
@@ -126,13 +143,20 @@ def test_wait_bucket_rations_waiting_to_a_share_of_wall_time() -> None:
     bucket.spend(5.0)
     assert bucket.tokens == 0.0
     with pytest.raises(ValueError, match="wait_share"):
-        Prefetcher(build_source(None, offline_npy=None, token=None, params=PARAMS),
-                   lookahead=1, deadline_ms=10, strict=False, wait_share=2.0)
+        Prefetcher(
+            build_source(None, offline_npy=None, token=None, params=PARAMS),
+            lookahead=1,
+            deadline_ms=10,
+            strict=False,
+            wait_share=2.0,
+        )
 
 
 def test_strict_waits_for_a_slow_generator() -> None:
-    with stub_server(STUB_DELAY_S="0.5") as server, \
-            pool_prefetcher(server.url, deadline_ms=0, strict=True) as pf:
+    with (
+        stub_server(STUB_DELAY_S="0.5") as server,
+        pool_prefetcher(server.url, deadline_ms=0, strict=True) as pf,
+    ):
         submit(pf, 0)
         got = pf.take(0)
         assert got.mask.all()
@@ -141,8 +165,7 @@ def test_strict_waits_for_a_slow_generator() -> None:
 
 def test_killed_generator_every_batch_completes_and_the_failover_is_counted() -> None:
     with stub_server(STUB_DELAY_S="0.2") as doomed, stub_server(STUB_DELAY_S="0.2") as survivor:
-        with pool_prefetcher(f"{doomed.url},{survivor.url}", deadline_ms=30_000,
-                             chunk=2) as pf:
+        with pool_prefetcher(f"{doomed.url},{survivor.url}", deadline_ms=30_000, chunk=2) as pf:
             submit(pf, 0)
             submit(pf, 1)
             for b in range(8):
@@ -159,7 +182,8 @@ def test_killed_generator_every_batch_completes_and_the_failover_is_counted() ->
 
 
 def test_all_down_trains_as_baseline_warns_once_per_epoch_and_recovers(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     caplog.set_level(logging.WARNING, logger="clsp_positives.trainer.prefetch")
     first, second = stub_server(), stub_server()
     first.start()
@@ -199,8 +223,10 @@ def test_all_down_trains_as_baseline_warns_once_per_epoch_and_recovers(
 
 
 def test_a_refused_request_is_a_loud_configuration_error() -> None:
-    with stub_server(STUB_TOKEN="t") as server, \
-            pool_prefetcher(server.url, deadline_ms=10_000) as pf:
+    with (
+        stub_server(STUB_TOKEN="t") as server,
+        pool_prefetcher(server.url, deadline_ms=10_000) as pf,
+    ):
         submit(pf, 0)
         with pytest.raises(Exception, match="--token"):
             pf.take(0)
@@ -224,8 +250,20 @@ def test_close_cancels_in_flight_work_and_leaves_no_threads() -> None:
 def test_real_service_positives_flow_then_come_from_its_cache(tiny_model_dir) -> None:
     """The same client against the real `clsp serve` with the tiny model."""
     port = free_port()
-    cmd = [sys.executable, "-m", "clsp_positives.cli", "serve", "--model", str(tiny_model_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--max-wait-ms", "20"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clsp_positives.cli",
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-wait-ms",
+        "20",
+    ]
     env = {"OMP_NUM_THREADS": "1", "CLSP_WARMUP_STEPS": "1", "CLSP_LOG_LEVEL": "warning"}
     with ServerProcess(cmd, port, health_path="/readyz", env=env).start(timeout=300) as server:
         with pool_prefetcher(server.url, deadline_ms=0, strict=True) as pf:

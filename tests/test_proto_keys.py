@@ -28,8 +28,13 @@ def image(seed: int = 0, shape: tuple[int, ...] = (2, 5, 4, 3)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-def key_of(anchors: np.ndarray, *, params: GenerationParams = PARAMS, fingerprint: str = FP,
-           candidate: int = 0) -> bytes:
+def key_of(
+    anchors: np.ndarray,
+    *,
+    params: GenerationParams = PARAMS,
+    fingerprint: str = FP,
+    candidate: int = 0,
+) -> bytes:
     return positive_keys(fingerprint, params, anchors, [candidate] * len(anchors))[0]
 
 
@@ -51,8 +56,12 @@ def test_unit_to_uint8_rounds_and_clips() -> None:
 
 
 @PROPERTY
-@given(images=hnp.arrays(np.uint8, st.tuples(st.integers(1, 3), st.integers(1, 5),
-                                              st.integers(1, 5), st.integers(1, 3))))
+@given(
+    images=hnp.arrays(
+        np.uint8,
+        st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 3)),
+    )
+)
 def test_uint8_hwc_and_float32_chw_give_the_same_key(images: np.ndarray) -> None:
     chw = uint8_to_unit(images).transpose(0, 3, 1, 2)  # a strided view: canonicalised anyway
     by_formula = ((images.astype(np.float64) - 127.5) / 127.5).astype(np.float32)
@@ -68,7 +77,8 @@ def test_uint8_hwc_and_float32_chw_give_the_same_key(images: np.ndarray) -> None
 @given(anchors=hnp.arrays(np.float16, (2, 1, 3, 3), elements=st.floats(-1, 1, width=16)))
 def test_float16_and_float32_forms_give_the_same_key(anchors: np.ndarray) -> None:
     assert positive_keys(FP, PARAMS, anchors, [0, 1]) == positive_keys(
-        FP, PARAMS, anchors.astype(np.float32), [0, 1])
+        FP, PARAMS, anchors.astype(np.float32), [0, 1]
+    )
 
 
 def test_canonical_anchors_layout_and_errors() -> None:
@@ -88,19 +98,23 @@ def test_negative_zero_keys_like_zero() -> None:
     assert key_of(zeros) == key_of(-zeros)
     weight0 = GenerationParams(interpolation_weight=0.0)
     assert key_of(zeros, params=weight0) == key_of(
-        zeros, params=GenerationParams(interpolation_weight=-0.0))
+        zeros, params=GenerationParams(interpolation_weight=-0.0)
+    )
 
 
 # ------------------------------------------------------ what changes a key
 
 
-@pytest.mark.parametrize("change", [
-    {"interpolation_weight": 0.2},
-    {"interpolation_weight": 0.1 + 1e-12},
-    {"steps": 99},
-    {"eta": 0.0},
-    {"method": "ddpm"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"interpolation_weight": 0.2},
+        {"interpolation_weight": 0.1 + 1e-12},
+        {"steps": 99},
+        {"eta": 0.0},
+        {"method": "ddpm"},
+    ],
+)
 def test_every_generation_field_changes_the_key(change: dict) -> None:
     assert key_of(image()) != key_of(image(), params=GenerationParams(**change))
 
@@ -123,9 +137,12 @@ def test_k_cache_and_ddpm_eta_do_not_change_the_key() -> None:
         assert key_of(image(), params=GenerationParams(cache=cache)) == base
     ddpm = GenerationParams(method="ddpm", eta=0.0)
     assert key_of(image(), params=GenerationParams(method="ddpm", eta=0.9)) == key_of(
-        image(), params=ddpm)
-    assert GenerationParams(interpolation_weight=1).canonical() == GenerationParams(
-        interpolation_weight=1.0).canonical()
+        image(), params=ddpm
+    )
+    assert (
+        GenerationParams(interpolation_weight=1).canonical()
+        == GenerationParams(interpolation_weight=1.0).canonical()
+    )
 
 
 def test_keys_of_a_batch_are_the_keys_of_its_items() -> None:

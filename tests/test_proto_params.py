@@ -29,14 +29,27 @@ def test_defaults_are_the_papers() -> None:
     p = parse_params(None)
     assert p == parse_params({}) == parse_params("{}") == parse_params(b"{}")
     assert (p.interpolation_weight, p.steps, p.eta, p.method, p.k, p.cache) == (
-        0.1, 100, 0.1, "ddim", None, "use")
+        0.1,
+        100,
+        0.1,
+        "ddim",
+        None,
+        "use",
+    )
 
 
-@pytest.mark.parametrize("field,low,high,step", [
-    ("interpolation_weight", 0, 1, 1e-9), ("eta", 0, 1, 1e-9), ("steps", 1, 1000, 1),
-    ("k", 1, 64, 1)])
-def test_range_ends_are_accepted_and_beyond_is_refused(field: str, low: int, high: int,
-                                                        step: float) -> None:
+@pytest.mark.parametrize(
+    "field,low,high,step",
+    [
+        ("interpolation_weight", 0, 1, 1e-9),
+        ("eta", 0, 1, 1e-9),
+        ("steps", 1, 1000, 1),
+        ("k", 1, 64, 1),
+    ],
+)
+def test_range_ends_are_accepted_and_beyond_is_refused(
+    field: str, low: int, high: int, step: float
+) -> None:
     assert getattr(parse_params({field: low}), field) == low
     assert getattr(parse_params({field: high}), field) == high
     refused({field: low - step}, f"{field}: Input should be greater than or equal to {low}")
@@ -46,22 +59,25 @@ def test_range_ends_are_accepted_and_beyond_is_refused(field: str, low: int, hig
         refused({field: high + step}, f"{field}: Input should be less than or equal to {high}")
 
 
-@pytest.mark.parametrize("raw,words", [
-    ({"steps": True}, ("steps: Input should be a valid integer", "(got True)")),
-    ({"steps": "5"}, ("steps: Input should be a valid integer", "(got '5')")),
-    ({"steps": 5.5}, ("steps: Input should be a valid integer", "(got 5.5)")),
-    ({"steps": None}, ("steps",)),
-    ({"k": True}, ("k",)),
-    ({"k": 2.5}, ("k: Input should be a valid integer",)),
-    ({"k": 0.0}, ("k: Input should be greater than or equal to 1",)),
-    ({"steps": 1e300}, ("steps: Input should be less than or equal to 1000", "...)")),
-    ({"eta": "0.1"}, ("eta: Input should be a valid number",)),
-    ({"eta": True}, ("eta",)),
-    ({"interpolation_weight": float("nan")}, ("interpolation_weight", "finite")),
-    ({"interpolation_weight": float("inf")}, ("interpolation_weight",)),
-    ({"method": "DDIM"}, ("method: Input should be 'ddim' or 'ddpm'",)),
-    ({"cache": "off"}, ("cache: Input should be 'use', 'refresh' or 'bypass'",)),
-])
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        ({"steps": True}, ("steps: Input should be a valid integer", "(got True)")),
+        ({"steps": "5"}, ("steps: Input should be a valid integer", "(got '5')")),
+        ({"steps": 5.5}, ("steps: Input should be a valid integer", "(got 5.5)")),
+        ({"steps": None}, ("steps",)),
+        ({"k": True}, ("k",)),
+        ({"k": 2.5}, ("k: Input should be a valid integer",)),
+        ({"k": 0.0}, ("k: Input should be greater than or equal to 1",)),
+        ({"steps": 1e300}, ("steps: Input should be less than or equal to 1000", "...)")),
+        ({"eta": "0.1"}, ("eta: Input should be a valid number",)),
+        ({"eta": True}, ("eta",)),
+        ({"interpolation_weight": float("nan")}, ("interpolation_weight", "finite")),
+        ({"interpolation_weight": float("inf")}, ("interpolation_weight",)),
+        ({"method": "DDIM"}, ("method: Input should be 'ddim' or 'ddpm'",)),
+        ({"cache": "off"}, ("cache: Input should be 'use', 'refresh' or 'bypass'",)),
+    ],
+)
 def test_types_are_strict(raw: dict, words: tuple[str, ...]) -> None:
     refused(raw, *words)
 
@@ -98,14 +114,17 @@ def test_max_k_comes_from_the_caller() -> None:
         GenerationParams.model_validate({"k": 100})
 
 
-@pytest.mark.parametrize("raw,words", [
-    ("{steps: 5}", ("params is not valid JSON",)),
-    (b"\xff\xfe", ("params is not valid JSON",)),
-    ('{"steps": ' + "1" * 5000 + "}", ("params is not valid JSON",)),
-    ("[" * 100000, ("params is not valid JSON",)),
-    ("[1, 2]", ("params must be a JSON object, got list",)),
-    (5, ("params must be a JSON object, got int",)),
-])
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        ("{steps: 5}", ("params is not valid JSON",)),
+        (b"\xff\xfe", ("params is not valid JSON",)),
+        ('{"steps": ' + "1" * 5000 + "}", ("params is not valid JSON",)),
+        ("[" * 100000, ("params is not valid JSON",)),
+        ("[1, 2]", ("params must be a JSON object, got list",)),
+        (5, ("params must be a JSON object, got int",)),
+    ],
+)
 def test_raw_params_that_are_not_an_object(raw: object, words: tuple[str, ...]) -> None:
     refused(raw, *words)
 
@@ -117,9 +136,12 @@ def test_params_are_frozen() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(raw=st.dictionaries(
-    st.sampled_from(["interpolation_weight", "steps", "eta", "method", "k", "cache", "x"]),
-    st.none() | st.booleans() | st.integers(-5, 2000) | st.floats() | st.text(max_size=6)))
+@given(
+    raw=st.dictionaries(
+        st.sampled_from(["interpolation_weight", "steps", "eta", "method", "k", "cache", "x"]),
+        st.none() | st.booleans() | st.integers(-5, 2000) | st.floats() | st.text(max_size=6),
+    )
+)
 def test_parse_params_either_validates_or_explains(raw: dict) -> None:
     try:
         p = parse_params(raw)
@@ -132,8 +154,12 @@ def test_parse_params_either_validates_or_explains(raw: dict) -> None:
 
 def test_canonical_and_group() -> None:
     ddim = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5)
-    assert json.loads(ddim.canonical()) == {"interpolation_weight": 0.5, "method": "ddim",
-                                            "steps": 50, "eta": 0.3}
+    assert json.loads(ddim.canonical()) == {
+        "interpolation_weight": 0.5,
+        "method": "ddim",
+        "steps": 50,
+        "eta": 0.3,
+    }
     assert ddim.group() == (50, 0.3, "ddim")
     # the weight may differ within one sampler call; ddpm ignores eta
     assert GenerationParams(steps=50, eta=0.3, interpolation_weight=0.9).group() == ddim.group()

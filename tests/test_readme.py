@@ -29,8 +29,11 @@ DOCUMENTED_URL = "http://localhost:8000"
 def readme_example(name: str) -> str:
     """The body of the fenced block marked ``# readme-example: NAME``."""
     text = README.read_text()
-    found = [body for body in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)
-             if re.search(rf"^# readme-example: {re.escape(name)}$", body, flags=re.M)]
+    found = [
+        body
+        for body in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)
+        if re.search(rf"^# readme-example: {re.escape(name)}$", body, flags=re.M)
+    ]
     assert len(found) == 1, f"README.md needs exactly one block marked '# readme-example: {name}'"
     assert DOCUMENTED_URL in found[0], f"the {name} example should talk to {DOCUMENTED_URL}"
     return found[0]
@@ -39,8 +42,20 @@ def readme_example(name: str) -> str:
 @pytest.fixture(scope="module")
 def service(tiny_model_dir: Path) -> Iterator[ServerProcess]:
     port = free_port()
-    cmd = [sys.executable, "-m", "clsp_positives.cli", "serve", "--model", str(tiny_model_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "clsp_positives.cli",
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     with ServerProcess(cmd, port, health_path="/readyz") as server:
         yield server
 
@@ -55,11 +70,18 @@ def _decoded(tensor: dict, dtype: str, shape: list[int]) -> bytes:
 
 def test_curl_example_returns_positives(service: ServerProcess, tmp_path: Path) -> None:
     if shutil.which("curl") is None:
-        pytest.fail("curl is not installed: the README's API example needs it "
-                    "(Debian: apt-get install -y curl)")
+        pytest.fail(
+            "curl is not installed: the README's API example needs it "
+            "(Debian: apt-get install -y curl)"
+        )
     script = readme_example("curl").replace(DOCUMENTED_URL, service.url)
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     assert "HTTP 200" in done.stdout.splitlines()
     reply = json.loads((tmp_path / "positives.json").read_text())
@@ -74,8 +96,9 @@ def test_curl_example_returns_positives(service: ServerProcess, tmp_path: Path) 
 
 def test_python_example_returns_positives(service: ServerProcess, tmp_path: Path) -> None:
     script = readme_example("python").replace(DOCUMENTED_URL, service.url)
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
     assert done.stdout.startswith("(8, 4, 16, 16, 1) ")
 
@@ -92,7 +115,9 @@ def test_configuration_reference_lists_every_flag(command: list[str]) -> None:
     for part in command:
         cli = cli.commands[part]  # type: ignore[attr-defined]
     text = README.read_text()
-    missing = [p.opts[0] for p in cli.params
-               if isinstance(p, click.Option) and p.opts[0] != "--help"
-               and f"`{p.opts[0]}`" not in text]
+    missing = [
+        p.opts[0]
+        for p in cli.params
+        if isinstance(p, click.Option) and p.opts[0] != "--help" and f"`{p.opts[0]}`" not in text
+    ]
     assert not missing, f"README.md's reference lacks these clsp {command[0]} flags: {missing}"

@@ -76,7 +76,10 @@ def test_ddim_unscaled_random_unet_matches_over_10_steps(raw_sampler: CLSPSample
     plan = sampling_plan(cfg, method="ddim", steps=10, eta=0.0)
     got = raw_sampler(plan, anchors, seeds, torch.ones(4))
     want = _diffusers_loop(
-        raw_sampler.split.unet, DDIMScheduler.from_config(cfg), seeds, 10,
+        raw_sampler.split.unet,
+        DDIMScheduler.from_config(cfg),
+        seeds,
+        10,
         lambda i, s: {"eta": 0.0},
     )
     assert (got - want).abs().max().item() <= 1e-4

@@ -42,9 +42,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, redis_server):
-    server = start_service(tiny_model_dir, redis_url=redis_server.url, token=TOKEN,
-                           max_batch=64, max_wait_ms=50, max_anchors=MAX_ANCHORS,
-                           max_body_mb=MAX_BODY_MB, max_cost=MAX_COST, max_k=8)
+    server = start_service(
+        tiny_model_dir,
+        redis_url=redis_server.url,
+        token=TOKEN,
+        max_batch=64,
+        max_wait_ms=50,
+        max_anchors=MAX_ANCHORS,
+        max_body_mb=MAX_BODY_MB,
+        max_cost=MAX_COST,
+        max_k=8,
+    )
     yield server
     server.stop()
 
@@ -83,8 +91,9 @@ def test_concurrent_clients_share_batches_and_match_one_by_one_generation(servic
 
     async def main():
         async with httpx.AsyncClient(base_url=service.url, timeout=120) as c:
-            return await asyncio.gather(*(apost_positives(c, a, PARAMS, token=TOKEN)
-                                          for a in anchors))
+            return await asyncio.gather(
+                *(apost_positives(c, a, PARAMS, token=TOKEN) for a in anchors)
+            )
 
     results = run(main())
     after = scrape(service.url, TOKEN)
@@ -98,15 +107,16 @@ def test_concurrent_clients_share_batches_and_match_one_by_one_generation(servic
     batches = after["clsp_batch_size_count"] - before["clsp_batch_size_count"]
     small = after["clsp_batch_size_bucket{le=8.0}"] - before["clsp_batch_size_bucket{le=8.0}"]
     assert batches >= 1 and small < batches, "no batch held more than one request's items"
-    assert after["clsp_positives_generated_total"] - before["clsp_positives_generated_total"] \
+    assert (
+        after["clsp_positives_generated_total"] - before["clsp_positives_generated_total"]
         == clients * per_client
+    )
     # DESIGN §2: the same key gives the same positive however it was batched: all 128
     # in one direct call, and one anchor of every fourth client truly alone (each
     # single call costs as much as a batch on a CPU, so not all 128).
     params = GenerationParams(**PARAMS)
     served = np.concatenate([reply.positives for _, reply in results])
-    direct = generator.positives(np.concatenate(anchors), np.zeros(len(served), np.int64),
-                                 params)
+    direct = generator.positives(np.concatenate(anchors), np.zeros(len(served), np.int64), params)
     assert _levels_apart(direct, served) <= 1
     for c in range(0, clients, 4):
         a, reply, i = anchors[c], results[c][1], c % per_client
@@ -136,8 +146,7 @@ def test_repeated_request_is_all_hits_byte_identical_without_sampler_call(servic
     assert after["clsp_cache_hits_total"] - before["clsp_cache_hits_total"] == 6
 
 
-def test_second_instance_sharing_redis_hits_the_first_ones_entries(service, second_service,
-                                                                   client):
+def test_second_instance_sharing_redis_hits_the_first_ones_entries(service, second_service, client):
     anchors = anchors_u8(5, seed=300)
     _, a = post_positives(client, anchors, PARAMS, token=TOKEN)
     with httpx.Client(base_url=second_service.url, timeout=60) as other:
@@ -157,8 +166,7 @@ def test_entries_are_namespaced_by_fingerprint(service, client, redis_server):
     assert entry_name(fp, key).startswith(f"clsp:{fp}:")
 
 
-def test_refresh_regenerates_and_bypass_neither_reads_nor_writes(service, client,
-                                                                 redis_server):
+def test_refresh_regenerates_and_bypass_neither_reads_nor_writes(service, client, redis_server):
     anchors = anchors_u8(3, seed=400)
     _, first = post_positives(client, anchors, PARAMS, token=TOKEN)
     _, refreshed = post_positives(client, anchors, {**PARAMS, "cache": "refresh"}, token=TOKEN)
@@ -184,8 +192,9 @@ def test_k_candidates_and_the_unversioned_alias(service, client):
     assert k3.positives.shape == (2, 3, 16, 16, 1) and k3.cache_hit.shape == (2, 3)
     assert k3.params.k == 3
     # Candidate 2 of anchor 1, asked for alone, is the same positive (now from the cache).
-    _, one = post_positives(client, anchors[1:], PARAMS, token=TOKEN,
-                            candidates=np.array([2], np.int64))
+    _, one = post_positives(
+        client, anchors[1:], PARAMS, token=TOKEN, candidates=np.array([2], np.int64)
+    )
     assert one.cache_hit.tolist() == [1]
     assert np.array_equal(one.positives[0], k3.positives[1, 2])
     # Different candidates of one anchor differ.
@@ -194,14 +203,14 @@ def test_k_candidates_and_the_unversioned_alias(service, client):
 
 def test_json_encoding_and_accept_negotiation(service, client):
     anchors = anchors_u8(2, seed=600)
-    r, via_json = post_positives(client, anchors, PARAMS, token=TOKEN,
-                                 encoding="application/json")
+    r, via_json = post_positives(client, anchors, PARAMS, token=TOKEN, encoding="application/json")
     assert r.headers["content-type"].startswith("application/json")
     body = r.json()
     assert set(body) >= {"positives", "cache_hit", "model", "params"}
     assert body["params"]["steps"] == STEPS and body["params"]["method"] == "ddim"
-    r2, via_st = post_positives(client, anchors, PARAMS, token=TOKEN,
-                                encoding="application/json", accept=ST)
+    r2, via_st = post_positives(
+        client, anchors, PARAMS, token=TOKEN, encoding="application/json", accept=ST
+    )
     assert r2.headers["content-type"] == ST
     assert np.array_equal(via_json.positives, via_st.positives)
     # float32 [N, C, H, W] anchors address the same positives as uint8 pixels.
@@ -222,28 +231,45 @@ def test_model_health_docs_openapi_and_metrics_routes(service, client):
     from clsp_positives.proto.openapi import build_openapi
 
     assert client.get("/openapi.json", headers=auth(TOKEN)).json() == json.loads(
-        json.dumps(build_openapi()))
+        json.dumps(build_openapi())
+    )
     docs = client.get("/docs", headers=auth(TOKEN))
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     text = client.get("/metrics", headers=auth(TOKEN)).text
-    for name in ("clsp_requests_total", "clsp_request_seconds_bucket", "clsp_queue_depth",
-                 "clsp_batch_size_bucket", "clsp_sampler_seconds_bucket",
-                 "clsp_positives_generated_total", "clsp_cache_hits_total",
-                 "clsp_cache_misses_total", "clsp_cache_errors_total",
-                 "clsp_deduplicated_items_total"):
+    for name in (
+        "clsp_requests_total",
+        "clsp_request_seconds_bucket",
+        "clsp_queue_depth",
+        "clsp_batch_size_bucket",
+        "clsp_sampler_seconds_bucket",
+        "clsp_positives_generated_total",
+        "clsp_cache_hits_total",
+        "clsp_cache_misses_total",
+        "clsp_cache_errors_total",
+        "clsp_deduplicated_items_total",
+    ):
         assert name in text, name
     m = scrape(service.url, TOKEN)
-    assert total(m, 'clsp_requests_total{route=/v1/model,status=200}') >= 1
+    assert total(m, "clsp_requests_total{route=/v1/model,status=200}") >= 1
 
 
 # ----------------------------------------------------------------------- auth
 
 
-@pytest.mark.parametrize("path,method", [("/v1/positives", "POST"), ("/positives", "POST"),
-                                         ("/v1/model", "GET"), ("/metrics", "GET"),
-                                         ("/docs", "GET"), ("/openapi.json", "GET")])
-@pytest.mark.parametrize("header", [None, "Bearer wrong-token", "Basic dGVzdA==",
-                                    f"bearer {TOKEN}x"])
+@pytest.mark.parametrize(
+    "path,method",
+    [
+        ("/v1/positives", "POST"),
+        ("/positives", "POST"),
+        ("/v1/model", "GET"),
+        ("/metrics", "GET"),
+        ("/docs", "GET"),
+        ("/openapi.json", "GET"),
+    ],
+)
+@pytest.mark.parametrize(
+    "header", [None, "Bearer wrong-token", "Basic dGVzdA==", f"bearer {TOKEN}x"]
+)
 def test_every_route_but_health_needs_the_token(service, client, path, method, header):
     r = client.request(method, path, headers={"Authorization": header} if header else {})
     assert r.status_code == 401
@@ -265,8 +291,11 @@ def _st(tensors, params=None, raw_meta=None) -> bytes:
 
 
 def _json_tensor(arr: np.ndarray) -> dict:
-    return {"dtype": arr.dtype.name, "shape": list(arr.shape),
-            "data": base64.b64encode(arr.tobytes()).decode()}
+    return {
+        "dtype": arr.dtype.name,
+        "shape": list(arr.shape),
+        "data": base64.b64encode(arr.tobytes()).decode(),
+    }
 
 
 def _good_st() -> bytes:
@@ -286,56 +315,102 @@ def _inf() -> np.ndarray:
 
 
 BAD_INPUTS = {
-    "wrong dtype": (lambda: _st({"anchors": np.zeros((1, 16, 16, 1), np.int32)}), ST,
-                    400, "dtype"),
+    "wrong dtype": (lambda: _st({"anchors": np.zeros((1, 16, 16, 1), np.int32)}), ST, 400, "dtype"),
     "wrong rank": (lambda: _st({"anchors": np.zeros((16, 16, 1), np.uint8)}), ST, 400, "rank"),
-    "wrong channels": (lambda: _st({"anchors": np.zeros((1, 16, 16, 3), np.uint8)}), ST,
-                       400, "channels"),
-    "wrong size": (lambda: _st({"anchors": np.zeros((1, 8, 8, 1), np.uint8)}), ST, 400,
-                   "16x16"),
+    "wrong channels": (
+        lambda: _st({"anchors": np.zeros((1, 16, 16, 3), np.uint8)}),
+        ST,
+        400,
+        "channels",
+    ),
+    "wrong size": (lambda: _st({"anchors": np.zeros((1, 8, 8, 1), np.uint8)}), ST, 400, "16x16"),
     "nan": (lambda: _st({"anchors": _nan()}), ST, 400, "NaN"),
     "inf": (lambda: _st({"anchors": _inf()}), ST, 400, "Inf"),
-    "out of range": (lambda: _st({"anchors": np.full((1, 1, 16, 16), 1.5, np.float32)}), ST,
-                     400, "[-1, 1]"),
-    "zero anchors": (lambda: _st({"anchors": np.zeros((0, 16, 16, 1), np.uint8)}), ST, 400,
-                     "anchor"),
-    "too many anchors": (lambda: _st({"anchors": np.zeros((MAX_ANCHORS + 1, 16, 16, 1),
-                                                          np.uint8)}), ST, 413, "limit"),
+    "out of range": (
+        lambda: _st({"anchors": np.full((1, 1, 16, 16), 1.5, np.float32)}),
+        ST,
+        400,
+        "[-1, 1]",
+    ),
+    "zero anchors": (
+        lambda: _st({"anchors": np.zeros((0, 16, 16, 1), np.uint8)}),
+        ST,
+        400,
+        "anchor",
+    ),
+    "too many anchors": (
+        lambda: _st({"anchors": np.zeros((MAX_ANCHORS + 1, 16, 16, 1), np.uint8)}),
+        ST,
+        413,
+        "limit",
+    ),
     "body too large": (lambda: b"\0" * int(MAX_BODY_MB * 1024 * 1024 + 1), ST, 413, "limit"),
     "truncated safetensors": (lambda: _good_st()[:-7], ST, 400, "truncated"),
-    "garbage safetensors": (lambda: (16).to_bytes(8, "little") + b"\xffnot a header!!!" * 4, ST,
-                            400, "safetensors"),
-    "bad base64": (lambda: json.dumps({"anchors": {"dtype": "uint8", "shape": [1, 16, 16, 1],
-                                                   "data": "!!not base64!!"}}).encode(),
-                   "application/json", 400, "base64"),
+    "garbage safetensors": (
+        lambda: (16).to_bytes(8, "little") + b"\xffnot a header!!!" * 4,
+        ST,
+        400,
+        "safetensors",
+    ),
+    "bad base64": (
+        lambda: json.dumps(
+            {"anchors": {"dtype": "uint8", "shape": [1, 16, 16, 1], "data": "!!not base64!!"}}
+        ).encode(),
+        "application/json",
+        400,
+        "base64",
+    ),
     "not json": (lambda: b"{anchors:", "application/json", 400, "JSON"),
-    "unknown param": (lambda: _st({"anchors": anchors_u8(1, 2)}, {"stepz": 3}), ST, 422,
-                      "stepz"),
-    "steps out of range": (lambda: _st({"anchors": anchors_u8(1, 2)}, {"steps": 0}), ST, 422,
-                           "steps"),
-    "weight out of range": (lambda: _st({"anchors": anchors_u8(1, 2)},
-                                        {"interpolation_weight": 2.0}), ST, 422,
-                            "interpolation_weight"),
-    "bad method": (lambda: _st({"anchors": anchors_u8(1, 2)}, {"method": "euler"}), ST, 422,
-                   "method"),
-    "k above limit": (lambda: _st({"anchors": anchors_u8(1, 2)}, {"k": 9, "steps": 2}), ST,
-                      422, "k"),
-    "candidate out of range": (lambda: _st({"anchors": anchors_u8(1, 2),
-                                            "candidates": np.array([8], np.int64)}), ST, 400,
-                               "candidate"),
-    "cost too high": (lambda: _st({"anchors": anchors_u8(8, 2)}, {"steps": 1000}), ST, 413,
-                      "steps"),
+    "unknown param": (lambda: _st({"anchors": anchors_u8(1, 2)}, {"stepz": 3}), ST, 422, "stepz"),
+    "steps out of range": (
+        lambda: _st({"anchors": anchors_u8(1, 2)}, {"steps": 0}),
+        ST,
+        422,
+        "steps",
+    ),
+    "weight out of range": (
+        lambda: _st({"anchors": anchors_u8(1, 2)}, {"interpolation_weight": 2.0}),
+        ST,
+        422,
+        "interpolation_weight",
+    ),
+    "bad method": (
+        lambda: _st({"anchors": anchors_u8(1, 2)}, {"method": "euler"}),
+        ST,
+        422,
+        "method",
+    ),
+    "k above limit": (
+        lambda: _st({"anchors": anchors_u8(1, 2)}, {"k": 9, "steps": 2}),
+        ST,
+        422,
+        "k",
+    ),
+    "candidate out of range": (
+        lambda: _st({"anchors": anchors_u8(1, 2), "candidates": np.array([8], np.int64)}),
+        ST,
+        400,
+        "candidate",
+    ),
+    "cost too high": (
+        lambda: _st({"anchors": anchors_u8(8, 2)}, {"steps": 1000}),
+        ST,
+        413,
+        "steps",
+    ),
     "unsupported content type": (lambda: b"hello", "text/plain", 415, "content type"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gets_a_4xx_naming_what_to_fix_and_never_touches_the_cache(
-        service, client, redis_server, case):
+    service, client, redis_server, case
+):
     make_body, ctype, status, fragment = BAD_INPUTS[case]
     keys_before = redis_server.command("DBSIZE")
-    r = client.post("/v1/positives", content=make_body(),
-                    headers={"Content-Type": ctype, **auth(TOKEN)})
+    r = client.post(
+        "/v1/positives", content=make_body(), headers={"Content-Type": ctype, **auth(TOKEN)}
+    )
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error", "detail"}
@@ -350,15 +425,15 @@ def test_framework_errors_use_the_same_error_body(client):
     wrong_method = client.get("/v1/positives", headers=auth(TOKEN))
     assert wrong_method.status_code == 405
     assert wrong_method.json()["error"] == "method_not_allowed"
-    bad_length = client.post("/v1/positives", content=b"",
-                             headers={"Content-Type": ST, **auth(TOKEN)})
+    bad_length = client.post(
+        "/v1/positives", content=b"", headers={"Content-Type": ST, **auth(TOKEN)}
+    )
     assert bad_length.status_code == 400 and "error" in bad_length.json()
 
 
 def test_client_side_encode_request_default_answers(client):
     """The plain client path (encode_request with defaults but few steps) works end to end."""
     body, ctype = encode_request(anchors_u8(1, seed=700), None, {"steps": 2})
-    r = client.post("/v1/positives", content=body, headers={"Content-Type": ctype,
-                                                            **auth(TOKEN)})
+    r = client.post("/v1/positives", content=body, headers={"Content-Type": ctype, **auth(TOKEN)})
     reply = decode_response(r.content, r.headers["content-type"])
     assert reply.params.steps == 2 and reply.params.interpolation_weight == 0.1

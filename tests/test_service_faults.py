@@ -35,12 +35,33 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def service(tiny_model_dir, own_redis):
     port = free_port()
-    cmd = [sys.executable, "-m", "clsp_positives.cli", "serve", "--model", str(tiny_model_dir),
-           "--redis", own_redis.url, "--port", str(port), "--max-batch", "16",
-           "--max-wait-ms", "20", "--max-queue", str(MAX_QUEUE), "--log-json",
-           "--log-level", "info"]
-    env = {"OMP_NUM_THREADS": "1", "CLSP_REDIS_TIMEOUT_S": "0.2",
-           "CLSP_REDIS_BACKOFF_MAX_S": "0.5", "CLSP_WARMUP_STEPS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "clsp_positives.cli",
+        "serve",
+        "--model",
+        str(tiny_model_dir),
+        "--redis",
+        own_redis.url,
+        "--port",
+        str(port),
+        "--max-batch",
+        "16",
+        "--max-wait-ms",
+        "20",
+        "--max-queue",
+        str(MAX_QUEUE),
+        "--log-json",
+        "--log-level",
+        "info",
+    ]
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "CLSP_REDIS_TIMEOUT_S": "0.2",
+        "CLSP_REDIS_BACKOFF_MAX_S": "0.5",
+        "CLSP_WARMUP_STEPS": "1",
+    }
     server = ServerProcess(cmd, port, health_path="/readyz", env=env).start(timeout=180)
     yield server
     server.stop()
@@ -66,8 +87,7 @@ def _close(a: np.ndarray, b: np.ndarray) -> bool:
     return int(np.abs(a.astype(int) - b.astype(int)).max()) <= 1
 
 
-def test_redis_killed_mid_test_serves_uncached_then_caching_resumes(service, client,
-                                                                   own_redis):
+def test_redis_killed_mid_test_serves_uncached_then_caching_resumes(service, client, own_redis):
     anchors = anchors_u8(4, seed=1000)
     _, before = post_positives(client, anchors, PARAMS)
     errors0 = scrape(service.url)["clsp_cache_errors_total"]
@@ -77,8 +97,9 @@ def test_redis_killed_mid_test_serves_uncached_then_caching_resumes(service, cli
             r, reply = post_positives(client, anchors_u8(4, seed=seed), PARAMS)
             assert r.status_code == 200, r.text
             assert reply.cache_hit.tolist() == [0] * 4
-        assert _close(reply.positives, post_positives(client, anchors_u8(4, 1001), PARAMS)[1]
-                      .positives)
+        assert _close(
+            reply.positives, post_positives(client, anchors_u8(4, 1001), PARAMS)[1].positives
+        )
         assert scrape(service.url)["clsp_cache_errors_total"] > errors0
     finally:
         own_redis.start()  # an empty Redis on the same port, as after a crash
@@ -98,8 +119,9 @@ def test_corrupt_entry_is_detected_regenerated_and_overwritten(service, client, 
     anchors = anchors_u8(1, seed=1100)
     _, original = post_positives(client, anchors, PARAMS)
     fp = client.get("/v1/model").json()["fingerprint"]
-    name = entry_name(fp, positive_key(fp, GenerationParams(**PARAMS),
-                                       canonical_anchors(anchors)[0], 0))
+    name = entry_name(
+        fp, positive_key(fp, GenerationParams(**PARAMS), canonical_anchors(anchors)[0], 0)
+    )
     store = redis_sync.Redis.from_url(own_redis.url)
     good = store.get(name)
     assert good is not None
@@ -120,15 +142,18 @@ def test_a_client_that_hangs_up_does_not_keep_its_work_queued(service, client):
 
     def busy() -> None:
         with httpx.Client(base_url=service.url, timeout=300) as c:
-            busy_result["r"] = post_positives(c, anchors_u8(16, seed=1200),
-                                              {**PARAMS, "steps": 50})[0]
+            busy_result["r"] = post_positives(
+                c, anchors_u8(16, seed=1200), {**PARAMS, "steps": 50}
+            )[0]
 
     m0 = scrape(service.url)
     worker = threading.Thread(target=busy)
     worker.start()
     _wait_for(service, lambda m: m["clsp_items_in_flight"] == 16 and m["clsp_queue_depth"] == 0)
-    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=service.url,
-                                                        timeout=1.0) as impatient:
+    with (
+        pytest.raises(httpx.ReadTimeout),
+        httpx.Client(base_url=service.url, timeout=1.0) as impatient,
+    ):
         post_positives(impatient, anchors_u8(8, seed=1201), PARAMS)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -154,8 +179,9 @@ def test_overload_gets_429_with_retry_after_and_no_5xx(service):
         async with httpx.AsyncClient(base_url=service.url, timeout=120, limits=limits) as c:
             from tests.support.service import apost_positives
 
-            return await asyncio.gather(*(apost_positives(c, anchors_u8(4, seed=3000 + i),
-                                                          PARAMS) for i in range(64)))
+            return await asyncio.gather(
+                *(apost_positives(c, anchors_u8(4, seed=3000 + i), PARAMS) for i in range(64))
+            )
 
     results = run(main(), timeout=300)
     statuses = [r.status_code for r, _ in results]

@@ -48,14 +48,18 @@ def test_offline_source_indexes_rows_and_candidates_memory_mapped(tmp_path: Path
     source.close()
 
 
-@pytest.mark.parametrize(("indices", "cands", "anchors", "message"), [
-    ([10], [0], batch(1), "outside the 10 rows"),
-    ([0], [4], batch(1), "--candidates 4"),
-    ([0], [0], batch(1, hw=16), "--size and --channels"),
-    ([0, 1], [0], batch(2), "shape"),
-])
-def test_offline_source_names_what_to_fix(tmp_path: Path, indices, cands, anchors,
-                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("indices", "cands", "anchors", "message"),
+    [
+        ([10], [0], batch(1), "outside the 10 rows"),
+        ([0], [4], batch(1), "--candidates 4"),
+        ([0], [0], batch(1, hw=16), "--size and --channels"),
+        ([0, 1], [0], batch(2), "shape"),
+    ],
+)
+def test_offline_source_names_what_to_fix(
+    tmp_path: Path, indices, cands, anchors, message: str
+) -> None:
     path = tmp_path / "pos.npy"
     np.save(path, paper_array())
     source = OfflineNpySource(path)
@@ -86,8 +90,9 @@ def test_build_source_refuses_two_sources(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not both"):
         build_source("http://127.0.0.1:1", offline_npy="x.npy", token=None, params=PARAMS)
     with pytest.raises(ValueError, match=r"params\.k"):
-        build_source("http://127.0.0.1:1", offline_npy=None, token=None,
-                     params=GenerationParams(k=2))
+        build_source(
+            "http://127.0.0.1:1", offline_npy=None, token=None, params=GenerationParams(k=2)
+        )
 
 
 def test_pool_source_splits_a_batch_and_reassembles_it_in_order() -> None:
@@ -113,11 +118,12 @@ def test_pool_source_splits_a_batch_and_reassembles_it_in_order() -> None:
 
 
 def test_pool_answer_of_another_size_is_a_clear_error() -> None:
-    answer = ResponseArrays(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, np.uint8), "m",
-                            PARAMS)
+    answer = ResponseArrays(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, np.uint8), "m", PARAMS)
     with pytest.raises(ValueError, match="GET /v1/model"):
         _unpack(answer, 2, (16, 16, 1))
-    images, hits = _unpack(ResponseArrays(np.zeros((2, 16, 16, 1), np.uint8),
-                                          np.array([1, 0], np.uint8), "m", PARAMS),
-                           2, (16, 16, 1))
+    images, hits = _unpack(
+        ResponseArrays(np.zeros((2, 16, 16, 1), np.uint8), np.array([1, 0], np.uint8), "m", PARAMS),
+        2,
+        (16, 16, 1),
+    )
     assert images.shape == (2, 16, 16, 1) and hits == 1

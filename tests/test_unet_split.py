@@ -10,29 +10,55 @@ from clsp_positives.service.unet_split import UNetSplit, UnsupportedUNetError
 
 CONFIGS = {
     "attn-1ch-depth2": dict(
-        sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64),
-        layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
     ),
     "attn-3ch-depth3": dict(
-        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32, 32),
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32),
         layers_per_block=2,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-        attention_head_dim=None, downsample_padding=0, freq_shift=1, flip_sin_to_cos=False,
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=None,
+        downsample_padding=0,
+        freq_shift=1,
+        flip_sin_to_cos=False,
         norm_eps=1e-6,
     ),
     "no-mid-no-attn-depth4": dict(
-        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16, 32),
-        layers_per_block=1, mid_block_type=None, down_block_types=("DownBlock2D",) * 4,
-        up_block_types=("UpBlock2D",) * 4, norm_num_groups=4,
-        resnet_time_scale_shift="scale_shift", downsample_type="resnet", upsample_type="resnet",
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 16, 32),
+        layers_per_block=1,
+        mid_block_type=None,
+        down_block_types=("DownBlock2D",) * 4,
+        up_block_types=("UpBlock2D",) * 4,
+        norm_num_groups=4,
+        resnet_time_scale_shift="scale_shift",
+        downsample_type="resnet",
+        upsample_type="resnet",
     ),
     "skip-fourier-centered": dict(
-        sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 32),
-        layers_per_block=1, time_embedding_type="fourier", center_input_sample=True,
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        time_embedding_type="fourier",
+        center_input_sample=True,
         down_block_types=("SkipDownBlock2D", "AttnSkipDownBlock2D"),
-        up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"), norm_num_groups=8,
+        up_block_types=("AttnSkipUpBlock2D", "SkipUpBlock2D"),
+        norm_num_groups=8,
         attention_head_dim=8,
     ),
 }
@@ -46,7 +72,7 @@ def test_split_equals_forward(name: str) -> None:
     c = unet.config.in_channels
     x = torch.randn(3, c, 16, 16)
     fourier = unet.config.time_embedding_type == "fourier"
-    for t in ([0.5, 7.0] if fourier else [0, 517, 999]):
+    for t in [0.5, 7.0] if fourier else [0, 517, 999]:
         step = torch.tensor(t) if fourier else t
         with torch.inference_mode():
             want = unet(x, step).sample

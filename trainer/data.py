@@ -32,11 +32,14 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise ValueError(f"images must be uint8 [N, H, W, C], got {self.images.dtype} "
-                             f"{self.images.shape}")
+            raise ValueError(
+                f"images must be uint8 [N, H, W, C], got {self.images.dtype} {self.images.shape}"
+            )
         if self.labels.dtype != np.int64 or self.labels.shape != (len(self.images),):
-            raise ValueError(f"labels must be int64 [{len(self.images)}], got {self.labels.dtype} "
-                             f"{self.labels.shape}")
+            raise ValueError(
+                f"labels must be int64 [{len(self.images)}], got {self.labels.dtype} "
+                f"{self.labels.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -98,7 +101,9 @@ def _digits(split: str, size: int) -> tuple[np.ndarray, np.ndarray, int]:
     small = np.rint(data.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
     index = np.arange(len(small))
     train_idx, test_idx = train_test_split(
-        index, test_size=DIGITS_TEST_FRACTION, stratify=data.target,
+        index,
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=data.target,
         random_state=DIGITS_SPLIT_SEED,
     )
     chosen = np.sort(train_idx if split == "train" else test_idx)
@@ -136,9 +141,7 @@ def _torchvision_set(
     return images, labels, classes
 
 
-def _image_folder(
-    folder: Path, split: str, size: int | None
-) -> tuple[np.ndarray, np.ndarray, int]:
+def _image_folder(folder: Path, split: str, size: int | None) -> tuple[np.ndarray, np.ndarray, int]:
     """ImageFolder layout; ``folder/train`` and ``folder/test`` are used when both exist."""
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         folder = folder / split

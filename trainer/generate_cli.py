@@ -38,8 +38,9 @@ def _save_progress(path: Path, done: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def open_output(out: Path, shape: tuple[int, ...], meta: dict[str, Any]
-                ) -> tuple[np.memmap | None, np.ndarray]:
+def open_output(
+    out: Path, shape: tuple[int, ...], meta: dict[str, Any]
+) -> tuple[np.memmap | None, np.ndarray]:
     """The output memmap and its done-rows array; ``None`` when ``out`` is already complete.
 
     Refuses to touch a file made with other options (naming the difference)."""
@@ -47,17 +48,27 @@ def open_output(out: Path, shape: tuple[int, ...], meta: dict[str, Any]
     if out.exists():
         old = json.loads(meta_file.read_text()) if meta_file.exists() else None
         if old != meta:
-            diff = ("it has no " + meta_file.name) if old is None else ", ".join(
-                f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now"
-                for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k))
-            raise ValueError(f"{str(out)!r} exists but was not made by these options ({diff}): "
-                             "use another --out or delete it")
+            diff = (
+                ("it has no " + meta_file.name)
+                if old is None
+                else ", ".join(
+                    f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now"
+                    for k in sorted(set(old) | set(meta))
+                    if old.get(k) != meta.get(k)
+                )
+            )
+            raise ValueError(
+                f"{str(out)!r} exists but was not made by these options ({diff}): "
+                "use another --out or delete it"
+            )
         if not progress.exists():
             return None, np.ones(shape[0], bool)
         array = np.lib.format.open_memmap(out, mode="r+")
         if array.shape != shape or array.dtype != np.uint8:
-            raise ValueError(f"{str(out)!r} holds {array.dtype} {list(array.shape)}, expected "
-                             f"uint8 {list(shape)}: delete it and its sidecars to start over")
+            raise ValueError(
+                f"{str(out)!r} holds {array.dtype} {list(array.shape)}, expected "
+                f"uint8 {list(shape)}: delete it and its sidecars to start over"
+            )
         done = np.load(progress)
         if done.shape != (shape[0],):
             raise ValueError(f"{progress.name} does not match {str(out)!r}: delete both")
@@ -85,7 +96,7 @@ def fill(
     stops the run (after waiting for the others) with the progress saved."""
     k = array.shape[1]
     todo = np.flatnonzero(~done)
-    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     running: dict[concurrent.futures.Future[Any], np.ndarray] = {}
     totals = {"rows": 0, "cache_hits": 0}
     failure: BaseException | None = None
@@ -102,9 +113,11 @@ def fill(
                 answer = fut.result()
                 expected = (len(rows), k, *array.shape[2:])
                 if answer.positives.shape != expected:
-                    raise ValueError(f"the pool answered {list(answer.positives.shape)} for "
-                                     f"{list(expected)}: its model does not match --size/"
-                                     "--channels")
+                    raise ValueError(
+                        f"the pool answered {list(answer.positives.shape)} for "
+                        f"{list(expected)}: its model does not match --size/"
+                        "--channels"
+                    )
             except Exception as exc:
                 failure = failure or exc
                 continue
@@ -122,27 +135,31 @@ def fill(
 
 
 def generate(
-    dataset: str = typer.Option(..., "--dataset", help="digits, cifar10, cifar100, stl10 "
-                                "or an image folder."),
+    dataset: str = typer.Option(
+        ..., "--dataset", help="digits, cifar10, cifar100, stl10 or an image folder."
+    ),
     out: Path = typer.Option(..., "--out", help="Output .npy ([N, K, H, W, C] uint8)."),
-    positives: str = typer.Option(..., "--positives", help="Generation pool: URL[,URL...] "
-                                  "or dns+http://HOST:PORT."),
-    data_root: Optional[str] = typer.Option(None, "--data-root", help="Folder of the "
-                                            "torchvision data sets."),
+    positives: str = typer.Option(
+        ..., "--positives", help="Generation pool: URL[,URL...] or dns+http://HOST:PORT."
+    ),
+    data_root: Optional[str] = typer.Option(
+        None, "--data-root", help="Folder of the torchvision data sets."
+    ),
     split: str = typer.Option("train", "--split"),
-    size: Optional[int] = typer.Option(None, "--size", help="Image size (default: the "
-                                       "model's sample size)."),
-    channels: Optional[int] = typer.Option(None, "--channels", help="1 or 3 (default: the "
-                                           "model's)."),
-    download: bool = typer.Option(False, "--download", help="Download the data set if "
-                                  "missing."),
-    token: Optional[str] = typer.Option(None, "--token", envvar=TOKEN_ENV,
-                                        help=f"Bearer token of the pool (or {TOKEN_ENV})."),
+    size: Optional[int] = typer.Option(
+        None, "--size", help="Image size (default: the model's sample size)."
+    ),
+    channels: Optional[int] = typer.Option(
+        None, "--channels", help="1 or 3 (default: the model's)."
+    ),
+    download: bool = typer.Option(False, "--download", help="Download the data set if missing."),
+    token: Optional[str] = typer.Option(
+        None, "--token", envvar=TOKEN_ENV, help=f"Bearer token of the pool (or {TOKEN_ENV})."
+    ),
     candidates: int = typer.Option(8, "--candidates", min=1, help="K per image."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per request."),
     in_flight: int = typer.Option(4, "--in-flight", min=1, help="Requests in flight."),
-    timeout_s: float = typer.Option(600.0, "--timeout-s", help="Longest wait for one "
-                                    "request."),
+    timeout_s: float = typer.Option(600.0, "--timeout-s", help="Longest wait for one request."),
     interpolation_weight: float = typer.Option(0.1, "--interpolation-weight"),
     gen_steps: int = typer.Option(100, "--gen-steps"),
     gen_eta: float = typer.Option(0.1, "--gen-eta"),
@@ -158,8 +175,13 @@ def generate(
     from clsp_positives.trainer.pool_client import PoolClient, PoolError
 
     try:
-        params = GenerationParams(interpolation_weight=interpolation_weight, steps=gen_steps,
-                                  eta=gen_eta, method=gen_method, k=candidates)
+        params = GenerationParams(
+            interpolation_weight=interpolation_weight,
+            steps=gen_steps,
+            eta=gen_eta,
+            method=gen_method,
+            k=candidates,
+        )
     except ValidationError as exc:
         raise typer.BadParameter(describe_validation_error(exc)) from None
     try:
@@ -168,28 +190,50 @@ def generate(
         raise typer.BadParameter(str(exc), param_hint="--positives") from None
     try:
         info = client.model_info()
-        images = load_images(dataset, split=split, size=size or int(info["sample_size"]),
-                             channels=channels or int(info["channels"]), root=data_root,
-                             download=download).images
-        meta = {"dataset": dataset, "split": split, "shape": [len(images), candidates,
-                *images.shape[1:]], "params": json.loads(params.canonical()),
-                "model": info.get("fingerprint")}
+        images = load_images(
+            dataset,
+            split=split,
+            size=size or int(info["sample_size"]),
+            channels=channels or int(info["channels"]),
+            root=data_root,
+            download=download,
+        ).images
+        meta = {
+            "dataset": dataset,
+            "split": split,
+            "shape": [len(images), candidates, *images.shape[1:]],
+            "params": json.loads(params.canonical()),
+            "model": info.get("fingerprint"),
+        }
         array, done = open_output(out, (len(images), candidates, *images.shape[1:]), meta)
         if array is None:
             typer.echo(f"{out} is already complete ({len(images)} x {candidates})")
             return
-        with tqdm(total=len(done), initial=int(done.sum()), unit="img", disable=not progress,
-                  desc="generate") as bar:
-            totals = fill(array, done, images, lambda a: client.submit(a, None, params),
-                          batch_size=batch_size, in_flight=in_flight,
-                          progress_file=progress_path(out),
-                          advance=lambda rows, hits: bar.update(rows))
+        with tqdm(
+            total=len(done),
+            initial=int(done.sum()),
+            unit="img",
+            disable=not progress,
+            desc="generate",
+        ) as bar:
+            totals = fill(
+                array,
+                done,
+                images,
+                lambda a: client.submit(a, None, params),
+                batch_size=batch_size,
+                in_flight=in_flight,
+                progress_file=progress_path(out),
+                advance=lambda rows, hits: bar.update(rows),
+            )
         del array
         progress_path(out).unlink()
         stats = client.stats()
-        typer.echo(f"wrote {out}: {len(images)} x {candidates} positives "
-                   f"({totals['rows']} rows this run, {totals['cache_hits']} cache hits, "
-                   f"{stats.failovers} failovers, {stats.errors} errors)")
+        typer.echo(
+            f"wrote {out}: {len(images)} x {candidates} positives "
+            f"({totals['rows']} rows this run, {totals['cache_hits']} cache hits, "
+            f"{stats.failovers} failovers, {stats.errors} errors)"
+        )
     except (PoolError, ValueError, FileNotFoundError) as exc:
         done_note = ""
         if progress_path(out).exists():

@@ -96,23 +96,30 @@ def parse_endpoints(spec: str | Sequence[str]) -> list[EndpointSpec]:
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     items = [item.strip() for item in items if item.strip()]
     if not items:
-        raise ValueError("--positives is empty: give URL[,URL...], e.g. http://127.0.0.1:8000 "
-                         "or dns+http://generators:8000")
+        raise ValueError(
+            "--positives is empty: give URL[,URL...], e.g. http://127.0.0.1:8000 "
+            "or dns+http://generators:8000"
+        )
     out: list[EndpointSpec] = []
     for item in items:
         dns = item.startswith(_DNS_PREFIX)
-        parts = urlsplit(item[len(_DNS_PREFIX):] if dns else item)
+        parts = urlsplit(item[len(_DNS_PREFIX) :] if dns else item)
         if parts.scheme not in _STATIC_SCHEMES or not parts.hostname:
-            raise ValueError(f"bad positives endpoint {item!r}: use http://HOST:PORT, "
-                             "https://HOST:PORT or dns+http://HOST:PORT")
+            raise ValueError(
+                f"bad positives endpoint {item!r}: use http://HOST:PORT, "
+                "https://HOST:PORT or dns+http://HOST:PORT"
+            )
         if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise ValueError(f"bad positives endpoint {item!r}: give the base URL only "
-                             f"(the client adds {POSITIVES_PATH})")
+            raise ValueError(
+                f"bad positives endpoint {item!r}: give the base URL only "
+                f"(the client adds {POSITIVES_PATH})"
+            )
         try:
             port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
-            raise ValueError(f"bad positives endpoint {item!r}: the port is not a number "
-                             "in 1..65535") from None
+            raise ValueError(
+                f"bad positives endpoint {item!r}: the port is not a number in 1..65535"
+            ) from None
         out.append(EndpointSpec(parts.scheme, parts.hostname, port, dns))
     return out
 
@@ -151,8 +158,13 @@ class PoolStats:
     endpoints: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"requests": self.requests, "errors": self.errors, "retries": self.retries,
-                "failovers": self.failovers, "endpoints": self.endpoints}
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "retries": self.retries,
+            "failovers": self.failovers,
+            "endpoints": self.endpoints,
+        }
 
 
 class _Retryable(Exception):
@@ -218,19 +230,22 @@ class PoolClient:
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._started = threading.Event()
-        self._thread = threading.Thread(target=self._run_loop, name="clsp-pool-client",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run_loop, name="clsp-pool-client", daemon=True)
         self._thread.start()
         self._started.wait(10)
         timeout = httpx.Timeout(timeout_s, connect=min(connect_timeout_s, timeout_s))
-        limits = httpx.Limits(max_connections=max_connections,
-                              max_keepalive_connections=max_connections, keepalive_expiry=60)
+        limits = httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=60,
+        )
 
         async def setup() -> None:
             # trust_env=False: a proxy from the environment must never sit between the
             # trainer and generators on a private network.
-            self._http = httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers,
-                                           trust_env=False)
+            self._http = httpx.AsyncClient(
+                timeout=timeout, limits=limits, headers=headers, trust_env=False
+            )
             self._background = [asyncio.ensure_future(self._health_loop())]
             if any(s.dns for s in self.specs):
                 self._background.append(asyncio.ensure_future(self._resolve_loop()))
@@ -284,15 +299,25 @@ class PoolClient:
     def available(self) -> bool:
         """Whether some endpoint may take a request now (circuit closed, or due a probe)."""
         now = time.monotonic()
-        return any(e.state == "closed" or (e.state == "open"
-                                           and now - e.opened_at >= self.breaker_cooldown_s)
-                   for e in list(self._endpoints.values()))
+        return any(
+            e.state == "closed"
+            or (e.state == "open" and now - e.opened_at >= self.breaker_cooldown_s)
+            for e in list(self._endpoints.values())
+        )
 
     def stats(self) -> PoolStats:
         s = self._stats
-        eps = [{"url": e.url, "state": e.state, "healthy": e.healthy,
-                "outstanding": e.outstanding, "requests": e.requests, "errors": e.errors}
-               for e in list(self._endpoints.values())]
+        eps = [
+            {
+                "url": e.url,
+                "state": e.state,
+                "healthy": e.healthy,
+                "outstanding": e.outstanding,
+                "requests": e.requests,
+                "errors": e.errors,
+            }
+            for e in list(self._endpoints.values())
+        ]
         return PoolStats(s.requests, s.errors, s.retries, s.failovers, eps)
 
     @property
@@ -348,8 +373,9 @@ class PoolClient:
         (ready ones first)."""
         now = time.monotonic()
         pool = [e for e in self._endpoints.values() if e.url not in exclude]
-        due = [e for e in pool if e.state == "open"
-               and now - e.opened_at >= self.breaker_cooldown_s]
+        due = [
+            e for e in pool if e.state == "open" and now - e.opened_at >= self.breaker_cooldown_s
+        ]
         if due:
             probe = min(due, key=lambda e: e.opened_at)
             probe.state, probe.probing = "half_open", True
@@ -370,11 +396,17 @@ class PoolClient:
     def _failed(self, ep: _Endpoint, reason: str) -> None:
         ep.failures += 1
         ep.probing = False
-        if ep.state == "half_open" or (ep.state == "closed"
-                                       and ep.failures >= self.breaker_failures):
+        if ep.state == "half_open" or (
+            ep.state == "closed" and ep.failures >= self.breaker_failures
+        ):
             if ep.state == "closed":
-                log.warning("generator %s failed %d times in a row (%s): circuit open for %.1f s",
-                            ep.url, ep.failures, reason, self.breaker_cooldown_s)
+                log.warning(
+                    "generator %s failed %d times in a row (%s): circuit open for %.1f s",
+                    ep.url,
+                    ep.failures,
+                    reason,
+                    self.breaker_cooldown_s,
+                )
             ep.state, ep.opened_at = "open", time.monotonic()
         elif ep.state == "open":
             ep.opened_at = time.monotonic()
@@ -393,8 +425,9 @@ class PoolClient:
                 if ep is not None:  # every live endpoint already failed once: back off first
                     await asyncio.sleep(self._backoff(attempt))
             if ep is None:
-                raise PoolUnavailable(f"no generator can take the request ({last}); "
-                                      f"endpoints: {self._describe()}")
+                raise PoolUnavailable(
+                    f"no generator can take the request ({last}); endpoints: {self._describe()}"
+                )
             if attempt:
                 self._stats.retries += 1
                 if previous is not None and ep.url != previous:
@@ -420,8 +453,10 @@ class PoolClient:
         ep.requests += 1
         try:
             resp = await self._http.post(
-                ep.url + POSITIVES_PATH, content=body,
-                headers={"Content-Type": content_type, "Accept": SAFETENSORS_MEDIA_TYPE})
+                ep.url + POSITIVES_PATH,
+                content=body,
+                headers={"Content-Type": content_type, "Accept": SAFETENSORS_MEDIA_TYPE},
+            )
         except httpx.HTTPError as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from None
         except BaseException:
@@ -440,8 +475,11 @@ class PoolClient:
             return answer
         if resp.status_code == 429:
             self._succeeded(ep)  # alive, only busy: not a reason to open its circuit
-            raise _Retryable("429 queue full", breaker=False,
-                             retry_after=_retry_after(resp.headers.get("retry-after")))
+            raise _Retryable(
+                "429 queue full",
+                breaker=False,
+                retry_after=_retry_after(resp.headers.get("retry-after")),
+            )
         if resp.status_code >= 500 or resp.status_code in (404, 408, 502, 503, 504):
             raise _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
         code, detail = _error_body(resp)
@@ -479,8 +517,7 @@ class PoolClient:
         the half-open probe), but an open endpoint that is still unreachable or not ready
         restarts its cool-down, so no real request is spent on a generator known down."""
         try:
-            resp = await self._http.get(ep.url + READY_PATH,
-                                        timeout=min(2.0, self.timeout_s))
+            resp = await self._http.get(ep.url + READY_PATH, timeout=min(2.0, self.timeout_s))
             ep.healthy = resp.status_code == 200
             reason = f"{READY_PATH} answered {resp.status_code}"
         except httpx.HTTPError as exc:
@@ -542,4 +579,3 @@ def _error_body(resp: httpx.Response) -> tuple[str, str]:
         return str(obj.get("error", "error")), str(obj.get("detail", resp.text[:300]))
     except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
         return "error", resp.text[:300]
-

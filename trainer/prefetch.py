@@ -78,8 +78,11 @@ class Prefetcher:
         self.strict_timeout_s = strict_timeout_s
         if wait_share is not None and not 0 < wait_share <= 1:
             raise ValueError(f"wait_share must lie in (0, 1], got {wait_share}")
-        self._bucket = None if wait_share is None else WaitBucket(
-            self.deadline_s, wait_share, time.monotonic())
+        self._bucket = (
+            None
+            if wait_share is None
+            else WaitBucket(self.deadline_s, wait_share, time.monotonic())
+        )
         self._pending: dict[int, PendingPositives] = {}
         self._closed = False
         self._reset()
@@ -94,8 +97,9 @@ class Prefetcher:
 
     # ------------------------------------------------------------------ API
 
-    def submit(self, batch_id: int, anchors: np.ndarray, indices: np.ndarray,
-               candidates: np.ndarray) -> None:
+    def submit(
+        self, batch_id: int, anchors: np.ndarray, indices: np.ndarray, candidates: np.ndarray
+    ) -> None:
         """Start fetching a batch's positives (returns at once)."""
         if self._closed:
             raise RuntimeError("Prefetcher is closed")
@@ -125,8 +129,10 @@ class Prefetcher:
     def epoch_stats(self) -> dict[str, Any]:
         """This epoch's figures; resets them (and the once-per-epoch warning)."""
         now = dict(self.source.stats())
-        delta = {k: now.get(k, 0) - self._source_base.get(k, 0)
-                 for k in ("failovers", "errors", "retries")}
+        delta = {
+            k: now.get(k, 0) - self._source_base.get(k, 0)
+            for k in ("failovers", "errors", "retries")
+        }
         self._source_base = now
         stats = {
             "positive_fraction": self._arrived / self._anchors if self._anchors else 0.0,
@@ -165,9 +171,11 @@ class Prefetcher:
             self._bucket.spend(time.monotonic() - start)
         batch, errors = pending.collect()
         self._raise_rejected(errors)
-        if not batch.mask.all() and self.source.enabled and (
-                any(isinstance(e, PoolUnavailable) for e in errors)
-                or not self.source.available()):
+        if (
+            not batch.mask.all()
+            and self.source.enabled
+            and (any(isinstance(e, PoolUnavailable) for e in errors) or not self.source.available())
+        ):
             self._warn_down(errors)
         return batch
 
@@ -187,7 +195,8 @@ class Prefetcher:
                     f"--positives-strict: {int((~batch.mask).sum())} positives did not arrive "
                     f"within {self.strict_timeout_s:.0f} s (last error: "
                     f"{errors[-1] if errors else 'none'}); drop --positives-strict to train on "
-                    "without them")
+                    "without them"
+                )
             self._warn_down(errors)
             time.sleep(min(pause, max(0.0, end - time.monotonic())))
             pause = min(pause * 2, STRICT_RETRY_S[1])
@@ -204,12 +213,18 @@ class Prefetcher:
         if self._warned:
             return
         self._warned = True
-        reason = next((str(e) for e in errors if not isinstance(e,
-                       concurrent.futures.CancelledError)), "no generator is available")
+        reason = next(
+            (str(e) for e in errors if not isinstance(e, concurrent.futures.CancelledError)),
+            "no generator is available",
+        )
         if self.strict:
-            log.warning("positives generators unavailable (%s); --positives-strict waits for "
-                        "them", reason)
+            log.warning(
+                "positives generators unavailable (%s); --positives-strict waits for them", reason
+            )
         else:
-            log.warning("positives generators unavailable (%s); training goes on as the "
-                        "baseline for the anchors without a positive, and takes positives "
-                        "again when a generator returns", reason)
+            log.warning(
+                "positives generators unavailable (%s); training goes on as the "
+                "baseline for the anchors without a positive, and takes positives "
+                "again when a generator returns",
+                reason,
+            )

@@ -40,8 +40,13 @@ ETA = 0.1
 
 
 def reference_sample(
-    split: UNetSplit, scheduler: DDIMScheduler, anchors: torch.Tensor, weight: float,
-    steps: int, eta: float, generator: torch.Generator,
+    split: UNetSplit,
+    scheduler: DDIMScheduler,
+    anchors: torch.Tensor,
+    weight: float,
+    steps: int,
+    eta: float,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """The paper-style CLSP loop: two encoder calls, unfused ops, torch.randn."""
     scheduler.set_timesteps(steps)
@@ -113,8 +118,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     size, channels = (32, 3) if args.preset == "ddpm-cifar10" else (16, 1)
     tmp = Path(tempfile.mkdtemp(prefix="clsp-bench-"))
-    model_dir = random_model_dir(tmp / "model", preset=args.preset, sample_size=size,
-                                 channels=channels)
+    model_dir = random_model_dir(
+        tmp / "model", preset=args.preset, sample_size=size, channels=channels
+    )
     compile_ = args.compile if args.compile is not None else device.type == "cuda"
     gen = Generator.from_dir(model_dir, device=device, dtype=args.dtype, compile=compile_)
     ref_unet = load_model(model_dir).unet.to(device)
@@ -173,8 +179,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _format_row(row: dict[str, Any]) -> str:
-    text = (f"{row['batch']:>6} {row['ours_per_s']:>12.1f} {row['reference_per_s']:>12.1f} "
-            f"{row['ratio']:>7.2f}x")
+    text = (
+        f"{row['batch']:>6} {row['ours_per_s']:>12.1f} {row['reference_per_s']:>12.1f} "
+        f"{row['ratio']:>7.2f}x"
+    )
     if "ours_tflops" in row:
         frac = row["fraction_of_bf16_peak"]
         text += f" {row['ours_tflops']:>9.2f}" + (f" {frac:>8.1%}" if frac is not None else "")
@@ -186,22 +194,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--preset", default="tiny", choices=["tiny", "small", "ddpm-cifar10"])
-    ap.add_argument("--batches", default="1,8,64,256",
-                    type=lambda s: [int(b) for b in s.split(",") if b])
-    ap.add_argument("--steps", type=int, default=None,
-                    help="sampling steps (default: 4 on CPU, 20 on CUDA)")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the encoder/decoder (default: on for CUDA, off on CPU)")
+    ap.add_argument(
+        "--batches", default="1,8,64,256", type=lambda s: [int(b) for b in s.split(",") if b]
+    )
+    ap.add_argument(
+        "--steps", type=int, default=None, help="sampling steps (default: 4 on CPU, 20 on CUDA)"
+    )
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the encoder/decoder (default: on for CUDA, off on CPU)",
+    )
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per batch (best counts)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="bf16 matmul peak to compare with (measured when omitted, CUDA)")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="bf16 matmul peak to compare with (measured when omitted, CUDA)",
+    )
     args = ap.parse_args(argv)
     if args.steps is None:
         args.steps = 4 if args.device == "cpu" else 20
-    print(f"{'batch':>6} {'ours/s':>12} {'reference/s':>12} {'ratio':>8}"
-          + (f" {'TFLOP/s':>9} {'of peak':>8}" if args.device.startswith("cuda") else ""))
+    print(
+        f"{'batch':>6} {'ours/s':>12} {'reference/s':>12} {'ratio':>8}"
+        + (f" {'TFLOP/s':>9} {'of peak':>8}" if args.device.startswith("cuda") else "")
+    )
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}))
     if args.out:

@@ -63,8 +63,7 @@ def sampler_vs_diffusers(model_dir: Path, steps: int = 20) -> dict[str, Any]:
     n, c, s = 16, gen.channels, gen.sample_size
     seeds = np.arange(1000, 1000 + n, dtype=np.int64)
     anchors = np.zeros((n, c, s, s), np.float32)
-    ours = gen.sample(anchors, seeds, np.ones(n, np.float32), steps=steps, eta=0.0,
-                      method="ddim")
+    ours = gen.sample(anchors, seeds, np.ones(n, np.float32), steps=steps, eta=0.0, method="ddim")
 
     from clsp_positives.service.model import load_model
 
@@ -78,8 +77,12 @@ def sampler_vs_diffusers(model_dir: Path, steps: int = 20) -> dict[str, Any]:
             x = sched.step(eps, t, x, eta=0.0).prev_sample
     ref = unit_to_uint8(x.clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy())
     diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))
-    return {"steps": steps, "max_level_diff": int(diff.max()),
-            "mean_level_diff": float(diff.mean()), "ok": int(diff.max()) <= 1}
+    return {
+        "steps": steps,
+        "max_level_diff": int(diff.max()),
+        "mean_level_diff": float(diff.mean()),
+        "ok": int(diff.max()) <= 1,
+    }
 
 
 def cpu_vs_gpu(model_dir: Path, steps: int = 20) -> dict[str, Any]:
@@ -96,9 +99,12 @@ def cpu_vs_gpu(model_dir: Path, steps: int = 20) -> dict[str, Any]:
     for d, g in gens.items():
         out[d] = g.sample(anchors, seeds, weights, steps=steps, eta=0.1, method="ddim")
     diff = np.abs(out["cpu"].astype(np.int16) - out["cuda"].astype(np.int16))
-    return {"steps": steps, "max_level_diff": int(diff.max()),
-            "mean_level_diff": float(diff.mean()),
-            "fraction_within_1_level": float((diff <= 1).mean())}
+    return {
+        "steps": steps,
+        "max_level_diff": int(diff.max()),
+        "mean_level_diff": float(diff.mean()),
+        "fraction_within_1_level": float((diff <= 1).mean()),
+    }
 
 
 def bf16_matmul_peak(n: int = 8192, reps: int = 10) -> float:
@@ -119,9 +125,24 @@ def bf16_matmul_peak(n: int = 8192, reps: int = 10) -> float:
 
 def throughput(dtype: str, out_dir: Path, peak: float, args: argparse.Namespace) -> dict:
     out = out_dir / f"generation_{dtype}.json"
-    cmd = [sys.executable, str(REPO / "tests/bench/generation.py"), "--device", "cuda",
-           "--dtype", dtype, "--preset", "ddpm-cifar10", "--batches", args.batches,
-           "--steps", str(args.steps), "--out", str(out), "--peak-tflops", f"{peak:.1f}"]
+    cmd = [
+        sys.executable,
+        str(REPO / "tests/bench/generation.py"),
+        "--device",
+        "cuda",
+        "--dtype",
+        dtype,
+        "--preset",
+        "ddpm-cifar10",
+        "--batches",
+        args.batches,
+        "--steps",
+        str(args.steps),
+        "--out",
+        str(out),
+        "--peak-tflops",
+        f"{peak:.1f}",
+    ]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, timeout=args.bench_timeout)
     return json.loads(out.read_text())
@@ -165,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         title = f"throughput {dtype}"
         _section(title)
         try:
-            report[title] = throughput(dtype, out_dir, peak if isinstance(peak, float) else 0.0,
-                                       args)
+            report[title] = throughput(
+                dtype, out_dir, peak if isinstance(peak, float) else 0.0, args
+            )
         except Exception:
             failed = True
             report[title] = {"error": traceback.format_exc()}

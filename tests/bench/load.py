@@ -100,13 +100,16 @@ class LoadResult:
     def summary(self) -> dict[str, Any]:
         s = self.statuses
         out: dict[str, Any] = {
-            "seconds": round(self.seconds, 2), "requests": len(self.records),
-            "ok": s.get(200, 0), "rejected_429": s.get(429, 0),
+            "seconds": round(self.seconds, 2),
+            "requests": len(self.records),
+            "ok": s.get(200, 0),
+            "rejected_429": s.get(429, 0),
             "failures": len(self.failures),
             "requests_per_s": round(self.requests_per_s, 2),
             "positives_per_s": round(self.positives_per_s, 1),
-            "cached_fraction": round(sum(r.cached for r in self.ok())
-                                     / max(1, sum(r.items for r in self.ok())), 3),
+            "cached_fraction": round(
+                sum(r.cached for r in self.ok()) / max(1, sum(r.items for r in self.ok())), 3
+            ),
         }
         for kind in (None, "hit", "miss"):
             for q in (50, 90, 99):
@@ -120,33 +123,46 @@ class LoadResult:
 
     def table(self) -> str:
         s = self.summary()
-        rows = [("requests (200 / 429 / failed)",
-                 f"{s['ok']} / {s['rejected_429']} / {s['failures']}"),
-                ("throughput", f"{s['requests_per_s']:.1f} req/s, "
-                               f"{s['positives_per_s']:.1f} positives/s"),
-                ("answered from the cache", f"{100 * s['cached_fraction']:.1f}% of positives")]
+        rows = [
+            ("requests (200 / 429 / failed)", f"{s['ok']} / {s['rejected_429']} / {s['failures']}"),
+            (
+                "throughput",
+                f"{s['requests_per_s']:.1f} req/s, {s['positives_per_s']:.1f} positives/s",
+            ),
+            ("answered from the cache", f"{100 * s['cached_fraction']:.1f}% of positives"),
+        ]
         for kind in ("all", "hit", "miss"):
-            rows.append((f"latency {kind} p50 / p90 / p99",
-                         f"{s[f'p50_{kind}_ms']:.1f} / {s[f'p90_{kind}_ms']:.1f} / "
-                         f"{s[f'p99_{kind}_ms']:.1f} ms"))
+            rows.append(
+                (
+                    f"latency {kind} p50 / p90 / p99",
+                    f"{s[f'p50_{kind}_ms']:.1f} / {s[f'p90_{kind}_ms']:.1f} / "
+                    f"{s[f'p99_{kind}_ms']:.1f} ms",
+                )
+            )
         if "rss_growth_pct" in s:
-            rows.append(("server RSS after warm-up -> peak (end)",
-                         f"{s['rss_after_warmup_mb']:.1f} -> {s['rss_peak_mb']:.1f} "
-                         f"({s['rss_end_mb']:.1f}) MB, {s['rss_growth_pct']:+.2f}%"))
+            rows.append(
+                (
+                    "server RSS after warm-up -> peak (end)",
+                    f"{s['rss_after_warmup_mb']:.1f} -> {s['rss_peak_mb']:.1f} "
+                    f"({s['rss_end_mb']:.1f}) MB, {s['rss_growth_pct']:+.2f}%",
+                )
+            )
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-async def warm_sets(url: str, count: int, anchors: int, params: Mapping[str, Any], *,
-                    token: str | None = None) -> dict[int, np.ndarray]:
+async def warm_sets(
+    url: str, count: int, anchors: int, params: Mapping[str, Any], *, token: str | None = None
+) -> dict[int, np.ndarray]:
     """Send ``count`` anchor sets once so they are cached; their positives by seed."""
     out: dict[int, np.ndarray] = {}
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         for i in range(count):
             seed = WARM_SEED + i
             body, ctype = encode_request(anchors_u8(anchors, seed), None, dict(params))
-            r = await client.post("/v1/positives", content=body,
-                                  headers={"Content-Type": ctype, **auth(token)})
+            r = await client.post(
+                "/v1/positives", content=body, headers={"Content-Type": ctype, **auth(token)}
+            )
             r.raise_for_status()
             out[seed] = decode_response(r.content, r.headers["content-type"]).positives
     return out
@@ -200,8 +216,9 @@ async def drive(
             body, ctype = encode_request(anchors_u8(anchors, s), None, body_params)
             start = time.monotonic()
             try:
-                r = await http.post("/v1/positives", content=body,
-                                    headers={"Content-Type": ctype, **auth(token)})
+                r = await http.post(
+                    "/v1/positives", content=body, headers={"Content-Type": ctype, **auth(token)}
+                )
             except httpx.HTTPError as exc:
                 records.append(Record(start - t0, kind, 0, time.monotonic() - start, 0, 0))
                 failures.append(f"{kind} seed {s}: {type(exc).__name__}: {exc}")
@@ -257,17 +274,46 @@ async def drive(
     return LoadResult(time.monotonic() - t0, records, failures, rss)
 
 
-async def run_with_warmup(url: str, *, pid: int | None, clients: int, seconds: float,
-                          warmup_s: float, anchors: int, params: Mapping[str, Any],
-                          warm_count: int, hit_ratio: float,
-                          token: str | None = None) -> LoadResult:
+async def run_with_warmup(
+    url: str,
+    *,
+    pid: int | None,
+    clients: int,
+    seconds: float,
+    warmup_s: float,
+    anchors: int,
+    params: Mapping[str, Any],
+    warm_count: int,
+    hit_ratio: float,
+    token: str | None = None,
+) -> LoadResult:
     """Cache the warm sets, run ``warmup_s`` of the same load, then the measured run
     whose RSS baseline is the server's RSS at the end of the warm-up."""
     warm = await warm_sets(url, warm_count, anchors, params, token=token)
-    pre = await drive(url, clients=clients, seconds=warmup_s, anchors=anchors, params=params,
-                      warm=warm, hit_ratio=hit_ratio, token=token, seed=1, pid=pid)
-    result = await drive(url, clients=clients, seconds=seconds, anchors=anchors, params=params,
-                         warm=warm, hit_ratio=hit_ratio, token=token, seed=2, pid=pid)
+    pre = await drive(
+        url,
+        clients=clients,
+        seconds=warmup_s,
+        anchors=anchors,
+        params=params,
+        warm=warm,
+        hit_ratio=hit_ratio,
+        token=token,
+        seed=1,
+        pid=pid,
+    )
+    result = await drive(
+        url,
+        clients=clients,
+        seconds=seconds,
+        anchors=anchors,
+        params=params,
+        warm=warm,
+        hit_ratio=hit_ratio,
+        token=token,
+        seed=2,
+        pid=pid,
+    )
     result.failures = pre.failures + result.failures
     if pre.rss:
         result.rss_baseline = pre.rss[-1][1]
@@ -277,8 +323,12 @@ async def run_with_warmup(url: str, *, pid: int | None, clients: int, seconds: f
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--warmup", type=float, default=10.0, help="seconds of load before the "
-                    "measured run (its end is the RSS baseline)")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=10.0,
+        help="seconds of load before the measured run (its end is the RSS baseline)",
+    )
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--anchors", type=int, default=4, help="anchors per request")
     ap.add_argument("--hit-ratio", type=float, default=0.5)
@@ -301,32 +351,50 @@ def main(argv: list[str] | None = None) -> int:
         if model is None:
             from clsp_positives.service import presets
 
-            model = str(presets.random_model_dir(Path(tmp.name) / "tiny", preset="tiny",
-                                                 sample_size=16, channels=1, seed=0))
-        server = start_service(model, redis_url=args.redis or redis.url, threads=args.threads,
-                               max_queue=args.max_queue)
+            model = str(
+                presets.random_model_dir(
+                    Path(tmp.name) / "tiny", preset="tiny", sample_size=16, channels=1, seed=0
+                )
+            )
+        server = start_service(
+            model, redis_url=args.redis or redis.url, threads=args.threads, max_queue=args.max_queue
+        )
         try:
             params = {"steps": args.steps, "eta": 0.1, "interpolation_weight": 0.1}
-            result = asyncio.run(run_with_warmup(
-                server.url, pid=server.proc.pid, clients=args.clients, seconds=args.seconds,
-                warmup_s=args.warmup, anchors=args.anchors, params=params,
-                warm_count=args.warm_sets, hit_ratio=args.hit_ratio))
+            result = asyncio.run(
+                run_with_warmup(
+                    server.url,
+                    pid=server.proc.pid,
+                    clients=args.clients,
+                    seconds=args.seconds,
+                    warmup_s=args.warmup,
+                    anchors=args.anchors,
+                    params=params,
+                    warm_count=args.warm_sets,
+                    hit_ratio=args.hit_ratio,
+                )
+            )
         finally:
             server.stop()
     finally:
         if redis:
             redis.close()
         tmp.cleanup()
-    print(f"load: {args.clients} clients x {args.seconds:g} s, {args.anchors} anchors/request, "
-          f"hit ratio {args.hit_ratio:g}, steps {args.steps}")
+    print(
+        f"load: {args.clients} clients x {args.seconds:g} s, {args.anchors} anchors/request, "
+        f"hit ratio {args.hit_ratio:g}, steps {args.steps}"
+    )
     print(result.table())
     for line in result.failures[:20]:
         print("FAILURE:", line)
     if args.json:
         Path(args.json).write_text(json.dumps(result.summary(), indent=2) + "\n")
     growth = result.rss_growth
-    ok = not result.failures and set(result.statuses) <= {200, 429} and \
-        (growth is None or growth < 0.10)
+    ok = (
+        not result.failures
+        and set(result.statuses) <= {200, 429}
+        and (growth is None or growth < 0.10)
+    )
     print("PASS" if ok else "FAIL: failures, unexpected statuses or RSS growth >= 10%")
     return 0 if ok else 1
 

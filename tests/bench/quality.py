@@ -46,12 +46,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-train", action="store_true", help="evaluate --model-dir as it is")
     p.add_argument("--minutes", type=float, default=10.0, help="training budget")
     p.add_argument(
-        "--clock", choices=("cpu", "wall"), default="cpu",
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
         help="cpu: the budget is process CPU time / threads (the same work whatever else runs "
         "on a shared machine); wall: elapsed time",
     )
     p.add_argument(
-        "--max-wall-minutes", type=float, default=20.0,
+        "--max-wall-minutes",
+        type=float,
+        default=20.0,
         help="with --clock cpu: stop by this much elapsed time too (a heavily shared machine)",
     )
     p.add_argument("--threads", type=int, default=1)
@@ -59,9 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lr-schedule", default="cosine")
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--preset", default="tiny",
-                   help="UNet preset or JSON; tiny (two levels, attention at the 8x8 "
-                   "bottleneck) kept the anchor's class best in the config search")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        help="UNet preset or JSON; tiny (two levels, attention at the 8x8 "
+        "bottleneck) kept the anchor's class best in the config search",
+    )
     p.add_argument("--anchors", type=int, default=200)
     p.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
     p.add_argument("--eta", type=float, default=0.1)
@@ -74,10 +81,21 @@ def train_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
 
     preset = args.preset
     config = DiffusionTrainConfig(
-        out=str(model_dir), dataset="digits", size=16, channels=1, preset=preset,
-        minutes=args.minutes, batch_size=args.batch_size, lr=args.lr,
-        lr_schedule=args.lr_schedule, ema_decay=args.ema_decay, seed=args.seed,
-        threads=args.threads, save_every=200, sample_count=64, sample_steps=50,
+        out=str(model_dir),
+        dataset="digits",
+        size=16,
+        channels=1,
+        preset=preset,
+        minutes=args.minutes,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        threads=args.threads,
+        save_every=200,
+        sample_count=64,
+        sample_steps=50,
         progress=sys.stderr.isatty(),
     )
     threads = args.threads
@@ -91,14 +109,21 @@ def train_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     clock = cpu_clock if args.clock == "cpu" else time.perf_counter
     result = train(config, clock=clock)
     return {
-        "steps": result.step, "budget_minutes": args.minutes, "clock": args.clock,
+        "steps": result.step,
+        "budget_minutes": args.minutes,
+        "clock": args.clock,
         "max_wall_minutes": args.max_wall_minutes if args.clock == "cpu" else None,
         "cpu_seconds": round(time.process_time(), 1),
         "budget_seconds_used": round(result.seconds, 1),
         "wall_seconds": round(time.perf_counter() - wall0, 1),
-        "images_per_s": round(result.images_per_s, 1), "final_loss": round(result.loss, 4),
-        "parameters": result.parameters, "batch_size": args.batch_size, "lr": args.lr,
-        "lr_schedule": args.lr_schedule, "ema_decay": args.ema_decay, "threads": threads,
+        "images_per_s": round(result.images_per_s, 1),
+        "final_loss": round(result.loss, 4),
+        "parameters": result.parameters,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "lr_schedule": args.lr_schedule,
+        "ema_decay": args.ema_decay,
+        "threads": threads,
         "unet": json.loads(Path(preset).read_text()) if preset.endswith(".json") else preset,
         "loadavg_before": [round(x, 2) for x in load0],
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
@@ -140,9 +165,15 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     # The seeds of candidates 0 and 1 at w = 0.1; reused at w = 1.0 so both arms share noise.
     params = GenerationParams(interpolation_weight=0.1, steps=args.steps, eta=args.eta)
     seeds = [
-        np.array([seed_from_key(k) for k in positive_keys(
-            generator.fingerprint, params, canon, np.full(n, cand, dtype=np.int64))],
-            dtype=np.int64)
+        np.array(
+            [
+                seed_from_key(k)
+                for k in positive_keys(
+                    generator.fingerprint, params, canon, np.full(n, cand, dtype=np.int64)
+                )
+            ],
+            dtype=np.int64,
+        )
         for cand in (0, 1)
     ]
     anchors01 = anchors_u8.astype(np.float32) / 255.0
@@ -150,8 +181,15 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     for w in WEIGHTS:
         t0 = time.perf_counter()
         cands = [
-            generator.sample(canon, s, np.full(n, w, dtype=np.float32), steps=args.steps,
-                             eta=args.eta, method="ddim").astype(np.float32) / 255.0
+            generator.sample(
+                canon,
+                s,
+                np.full(n, w, dtype=np.float32),
+                steps=args.steps,
+                eta=args.eta,
+                method="ddim",
+            ).astype(np.float32)
+            / 255.0
             for s in seeds
         ]
         seconds = time.perf_counter() - t0
@@ -180,26 +218,37 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         "candidates_differ": lo["fraction_candidates_differ"] == 1.0,
     }
     return {
-        "anchors": n, "sampler": {"method": "ddim", "steps": args.steps, "eta": args.eta},
-        "classifier_accuracy_on_real_test": real_acc, "results": rows,
+        "anchors": n,
+        "sampler": {"method": "ddim", "steps": args.steps, "eta": args.eta},
+        "classifier_accuracy_on_real_test": real_acc,
+        "results": rows,
         "ratio_logreg": lo["rate_logreg"] / max(hi["rate_logreg"], 1e-9),
         "ratio_svc_rbf": lo["rate_svc_rbf"] / max(hi["rate_svc_rbf"], 1e-9),
-        "targets": targets, "fingerprint": generator.fingerprint,
+        "targets": targets,
+        "fingerprint": generator.fingerprint,
     }
 
 
 def print_table(report: dict[str, Any]) -> None:
     tr = report.get("training")
     if tr:
-        print(f"training: {tr['steps']} steps in {tr['budget_seconds_used']}s ({tr['clock']} "
-              f"clock; {tr['wall_seconds']}s wall), {tr['images_per_s']} img/s, "
-              f"{tr['parameters'] / 1e6:.2f}M params, loss {tr['final_loss']}, "
-              f"load avg {tr['loadavg_before'][0]} -> {tr['loadavg_after'][0]}")
+        print(
+            f"training: {tr['steps']} steps in {tr['budget_seconds_used']}s ({tr['clock']} "
+            f"clock; {tr['wall_seconds']}s wall), {tr['images_per_s']} img/s, "
+            f"{tr['parameters'] / 1e6:.2f}M params, loss {tr['final_loss']}, "
+            f"load avg {tr['loadavg_before'][0]} -> {tr['loadavg_after'][0]}"
+        )
     ev = report["evaluation"]
     print(f"classifiers on real test digits: {ev['classifier_accuracy_on_real_test']}")
     print(f"sampler: {ev['sampler']}, {ev['anchors']} anchors")
-    cols = ("rate_logreg", "rate_svc_rbf", "rate_logreg_2cand", "mean_abs_to_anchor",
-            "mean_abs_between_candidates", "fraction_candidates_differ")
+    cols = (
+        "rate_logreg",
+        "rate_svc_rbf",
+        "rate_logreg_2cand",
+        "mean_abs_to_anchor",
+        "mean_abs_between_candidates",
+        "fraction_candidates_differ",
+    )
     print(f"{'w':>5} " + " ".join(f"{c:>28}" for c in cols))
     for name, row in ev["results"].items():
         print(f"{name[2:]:>5} " + " ".join(f"{row[c]:>28.3f}" for c in cols))
@@ -214,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else Path(tmp) / "digits16"
         report: dict[str, Any] = {
-            "benchmark": "quality", "machine": platform.machine(),
-            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "benchmark": "quality",
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
         }
         if not args.skip_train:
             report["training"] = train_model(args, model_dir)

@@ -52,15 +52,26 @@ def _direct(generator, batch: int, steps: int, rounds: int, seed: int) -> float:
     return batch / best
 
 
-async def _http_misses(url: str, *, batch: int, steps: int, requests: int, clients: int,
-                       size: int, channels: int, seed: int) -> float:
+async def _http_misses(
+    url: str,
+    *,
+    batch: int,
+    steps: int,
+    requests: int,
+    clients: int,
+    size: int,
+    channels: int,
+    seed: int,
+) -> float:
     import httpx
 
     from clsp_positives.proto.codec import encode_request
 
     params = {"steps": steps, "eta": 0.1, "interpolation_weight": 0.1}
-    bodies = [encode_request(anchors_u8(batch, seed + i, size=size, channels=channels), None,
-                             params)[0] for i in range(requests)]
+    bodies = [
+        encode_request(anchors_u8(batch, seed + i, size=size, channels=channels), None, params)[0]
+        for i in range(requests)
+    ]
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
@@ -68,8 +79,9 @@ async def _http_misses(url: str, *, batch: int, steps: int, requests: int, clien
     async def client(c: httpx.AsyncClient) -> None:
         while not queue.empty():
             body = queue.get_nowait()
-            r = await c.post("/v1/positives", content=body,
-                             headers={"Content-Type": "application/x-safetensors"})
+            r = await c.post(
+                "/v1/positives", content=body, headers={"Content-Type": "application/x-safetensors"}
+            )
             r.raise_for_status()
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as c:
@@ -78,8 +90,9 @@ async def _http_misses(url: str, *, batch: int, steps: int, requests: int, clien
         return requests * batch / (time.perf_counter() - t0)
 
 
-async def _http_hits(url: str, body: bytes, *, requests: int, clients: int
-                     ) -> tuple[list[float], float]:
+async def _http_hits(
+    url: str, body: bytes, *, requests: int, clients: int
+) -> tuple[list[float], float]:
     import httpx
 
     latencies: list[float] = []
@@ -88,8 +101,9 @@ async def _http_hits(url: str, body: bytes, *, requests: int, clients: int
     async def client(c: httpx.AsyncClient) -> None:
         for _ in range(per_client):
             t0 = time.perf_counter()
-            r = await c.post("/v1/positives", content=body,
-                             headers={"Content-Type": "application/x-safetensors"})
+            r = await c.post(
+                "/v1/positives", content=body, headers={"Content-Type": "application/x-safetensors"}
+            )
             latencies.append(time.perf_counter() - t0)
             r.raise_for_status()
             assert r.headers["content-type"] == "application/x-safetensors"
@@ -110,8 +124,7 @@ def main() -> dict[str, Any]:
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--hit-anchors", type=int, default=256)
     ap.add_argument("--hit-requests", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads, here and in the "
-                    "server")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, here and in the server")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -132,36 +145,65 @@ def main() -> dict[str, Any]:
     _direct(generator, args.batch, args.steps, 1, seed=0)  # warm-up
 
     redis = RedisServer(maxmemory="1gb").start()
-    server = start_service(model_dir, redis_url=redis.url, max_batch=args.batch,
-                           max_wait_ms=5, max_anchors=max(args.hit_anchors, args.batch),
-                           max_queue=64 * args.batch, max_cost=10**9,
-                           threads=args.threads, device=args.device, dtype=args.dtype)
+    server = start_service(
+        model_dir,
+        redis_url=redis.url,
+        max_batch=args.batch,
+        max_wait_ms=5,
+        max_anchors=max(args.hit_anchors, args.batch),
+        max_queue=64 * args.batch,
+        max_cost=10**9,
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+    )
     try:
         # Interleaved rounds, best of each: load from other processes on a shared
         # machine then biases neither side. The first HTTP round warms the server up.
         direct_runs, http_runs = [], []
         for r in range(args.rounds + 1):
             direct_runs.append(_direct(generator, args.batch, args.steps, 2, seed=100 + 10 * r))
-            http_runs.append(asyncio.run(_http_misses(
-                server.url, batch=args.batch, steps=args.steps, requests=args.miss_requests,
-                clients=args.clients, size=size, channels=channels, seed=1000 + 100 * r)))
+            http_runs.append(
+                asyncio.run(
+                    _http_misses(
+                        server.url,
+                        batch=args.batch,
+                        steps=args.steps,
+                        requests=args.miss_requests,
+                        clients=args.clients,
+                        size=size,
+                        channels=channels,
+                        seed=1000 + 100 * r,
+                    )
+                )
+            )
         direct, http = max(direct_runs[1:]), max(http_runs[1:])
 
         params = {"steps": args.steps, "eta": 0.1, "interpolation_weight": 0.1}
-        body = encode_request(anchors_u8(args.hit_anchors, 5000, size=size, channels=channels),
-                              None, params)[0]
+        body = encode_request(
+            anchors_u8(args.hit_anchors, 5000, size=size, channels=channels), None, params
+        )[0]
         import httpx
 
-        r = httpx.post(server.url + "/v1/positives", content=body, timeout=600,
-                       headers={"Content-Type": "application/x-safetensors"})
+        r = httpx.post(
+            server.url + "/v1/positives",
+            content=body,
+            timeout=600,
+            headers={"Content-Type": "application/x-safetensors"},
+        )
         r.raise_for_status()
-        r = httpx.post(server.url + "/v1/positives", content=body, timeout=600,
-                       headers={"Content-Type": "application/x-safetensors"})
+        r = httpx.post(
+            server.url + "/v1/positives",
+            content=body,
+            timeout=600,
+            headers={"Content-Type": "application/x-safetensors"},
+        )
         assert decode_response(r.content, r.headers["content-type"]).cache_hit.all()
         hit_runs = {}
         for clients in (1, args.clients * 4):
-            lat, seconds = asyncio.run(_http_hits(server.url, body, requests=args.hit_requests,
-                                                  clients=clients))
+            lat, seconds = asyncio.run(
+                _http_hits(server.url, body, requests=args.hit_requests, clients=clients)
+            )
             lat_ms = np.array(lat) * 1000
             hit_runs[clients] = {
                 "p50_ms": float(np.percentile(lat_ms, 50)),
@@ -173,16 +215,25 @@ def main() -> dict[str, Any]:
         redis.close()
 
     figures = {
-        "model": f"{size}x{size}x{channels}", "steps": args.steps, "batch": args.batch,
-        "device": args.device, "dtype": args.dtype,
-        "threads": args.threads, "cpu_count": os.cpu_count(),
+        "model": f"{size}x{size}x{channels}",
+        "steps": args.steps,
+        "batch": args.batch,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "cpu_count": os.cpu_count(),
         "load_average": os.getloadavg()[0],
-        "miss_direct_positives_per_s": direct, "miss_http_positives_per_s": http,
-        "miss_overhead": direct / http - 1.0, "hit_anchors": args.hit_anchors, "hits": hit_runs,
+        "miss_direct_positives_per_s": direct,
+        "miss_http_positives_per_s": http,
+        "miss_overhead": direct / http - 1.0,
+        "hit_anchors": args.hit_anchors,
+        "hits": hit_runs,
     }
-    print(f"\nservice benchmark: model {figures['model']} on {args.device}/{args.dtype}, "
-          f"{args.steps} DDIM steps, batch {args.batch}, {args.threads} torch thread(s), "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"\nservice benchmark: model {figures['model']} on {args.device}/{args.dtype}, "
+        f"{args.steps} DDIM steps, batch {args.batch}, {args.threads} torch thread(s), "
+        f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'measure':52s} {'value':>12s}")
     print(f"{'cache miss, generator.sample direct (positives/s)':52s} {direct:12.1f}")
     print(f"{'cache miss, HTTP + batcher + Redis (positives/s)':52s} {http:12.1f}")

@@ -44,8 +44,10 @@ class RedisServer:
     def __init__(self, port: int | None = None, maxmemory: str = "256mb") -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            raise RuntimeError("redis-server is not installed: run `make test` (it installs "
-                               "Debian's redis-server) or `apt-get install -y redis-server`")
+            raise RuntimeError(
+                "redis-server is not installed: run `make test` (it installs "
+                "Debian's redis-server) or `apt-get install -y redis-server`"
+            )
         self.port = port or free_port()
         self.maxmemory = maxmemory
         self.proc: subprocess.Popen | None = None
@@ -57,10 +59,27 @@ class RedisServer:
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.workdir, "--maxmemory", self.maxmemory,
-             "--maxmemory-policy", "allkeys-lru", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.workdir,
+                "--maxmemory",
+                self.maxmemory,
+                "--maxmemory-policy",
+                "allkeys-lru",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         _wait_until(self.ping, timeout, f"redis-server on port {self.port}", self.proc)
         return self
@@ -124,8 +143,13 @@ class ServerProcess:
 
     def start(self, timeout: float = 120.0) -> ServerProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     env=self.env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,
+        )
         try:
             _wait_until(self._healthy, timeout, f"server {' '.join(self.cmd[:4])}...", self.proc)
         except Exception as exc:
@@ -167,10 +191,26 @@ class ServerProcess:
         self.stop()
 
 
-def uvicorn_app(factory: str, *, port: int | None = None, env: dict[str, str] | None = None,
-                health_path: str = "/healthz") -> ServerProcess:
+def uvicorn_app(
+    factory: str,
+    *,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    health_path: str = "/healthz",
+) -> ServerProcess:
     """A uvicorn app factory (``module:function``) on 127.0.0.1 and a free port."""
     port = port or free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", factory, "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        factory,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
     return ServerProcess(cmd, port, health_path=health_path, env=env)

@@ -17,14 +17,24 @@ from tests.support.servers import ServerProcess, uvicorn_app
 FACTORY = "clsp_positives.service.app:create_app_from_env"
 
 
-def start_service(model_dir: str, *, redis_url: str | None = None, token: str | None = None,
-                  threads: int = 1, **settings: Any) -> ServerProcess:
+def start_service(
+    model_dir: str,
+    *,
+    redis_url: str | None = None,
+    token: str | None = None,
+    threads: int = 1,
+    **settings: Any,
+) -> ServerProcess:
     """A real uvicorn running the service; ready once /readyz answers 200 (warm-up done).
 
     ``settings`` become ``CLSP_<NAME>`` variables (see ``ServiceSettings.from_env``).
     """
-    env = {"CLSP_MODEL": str(model_dir), "CLSP_WARMUP_STEPS": "1",
-           "OMP_NUM_THREADS": str(threads), "CLSP_LOG_LEVEL": "warning"}
+    env = {
+        "CLSP_MODEL": str(model_dir),
+        "CLSP_WARMUP_STEPS": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "CLSP_LOG_LEVEL": "warning",
+    }
     if redis_url:
         env["CLSP_REDIS"] = redis_url
     if token:
@@ -35,18 +45,24 @@ def start_service(model_dir: str, *, redis_url: str | None = None, token: str | 
 
 def anchors_u8(n: int, seed: int, size: int = 16, channels: int = 1) -> np.ndarray:
     """Distinct random uint8 anchors [n, H, W, C]; a new seed gives new cache keys."""
-    return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels),
-                                                dtype=np.uint8)
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
 
 
 def auth(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def post_positives(client: httpx.Client, anchors: np.ndarray, params: Mapping[str, Any], *,
-                   token: str | None = None, encoding: str = "application/x-safetensors",
-                   candidates: np.ndarray | None = None, path: str = "/v1/positives",
-                   accept: str | None = None) -> tuple[httpx.Response, ResponseArrays | None]:
+def post_positives(
+    client: httpx.Client,
+    anchors: np.ndarray,
+    params: Mapping[str, Any],
+    *,
+    token: str | None = None,
+    encoding: str = "application/x-safetensors",
+    candidates: np.ndarray | None = None,
+    path: str = "/v1/positives",
+    accept: str | None = None,
+) -> tuple[httpx.Response, ResponseArrays | None]:
     body, ctype = encode_request(anchors, candidates, dict(params), encoding=encoding)
     headers = {"Content-Type": ctype, **auth(token)}
     if accept:
@@ -57,12 +73,17 @@ def post_positives(client: httpx.Client, anchors: np.ndarray, params: Mapping[st
     return r, decode_response(r.content, r.headers["content-type"])
 
 
-async def apost_positives(client: httpx.AsyncClient, anchors: np.ndarray,
-                          params: Mapping[str, Any], *, token: str | None = None
-                          ) -> tuple[httpx.Response, ResponseArrays | None]:
+async def apost_positives(
+    client: httpx.AsyncClient,
+    anchors: np.ndarray,
+    params: Mapping[str, Any],
+    *,
+    token: str | None = None,
+) -> tuple[httpx.Response, ResponseArrays | None]:
     body, ctype = encode_request(anchors, None, dict(params))
-    r = await client.post("/v1/positives", content=body,
-                          headers={"Content-Type": ctype, **auth(token)})
+    r = await client.post(
+        "/v1/positives", content=body, headers={"Content-Type": ctype, **auth(token)}
+    )
     if r.status_code != 200:
         return r, None
     return r, decode_response(r.content, r.headers["content-type"])

@@ -62,11 +62,16 @@ def create_app() -> FastAPI:
 
     @app.get("/v1/model")
     def model() -> dict[str, Any]:
-        return {"fingerprint": STUB_FINGERPRINT,
-                "sample_size": int(os.environ.get("STUB_SIZE", "16")),
-                "channels": int(os.environ.get("STUB_CHANNELS", "1")),
-                "scheduler": {}, "device": "cpu", "dtype": "float32",
-                "max_k": 64, "max_anchors": 4096}
+        return {
+            "fingerprint": STUB_FINGERPRINT,
+            "sample_size": int(os.environ.get("STUB_SIZE", "16")),
+            "channels": int(os.environ.get("STUB_CHANNELS", "1")),
+            "scheduler": {},
+            "device": "cpu",
+            "dtype": "float32",
+            "max_k": 64,
+            "max_anchors": 4096,
+        }
 
     @app.post("/stub/config")
     async def set_config(request: Request) -> dict[str, Any]:
@@ -81,24 +86,33 @@ def create_app() -> FastAPI:
     async def positives(request: Request) -> Response:
         counters["requests"] += 1
         if token and request.headers.get("authorization") != f"Bearer {token}":
-            return JSONResponse({"error": "unauthorized", "detail": "missing or wrong bearer "
-                                 "token"}, status_code=401)
+            return JSONResponse(
+                {"error": "unauthorized", "detail": "missing or wrong bearer token"},
+                status_code=401,
+            )
         if config["delay_s"]:
             await asyncio.sleep(config["delay_s"])
         if config["fail_status"]:
-            return JSONResponse({"error": "stub_failure", "detail": "configured to fail"},
-                                status_code=config["fail_status"])
+            return JSONResponse(
+                {"error": "stub_failure", "detail": "configured to fail"},
+                status_code=config["fail_status"],
+            )
         body = await request.body()
         try:
             req = decode_request(body, request.headers.get("content-type"))
         except ProtocolError as exc:
-            return JSONResponse({"error": exc.code, "detail": exc.detail},
-                                status_code=exc.status)
+            return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
         if req.anchors.dtype != np.uint8:
-            return JSONResponse({"error": "invalid_tensor", "detail": "the stub takes uint8 "
-                                 "anchors only"}, status_code=400)
-        out = np.stack([stub_positive(req.anchors[a], c)
-                        for a, c in zip(req.anchor_index, req.candidates, strict=True)])
+            return JSONResponse(
+                {"error": "invalid_tensor", "detail": "the stub takes uint8 anchors only"},
+                status_code=400,
+            )
+        out = np.stack(
+            [
+                stub_positive(req.anchors[a], c)
+                for a, c in zip(req.anchor_index, req.candidates, strict=True)
+            ]
+        )
         hits = np.zeros(len(out), np.uint8)
         for i, (a, c) in enumerate(zip(req.anchor_index, req.candidates, strict=True)):
             key = req.anchors[a].tobytes() + int(c).to_bytes(8, "little")
@@ -110,7 +124,8 @@ def create_app() -> FastAPI:
             hits = hits.reshape(req.num_anchors, req.params.k)
         answer = ResponseArrays(out, hits, STUB_FINGERPRINT, req.params)
         accept = media_type(request.headers.get("accept")) or media_type(
-            request.headers.get("content-type"))
+            request.headers.get("content-type")
+        )
         blob, kind = encode_response(answer, encoding=accept)
         return Response(blob, media_type=kind)
 
@@ -124,16 +139,27 @@ def stub_server(port: int | None = None, **env: str) -> ServerProcess:
     path = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p)
     port = port or free_port()
     # A short graceful shutdown: a stub told to be slow must not hold a test's teardown.
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "tests.support.stub_pool:create_app",
-           "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-           "--timeout-graceful-shutdown", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "tests.support.stub_pool:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--timeout-graceful-shutdown",
+        "1",
+    ]
     return ServerProcess(cmd, port, health_path="/readyz", env={"PYTHONPATH": path, **env})
 
 
 def configure(server: ServerProcess, **config: Any) -> dict[str, Any]:
     """Change a running stub's behaviour (delay_s, fail_status, ready)."""
-    return httpx.post(server.url + "/stub/config", json=config, timeout=5,
-                      trust_env=False).json()
+    return httpx.post(server.url + "/stub/config", json=config, timeout=5, trust_env=False).json()
 
 
 def counters(server: ServerProcess) -> dict[str, int]:
