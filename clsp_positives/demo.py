@@ -384,7 +384,7 @@ def ensure_model(
 ) -> ModelStage:
     """The cached DDPM when it has had at least this budget's steps; else train (resuming
     the cached run's state, so a quick run's model is continued, not thrown away)."""
-    from clsp_positives.service.diffusion_train import DiffusionTrainConfig, train
+    from clsp_positives.service.ddpm.train import DiffusionTrainConfig, train
 
     model_dir = cache_dir / "demo-model"
     marker = model_dir / MODEL_MARKER
@@ -493,7 +493,7 @@ def generate_positives(
     import numpy as np
     from tqdm.auto import tqdm
 
-    from clsp_positives.trainer.pool_client import PoolClient
+    from clsp_positives.trainer.positives.client import PoolClient
 
     n = len(images)
     params = budget.positives_params()
@@ -565,7 +565,8 @@ def train_arm(
     say: Callable[[str], None],
 ) -> ArmResult:
     """One ``clsp train`` run, in-process; ``url`` given means the CLSP arm."""
-    from clsp_positives.trainer.train_loop import TrainConfig, train
+    from clsp_positives.trainer.config import TrainConfig
+    from clsp_positives.trainer.train_loop import train
 
     clsp = url is not None
     config = TrainConfig(
@@ -732,7 +733,7 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
     def stage(number: int, title: str) -> None:
         console.rule(f"[bold][{number}/5] {title}")
 
-    from clsp_positives.trainer.data import load_images
+    from clsp_positives.images import load_images
 
     data = load_images("digits", split="train", size=16)
 
@@ -906,7 +907,7 @@ def _model_info(url: str) -> dict[str, Any]:
 
 def _grid_candidates(url: str, anchors: Any, budget: Budget, k: int) -> Any:
     """Candidates 0..k-1 of a few anchors (the first K are cache hits by now)."""
-    from clsp_positives.trainer.pool_client import PoolClient
+    from clsp_positives.trainer.positives.client import PoolClient
 
     with PoolClient(url, timeout_s=600.0) as client:
         return client.positives(anchors, None, budget.positives_params(k=k)).positives

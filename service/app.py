@@ -42,7 +42,7 @@ from clsp_positives.service.metrics import ServiceMetrics, route_label
 from clsp_positives.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
-    from clsp_positives.service.generator import Generator
+    from clsp_positives.service.sampling.generator import PositivesGenerator
 
 log = logging.getLogger("clsp.service")
 
@@ -148,7 +148,7 @@ class PositivesService:
     def __init__(
         self,
         settings: ServiceSettings,
-        generator: Generator,
+        generator: PositivesGenerator,
         cache: PositivesCache,
         metrics: ServiceMetrics,
     ) -> None:
@@ -430,7 +430,7 @@ def _openapi_document(app: FastAPI) -> Callable[[], dict[str, Any]]:
 
 def create_app(
     settings: ServiceSettings,
-    generator: Generator,
+    generator: PositivesGenerator,
     cache: PositivesCache,
     *,
     metrics: ServiceMetrics | None = None,
@@ -542,10 +542,10 @@ def create_app(
     return app
 
 
-def build_generator(settings: ServiceSettings) -> Generator:
-    from clsp_positives.service.generator import Generator
+def build_generator(settings: ServiceSettings) -> PositivesGenerator:
+    from clsp_positives.service.sampling.generator import PositivesGenerator
 
-    return Generator.from_dir(settings.model, device=settings.device, dtype=settings.dtype)
+    return PositivesGenerator.from_dir(settings.model, device=settings.device, dtype=settings.dtype)
 
 
 def build_app(settings: ServiceSettings) -> FastAPI:

@@ -6,7 +6,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from clsp_positives.service.diffusion_cli import diffusion_app
+    from clsp_positives.service.ddpm.cli import diffusion_app
     from clsp_positives.service.serve_cli import serve
 
     app.command("serve")(serve)

@@ -48,7 +48,7 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A random "tiny" 16x16, 1-channel model directory (pipeline layout), made once."""
-    from clsp_positives.service import presets
+    from clsp_positives.service.ddpm import presets
 
     return presets.random_model_dir(
         tmp_path_factory.mktemp("tiny-model"), preset="tiny", sample_size=16, channels=1, seed=0

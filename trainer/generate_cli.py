@@ -21,7 +21,7 @@ import numpy as np
 import typer
 
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.sources import progress_path
+from clsp_positives.trainer.positives.sources import progress_path
 
 TOKEN_ENV = "CLSP_API_TOKEN"
 """The same variable `clsp serve` and `clsp train` read, so one secret serves all three."""
@@ -170,9 +170,9 @@ def generate(
     from pydantic import ValidationError
     from tqdm import tqdm
 
+    from clsp_positives.images import load_images
     from clsp_positives.proto.params import describe_validation_error
-    from clsp_positives.trainer.data import load_images
-    from clsp_positives.trainer.pool_client import PoolClient, PoolError
+    from clsp_positives.trainer.positives.client import PoolClient, PoolError
 
     try:
         params = GenerationParams(

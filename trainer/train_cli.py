@@ -66,7 +66,8 @@ def train_command(
     """Train a contrastive model, optionally with synthetic positives from a pool."""
     from pydantic import ValidationError
 
-    from clsp_positives.trainer.train_loop import TrainConfig, train
+    from clsp_positives.trainer.config import TrainConfig
+    from clsp_positives.trainer.train_loop import train
 
     options = dict(locals())
     options.pop("ValidationError", None)

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from clsp_positives.service.generator import Generator
-from clsp_positives.service.model import load_model
-from clsp_positives.service.presets import random_model_dir
-from clsp_positives.service.unet_split import Encoded, UNetSplit
+from clsp_positives.service.ddpm.presets import random_model_dir
+from clsp_positives.service.sampling.generator import PositivesGenerator
+from clsp_positives.service.sampling.model import load_model
+from clsp_positives.service.sampling.unet_split import Encoded, UNetSplit
 
 WEIGHT = 0.1
 ETA = 0.1
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tmp / "model", preset=args.preset, sample_size=size, channels=channels
     )
     compile_ = args.compile if args.compile is not None else device.type == "cuda"
-    gen = Generator.from_dir(model_dir, device=device, dtype=args.dtype, compile=compile_)
+    gen = PositivesGenerator.from_dir(model_dir, device=device, dtype=args.dtype, compile=compile_)
     ref_unet = load_model(model_dir).unet.to(device)
     ref_split = UNetSplit(ref_unet)
     scheduler = DDIMScheduler.from_config(gen.scheduler_config)

@@ -45,7 +45,7 @@ def environment() -> dict[str, Any]:
 
 
 def kernels_vs_reference() -> dict[str, Any]:
-    from clsp_positives.service.kernels import self_check
+    from clsp_positives.service.sampling.kernel_check import self_check
 
     return self_check("cuda")
 
@@ -56,16 +56,16 @@ def sampler_vs_diffusers(model_dir: Path, steps: int = 20) -> dict[str, Any]:
     from diffusers import DDIMScheduler
 
     from clsp_positives.proto.keys import unit_to_uint8
-    from clsp_positives.service.generator import Generator
-    from clsp_positives.service.noise import STREAM_INITIAL, normal
+    from clsp_positives.service.sampling.generator import PositivesGenerator
+    from clsp_positives.service.sampling.noise import STREAM_INITIAL, normal
 
-    gen = Generator.from_dir(model_dir, device="cuda", dtype="float32")
+    gen = PositivesGenerator.from_dir(model_dir, device="cuda", dtype="float32")
     n, c, s = 16, gen.channels, gen.sample_size
     seeds = np.arange(1000, 1000 + n, dtype=np.int64)
     anchors = np.zeros((n, c, s, s), np.float32)
     ours = gen.sample(anchors, seeds, np.ones(n, np.float32), steps=steps, eta=0.0, method="ddim")
 
-    from clsp_positives.service.model import load_model
+    from clsp_positives.service.sampling.model import load_model
 
     unet = load_model(model_dir).unet.to("cuda").eval()
     sched = DDIMScheduler.from_config(gen.scheduler_config)
@@ -87,11 +87,14 @@ def sampler_vs_diffusers(model_dir: Path, steps: int = 20) -> dict[str, Any]:
 
 def cpu_vs_gpu(model_dir: Path, steps: int = 20) -> dict[str, Any]:
     """Same keys on CPU and CUDA (fp32): close, not identical (DESIGN §2)."""
-    from clsp_positives.service.generator import Generator
+    from clsp_positives.service.sampling.generator import PositivesGenerator
 
     rng = np.random.default_rng(0)
     out = {}
-    gens = {d: Generator.from_dir(model_dir, device=d, dtype="float32") for d in ("cpu", "cuda")}
+    gens = {
+        d: PositivesGenerator.from_dir(model_dir, device=d, dtype="float32")
+        for d in ("cpu", "cuda")
+    }
     c, s = gens["cpu"].channels, gens["cpu"].sample_size
     anchors = rng.uniform(-1, 1, (8, c, s, s)).astype(np.float32)
     seeds = np.arange(8, dtype=np.int64) * 7919
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {}
     failed = False
 
-    from clsp_positives.service.presets import random_model_dir
+    from clsp_positives.service.ddpm.presets import random_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="clsp-gpu-check-"))
     cifar = random_model_dir(tmp / "cifar", preset="ddpm-cifar10", sample_size=32, channels=3)

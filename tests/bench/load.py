@@ -12,7 +12,7 @@ that long). Reported: requests and positives per second, p50/p90/p99 latency
 against its peak during the run.
 
 ``drive()`` and ``warm_sets()`` are also the engine of the CI version
-(``tests/test_load.py``: ~10 s) and of the Redis-restart-under-load test.
+(``tests/system/test_load.py``: ~10 s) and of the Redis-restart-under-load test.
 
 Usage: ``python tests/bench/load.py [--seconds 60] [--clients 32] [--model DIR]
 [--json OUT]``.
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = args.model
         if model is None:
-            from clsp_positives.service import presets
+            from clsp_positives.service.ddpm import presets
 
             model = str(
                 presets.random_model_dir(

@@ -4,7 +4,7 @@ Trains a DDPM on digits at 16x16 for a fixed CPU budget with ``clsp diffusion tr
 (default: 10 minutes of process CPU time on one thread, capped at 20 wall minutes: on a
 shared 2-core machine two OpenMP threads spent most of their CPU time waiting for each other,
 and CPU time keeps the budget independent of what else runs),
-generates positives for test anchors with the service's ``Generator`` at w = 0.1 (CLSP) and
+generates positives for test anchors with the service's ``PositivesGenerator`` at w = 0.1 (CLSP) and
 w = 1.0 (plain unconditional sampling: the anchor is ignored) with the same anchors and seeds,
 and asks classifiers trained on the real digits training images which class each positive is.
 
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
-    from clsp_positives.service.diffusion_train import DiffusionTrainConfig, train
+    from clsp_positives.service.ddpm.train import DiffusionTrainConfig, train
 
     preset = args.preset
     config = DiffusionTrainConfig(
@@ -144,10 +144,10 @@ def classifiers(train_x: np.ndarray, train_y: np.ndarray) -> dict[str, Any]:
 def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     import torch
 
+    from clsp_positives.images import load_images
     from clsp_positives.proto.keys import canonical_anchors, positive_keys, seed_from_key
     from clsp_positives.proto.params import GenerationParams
-    from clsp_positives.service.generator import Generator
-    from clsp_positives.trainer.data import load_images
+    from clsp_positives.service.sampling.generator import PositivesGenerator
 
     torch.set_num_threads(args.threads)
     train_set = load_images("digits", split="train", size=16, channels=1)
@@ -161,7 +161,7 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     n = min(args.anchors, len(test_set))
     anchors_u8, labels = test_set.images[:n], test_set.labels[:n]
     canon = canonical_anchors(anchors_u8)
-    generator = Generator.from_dir(model_dir, device="cpu", dtype="float32")
+    generator = PositivesGenerator.from_dir(model_dir, device="cpu", dtype="float32")
     # The seeds of candidates 0 and 1 at w = 0.1; reused at w = 1.0 so both arms share noise.
     params = GenerationParams(interpolation_weight=0.1, steps=args.steps, eta=args.eta)
     seeds = [

@@ -2,7 +2,7 @@
 
 * cache miss: positives/s through HTTP (``clsp`` service under uvicorn, Redis,
   fresh anchors, requests of ``--batch`` anchors, ``--clients`` at a time so the
-  worker never idles) against ``Generator.sample`` called directly at the same
+  worker never idles) against ``PositivesGenerator.sample`` called directly at the same
   batch size in this process, with the same torch thread count as the server.
   Direct and HTTP rounds interleave and the best round of each is kept, so load
   from other processes biases neither side; a first round of each is warm-up.
@@ -37,7 +37,7 @@ from tests.support.service import anchors_u8, start_service  # noqa: E402
 
 
 def _direct(generator, batch: int, steps: int, rounds: int, seed: int) -> float:
-    """positives/s of ``Generator.sample`` at ``batch``, best of ``rounds``."""
+    """positives/s of ``PositivesGenerator.sample`` at ``batch``, best of ``rounds``."""
     from clsp_positives.proto.keys import canonical_anchors
 
     c, s = generator.channels, generator.sample_size
@@ -135,12 +135,12 @@ def main() -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     from clsp_positives.proto.codec import decode_response, encode_request
-    from clsp_positives.service.generator import Generator
-    from clsp_positives.service.presets import random_model_dir
+    from clsp_positives.service.ddpm.presets import random_model_dir
+    from clsp_positives.service.sampling.generator import PositivesGenerator
 
     tmp = tempfile.mkdtemp(prefix="clsp-bench-")
     model_dir = args.model or str(random_model_dir(Path(tmp) / "tiny"))
-    generator = Generator.from_dir(model_dir, device=args.device, dtype=args.dtype)
+    generator = PositivesGenerator.from_dir(model_dir, device=args.device, dtype=args.dtype)
     size, channels = generator.sample_size, generator.channels
     _direct(generator, args.batch, args.steps, 1, seed=0)  # warm-up
 

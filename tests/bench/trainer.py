@@ -72,7 +72,7 @@ def start_service(model_dir: Path) -> ServerProcess:
 def service_available() -> bool:
     try:
         import clsp_positives.service.app as app
-        import clsp_positives.service.generator  # noqa: F401
+        import clsp_positives.service.sampling.generator  # noqa: F401
     except ImportError:
         return False
     return hasattr(app, "create_app_from_env")
@@ -81,7 +81,7 @@ def service_available() -> bool:
 def warm(url: str, images: np.ndarray, k: int, params: Any) -> np.ndarray:
     """Ask the pool for every (image, candidate) once: fills its cache and returns the
     ``[N, K, H, W, C]`` array that doubles as the offline positives."""
-    from clsp_positives.trainer.pool_client import PoolClient
+    from clsp_positives.trainer.positives.client import PoolClient
 
     out = np.zeros((len(images), k, *images.shape[1:]), np.uint8)
     with PoolClient(url, timeout_s=600) as client:
@@ -97,7 +97,8 @@ def warm(url: str, images: np.ndarray, k: int, params: Any) -> np.ndarray:
 
 def run_once(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """One training run; its fastest epoch."""
-    from clsp_positives.trainer.train_loop import TrainConfig, train
+    from clsp_positives.trainer.config import TrainConfig
+    from clsp_positives.trainer.train_loop import train
 
     result = train(TrainConfig(**{**base, **changes}), echo=lambda *a, **k: None)
     return min(result.history, key=lambda r: r["epoch_seconds"])
@@ -160,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from clsp_positives.images import load_images
     from clsp_positives.proto.params import GenerationParams
-    from clsp_positives.trainer.data import load_images
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.ERROR)
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="clsp-bench-") as tmp:
         if use_service:
-            from clsp_positives.service.presets import random_model_dir
+            from clsp_positives.service.ddpm.presets import random_model_dir
 
             model_dir = random_model_dir(
                 Path(tmp) / "model", preset="tiny", sample_size=16, channels=1

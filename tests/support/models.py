@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from clsp_positives.service import presets
+from clsp_positives.service.ddpm import presets
 
 
 def tiny_unet(

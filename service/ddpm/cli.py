@@ -1,0 +1,98 @@
+"""``clsp diffusion ...``: train the diffusion models the service samples from."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+diffusion_app = typer.Typer(
+    help="Train and inspect the diffusion models the service samples from.", no_args_is_help=True
+)
+
+
+@diffusion_app.command("train")
+def train(
+    out: str = typer.Option(..., "--out", help="Model directory; resumes when it holds a state."),
+    dataset: str = typer.Option(
+        "digits", "--dataset", help="digits, cifar10, cifar100, stl10, or an image-folder path."
+    ),
+    data_root: Optional[str] = typer.Option(
+        None, "--data-root", help="Folder with torchvision's cifar10/cifar100/stl10 files."
+    ),
+    download: bool = typer.Option(False, "--download", help="Fetch the torchvision set to root."),
+    size: Optional[int] = typer.Option(None, "--size", help="Image side (digits default: 16)."),
+    channels: Optional[int] = typer.Option(None, "--channels", help="1 or 3."),
+    preset: str = typer.Option("small", "--preset", help="UNet preset, or a UNet config .json."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimizer steps."),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="Time budget of this run."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    lr: float = typer.Option(2e-4, "--lr", help="Peak AdamW learning rate."),
+    lr_warmup: int = typer.Option(100, "--lr-warmup", help="Linear warm-up steps."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant or cosine."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm."),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA decay (with warm-up)."),
+    flip: Optional[bool] = typer.Option(
+        None, "--flip/--no-flip", help="Random horizontal flips (default: not for digits)."
+    ),
+    seed: int = typer.Option(0, "--seed"),
+    save_every: int = typer.Option(1000, "--save-every", help="Checkpoint every N steps."),
+    sample_count: int = typer.Option(64, "--sample-count", help="Images in samples.png (0: none)."),
+    sample_steps: int = typer.Option(50, "--sample-steps", help="DDIM steps for samples.png."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train an unconditional DDPM (EMA weights saved in the diffusers pipeline layout)."""
+    from pydantic import ValidationError
+
+    from clsp_positives.service.ddpm.train import DiffusionTrainConfig
+    from clsp_positives.service.ddpm.train import train as run_training
+
+    try:
+        config = DiffusionTrainConfig(
+            out=out,
+            dataset=dataset,
+            data_root=data_root,
+            download=download,
+            size=size,
+            channels=channels,
+            preset=preset,
+            steps=steps,
+            minutes=minutes,
+            batch_size=batch_size,
+            lr=lr,
+            lr_warmup=lr_warmup,
+            lr_schedule=lr_schedule,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip,
+            ema_decay=ema_decay,
+            flip=flip,
+            seed=seed,
+            save_every=save_every,
+            sample_count=sample_count,
+            sample_steps=sample_steps,
+            threads=threads,
+            device=device,
+            progress=progress,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
+            if e["loc"]
+            else e["msg"]
+            for e in exc.errors()
+        )
+        raise typer.BadParameter(problems) from None
+    try:
+        result = run_training(config)
+    except (ValueError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    resumed = f" (resumed at step {result.start_step})" if result.start_step else ""
+    typer.echo(
+        f"trained to step {result.step}{resumed} in {result.seconds:.0f}s, "
+        f"{result.images_per_s:.0f} images/s, loss {result.loss:.4f}, "
+        f"{result.parameters / 1e6:.2f}M parameters -> {result.out}"
+    )

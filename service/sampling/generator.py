@@ -1,0 +1,291 @@
+"""The Python API of the generation core: keys -> seeds -> CLSP sampling -> uint8.
+
+The service's batcher calls ``sample`` from one worker thread with items of
+one parameter group (steps, eta, method; the weight may differ per item).
+``positives`` is the keyed convenience on top: it derives each candidate's
+seed from its cache key (DESIGN §2), so what it returns is exactly what the
+service caches under that key.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clsp_positives.proto.keys import canonical_anchors, positive_keys, seed_from_key, unit_to_uint8
+from clsp_positives.proto.params import GenerationParams
+from clsp_positives.service.sampling.model import LoadedModel, load_model, public_config
+from clsp_positives.service.sampling.sampler import CLSPSampler
+from clsp_positives.service.sampling.schedule import SamplingPlan, sampling_plan
+from clsp_positives.service.sampling.unet_split import UNetSplit
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _bucket(n: int) -> int:
+    """The power of two a compiled generator pads a batch of ``n`` to."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class GeneratorInputError(ValueError):
+    """A sampling input does not fit the model (shape, channels, dtype, range)."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype in DTYPES:
+        resolved = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {resolved}")
+    if resolved != torch.float32 and device.type != "cuda":
+        raise ValueError(
+            f"dtype {str(resolved).removeprefix('torch.')} runs on CUDA only; "
+            "use float32 on the CPU"
+        )
+    return resolved
+
+
+class PositivesGenerator:
+    """A loaded model ready to sample positives on one device in one dtype.
+
+    ``compile=True`` wraps the encoder and decoder in ``torch.compile`` (slower
+    first calls per batch shape, faster afterwards). ``channels_last`` defaults
+    to on for CUDA, where cuDNN's NHWC convolutions are faster, and off on the
+    CPU where it measured no faster for these UNets.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        compile: bool = False,
+        channels_last: bool | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.fingerprint = model.fingerprint
+        self.source = model.source
+        self.scheduler_config: dict[str, Any] = dict(model.scheduler_config)
+        cfg = model.unet.config
+        size = cfg.sample_size
+        self.sample_hw: tuple[int, int] = (
+            (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        )
+        self.sample_size: int = self.sample_hw[0]
+        self.channels: int = int(cfg.in_channels)
+        self.unet_config: dict[str, Any] = public_config(cfg)
+        if channels_last is None:
+            channels_last = self.device.type == "cuda"
+        unet = model.unet.to(device=self.device, dtype=self.dtype)
+        if channels_last:
+            unet = unet.to(memory_format=torch.channels_last)
+        self.unet = unet
+        split = UNetSplit(unet)
+        encode, decode = split.encode, split.decode
+        self.compiled = bool(compile)
+        if compile:
+            # Static shapes are measurably faster than dynamic ones, so compiled
+            # generators pad each call to a power-of-two bucket (``_bucket``):
+            # one compilation per bucket, at most ~2 x 10 of them up to 512.
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            dynamo_config.accumulated_recompile_limit = max(
+                dynamo_config.accumulated_recompile_limit, 512
+            )
+            encode = torch.compile(encode, dynamic=False)
+            decode = torch.compile(decode, dynamic=False)
+        self._sampler = CLSPSampler(
+            split, channels_last=channels_last, encode=encode, decode=decode
+        )
+        self._plans: dict[tuple[str, int, float], SamplingPlan] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_dir(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        *,
+        compile: bool = False,
+        channels_last: bool | None = None,
+    ) -> PositivesGenerator:
+        """Load a model directory (see ``model.load_model``) onto ``device``."""
+        resolve_dtype(dtype, resolve_device(device))  # refuse before the (slow) load
+        return cls(
+            load_model(model_dir),
+            device=device,
+            dtype=dtype,
+            compile=compile,
+            channels_last=channels_last,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/model`` reports."""
+        return {
+            "fingerprint": self.fingerprint,
+            "sample_size": self.sample_size,
+            "channels": self.channels,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "scheduler": public_config(self.scheduler_config),
+            "unet": self.unet_config,
+        }
+
+    def plan(self, *, steps: int, eta: float, method: str) -> SamplingPlan:
+        """The sampling plan of one parameter group (cached; DDPM ignores eta)."""
+        key = (method, int(steps), float(eta) if method == "ddim" else 0.0)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = sampling_plan(self.scheduler_config, method=method, steps=steps, eta=key[2])
+            self._plans[key] = plan
+        return plan
+
+    def check_anchors(self, anchors: np.ndarray) -> None:
+        """Refuse anchors whose layout does not fit the model: ``[M, C, H, W]``."""
+        want = (self.channels, *self.sample_hw)
+        if anchors.ndim != 4 or tuple(anchors.shape[1:]) != want:
+            raise GeneratorInputError(
+                f"anchors must be [N, {want[0]}, {want[1]}, {want[2]}] (channels, height, "
+                f"width of this model) as float, or [N, {want[1]}, {want[2]}, {want[0]}] as "
+                f"uint8; got shape {tuple(anchors.shape)}"
+            )
+
+    def sample(
+        self,
+        anchors: np.ndarray,
+        seeds: np.ndarray,
+        weights: np.ndarray,
+        *,
+        steps: int,
+        eta: float,
+        method: str,
+    ) -> np.ndarray:
+        """Positives uint8 ``[M, H, W, C]`` for float32 anchors ``[M, C, H, W]`` in [-1, 1],
+        int64 seeds ``[M]`` and interpolation weights ``[M]`` in [0, 1]."""
+        anchors = np.asarray(anchors)
+        if anchors.dtype != np.float32:
+            raise GeneratorInputError(f"anchors must be float32, got {anchors.dtype}")
+        self.check_anchors(anchors)
+        m = anchors.shape[0]
+        seeds = np.asarray(seeds)
+        weights = np.asarray(weights)
+        if seeds.dtype != np.int64 or seeds.shape != (m,):
+            raise GeneratorInputError(
+                f"seeds must be int64 [{m}], got {seeds.dtype} {tuple(seeds.shape)}"
+            )
+        if seeds.size and seeds.min() < 0:
+            raise GeneratorInputError("seeds must be non-negative (63-bit, from seed_from_key)")
+        if weights.shape != (m,) or not np.issubdtype(weights.dtype, np.floating):
+            raise GeneratorInputError(
+                f"weights must be float [{m}], got {weights.dtype} {tuple(weights.shape)}"
+            )
+        if not (np.isfinite(weights).all() and ((weights >= 0) & (weights <= 1)).all()):
+            raise GeneratorInputError("interpolation weights must be finite and in [0, 1]")
+        if not np.isfinite(anchors).all():
+            raise GeneratorInputError("anchors contain NaN or Inf")
+        plan = self.plan(steps=steps, eta=eta, method=method)
+        h, w = self.sample_hw
+        if m == 0:
+            return np.zeros((0, h, w, self.channels), dtype=np.uint8)
+        anchors_t = torch.from_numpy(np.ascontiguousarray(anchors))
+        seeds_t = torch.from_numpy(np.ascontiguousarray(seeds))
+        weights_t = torch.from_numpy(weights.astype(np.float32))
+        if self.compiled:
+            # Pad with copies of the first item: items are independent, so the
+            # padding changes no other item's result, only the compiled shape.
+            pad = _bucket(m) - m
+            if pad:
+                anchors_t, seeds_t, weights_t = (
+                    torch.cat([v, v[:1].expand(pad, *v.shape[1:])])
+                    for v in (anchors_t, seeds_t, weights_t)
+                )
+        with self._lock:
+            x = self._sampler(plan, anchors_t, seeds_t, weights_t)
+            images = x[:m].permute(0, 2, 3, 1).cpu().numpy()
+        return unit_to_uint8(images)
+
+    def keys(
+        self,
+        anchors: np.ndarray,
+        candidates: np.ndarray | None,
+        params: GenerationParams,
+    ) -> list[bytes]:
+        """Cache keys of ``(anchor, candidate)`` pairs under this model (``proto.keys``)."""
+        canon = canonical_anchors(np.asarray(anchors))
+        self.check_anchors(canon)
+        return positive_keys(self.fingerprint, params, canon, self._candidates(candidates, canon))
+
+    def positives(
+        self,
+        anchors: np.ndarray,
+        candidates: np.ndarray | None,
+        params: GenerationParams,
+    ) -> np.ndarray:
+        """One positive per anchor, uint8 ``[N, H, W, C]``.
+
+        ``anchors``: uint8 ``[N, H, W, C]`` or float ``[N, C, H, W]`` in [-1, 1];
+        ``candidates``: int64 ``[N]`` candidate index per anchor, None for all 0.
+        ``params.k`` is not expanded here: repeat anchors with candidates 0..k-1.
+        """
+        canon = canonical_anchors(np.asarray(anchors))
+        self.check_anchors(canon)
+        cands = self._candidates(candidates, canon)
+        keys = positive_keys(self.fingerprint, params, canon, cands)
+        seeds = np.array([seed_from_key(k) for k in keys], dtype=np.int64)
+        weights = np.full(len(canon), params.interpolation_weight, dtype=np.float32)
+        return self.sample(
+            canon, seeds, weights, steps=params.steps, eta=params.eta, method=params.method
+        )
+
+    def warmup(self, batch_sizes: tuple[int, ...] = (1,), steps: int = 2) -> None:
+        """Run small calls so first requests do not pay for lazy init or compilation."""
+        h, w = self.sample_hw
+        for b in batch_sizes:
+            anchors = np.zeros((b, self.channels, h, w), dtype=np.float32)
+            seeds = np.arange(b, dtype=np.int64)
+            weights = np.full(b, 0.5, dtype=np.float32)
+            self.sample(anchors, seeds, weights, steps=steps, eta=0.1, method="ddim")
+
+    @staticmethod
+    def _candidates(candidates: np.ndarray | None, canon: np.ndarray) -> np.ndarray:
+        if candidates is None:
+            return np.zeros(len(canon), dtype=np.int64)
+        cands = np.asarray(candidates)
+        if cands.shape != (len(canon),) or not np.issubdtype(cands.dtype, np.integer):
+            raise GeneratorInputError(
+                f"candidates must be integer [{len(canon)}] (one per anchor), got "
+                f"{cands.dtype} {tuple(cands.shape)}"
+            )
+        if cands.size and cands.min() < 0:
+            raise GeneratorInputError("candidate indices must be >= 0")
+        return cands.astype(np.int64)

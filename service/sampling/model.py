@@ -1,0 +1,189 @@
+"""Loading a diffusion model and its fingerprint.
+
+The fingerprint enters every cache key (DESIGN §2), so it must change
+whenever the generated images could: it hashes the UNet's effective config,
+the scheduler config and every weight, and nothing that cannot matter
+(diffusers version, file paths, the device or dtype it is loaded on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DModel
+
+from clsp_positives.service.sampling.schedule import (
+    UnsupportedSchedulerError,
+    check_scheduler_config,
+)
+from clsp_positives.service.sampling.unet_split import UnsupportedUNetError, check_unconditional
+
+FINGERPRINT_CHARS = 16
+"""Hex characters of the public fingerprint (64 bits: no accidental collisions)."""
+
+_UNET_CONFIG = "config.json"
+_SCHEDULER_CONFIG = "scheduler_config.json"
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be loaded; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A UNet on the CPU in float32 with what identifies it."""
+
+    unet: UNet2DModel
+    scheduler_config: dict[str, Any]
+    fingerprint: str
+    source: str
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object")
+    return data
+
+
+def resolve_layout(model_dir: Path) -> tuple[Path, Path]:
+    """``(unet_dir, scheduler_config_path)`` of the pipeline or the flat layout."""
+    if not model_dir.exists():
+        raise ModelLoadError(
+            f"model directory {model_dir} does not exist; pass a directory written by "
+            "`clsp diffusion train` or DDPMPipeline.save_pretrained (unet/ and scheduler/)"
+        )
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"{model_dir} is a file; pass the model directory")
+    if (model_dir / "unet" / _UNET_CONFIG).is_file():
+        unet_dir = model_dir / "unet"
+        candidates = [model_dir / "scheduler" / _SCHEDULER_CONFIG, model_dir / _SCHEDULER_CONFIG]
+    elif (model_dir / _UNET_CONFIG).is_file():
+        unet_dir = model_dir
+        candidates = [model_dir / _SCHEDULER_CONFIG, model_dir / "scheduler" / _SCHEDULER_CONFIG]
+    else:
+        raise ModelLoadError(
+            f"{model_dir} holds no UNet config: expected {model_dir / 'unet' / _UNET_CONFIG} "
+            f"(pipeline layout) or {model_dir / _UNET_CONFIG} (flat layout)"
+        )
+    for path in candidates:
+        if path.is_file():
+            return unet_dir, path
+    raise ModelLoadError(
+        f"{model_dir} has a UNet but no scheduler config: expected "
+        f"{candidates[0]} (a DDPMScheduler/DDIMScheduler config; "
+        "`presets.default_scheduler_config()` is DDPM's linear schedule)"
+    )
+
+
+def _check_unet_config(config: dict[str, Any], where: Path) -> None:
+    cls = config.get("_class_name", "UNet2DModel")
+    if cls != "UNet2DModel":
+        raise ModelLoadError(
+            f"{where} describes a {cls}; CLSP sampling needs an unconditional diffusers "
+            "UNet2DModel (a pixel-space DDPM such as google/ddpm-cifar10-32)"
+        )
+    if config.get("class_embed_type") or config.get("num_class_embeds"):
+        raise ModelLoadError(
+            f"{where} describes a class-conditional UNet2DModel (class_embed_type="
+            f"{config.get('class_embed_type')!r}, num_class_embeds="
+            f"{config.get('num_class_embeds')!r}); CLSP needs an unconditional model"
+        )
+
+
+def public_config(config: Any) -> dict[str, Any]:
+    """A config without diffusers' bookkeeping keys (``_class_name``, ``_diffusers_version``,
+    ``_name_or_path``...), with tuples as lists: what the images depend on."""
+    return {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in dict(config).items()
+        if not k.startswith("_")
+    }
+
+
+def fingerprint(unet: torch.nn.Module, scheduler_config: dict[str, Any]) -> str:
+    """sha256 over the canonical UNet config, the scheduler config and the weights.
+
+    Weights are hashed as float32 in sorted state_dict order with their names
+    and shapes, so the hash does not depend on the storage format or on the
+    device and dtype the model later runs in.
+    """
+    h = hashlib.sha256(b"clsp-positives/model/v1")
+    unet_cfg = public_config(getattr(unet, "config", {}))
+    for part in (unet_cfg, public_config(scheduler_config)):
+        h.update(json.dumps(part, sort_keys=True, separators=(",", ":")).encode() + b"|")
+    state = unet.state_dict()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def _from_hub(model_id: str) -> tuple[UNet2DModel, dict[str, Any]]:
+    """Load a hub id (only when a network and the hub are reachable)."""
+    from diffusers import DDPMScheduler
+
+    errors = []
+    for sub in ("unet", None):
+        try:
+            unet = UNet2DModel.from_pretrained(model_id, subfolder=sub)
+            sched = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler" if sub else None)
+            return unet, dict(sched.config)
+        except Exception as exc:  # any hub/IO failure: report them all below
+            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    raise ModelLoadError(
+        f"model directory {model_id} does not exist, and loading it as a hub id failed "
+        f"({'; '.join(errors)}); pass a local model directory"
+    )
+
+
+def load_model(model: str | Path) -> LoadedModel:
+    """Load a UNet2DModel and its scheduler config from a directory (or a hub id).
+
+    Raises ModelLoadError naming what to fix: a missing directory, a model that
+    is not an unconditional UNet2DModel, a missing scheduler config.
+    """
+    path = Path(model)
+    looks_like_hub_id = (
+        isinstance(model, str)
+        and not path.exists()
+        and model.count("/") == 1
+        and not model.startswith((".", "/", "~"))
+    )
+    if looks_like_hub_id:
+        unet, scheduler_config = _from_hub(str(model))
+        source = str(model)
+    else:
+        unet_dir, scheduler_path = resolve_layout(path)
+        _check_unet_config(_read_json(unet_dir / _UNET_CONFIG), unet_dir / _UNET_CONFIG)
+        scheduler_config = _read_json(scheduler_path)
+        try:
+            unet = UNet2DModel.from_pretrained(
+                unet_dir, torch_dtype=torch.float32, low_cpu_mem_usage=False
+            )
+        except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError...
+            raise ModelLoadError(f"cannot load the UNet weights from {unet_dir}: {exc}") from None
+        source = str(path)
+    try:
+        check_unconditional(unet)
+        check_scheduler_config(scheduler_config)
+    except (UnsupportedUNetError, UnsupportedSchedulerError) as exc:
+        raise ModelLoadError(f"{source}: {exc}") from None
+    if unet.config.out_channels != unet.config.in_channels:
+        raise ModelLoadError(
+            f"{source}: the UNet maps {unet.config.in_channels} channels to "
+            f"{unet.config.out_channels}; a noise/sample predictor must output as many "
+            "channels as it takes (learned-variance models are not supported)"
+        )
+    unet.eval().requires_grad_(False)
+    scheduler_config = dict(scheduler_config)
+    return LoadedModel(unet, scheduler_config, fingerprint(unet, scheduler_config), source)

@@ -1,0 +1,169 @@
+"""Elementwise hot path of the CLSP sampler: torch references and dispatch to Triton.
+
+Each op computes in float32 and returns the dtype of its main input. On CUDA
+tensors (when triton imports) the fused Triton kernel of ``kernels.py`` runs;
+elsewhere the torch reference below, which draws the same counter-based noise
+(``noise.py``). ``CLSP_KERNELS=torch`` forces the references,
+``CLSP_KERNELS=triton`` forces the kernels (on CPU only together with
+``TRITON_INTERPRET=1``, for tests). The environment is read at every call so
+tests and benchmarks can switch paths without re-importing.
+
+Step coefficients are plain Python floats, so no op ever syncs with the device.
+Divisions by ``s0``/``s1`` are multiplications by reciprocals computed in float64
+on the host, identically in the reference and the kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+from clsp_positives.service.sampling import noise
+from clsp_positives.service.sampling.references import (
+    bottleneck_lerp_reference,
+    noise_anchor_reference,
+    scheduler_update_reference,
+)
+from clsp_positives.service.sampling.schedule import StepCoefficients, check_prediction_type
+
+KERNELS_ENV = "CLSP_KERNELS"
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+@functools.cache
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _kernels_module() -> ModuleType | None:
+    """``kernels`` if triton imports, else None; imported lazily so that the
+    interpreter switch (``TRITON_INTERPRET``) can be set before the first use.
+    Only a missing triton means "no kernels": an error inside ``kernels`` raises."""
+    if not _triton_available():
+        return None
+    from clsp_positives.service.sampling import kernels
+
+    return kernels
+
+
+def use_kernels(tensor: torch.Tensor) -> bool:
+    """Whether an op on ``tensor`` runs the Triton kernel (see module docstring)."""
+    mode = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if _kernels_module() is None:
+            raise RuntimeError(f"{KERNELS_ENV}=triton but triton cannot be imported")
+        if tensor.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"{KERNELS_ENV}=triton on {tensor.device.type} tensors needs TRITON_INTERPRET=1"
+            )
+        return True
+    if mode != "auto":
+        raise ValueError(f"{KERNELS_ENV} must be 'torch', 'triton' or 'auto', got {mode!r}")
+    return tensor.device.type == "cuda" and _kernels_module() is not None
+
+
+def _check_batch(name: str, tensor: torch.Tensor, n: int, what: str) -> None:
+    if tensor.ndim != 1 or tensor.shape[0] != n:
+        raise ValueError(f"{name} must be [N] = [{n}] ({what}), got {tuple(tensor.shape)}")
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {tensor.dtype}")
+
+
+# ----------------------------------------------------------------------------- ops
+
+
+def normal(
+    seeds: torch.Tensor,
+    stream: int,
+    shape: tuple[int, ...],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``noise.normal`` through the kernel on CUDA (one launch instead of ~150 torch ops)."""
+    device = seeds.device if device is None else torch.device(device)
+    probe = torch.empty(0, device=device)
+    if use_kernels(probe):
+        return _kernels_module().normal(seeds.to(device), stream, tuple(shape), dtype=dtype)
+    return noise.normal(seeds, stream, tuple(shape), device=device, dtype=dtype)
+
+
+def noise_anchor(
+    anchors: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    sqrt_alpha_bar: float,
+    sqrt_one_minus_alpha_bar: float,
+) -> torch.Tensor:
+    """Forward-diffuse the anchors to step t: ``sa*a + s1*n``, n the per-sample noise."""
+    _check_float("anchors", anchors)
+    noise.check_seeds(seeds)
+    noise.check_stream(stream)
+    if anchors.ndim < 2:
+        raise ValueError(f"anchors must be [N, C, H, W], got {tuple(anchors.shape)}")
+    _check_batch("seeds", seeds, anchors.shape[0], "one seed per anchor")
+    if use_kernels(anchors):
+        return _kernels_module().noise_anchor(
+            anchors, seeds, stream, float(sqrt_alpha_bar), float(sqrt_one_minus_alpha_bar)
+        )
+    return noise_anchor_reference(anchors, seeds, stream, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)
+
+
+def bottleneck_lerp(h: torch.Tensor, h_anchor: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Per-sample interpolation of the bottleneck: ``w*h + (1-w)*h_anchor``."""
+    _check_float("h", h)
+    if h_anchor.shape != h.shape:
+        raise ValueError(
+            f"h_anchor must have the shape of h {tuple(h.shape)}, got {tuple(h_anchor.shape)}"
+        )
+    if h.ndim < 1:
+        raise ValueError("h must have a leading batch dimension")
+    _check_batch("weights", weights, h.shape[0], "one interpolation weight per sample")
+    if use_kernels(h):
+        return _kernels_module().bottleneck_lerp(h, h_anchor, weights)
+    return bottleneck_lerp_reference(h, h_anchor, weights)
+
+
+def scheduler_update(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    coefs: StepCoefficients,
+    prediction_type: str,
+    clip_range: float | None,
+) -> torch.Tensor:
+    """One DDIM/DDPM step from the model output (see ``StepCoefficients``)."""
+    _check_float("x", x)
+    if model_output.shape != x.shape:
+        raise ValueError(
+            f"model_output must have the shape of x {tuple(x.shape)}, "
+            f"got {tuple(model_output.shape)}"
+        )
+    noise.check_seeds(seeds)
+    noise.check_stream(stream)
+    _check_batch("seeds", seeds, x.shape[0], "one seed per sample")
+    check_prediction_type(prediction_type)
+    if clip_range is not None and not clip_range > 0:
+        raise ValueError(f"clip_range must be positive or None, got {clip_range}")
+    if use_kernels(x):
+        return _kernels_module().scheduler_update(
+            x, model_output, seeds, stream, coefs, prediction_type, clip_range
+        )
+    return scheduler_update_reference(
+        x, model_output, seeds, stream, coefs, prediction_type, clip_range
+    )

@@ -1,0 +1,118 @@
+"""The CLSP sampler: DDIM/DDPM with bottleneck interpolation (DESIGN §1).
+
+One call runs a batch of candidates, each with its own anchor, seed and
+interpolation weight, through a ``SamplingPlan``. Every random number is drawn
+from the per-sample counter-based noise (``noise``/``ops``) by seed, stream and
+element, never from a batch-level generator, so a candidate's noise is the
+same whatever else is in the batch (DESIGN §2).
+
+The trajectory ``x`` and the anchors stay in float32; only the UNet runs in
+the model dtype (bf16/fp16 on CUDA), so low precision costs accuracy in the
+network alone and not by rounding the state at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from clsp_positives.service.sampling import ops
+from clsp_positives.service.sampling.noise import STREAM_INITIAL, anchor_stream, step_stream
+from clsp_positives.service.sampling.schedule import SamplingPlan
+from clsp_positives.service.sampling.unet_split import Encoded, UNetSplit
+
+EncodeFn = Callable[[torch.Tensor, torch.Tensor], Encoded]
+DecodeFn = Callable[[Encoded, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class CLSPSampler:
+    """The sampling loop over a ``UNetSplit``.
+
+    ``encode``/``decode`` default to the split's own methods; a caller may pass
+    compiled versions of them (``torch.compile``) without changing the loop.
+    """
+
+    def __init__(
+        self,
+        split: UNetSplit,
+        *,
+        channels_last: bool = False,
+        encode: EncodeFn | None = None,
+        decode: DecodeFn | None = None,
+    ) -> None:
+        self.split = split
+        self.channels_last = channels_last
+        self.encode = encode if encode is not None else split.encode
+        self.decode = decode if decode is not None else split.decode
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return self.split.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.split.unet.device
+
+    def _embedding(self, timestep: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps ``[batch]`` and their embedding, computed as ``forward`` does."""
+        t = self.split.timesteps(timestep, batch)
+        return t, self.split.embed(t)
+
+    def _to_model(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.model_dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def __call__(
+        self,
+        plan: SamplingPlan,
+        anchors: torch.Tensor,
+        seeds: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """Positives ``[N, C, H, W]`` float32 in [-1, 1].
+
+        ``anchors`` float32 ``[N, C, H, W]`` in [-1, 1]; ``seeds`` int64 ``[N]``;
+        ``weights`` float ``[N]`` (1 = plain sampling, 0 = only the anchor's bottleneck).
+        """
+        n = anchors.shape[0]
+        device = self.device
+        anchors = anchors.to(device=device, dtype=torch.float32)
+        seeds = seeds.to(device=device, dtype=torch.int64)
+        weights = weights.to(device=device, dtype=torch.float32)
+        # With every weight exactly 1 the anchor's bottleneck gets weight 0: skip its pass.
+        use_anchor = bool((weights != 1).any())
+        with torch.inference_mode():
+            x = ops.normal(seeds, STREAM_INITIAL, tuple(anchors.shape[1:]), device=device)
+            if plan.init_noise_sigma != 1.0:
+                x = x * plan.init_noise_sigma
+            batch = 2 * n if use_anchor else n
+            for i, (timestep, coefs) in enumerate(
+                zip(plan.timesteps, plan.coefficients, strict=True)
+            ):
+                t, emb = self._embedding(timestep, batch)
+                if use_anchor:
+                    a_t = ops.noise_anchor(
+                        anchors,
+                        seeds,
+                        anchor_stream(i),
+                        coefs.sqrt_alpha_bar,
+                        coefs.sqrt_one_minus_alpha_bar,
+                    )
+                    # Both paths in one encoder call: [candidates; anchors].
+                    enc = self.encode(self._to_model(torch.cat([x, a_t])), emb)
+                    h = ops.bottleneck_lerp(enc.h[:n], enc.h[n:], weights)
+                    enc = Encoded(h, tuple(s[:n] for s in enc.skips))
+                    out = self.decode(enc, emb[:n], t[:n])
+                else:
+                    out = self.decode(self.encode(self._to_model(x), emb), emb, t)
+                x = ops.scheduler_update(
+                    x,
+                    out.contiguous(),
+                    seeds,
+                    step_stream(i),
+                    coefs,
+                    plan.prediction_type,
+                    plan.clip_range,
+                )
+            return x.float().clamp_(-1.0, 1.0)

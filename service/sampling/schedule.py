@@ -1,0 +1,208 @@
+"""Sampling plans: timesteps and per-step coefficients from a scheduler config.
+
+The model's scheduler config decides the schedule (betas, timestep spacing,
+``steps_offset``, ``set_alpha_to_one``, x0 clipping, prediction and variance
+type). Rather than re-deriving those rules, the timesteps and ``alphas_cumprod``
+come from diffusers' own ``DDIMScheduler``/``DDPMScheduler`` built from that
+config, and each step is reduced to the ``StepCoefficients`` of its ``step``
+function, so the fused update computes what diffusers would. Options the
+fused update cannot express (dynamic thresholding, learned variance) are
+refused with an error that says which key to change.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from diffusers import DDIMScheduler, DDPMScheduler
+
+METHODS = ("ddim", "ddpm")
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+SPACINGS = ("linspace", "leading", "trailing")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """One sampling step: ``x_prev = coef_x0*x0 + coef_eps*eps + coef_x*x + sigma*z``.
+
+    ``sqrt_alpha_bar``/``sqrt_one_minus_alpha_bar`` are those of the current
+    timestep and turn the model output into ``(x0, eps)``.
+    """
+
+    sqrt_alpha_bar: float
+    sqrt_one_minus_alpha_bar: float
+    coef_x0: float
+    coef_eps: float
+    coef_x: float
+    sigma: float
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
+        )
+
+
+class UnsupportedSchedulerError(ValueError):
+    """The scheduler config asks for something the CLSP sampler does not implement."""
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """Everything the sampler loop needs besides the UNet: one entry per step index."""
+
+    method: str
+    timesteps: tuple[int, ...]
+    coefficients: tuple[StepCoefficients, ...]
+    prediction_type: str
+    clip_range: float | None
+    init_noise_sigma: float
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def check_scheduler_config(config: dict[str, Any]) -> None:
+    """Refuse configs the sampler cannot follow faithfully (independent of the method)."""
+    if config.get("thresholding"):
+        raise UnsupportedSchedulerError(
+            "the scheduler config sets thresholding=true (dynamic thresholding); the CLSP "
+            "sampler supports plain x0 clipping only: set thresholding to false "
+            "(clip_sample/clip_sample_range still apply)"
+        )
+    variance_type = config.get("variance_type", "fixed_small")
+    if variance_type not in VARIANCE_TYPES:
+        raise UnsupportedSchedulerError(
+            f"the scheduler config sets variance_type={variance_type!r}; supported: "
+            f"{', '.join(VARIANCE_TYPES)} (a model with learned variance outputs twice the "
+            "channels and cannot be sampled here)"
+        )
+    prediction_type = config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise UnsupportedSchedulerError(
+            f"the scheduler config sets prediction_type={prediction_type!r}; supported: "
+            f"{', '.join(PREDICTION_TYPES)}"
+        )
+    spacing = config.get("timestep_spacing", "leading")
+    if spacing not in SPACINGS:
+        raise UnsupportedSchedulerError(
+            f"the scheduler config sets timestep_spacing={spacing!r}; supported: "
+            f"{', '.join(SPACINGS)}"
+        )
+    if config.get("clip_sample", True) and not float(config.get("clip_sample_range", 1.0)) > 0:
+        raise UnsupportedSchedulerError("clip_sample_range must be positive when clip_sample")
+
+
+def _scheduler(cls: type, config: dict[str, Any], method: str, steps: int) -> Any:
+    try:
+        sched = cls.from_config(config)
+    except NotImplementedError as exc:  # e.g. a beta_schedule this scheduler lacks
+        raise UnsupportedSchedulerError(
+            f"{method} cannot use this scheduler config: {exc}"
+        ) from None
+    num_train = int(sched.config.num_train_timesteps)
+    if not 1 <= steps <= num_train:
+        raise UnsupportedSchedulerError(
+            f"steps must be in [1, {num_train}] (the model's num_train_timesteps), got {steps}"
+        )
+    sched.set_timesteps(steps)
+    return sched
+
+
+def _ddim(config: dict[str, Any], steps: int, eta: float) -> tuple[list[int], list]:
+    """Coefficients of ``DDIMScheduler.step`` (formulas (12) and (16) of the DDIM paper)."""
+    sched = _scheduler(DDIMScheduler, config, "ddim", steps)
+    abar = [float(a) for a in sched.alphas_cumprod]
+    final = float(sched.final_alpha_cumprod)
+    stride = sched.config.num_train_timesteps // sched.num_inference_steps
+    timesteps = [int(t) for t in sched.timesteps]
+    coefs = []
+    for t in timesteps:
+        prev = t - stride  # diffusers' rule, whatever the spacing
+        ab_t = abar[t]
+        ab_prev = abar[prev] if prev >= 0 else final
+        variance = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
+        sigma = eta * math.sqrt(max(variance, 0.0))
+        coefs.append(
+            StepCoefficients(
+                sqrt_alpha_bar=math.sqrt(ab_t),
+                sqrt_one_minus_alpha_bar=math.sqrt(1.0 - ab_t),
+                coef_x0=math.sqrt(ab_prev),
+                coef_eps=math.sqrt(max(1.0 - ab_prev - sigma * sigma, 0.0)),
+                coef_x=0.0,
+                sigma=sigma,
+            )
+        )
+    return timesteps, coefs
+
+
+def _ddpm(config: dict[str, Any], steps: int) -> tuple[list[int], list]:
+    """Coefficients of ``DDPMScheduler.step`` (formulas (6), (7) of the DDPM paper)."""
+    sched = _scheduler(DDPMScheduler, config, "ddpm", steps)
+    abar = [float(a) for a in sched.alphas_cumprod]
+    variance_type = sched.config.variance_type
+    timesteps = [int(t) for t in sched.timesteps]
+    coefs = []
+    for i, t in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        ab_t = abar[t]
+        ab_prev = abar[prev] if prev >= 0 else 1.0
+        alpha_t = ab_t / ab_prev
+        beta_t = 1.0 - alpha_t
+        sigma = 0.0
+        if t > 0:  # diffusers adds noise at every step whose timestep is not 0
+            if variance_type == "fixed_large":
+                sigma = math.sqrt(beta_t)
+            else:  # fixed_small and fixed_small_log: the posterior variance, clamped
+                sigma = math.sqrt(max((1.0 - ab_prev) / (1.0 - ab_t) * beta_t, 1e-20))
+        coefs.append(
+            StepCoefficients(
+                sqrt_alpha_bar=math.sqrt(ab_t),
+                sqrt_one_minus_alpha_bar=math.sqrt(1.0 - ab_t),
+                coef_x0=math.sqrt(ab_prev) * beta_t / (1.0 - ab_t),
+                coef_eps=0.0,
+                coef_x=math.sqrt(alpha_t) * (1.0 - ab_prev) / (1.0 - ab_t),
+                sigma=sigma,
+            )
+        )
+    return timesteps, coefs
+
+
+def sampling_plan(
+    config: dict[str, Any], *, method: str, steps: int, eta: float = 0.0
+) -> SamplingPlan:
+    """The plan of ``steps`` DDIM (with ``eta``) or DDPM ancestral steps under ``config``."""
+    check_scheduler_config(config)
+    if method not in METHODS:
+        raise UnsupportedSchedulerError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise UnsupportedSchedulerError(f"steps must be an int, got {steps!r}")
+    if method == "ddim":
+        if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
+            raise UnsupportedSchedulerError(f"eta must be in [0, 1], got {eta!r}")
+        timesteps, coefs = _ddim(config, steps, float(eta))
+    else:
+        timesteps, coefs = _ddpm(config, steps)
+    prediction_type = config.get("prediction_type", "epsilon")
+    for t, c in zip(timesteps, coefs, strict=True):
+        zero = (prediction_type == "epsilon" and c.sqrt_alpha_bar == 0) or (
+            prediction_type == "sample" and c.sqrt_one_minus_alpha_bar == 0
+        )
+        if zero:
+            raise UnsupportedSchedulerError(
+                f"timestep {t} has alpha_bar={c.sqrt_alpha_bar**2}: {prediction_type} "
+                "prediction cannot recover x0 there (zero-SNR schedules need v_prediction)"
+            )
+    clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", True) else None
+    return SamplingPlan(
+        method=method,
+        timesteps=tuple(timesteps),
+        coefficients=tuple(coefs),
+        prediction_type=prediction_type,
+        clip_range=clip,
+        init_noise_sigma=1.0,
+    )

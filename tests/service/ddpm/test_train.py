@@ -1,0 +1,173 @@
+"""``clsp diffusion train``: a tiny real run through the CLI, resume, and the schedule helpers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from clsp_positives.cli import app
+from clsp_positives.service.ddpm.train import (
+    STATE_FILE,
+    BatchOrder,
+    DiffusionTrainConfig,
+    ema_decay_at,
+    image_grid,
+    lr_at,
+    train,
+)
+
+TINY = [
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--sample-count",
+    "4",
+    "--sample-steps",
+    "2",
+    "--lr-warmup",
+    "2",
+]
+
+
+def _run(*args: str) -> str:
+    result = CliRunner().invoke(app, ["diffusion", "train", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _state_step(out: Path) -> int:
+    return int(torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)["step"])
+
+
+def test_cli_trains_saves_loads_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "ddpm"
+    first = _run("--out", str(out), "--steps", "3", *TINY)
+    assert "trained to step 3" in first
+    assert (out / "unet" / "config.json").is_file()
+    assert (out / "scheduler" / "scheduler_config.json").is_file()
+    assert _state_step(out) == 3
+    with Image.open(out / "samples.png") as grid:
+        assert grid.size == (2 * 16, 2 * 16)  # 4 samples of 16x16 in a 2x2 grid
+        assert grid.mode == "L"
+    scheduler = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["beta_start"], scheduler["beta_end"]) == (0.0001, 0.02)
+    assert scheduler["num_train_timesteps"] == 1000
+    assert scheduler["prediction_type"] == "epsilon"
+
+    from clsp_positives.service.sampling.generator import PositivesGenerator
+    from clsp_positives.service.sampling.model import load_model
+
+    loaded = load_model(out)
+    assert loaded.unet.config.sample_size == 16
+    saved_ema = torch.load(out / STATE_FILE, map_location="cpu", weights_only=False)["ema"]
+    for name, value in loaded.unet.state_dict().items():
+        torch.testing.assert_close(value, saved_ema[name])  # the EMA weights are the model
+    generator = PositivesGenerator.from_dir(out)
+    assert (generator.sample_size, generator.channels) == (16, 1)
+
+    second = _run("--out", str(out), "--steps", "5", *TINY)
+    assert "trained to step 5 (resumed at step 3)" in second
+    assert _state_step(out) == 5
+
+
+def _tiny_config(out: Path, steps: int, **kw: object) -> DiffusionTrainConfig:
+    return DiffusionTrainConfig(
+        out=str(out),
+        preset="tiny",
+        steps=steps,
+        batch_size=8,
+        threads=1,
+        progress=False,
+        sample_count=0,
+        lr_warmup=2,
+        **kw,
+    )
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    train(_tiny_config(tmp_path / "straight", 4))
+    train(_tiny_config(tmp_path / "split", 2))
+    result = train(_tiny_config(tmp_path / "split", 4))
+    assert (result.start_step, result.step) == (2, 4)
+    a = torch.load(tmp_path / "straight" / STATE_FILE, weights_only=False)
+    b = torch.load(tmp_path / "split" / STATE_FILE, weights_only=False)
+    for part in ("model", "ema"):
+        for name, value in a[part].items():
+            torch.testing.assert_close(value, b[part][name], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a["order"]["perm"], b["order"]["perm"])
+
+
+def test_resume_with_other_data_options_is_refused(tmp_path: Path) -> None:
+    train(_tiny_config(tmp_path, 1))
+    with pytest.raises(ValueError, match=r"--out.*--size"):
+        train(_tiny_config(tmp_path, 2, size=8))
+
+
+def test_cli_errors_name_the_option(tmp_path: Path) -> None:
+    runner = CliRunner()
+    no_budget = runner.invoke(app, ["diffusion", "train", "--out", str(tmp_path)])
+    assert no_budget.exit_code != 0
+    assert "--steps or --minutes" in no_budget.output
+    bad = runner.invoke(
+        app,
+        [
+            "diffusion",
+            "train",
+            "--out",
+            str(tmp_path),
+            "--steps",
+            "1",
+            "--dataset",
+            "cifar10",
+            "--data-root",
+            str(tmp_path),
+        ],
+    )
+    assert bad.exit_code == 2
+    assert "--download" in bad.output
+    unknown = runner.invoke(
+        app, ["diffusion", "train", "--out", str(tmp_path), "--steps", "1", "--preset", "huge"]
+    )
+    assert unknown.exit_code == 2
+    assert "preset" in unknown.output
+
+
+def test_lr_warmup_and_cosine() -> None:
+    cfg = DiffusionTrainConfig(out="x", steps=10, lr=1e-3, lr_warmup=4, lr_schedule="cosine")
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(2.5e-4)
+    assert lr_at(cfg, 3, 0.0) == pytest.approx(1e-3)
+    assert lr_at(cfg, 50, 0.5) == pytest.approx(1e-3 * 0.55)
+    assert lr_at(cfg, 99, 1.0) == pytest.approx(1e-4)
+    const = DiffusionTrainConfig(out="x", steps=10, lr=1e-3, lr_warmup=0)
+    assert lr_at(const, 0, 0.9) == 1e-3
+
+
+def test_ema_decay_warms_up_to_its_cap() -> None:
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.999, 10**6) == 0.999
+
+
+def test_batch_order_visits_every_item_once_per_epoch() -> None:
+    order = BatchOrder(10, 3, torch.Generator().manual_seed(0))
+    first_epoch = torch.cat([order.next() for _ in range(3)])
+    assert len(set(first_epoch.tolist())) == 9  # the incomplete last batch is dropped
+    assert len(order.next()) == 3  # a new permutation starts
+
+
+def test_image_grid_layout() -> None:
+    images = np.arange(5 * 2 * 3 * 1, dtype=np.uint8).reshape(5, 2, 3, 1)
+    grid = image_grid(images)
+    assert grid.shape == (2 * 2, 3 * 3, 1)
+    np.testing.assert_array_equal(grid[2:4, 3:6], images[4])
+    assert grid[2:4, 6:9].max() == 0

@@ -1,0 +1,163 @@
+"""The PositivesGenerator API: keyed positives, uint8 output, batch independence, clear errors."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clsp_positives.proto.keys import seed_from_key, uint8_to_unit
+from clsp_positives.proto.params import GenerationParams
+from clsp_positives.service.sampling.generator import GeneratorInputError, PositivesGenerator
+
+PARAMS = GenerationParams(steps=5, eta=0.1, interpolation_weight=0.1)
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_model_dir: Path) -> PositivesGenerator:
+    return PositivesGenerator.from_dir(tiny_model_dir)
+
+
+def _anchors(n: int, seed: int = 0) -> np.ndarray:
+    """uint8 NHWC anchors (what clients send)."""
+    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 1), dtype=np.uint8)
+
+
+def test_attributes(gen: PositivesGenerator) -> None:
+    assert (gen.sample_size, gen.channels, str(gen.device)) == (16, 1, "cpu")
+    assert len(gen.fingerprint) == 16
+    assert gen.scheduler_config["num_train_timesteps"] == 1000
+    assert gen.describe()["fingerprint"] == gen.fingerprint
+
+
+def test_positives_are_keyed_and_deterministic(gen: PositivesGenerator) -> None:
+    anchors = _anchors(3)
+    cands = np.array([0, 1, 0], dtype=np.int64)
+    out = gen.positives(anchors, cands, PARAMS)
+    assert out.dtype == np.uint8 and out.shape == (3, 16, 16, 1)
+    assert np.array_equal(out, gen.positives(anchors, cands, PARAMS))
+    # The float NCHW form of the same anchors is the same request.
+    as_float = uint8_to_unit(anchors).transpose(0, 3, 1, 2).copy()
+    assert np.array_equal(out, gen.positives(as_float, cands, PARAMS))
+    # positives == sample with the seeds of the keys.
+    seeds = np.array([seed_from_key(k) for k in gen.keys(anchors, cands, PARAMS)], np.int64)
+    direct = gen.sample(
+        as_float, seeds, np.full(3, 0.1, np.float32), steps=5, eta=0.1, method="ddim"
+    )
+    assert np.array_equal(out, direct)
+    # The positive is not a copy of its anchor.
+    assert np.abs(out.astype(float) - anchors).mean() / 255 > 0.05
+
+
+def test_alone_equals_inside_a_mixed_batch(gen: PositivesGenerator) -> None:
+    n = 64
+    anchors = uint8_to_unit(_anchors(n, seed=1)).transpose(0, 3, 1, 2).copy()
+    rng = np.random.default_rng(2)
+    seeds = rng.integers(0, 2**62, n, dtype=np.int64)
+    weights = rng.choice(np.array([0.0, 0.1, 0.5, 1.0], np.float32), n)
+    for method in ("ddim", "ddpm"):
+        batch = gen.sample(anchors, seeds, weights, steps=4, eta=0.1, method=method)
+        for j in (0, 31, 63):
+            alone = gen.sample(
+                anchors[j : j + 1],
+                seeds[j : j + 1],
+                weights[j : j + 1],
+                steps=4,
+                eta=0.1,
+                method=method,
+            )
+            assert np.abs(alone[0].astype(int) - batch[j]).max() <= 1
+
+
+def test_weight_and_candidate_change_the_positive(gen: PositivesGenerator) -> None:
+    anchors = _anchors(1, seed=3)
+    w1 = gen.positives(anchors, None, PARAMS.model_copy(update={"interpolation_weight": 1.0}))
+    w0 = gen.positives(anchors, None, PARAMS.model_copy(update={"interpolation_weight": 0.0}))
+    assert np.abs(w1.astype(int) - w0).mean() > 3
+    k = gen.positives(np.repeat(anchors, 3, 0), np.arange(3, dtype=np.int64), PARAMS)
+    assert np.abs(k[0].astype(int) - k[1]).mean() > 3
+    assert np.abs(k[1].astype(int) - k[2]).mean() > 3
+
+
+def test_works_from_a_worker_thread(gen: PositivesGenerator) -> None:
+    result = {}
+
+    def work() -> None:
+        result["out"] = gen.positives(_anchors(2), None, PARAMS)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    assert np.array_equal(result["out"], gen.positives(_anchors(2), None, PARAMS))
+
+
+def test_empty_batch(gen: PositivesGenerator) -> None:
+    out = gen.sample(
+        np.zeros((0, 1, 16, 16), np.float32),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.float32),
+        steps=3,
+        eta=0.0,
+        method="ddim",
+    )
+    assert out.shape == (0, 16, 16, 1)
+
+
+@pytest.mark.parametrize(
+    ("anchors", "match"),
+    [
+        (np.zeros((2, 16, 16, 3), np.uint8), r"anchors must be \[N, 1, 16, 16\]"),
+        (np.zeros((2, 8, 8, 1), np.uint8), r"got shape \(2, 1, 8, 8\)"),
+        (np.zeros((2, 1, 32, 32), np.float32), r"got shape \(2, 1, 32, 32\)"),
+    ],
+)
+def test_mismatched_anchors_are_refused(gen: PositivesGenerator, anchors, match) -> None:
+    with pytest.raises(GeneratorInputError, match=match):
+        gen.positives(anchors, None, PARAMS)
+
+
+def test_bad_sample_inputs_are_refused(gen: PositivesGenerator) -> None:
+    a = np.zeros((2, 1, 16, 16), np.float32)
+    s = np.arange(2, dtype=np.int64)
+    w = np.full(2, 0.1, np.float32)
+    kw = dict(steps=3, eta=0.1, method="ddim")
+    with pytest.raises(GeneratorInputError, match="weights must be finite and in"):
+        gen.sample(a, s, np.array([0.1, 1.5], np.float32), **kw)
+    with pytest.raises(GeneratorInputError, match="seeds must be int64"):
+        gen.sample(a, s.astype(np.int32), w, **kw)
+    with pytest.raises(GeneratorInputError, match="NaN"):
+        gen.sample(np.full_like(a, np.nan), s, w, **kw)
+    with pytest.raises(GeneratorInputError, match="candidates must be integer"):
+        gen.positives(a, np.zeros(3, np.int64), PARAMS)
+    with pytest.raises(ValueError, match="method"):
+        gen.sample(a, s, w, steps=3, eta=0.1, method="euler")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_needs_cuda(tiny_model_dir: Path, dtype: str) -> None:
+    with pytest.raises(ValueError, match="CUDA only"):
+        PositivesGenerator.from_dir(tiny_model_dir, dtype=dtype)
+
+
+def test_unknown_dtype(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        PositivesGenerator.from_dir(tiny_model_dir, dtype="int8")
+
+
+@pytest.mark.slow
+def test_compiled_generator_keeps_the_contract(
+    tiny_model_dir: Path, gen: PositivesGenerator
+) -> None:
+    """torch.compile changes speed, not results: alone == in batch, and == eager (1 level)."""
+    compiled = PositivesGenerator.from_dir(tiny_model_dir, compile=True)
+    n = 8
+    anchors = uint8_to_unit(_anchors(n, seed=7)).transpose(0, 3, 1, 2).copy()
+    seeds = np.arange(n, dtype=np.int64) * 7919
+    weights = np.linspace(0, 1, n).astype(np.float32)
+    kw = dict(steps=3, eta=0.1, method="ddim")
+    batch = compiled.sample(anchors, seeds, weights, **kw)
+    alone = compiled.sample(anchors[2:3], seeds[2:3], weights[2:3], **kw)
+    assert np.abs(alone[0].astype(int) - batch[2]).max() <= 1
+    assert np.abs(batch.astype(int) - gen.sample(anchors, seeds, weights, **kw)).max() <= 1

@@ -1,0 +1,190 @@
+"""The CLSP sampler against diffusers' schedulers, and its determinism contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers import scheduling_ddpm
+
+from clsp_positives.service.sampling import noise
+from clsp_positives.service.sampling.sampler import CLSPSampler
+from clsp_positives.service.sampling.schedule import (
+    UnsupportedSchedulerError,
+    sampling_plan,
+)
+from clsp_positives.service.sampling.unet_split import UNetSplit
+from tests.support.models import scheduler_config, tiny_unet
+
+SHAPE = (1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def sampler() -> CLSPSampler:
+    return CLSPSampler(UNetSplit(tiny_unet(0, output_scale=0.2)))
+
+
+@pytest.fixture(scope="module")
+def raw_sampler() -> CLSPSampler:
+    """The unscaled random tiny UNet (see ``tiny_unet``: chaotic over many steps)."""
+    return CLSPSampler(UNetSplit(tiny_unet(0)))
+
+
+def _inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    anchors = torch.rand((n, *SHAPE), generator=g) * 2 - 1
+    seeds = torch.randint(0, 2**62, (n,), generator=g, dtype=torch.int64)
+    return anchors, seeds
+
+
+def _diffusers_loop(unet, sched, seeds, steps, step_kwargs) -> torch.Tensor:
+    """diffusers-style sampling from our x_T; ``step_kwargs(i, shape)`` adds step arguments."""
+    sched.set_timesteps(steps)
+    x = noise.normal(seeds, noise.STREAM_INITIAL, SHAPE) * sched.init_noise_sigma
+    with torch.inference_mode():
+        for i, t in enumerate(sched.timesteps):
+            out = unet(x, t).sample
+            x = sched.step(out, t, x, **step_kwargs(i, x.shape)).prev_sample
+    return x.clamp(-1, 1)
+
+
+DDIM_CONFIGS = {
+    "default": {},
+    "v-trailing-noclip": dict(
+        prediction_type="v_prediction", timestep_spacing="trailing", clip_sample=False
+    ),
+    "offset-alpha-range": dict(steps_offset=1, set_alpha_to_one=False, clip_sample_range=0.5),
+    "sample-linspace": dict(prediction_type="sample", timestep_spacing="linspace"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DDIM_CONFIGS))
+def test_ddim_w1_eta0_matches_diffusers(sampler: CLSPSampler, name: str) -> None:
+    cfg = scheduler_config(**DDIM_CONFIGS[name])
+    anchors, seeds = _inputs(4)
+    plan = sampling_plan(cfg, method="ddim", steps=20, eta=0.0)
+    got = sampler(plan, anchors, seeds, torch.ones(4))
+    want = _diffusers_loop(
+        sampler.split.unet, DDIMScheduler.from_config(cfg), seeds, 20, lambda i, s: {"eta": 0.0}
+    )
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_ddim_unscaled_random_unet_matches_over_10_steps(raw_sampler: CLSPSampler) -> None:
+    cfg = scheduler_config()
+    anchors, seeds = _inputs(4)
+    plan = sampling_plan(cfg, method="ddim", steps=10, eta=0.0)
+    got = raw_sampler(plan, anchors, seeds, torch.ones(4))
+    want = _diffusers_loop(
+        raw_sampler.split.unet,
+        DDIMScheduler.from_config(cfg),
+        seeds,
+        10,
+        lambda i, s: {"eta": 0.0},
+    )
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_ddim_eta_matches_diffusers_given_variance_noise(sampler: CLSPSampler) -> None:
+    cfg = scheduler_config()
+    anchors, seeds = _inputs(3, seed=1)
+    plan = sampling_plan(cfg, method="ddim", steps=10, eta=0.7)
+    got = sampler(plan, anchors, seeds, torch.ones(3))
+
+    def kwargs(i: int, shape: torch.Size) -> dict:
+        z = noise.normal(seeds, noise.step_stream(i), tuple(shape[1:]))
+        return {"eta": 0.7, "variance_noise": z}
+
+    want = _diffusers_loop(sampler.split.unet, DDIMScheduler.from_config(cfg), seeds, 10, kwargs)
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_matches_diffusers_given_noises(
+    sampler: CLSPSampler, monkeypatch: pytest.MonkeyPatch, variance_type: str
+) -> None:
+    cfg = scheduler_config(variance_type=variance_type, steps_offset=1)
+    anchors, seeds = _inputs(3, seed=2)
+    plan = sampling_plan(cfg, method="ddpm", steps=10)
+    got = sampler(plan, anchors, seeds, torch.ones(3))
+
+    step = {"i": 0}
+
+    def our_noise(shape, generator=None, device=None, dtype=None, **_):
+        # DDPMScheduler.step draws its noise here: hand it the sampler's stream.
+        return noise.normal(seeds, noise.step_stream(step["i"]), tuple(shape[1:]))
+
+    def kwargs(i: int, shape: torch.Size) -> dict:
+        step["i"] = i
+        return {}
+
+    monkeypatch.setattr(scheduling_ddpm, "randn_tensor", our_noise)
+    want = _diffusers_loop(sampler.split.unet, DDPMScheduler.from_config(cfg), seeds, 10, kwargs)
+    assert plan.coefficients[-1].sigma > 0  # steps_offset=1: diffusers noises the last step too
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_batch_independence(sampler: CLSPSampler) -> None:
+    """(anchor, seed, w) alone equals the same item inside a mixed batch of 64."""
+    n = 64
+    anchors, seeds = _inputs(n, seed=3)
+    anchors[10:20] = anchors[0]  # several candidates of one anchor
+    weights = torch.tensor([0.1, 0.5, 1.0, 0.0] * 16)
+    plan = sampling_plan(scheduler_config(), method="ddim", steps=6, eta=0.1)
+    batch = sampler(plan, anchors, seeds, weights)
+    for j in (0, 13, 42):  # w = 0.1, 0.5, 1.0 (alone: the anchor pass is skipped)
+        alone = sampler(plan, anchors[j : j + 1], seeds[j : j + 1], weights[j : j + 1])
+        assert (alone[0] - batch[j]).abs().max().item() <= 2 / 255  # 1/255 on the [0,1] scale
+        for stream in (noise.STREAM_INITIAL, noise.anchor_stream(3), noise.step_stream(5)):
+            one = noise.normal(seeds[j : j + 1], stream, SHAPE)
+            many = noise.normal(seeds, stream, SHAPE)
+            assert torch.equal(one[0], many[j])
+
+
+def test_interpolation_uses_the_anchor(sampler: CLSPSampler) -> None:
+    anchors, seeds = _inputs(2, seed=4)
+    seeds[1] = seeds[0]  # same candidate noise, different anchors
+    plan = sampling_plan(scheduler_config(), method="ddim", steps=6, eta=0.1)
+    w0 = sampler(plan, anchors, seeds, torch.zeros(2))
+    w1 = sampler(plan, anchors, seeds, torch.ones(2))
+    w01 = sampler(plan, anchors, seeds, torch.full((2,), 0.1))
+    assert torch.equal(w1[0], w1[1])  # w = 1 ignores the anchor
+    assert (w0[0] - w1[0]).abs().max().item() > 0.05
+    assert (w01[0] - w01[1]).abs().max().item() > 0.05  # different anchors -> different positives
+
+
+def test_candidates_of_one_anchor_differ(sampler: CLSPSampler) -> None:
+    anchors, seeds = _inputs(3, seed=5)
+    anchors[:] = anchors[0]
+    plan = sampling_plan(scheduler_config(), method="ddpm", steps=6)
+    out = sampler(plan, anchors, seeds, torch.full((3,), 0.1))
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert (out[a] - out[b]).abs().mean().item() > 0.02
+
+
+def test_plan_follows_config() -> None:
+    plan = sampling_plan(scheduler_config(steps_offset=1), method="ddim", steps=10, eta=0.0)
+    assert plan.timesteps == tuple(range(901, 0, -100))
+    assert plan.clip_range == 1.0
+    assert all(c.sigma == 0.0 for c in plan.coefficients)
+    last = plan.coefficients[-1]
+    assert last.coef_x0 == 1.0 and last.coef_eps == 0.0  # set_alpha_to_one
+    ddpm = sampling_plan(scheduler_config(), method="ddpm", steps=10)
+    assert ddpm.coefficients[-1].sigma == 0.0 and ddpm.coefficients[0].sigma > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "method", "steps", "match"),
+    [
+        (dict(thresholding=True), "ddim", 10, "thresholding"),
+        (dict(variance_type="learned_range"), "ddpm", 10, "variance_type"),
+        (dict(variance_type="fixed_large_log"), "ddpm", 10, "variance_type"),
+        (dict(prediction_type="flow"), "ddim", 10, "prediction_type"),
+        (dict(beta_schedule="sigmoid"), "ddim", 10, "ddim cannot use"),
+        ({}, "ddim", 1001, "steps must be in"),
+        ({}, "euler", 10, "method"),
+    ],
+)
+def test_unsupported_configs_are_refused(overrides, method, steps, match) -> None:
+    with pytest.raises(UnsupportedSchedulerError, match=match):
+        sampling_plan(scheduler_config(**overrides), method=method, steps=steps, eta=0.1)

@@ -1,0 +1,118 @@
+"""``clsp generate`` against a real stub pool: the paper's layout, resuming after a
+kill, refusing to mix options, and a clear failure when the pool is down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from clsp_positives.cli import app
+from clsp_positives.images import load_images
+from clsp_positives.trainer.generate_cli import meta_path
+from clsp_positives.trainer.positives.sources import OfflineNpySource, progress_path
+from tests.support.servers import free_port
+from tests.support.stub_pool import counters, stub_positive, stub_server
+
+K = 2
+
+
+def args(url: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "generate",
+        "--dataset",
+        "digits",
+        "--size",
+        "16",
+        "--channels",
+        "1",
+        "--positives",
+        url,
+        "--candidates",
+        str(K),
+        "--out",
+        str(out),
+        "--gen-steps",
+        "3",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def check_complete(out: Path) -> None:
+    images = load_images("digits", size=16, channels=1).images
+    source = OfflineNpySource(out)  # refuses an unfinished file
+    assert source.array.shape == (len(images), K, 16, 16, 1)
+    rows = np.random.default_rng(0).choice(len(images), 40, replace=False)
+    for i in rows:
+        for c in range(K):
+            np.testing.assert_array_equal(source.array[i, c], stub_positive(images[i], c))
+    source.close()
+
+
+def test_generate_writes_the_paper_layout_and_knows_when_it_is_done(tmp_path: Path) -> None:
+    out = tmp_path / "pos.npy"
+    runner = CliRunner()
+    with stub_server() as server:
+        result = runner.invoke(app, args(server.url, out, "--batch-size", "256"))
+        assert result.exit_code == 0, result.output
+        assert "wrote" in result.output
+        check_complete(out)
+        assert not progress_path(out).exists() and meta_path(out).exists()
+        again = runner.invoke(app, args(server.url, out))
+        assert again.exit_code == 0 and "already complete" in again.output
+        other = runner.invoke(app, args(server.url, out, "--gen-steps", "4"))
+        assert other.exit_code == 1 and "not made by these options" in other.output
+
+
+def test_generate_resumes_after_being_killed(tmp_path: Path) -> None:
+    out = tmp_path / "pos.npy"
+    with stub_server(STUB_DELAY_S="0.3") as server:
+        cmd = [
+            sys.executable,
+            "-m",
+            "clsp_positives.cli",
+            *args(server.url, out, "--batch-size", "100", "--in-flight", "1"),
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+            start_new_session=True,
+        )
+        try:
+            end = time.monotonic() + 60  # bound only
+            while not (progress_path(out).exists() and np.load(progress_path(out)).sum() >= 300):
+                assert proc.poll() is None and time.monotonic() < end, "no progress"
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        done = np.load(progress_path(out))
+        assert 300 <= done.sum() < len(done)
+        served = counters(server)["items"]
+        result = CliRunner().invoke(app, args(server.url, out, "--batch-size", "500"))
+        assert result.exit_code == 0, result.output
+        redone = counters(server)["items"] - served
+        assert redone == (len(done) - done.sum()) * K  # only the missing rows were asked for
+    check_complete(out)
+
+
+def test_generate_with_the_pool_down_fails_clearly_and_keeps_progress(tmp_path: Path) -> None:
+    out = tmp_path / "pos.npy"
+    result = CliRunner().invoke(
+        app, args(f"http://127.0.0.1:{free_port()}", out, "--timeout-s", "2")
+    )
+    assert result.exit_code == 1
+    assert "clsp generate:" in result.output and "GET /v1/model" in result.output
+    with stub_server(STUB_FAIL_STATUS="503") as server:
+        result = CliRunner().invoke(app, args(server.url, out, "--size", "16"))
+    assert result.exit_code == 1 and "rerun to continue" in result.output
+    assert progress_path(out).exists()

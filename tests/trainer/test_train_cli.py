@@ -1,0 +1,158 @@
+"""``clsp train`` / ``clsp eval`` on digits with the tiny backbone, on the CPU:
+the baseline, offline positives, exact resume and option errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from clsp_positives.cli import app
+from clsp_positives.images import load_images
+from clsp_positives.trainer import checkpoint as ckpt
+from clsp_positives.trainer.config import TrainConfig
+from clsp_positives.trainer.train_loop import train
+
+FAST = [
+    "--dataset", "digits", "--backbone", "resnet-tiny", "--proj-hidden-dim", "64",
+    "--linear-epochs", "10", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_baseline_on_digits_reports_linear_and_knn_accuracy(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    args = ["train", *FAST, "--epochs", "2", "--batch-size", "64", "--out", str(out)]
+    result = CliRunner().invoke(app, args, env={"CLSP_API_TOKEN": "secret-token"})
+    assert result.exit_code == 0, result.output
+    assert "linear accuracy" in result.output and "kNN accuracy" in result.output
+    records = _records(out)
+    events = [r["event"] for r in records]
+    assert events == ["start", "epoch", "eval", "epoch", "summary"]
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert epochs[0]["steps"] == 1437 // 64
+    assert all(np.isfinite(r["loss"]) and r["loss"] > 0 for r in epochs)
+    summary = records[-1]
+    # Ten classes: chance is 10%; even two epochs of a tiny net do far better.
+    assert summary["linear_acc"] > 0.5 and summary["knn_acc"] > 0.3
+    state = ckpt.load_checkpoint(out)
+    assert state["epoch"] == 1 and "token" not in state["config"]
+    assert "secret-token" not in (out / "metrics.jsonl").read_text()
+
+    evaluated = CliRunner().invoke(app, ["eval", str(out), "--device", "cpu", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    again = json.loads(evaluated.output.strip().splitlines()[-1])
+    assert again["knn_acc"] == pytest.approx(summary["knn_acc"])
+    assert again["linear_acc"] == pytest.approx(summary["linear_acc"], abs=0.02)
+
+
+def test_offline_positives_feed_the_clsp_term(tmp_path: Path) -> None:
+    train_set = load_images("digits")
+    n = 128
+    # K = 2 "synthetic" positives per image: the image itself and its mirror.
+    pos = np.stack([train_set.images[:n], train_set.images[:n, :, ::-1]], axis=1)
+    npy = tmp_path / "positives.npy"
+    np.save(npy, np.ascontiguousarray(pos))
+    out = tmp_path / "run"
+    args = [
+        "train", *FAST, "--subset", str(n), "--epochs", "1", "--batch-size", "32",
+        "--method", "moco", "--clsp-weight", "0.5", "--positives-npy", str(npy),
+        "--candidates", "2", "--prefetch", "2", "--positives-strict", "--out", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    epoch = next(r for r in _records(out) if r["event"] == "epoch")
+    assert epoch["positive_fraction"] == 1.0 and epoch["missing"] == 0
+    assert epoch["loss_clsp"] > 0
+    assert epoch["loss"] == pytest.approx(epoch["loss_base"] + 0.5 * epoch["loss_clsp"], rel=1e-4)
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    base = dict(
+        dataset="digits", backbone="resnet-tiny", proj_hidden_dim=32, linear_epochs=2,
+        device="cpu", progress=False, subset=96, batch_size=32, epochs=2, method="moco",
+        knn_k=20,
+    )  # fmt: skip
+    straight = train(TrainConfig(**base, out=str(tmp_path / "a")), echo=lambda _: None)
+
+    class Preempted(Exception):
+        pass
+
+    def stop_after_first_epoch(line: str) -> None:
+        if line.startswith("epoch 1 "):
+            raise Preempted
+
+    cfg = TrainConfig(**base, out=str(tmp_path / "b"))
+    with pytest.raises(Preempted):
+        train(cfg, echo=stop_after_first_epoch)
+    assert ckpt.load_checkpoint(tmp_path / "b")["epoch"] == 0
+    resumed = train(cfg.model_copy(update={"resume": True}), echo=lambda _: None)
+
+    a = ckpt.load_checkpoint(tmp_path / "a")
+    b = ckpt.load_checkpoint(tmp_path / "b")
+    assert a["model"].keys() == b["model"].keys()
+    assert "queue.items" in a["model"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["schedule"]["last_epoch"] == b["schedule"]["last_epoch"]
+    assert straight.final is not None and resumed.final is not None
+    assert straight.final.knn_acc == resumed.final.knn_acc
+    assert [r["epoch"] for r in _records(tmp_path / "b") if r["event"] == "epoch"] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--clsp-weight", "1"], "--positives"),
+        (["--method", "byol"], "--method"),
+        (["--resume"], "--out"),
+        (["--backbone", "vgg"], "resnet-tiny"),
+        (["--batch-size", "5000"], "--batch-size"),
+    ],
+)
+def test_option_errors_name_what_to_fix(extra: list[str], message: str) -> None:
+    result = CliRunner().invoke(app, ["train", *FAST, "--epochs", "1", *extra])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+@pytest.mark.slow
+def test_positives_from_a_pool_over_http(tmp_path: Path) -> None:
+    """The loop with the real pool client against a stand-in generator on
+    loopback: every anchor gets its positive, the token comes from the
+    environment, and epoch 2 (same candidate) is all cache hits."""
+    from tests.support.stub_pool import counters, stub_server
+
+    out = tmp_path / "run"
+    with stub_server(STUB_TOKEN="pool-token") as server:
+        args = [
+            "train", *FAST, "--subset", "96", "--epochs", "2", "--batch-size", "32",
+            "--clsp-weight", "1", "--positives", server.url, "--candidates", "1",
+            "--prefetch", "2", "--positives-strict", "--out", str(out),
+        ]  # fmt: skip
+        result = CliRunner().invoke(app, args, env={"CLSP_API_TOKEN": "pool-token"})
+        assert result.exit_code == 0, result.output
+        served = counters(server)
+    epochs = [r for r in _records(out) if r["event"] == "epoch"]
+    assert [e["positive_fraction"] for e in epochs] == [1.0, 1.0]
+    assert epochs[0]["cache_hit_rate"] < 0.1 and epochs[1]["cache_hit_rate"] == 1.0
+    assert all(e["loss_clsp"] > 0 and e["errors"] == 0 for e in epochs)
+    assert served["items"] == 2 * 3 * 32  # each planned batch asked once, none after the end
+    assert "pool-token" not in (out / "metrics.jsonl").read_text()
