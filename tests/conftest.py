@@ -48,8 +48,8 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A random "tiny" 16x16, 1-channel model directory (pipeline layout), made once."""
-    from clsp_positives.service.ddpm import presets
+    from tests.support.models import random_model_dir
 
-    return presets.random_model_dir(
+    return random_model_dir(
         tmp_path_factory.mktemp("tiny-model"), preset="tiny", sample_size=16, channels=1, seed=0
     )

@@ -11,7 +11,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -99,18 +98,3 @@ def save_model(unet: UNet2DModel, scheduler_config: dict[str, Any], out_dir: str
     unet.save_pretrained(out / "unet")
     DDPMScheduler.from_config(scheduler_config).save_pretrained(out / "scheduler")
     return out
-
-
-def random_model_dir(
-    out_dir: str | Path,
-    preset: str = "tiny",
-    sample_size: int = 16,
-    channels: int = 1,
-    seed: int = 0,
-) -> Path:
-    """A model directory with randomly initialised weights (tests and benchmarks)."""
-    cfg = unet_config(preset, sample_size=sample_size, channels=channels)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DModel(**cfg)
-    return save_model(unet, default_scheduler_config(), out_dir)

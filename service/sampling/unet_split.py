@@ -29,10 +29,6 @@ class Encoded:
     h: torch.Tensor
     skips: tuple[torch.Tensor, ...]
 
-    def head(self, n: int) -> Encoded:
-        """The first ``n`` samples (the candidates' half of a batched encoder call)."""
-        return Encoded(self.h[:n], tuple(s[:n] for s in self.skips))
-
 
 def check_unconditional(unet: nn.Module) -> None:
     """Refuse UNets this split (and the CLSP sampler) cannot run."""

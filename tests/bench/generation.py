@@ -30,10 +30,14 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from clsp_positives.service.ddpm.presets import random_model_dir
-from clsp_positives.service.sampling.generator import PositivesGenerator
-from clsp_positives.service.sampling.model import load_model
-from clsp_positives.service.sampling.unet_split import Encoded, UNetSplit
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # tests.support, when run as a script
+    sys.path.insert(0, str(REPO))
+
+from clsp_positives.service.sampling.generator import PositivesGenerator  # noqa: E402
+from clsp_positives.service.sampling.model import load_model  # noqa: E402
+from clsp_positives.service.sampling.unet_split import Encoded, UNetSplit  # noqa: E402
+from tests.support.models import random_model_dir  # noqa: E402
 
 WEIGHT = 0.1
 ETA = 0.1
@@ -90,6 +94,11 @@ def _interleaved(fns, device: torch.device, repeat: int) -> list[float]:
     return best
 
 
+def _head(encoded: Encoded, n: int) -> Encoded:
+    """The first ``n`` samples of an encoder output: the candidates' half of a batched call."""
+    return Encoded(encoded.h[:n], tuple(s[:n] for s in encoded.skips))
+
+
 def step_flops(split: UNetSplit, batch: int, shape: tuple[int, ...], device, dtype) -> int:
     """FLOPs of one CLSP step: the encoder on 2B samples and the decoder on B."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -98,7 +107,7 @@ def step_flops(split: UNetSplit, batch: int, shape: tuple[int, ...], device, dty
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         t = split.timesteps(500, 2 * batch)
         emb = split.embed(t)
-        enc = split.encode(x, emb).head(batch)
+        enc = _head(split.encode(x, emb), batch)
         split.decode(enc, emb[:batch], t[:batch])
     return int(counter.get_total_flops())
 

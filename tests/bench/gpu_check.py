@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # tests.support, when run as a script
+    sys.path.insert(0, str(REPO))
 
 
 def _section(title: str) -> None:
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {}
     failed = False
 
-    from clsp_positives.service.ddpm.presets import random_model_dir
+    from tests.support.models import random_model_dir
 
     tmp = Path(tempfile.mkdtemp(prefix="clsp-gpu-check-"))
     cifar = random_model_dir(tmp / "cifar", preset="ddpm-cifar10", sample_size=32, channels=3)

@@ -349,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model = args.model
         if model is None:
-            from clsp_positives.service.ddpm import presets
+            from tests.support.models import random_model_dir
 
             model = str(
-                presets.random_model_dir(
+                random_model_dir(
                     Path(tmp.name) / "tiny", preset="tiny", sample_size=16, channels=1, seed=0
                 )
             )

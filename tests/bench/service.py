@@ -135,8 +135,8 @@ def main() -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     from clsp_positives.proto.codec import decode_response, encode_request
-    from clsp_positives.service.ddpm.presets import random_model_dir
     from clsp_positives.service.sampling.generator import PositivesGenerator
+    from tests.support.models import random_model_dir
 
     tmp = tempfile.mkdtemp(prefix="clsp-bench-")
     model_dir = args.model or str(random_model_dir(Path(tmp) / "tiny"))

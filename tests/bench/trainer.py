@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="clsp-bench-") as tmp:
         if use_service:
-            from clsp_positives.service.ddpm.presets import random_model_dir
+            from tests.support.models import random_model_dir
 
             model_dir = random_model_dir(
                 Path(tmp) / "model", preset="tiny", sample_size=16, channels=1

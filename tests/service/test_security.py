@@ -67,9 +67,9 @@ guard has been decided here."""
 
 @pytest.fixture(scope="module")
 def other_model_dir(tmp_path_factory):
-    from clsp_positives.service.ddpm import presets
+    from tests.support.models import random_model_dir
 
-    return presets.random_model_dir(
+    return random_model_dir(
         tmp_path_factory.mktemp("other-model"), preset="tiny", sample_size=16, channels=1, seed=1
     )
 

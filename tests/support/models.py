@@ -1,7 +1,8 @@
-"""Tiny UNets and schedules for sampler tests (built in memory, seeded)."""
+"""Tiny UNets, schedules and model directories for tests and benches (seeded)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,3 +39,22 @@ def scheduler_config(**overrides: Any) -> dict[str, Any]:
     cfg = presets.default_scheduler_config()
     cfg.update(overrides)
     return cfg
+
+
+def random_model_dir(
+    out_dir: str | Path,
+    preset: str = "tiny",
+    sample_size: int = 16,
+    channels: int = 1,
+    seed: int = 0,
+) -> Path:
+    """A model directory (``presets.save_model`` layout) with seeded random weights.
+
+    Random weights are no denoiser, but they load, fingerprint and sample like a
+    trained model, which is all the service tests and benches need of them.
+    """
+    cfg = presets.unet_config(preset, sample_size=sample_size, channels=channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DModel(**cfg)
+    return presets.save_model(unet, presets.default_scheduler_config(), out_dir)

@@ -12,6 +12,7 @@ from diffusers import UNet2DModel
 
 from clsp_positives.service.ddpm import presets
 from clsp_positives.service.sampling.model import ModelLoadError, fingerprint, load_model
+from tests.support.models import random_model_dir
 
 
 def _flat_copy(model_dir: Path, out: Path) -> Path:
@@ -52,7 +53,7 @@ def test_fingerprint_is_stable_and_sensitive(tiny_model_dir: Path, tmp_path: Pat
     assert fingerprint(unet, base.scheduler_config) != base.fingerprint
 
     # Another seed (same config) does.
-    other = presets.random_model_dir(tmp_path / "other", seed=1)
+    other = random_model_dir(tmp_path / "other", seed=1)
     assert load_model(other).fingerprint != base.fingerprint
 
 
