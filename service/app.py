@@ -36,6 +36,7 @@ from clsp_positives.proto.messages import (
     RequestArrays,
     ResponseArrays,
 )
+from clsp_positives.proto.openapi import build_openapi
 from clsp_positives.service.batcher import Batcher, BatcherClosed, BatchStats, Item, QueueFull
 from clsp_positives.service.cache import PositivesCache, build_cache
 from clsp_positives.service.metrics import ServiceMetrics, route_label
@@ -408,18 +409,12 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 def _openapi_document(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """``/openapi.json`` serves the wire contract of ``proto.openapi``: the routes stay
+    out of FastAPI's own schema, whose guess from the handlers would not be it."""
+
     def build() -> dict[str, Any]:
         if app.openapi_schema is None:
-            try:
-                from clsp_positives.proto.openapi import build_openapi
-            except ImportError:  # the checked-in contract is not there yet
-                from fastapi.openapi.utils import get_openapi
-
-                app.openapi_schema = get_openapi(
-                    title=app.title, version=app.version, routes=app.routes
-                )
-            else:
-                app.openapi_schema = build_openapi()
+            app.openapi_schema = build_openapi()
         return app.openapi_schema
 
     return build
