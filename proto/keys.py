@@ -1,4 +1,4 @@
-"""Cache keys and per-sample seeds (DESIGN §2).
+"""Cache keys and per-sample seeds (docs/design.md §2).
 
 A positive is addressed by ``(model fingerprint, canonical params, anchor
 content, candidate index)``. The anchor is canonicalised before hashing so

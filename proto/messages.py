@@ -1,4 +1,4 @@
-"""Pydantic models of the HTTP API (DESIGN §4).
+"""Pydantic models of the HTTP API (docs/design.md §6).
 
 The JSON forms below document the wire format (and feed the OpenAPI
 document); the safetensors fast path carries the same tensors by name. After

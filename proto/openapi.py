@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document of the HTTP API (DESIGN §4).
+"""The OpenAPI 3.1 document of the HTTP API (docs/design.md §6).
 
 Written by hand around the pydantic schemas rather than taken from FastAPI's
 route introspection, because the positives route reads its body itself (two

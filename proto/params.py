@@ -38,7 +38,7 @@ CacheMode = Literal["use", "refresh", "bypass"]
 
 
 class GenerationParams(BaseModel):
-    """Parameters of one positives request (DESIGN §4)."""
+    """Parameters of one positives request (docs/design.md §6)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 

@@ -1,4 +1,4 @@
-"""The HTTP service (DESIGN §4): ``create_app(settings, generator, cache)``.
+"""The HTTP service (docs/design.md §4): ``create_app(settings, generator, cache)``.
 
 Handlers stay thin: decode and validate with ``proto.codec``, look up the cache
 once, hand the misses to the batcher, write what was generated back, encode.

@@ -1,4 +1,4 @@
-"""Dynamic batching of generation items (DESIGN §3).
+"""Dynamic batching of generation items (docs/design.md §4).
 
 The batcher knows items, groups, deadlines and futures, not UNets: it merges
 the items of concurrent requests into one call of a ``run_batch`` function,

@@ -1,4 +1,4 @@
-"""Linear probe and weighted kNN on frozen backbone features (DESIGN §1).
+"""Linear probe and weighted kNN on frozen backbone features (docs/design.md §1).
 
 Features are extracted once from un-augmented images; both evaluations then
 run on the feature tensors alone, so they cost seconds even for CIFAR.

@@ -1,5 +1,5 @@
 """``clsp generate``: K candidates for every image of a data set, through the pool,
-into the paper's offline layout ``[N, K, H, W, C]`` uint8 (issue 5, item 9).
+into the paper's offline layout ``[N, K, H, W, C]`` uint8 (docs/design.md §5).
 
 The output is written in place through a memory map and a sidecar records
 which rows are done, so an interrupted run (a crash, a kill, a pool outage)

@@ -1,4 +1,4 @@
-"""Contrastive losses as pure functions of embeddings (DESIGN §1).
+"""Contrastive losses as pure functions of embeddings (docs/design.md §1).
 
 Every function takes raw (unnormalised) embeddings, normalises them itself and
 computes in float32, so callers may pass autocast outputs. Under DDP the

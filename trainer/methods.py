@@ -1,4 +1,4 @@
-"""SimCLR, MoCo v2 and NNCLR over one base, each with the CLSP term (DESIGN §1).
+"""SimCLR, MoCo v2 and NNCLR over one base, each with the CLSP term (docs/design.md §1).
 
 A method is an ``nn.Module`` whose ``forward(v1, v2, v3, mask)`` returns the
 loss of one step, so DDP can wrap it whole. ``v3`` is the augmented synthetic

@@ -3,7 +3,7 @@
 The service's batcher calls ``sample`` from one worker thread with items of
 one parameter group (steps, eta, method; the weight may differ per item).
 ``positives`` is the keyed convenience on top: it derives each candidate's
-seed from its cache key (DESIGN §2), so what it returns is exactly what the
+seed from its cache key (docs/design.md §2), so what it returns is exactly what the
 service caches under that key.
 """
 

@@ -1,6 +1,6 @@
 """Loading a diffusion model and its fingerprint.
 
-The fingerprint enters every cache key (DESIGN §2), so it must change
+The fingerprint enters every cache key (docs/design.md §2), so it must change
 whenever the generated images could: it hashes the UNet's effective config,
 the scheduler config and every weight, and nothing that cannot matter
 (diffusers version, file paths, the device or dtype it is loaded on).

@@ -1,4 +1,4 @@
-"""Per-sample counter-based Gaussian noise (DESIGN §2), torch reference path.
+"""Per-sample counter-based Gaussian noise (docs/design.md §2), torch reference path.
 
 Every random number of one candidate is a pure function of ``(seed, stream,
 element)``: Philox4x32-10 keyed by the sample's 63-bit seed and counted by the

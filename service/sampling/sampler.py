@@ -1,10 +1,10 @@
-"""The CLSP sampler: DDIM/DDPM with bottleneck interpolation (DESIGN §1).
+"""The CLSP sampler: DDIM/DDPM with bottleneck interpolation (docs/design.md §1).
 
 One call runs a batch of candidates, each with its own anchor, seed and
 interpolation weight, through a ``SamplingPlan``. Every random number is drawn
 from the per-sample counter-based noise (``noise``/``ops``) by seed, stream and
 element, never from a batch-level generator, so a candidate's noise is the
-same whatever else is in the batch (DESIGN §2).
+same whatever else is in the batch (docs/design.md §2).
 
 The trajectory ``x`` and the anchors stay in float32; only the UNet runs in
 the model dtype (bf16/fp16 on CUDA), so low precision costs accuracy in the

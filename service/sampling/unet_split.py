@@ -1,4 +1,4 @@
-"""The encoder/decoder split of a diffusers ``UNet2DModel`` (DESIGN §1).
+"""The encoder/decoder split of a diffusers ``UNet2DModel`` (docs/design.md §1).
 
 CLSP interpolates the UNet's bottleneck: the candidate's and the anchor's
 paths are encoded (time embedding, ``conv_in``, down blocks, mid block), their

@@ -88,7 +88,7 @@ def sampler_vs_diffusers(model_dir: Path, steps: int = 20) -> dict[str, Any]:
 
 
 def cpu_vs_gpu(model_dir: Path, steps: int = 20) -> dict[str, Any]:
-    """Same keys on CPU and CUDA (fp32): close, not identical (DESIGN §2)."""
+    """Same keys on CPU and CUDA (fp32): close, not identical (docs/design.md §2)."""
     from clsp_positives.service.sampling.generator import PositivesGenerator
 
     rng = np.random.default_rng(0)

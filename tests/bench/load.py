@@ -1,4 +1,4 @@
-"""Load test of the generation service (issue 7): many clients, hits and misses, memory.
+"""Load test of the generation service: many clients, hits and misses, memory.
 
 ``--clients`` concurrent clients (32) send requests of ``--anchors`` anchors for
 ``--seconds`` (60) over loopback to a real service (uvicorn, the tiny model

@@ -8,7 +8,7 @@ generates positives for test anchors with the service's ``PositivesGenerator`` a
 w = 1.0 (plain unconditional sampling: the anchor is ignored) with the same anchors and seeds,
 and asks classifiers trained on the real digits training images which class each positive is.
 
-Targets (issue 3): rate >= 0.45 at w = 0.1 and >= 3x the rate at w = 1.0; positives are not
+Targets: rate >= 0.45 at w = 0.1 and >= 3x the rate at w = 1.0; positives are not
 copies (mean |positive - anchor| >= 0.05 on [0, 1]) and two candidates of one anchor differ.
 
 The UNet: two levels (32, 64 channels; 16x16 -> 8x8) with self-attention at the 8x8

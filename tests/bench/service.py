@@ -1,4 +1,4 @@
-"""Service benchmark (issue 4): what HTTP, batching and the cache cost, as ratios.
+"""Service benchmark: what HTTP, batching and the cache cost, as ratios.
 
 * cache miss: positives/s through HTTP (``clsp`` service under uvicorn, Redis,
   fresh anchors, requests of ``--batch`` anchors, ``--clients`` at a time so the

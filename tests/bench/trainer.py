@@ -1,4 +1,4 @@
-"""Trainer benchmark: what online positives cost the training loop (issue 5).
+"""Trainer benchmark: what online positives cost the training loop.
 
 Ratios from one run on one machine, against baselines measured in the same run:
 

@@ -1,5 +1,5 @@
 """The OpenAPI document: checked in and current, valid OpenAPI 3.1, complete
-(DESIGN §4), and no more lenient than the decoder it documents."""
+(docs/design.md §6), and no more lenient than the decoder it documents."""
 
 from __future__ import annotations
 

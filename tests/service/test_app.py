@@ -111,7 +111,7 @@ def test_concurrent_clients_share_batches_and_match_one_by_one_generation(servic
         after["clsp_positives_generated_total"] - before["clsp_positives_generated_total"]
         == clients * per_client
     )
-    # DESIGN §2: the same key gives the same positive however it was batched: all 128
+    # docs/design.md §2: the same key gives the same positive however it was batched: all 128
     # in one direct call, and one anchor of every fourth client truly alone (each
     # single call costs as much as a batch on a CPU, so not all 128).
     params = GenerationParams(**PARAMS)

@@ -1,6 +1,6 @@
 """The product end to end: a real ``clsp serve`` with the tiny model and a real
 Redis, ``clsp generate`` filling the cache through it, then ``clsp train`` on
-digits taking its positives from the warm service (issue 5's end-to-end test)."""
+digits taking its positives from the warm service."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Client of a pool of generation services (DESIGN §3, §4).
+"""Client of a pool of generation services (docs/design.md §5, §9).
 
 The trainer talks to several generators at once and must never stall on one
 of them, so the client balances on its own side (least outstanding requests),

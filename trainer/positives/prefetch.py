@@ -1,4 +1,4 @@
-"""Positives in flight while the model trains (issue 5, item 6).
+"""Positives in flight while the model trains (docs/design.md §5).
 
 The train loop knows its batches ahead (the sampler's indices), so it submits
 batches b+1..b+L while step b runs and takes batch b's positives just before

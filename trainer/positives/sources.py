@@ -1,4 +1,4 @@
-"""Where synthetic positives come from, behind one interface (issue 5, item 5).
+"""Where synthetic positives come from, behind one interface (docs/design.md §5).
 
 A source turns (anchors, data set indices, candidate indices) into a
 ``PendingPositives``: the answer in parts, each part a future, so that the
