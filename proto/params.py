@@ -80,12 +80,22 @@ class GenerationParams(BaseModel):
             raise ValueError(f"k={k} is above this service's limit of {max_k}")
         return k
 
+    @property
+    def sampler_eta(self) -> float | None:
+        """``eta`` as the sampler uses it: None for DDPM, whose step has no eta.
+
+        Decided here alone: ``canonical`` and ``group`` both read it, so DDPM
+        requests that differ only in eta share their keys and their sampler calls.
+        """
+        # + 0.0 folds -0.0 into 0.0: the same sampler, so the same key
+        return float(self.eta) + 0.0 if self.method == "ddim" else None
+
     def canonical(self) -> bytes:
         """The bytes that enter a positive's cache key.
 
-        Only fields that change the generated image take part: ``k`` and
-        ``cache`` select and route, they do not change a positive, and DDPM
-        ignores ``eta``, so a DDPM request keys the same whatever eta says.
+        Only what changes the generated image takes part: ``k`` and ``cache``
+        select and route, they do not change a positive, and eta enters as
+        ``sampler_eta``.
         """
         fields: dict[str, Any] = {
             # + 0.0 folds -0.0 into 0.0: the same sampler, so the same key
@@ -93,14 +103,15 @@ class GenerationParams(BaseModel):
             "method": self.method,
             "steps": int(self.steps),
         }
-        if self.method == "ddim":
-            fields["eta"] = float(self.eta) + 0.0
+        if self.sampler_eta is not None:
+            fields["eta"] = self.sampler_eta
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def group(self) -> tuple[int, float, str]:
-        """Items may share one sampler call only when this tuple is equal
-        (the interpolation weight may differ per item)."""
-        return (self.steps, self.eta if self.method == "ddim" else 0.0, self.method)
+        """``(steps, eta, method)`` of the sampler call: items may share one call only
+        when this tuple is equal (the interpolation weight may differ per item)."""
+        eta = self.sampler_eta
+        return (self.steps, 0.0 if eta is None else eta, self.method)
 
 
 def parse_params(raw: Any, *, max_k: int = DEFAULT_MAX_K) -> GenerationParams:
