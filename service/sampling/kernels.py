@@ -278,11 +278,13 @@ def noise_anchor(
     return out
 
 
-def bottleneck_lerp(h: torch.Tensor, h_anchor: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def bottleneck_lerp(
+    h: torch.Tensor, h_anchor: torch.Tensor, interpolation_weights: torch.Tensor
+) -> torch.Tensor:
     """Kernel of ``ops.bottleneck_lerp`` (inputs validated there)."""
     h, channels_last = _layout(h)
     ha = _like(h_anchor.to(h.dtype), channels_last)
-    w = weights.to(device=h.device, dtype=torch.float32).contiguous()
+    w = interpolation_weights.to(device=h.device, dtype=torch.float32).contiguous()
     out = torch.empty_like(h)
     m = math.prod(h.shape[1:])
     if out.numel():

@@ -123,7 +123,9 @@ def noise_anchor(
     return noise_anchor_reference(anchors, seeds, stream, sqrt_alpha_bar, sqrt_one_minus_alpha_bar)
 
 
-def bottleneck_lerp(h: torch.Tensor, h_anchor: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def bottleneck_lerp(
+    h: torch.Tensor, h_anchor: torch.Tensor, interpolation_weights: torch.Tensor
+) -> torch.Tensor:
     """Per-sample interpolation of the bottleneck: ``w*h + (1-w)*h_anchor``."""
     _check_float("h", h)
     if h_anchor.shape != h.shape:
@@ -132,10 +134,15 @@ def bottleneck_lerp(h: torch.Tensor, h_anchor: torch.Tensor, weights: torch.Tens
         )
     if h.ndim < 1:
         raise ValueError("h must have a leading batch dimension")
-    _check_batch("weights", weights, h.shape[0], "one interpolation weight per sample")
+    _check_batch(
+        "interpolation_weights",
+        interpolation_weights,
+        h.shape[0],
+        "one interpolation weight per sample",
+    )
     if use_kernels(h):
-        return _kernels_module().bottleneck_lerp(h, h_anchor, weights)
-    return bottleneck_lerp_reference(h, h_anchor, weights)
+        return _kernels_module().bottleneck_lerp(h, h_anchor, interpolation_weights)
+    return bottleneck_lerp_reference(h, h_anchor, interpolation_weights)
 
 
 def scheduler_update(

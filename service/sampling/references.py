@@ -31,10 +31,12 @@ def noise_anchor_reference(
 
 
 def bottleneck_lerp_reference(
-    h: torch.Tensor, h_anchor: torch.Tensor, weights: torch.Tensor
+    h: torch.Tensor, h_anchor: torch.Tensor, interpolation_weights: torch.Tensor
 ) -> torch.Tensor:
     """Torch reference of ``bottleneck_lerp``."""
-    w = weights.to(device=h.device, dtype=torch.float32).reshape(-1, *([1] * (h.ndim - 1)))
+    w = interpolation_weights.to(device=h.device, dtype=torch.float32).reshape(
+        -1, *([1] * (h.ndim - 1))
+    )
     out = w * h.float() + (1.0 - w) * h_anchor.float()
     return out.to(h.dtype)
 
