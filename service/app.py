@@ -27,12 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clsp_positives.proto.codec import decode_request, encode_response, media_type
 from clsp_positives.proto.errors import ProtocolError
-from clsp_positives.proto.keys import canonical_anchors, positive_key, seed_from_key
+from clsp_positives.proto.keys import canonical_anchors, positive_key
 from clsp_positives.proto.messages import (
     JSON_MEDIA_TYPE,
     SAFETENSORS_MEDIA_TYPE,
     ErrorBody,
-    ModelInfo,
     RequestArrays,
     ResponseArrays,
 )
@@ -178,10 +177,21 @@ class PositivesService:
     # ---------------------------------------------------------- worker side
 
     def _run_batch(
-        self, group: Hashable, anchors: np.ndarray, seeds: np.ndarray, weights: np.ndarray
+        self,
+        group: Hashable,
+        anchors: np.ndarray,
+        keys: list[bytes],
+        interpolation_weights: np.ndarray,
     ) -> np.ndarray:
         steps, eta, method = group  # GenerationParams.group()
-        return self.generator.sample(anchors, seeds, weights, steps=steps, eta=eta, method=method)
+        warm = len(self.generator.paths_run)  # one worker thread: nothing else samples now
+        images = self.generator.sample_keyed(
+            anchors, keys, interpolation_weights, steps=steps, eta=eta, method=method
+        )
+        if len(self.generator.paths_run) > warm:
+            self.metrics.cold_calls.inc()
+            log.warning("a sampler call paid for a path the warm-up did not run")
+        return images
 
     def _on_batch(self, stats: BatchStats) -> None:
         self.metrics.batch_size.observe(stats.size)
@@ -198,21 +208,13 @@ class PositivesService:
         self.batcher.start()
 
     async def warm_up(self) -> None:
-        """One small batch through the worker thread, so the first request does not
-        pay for lazy initialisation (and /readyz means 'can serve now')."""
-        c, h, w = self.expected_chw
+        """``PositivesGenerator.warmup`` in the worker thread before /readyz says ready,
+        so that no request pays for a first call and ready means 'can serve now'."""
         t0 = time.perf_counter()
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self.executor,
-                lambda: self.generator.sample(
-                    np.zeros((1, c, h, w), np.float32),
-                    np.zeros(1, np.int64),
-                    np.ones(1, np.float32),
-                    steps=self.settings.warmup_steps,
-                    eta=0.0,
-                    method="ddim",
-                ),
+                lambda: self.generator.warmup(steps=self.settings.warmup_steps),
             )
         except Exception as exc:
             self.not_ready_reason = f"warm-up batch failed: {exc!r}"
@@ -345,13 +347,7 @@ class PositivesService:
         params = req.params
         group = params.group()
         items = [
-            Item(
-                keys[i],
-                canon[req.anchor_index[i]],
-                seed_from_key(keys[i]),
-                float(params.interpolation_weight),
-                group,
-            )
+            Item(keys[i], canon[req.anchor_index[i]], float(params.interpolation_weight), group)
             for i in missing
         ]
         try:
@@ -375,19 +371,6 @@ class PositivesService:
             if dropped:
                 self.metrics.dropped.inc(dropped)
                 log.info("client went away: %d queued items dropped", dropped)
-
-    def model_info(self) -> ModelInfo:
-        g = self.generator
-        return ModelInfo(
-            fingerprint=g.fingerprint,
-            sample_size=g.sample_size,
-            channels=g.channels,
-            scheduler=dict(g.scheduler_config),
-            device=str(g.device),
-            dtype=str(g.dtype).removeprefix("torch."),
-            max_k=self.settings.max_k,
-            max_anchors=self.settings.max_anchors,
-        )
 
 
 def response_encoding(accept: str | None, content_type: str | None) -> str:
@@ -516,7 +499,8 @@ def create_app(
 
     @app.get("/v1/model", include_in_schema=False)
     async def model() -> JSONResponse:
-        return JSONResponse(service.model_info().model_dump(mode="json"))
+        info = generator.model_info(max_k=settings.max_k, max_anchors=settings.max_anchors)
+        return JSONResponse(info.model_dump(mode="json"))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:

@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-RunBatch = Callable[[Hashable, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-"""``run_batch(group, anchors [M,C,H,W] float32, seeds [M] int64, weights [M] float32)
--> uint8 [M, ...]``: one sampler call, run in the worker thread."""
+RunBatch = Callable[[Hashable, np.ndarray, list[bytes], np.ndarray], np.ndarray]
+"""``run_batch(group, anchors [M,C,H,W] float32, keys [M], interpolation_weights [M]
+float32) -> uint8 [M, ...]``: one sampler call, run in the worker thread. It gets the
+keys, not seeds: the generator alone turns a key into a seed (docs/design.md §2)."""
 
 
 class QueueFull(Exception):
@@ -53,12 +54,11 @@ class BatcherClosed(Exception):
 
 @dataclass(frozen=True)
 class Item:
-    """One positive to generate: a canonical anchor, its seed and weight."""
+    """One positive to generate: its key, canonical anchor and interpolation weight."""
 
     key: bytes
     anchor: np.ndarray  # float32 [C, H, W] in [-1, 1]
-    seed: int
-    weight: float
+    interpolation_weight: float
     group: Hashable
 
 
@@ -268,13 +268,15 @@ class Batcher:
         self, loop: asyncio.AbstractEventLoop, group: Hashable, batch: list[_Entry]
     ) -> None:
         anchors = np.stack([e.item.anchor for e in batch]).astype(np.float32, copy=False)
-        seeds = np.array([e.item.seed for e in batch], dtype=np.int64)
-        weights = np.array([e.item.weight for e in batch], dtype=np.float32)
+        keys = [e.item.key for e in batch]
+        interpolation_weights = np.array(
+            [e.item.interpolation_weight for e in batch], dtype=np.float32
+        )
         t0 = time.perf_counter()
         error: BaseException | None = None
         try:
             images = await loop.run_in_executor(
-                self._executor, self._run_batch, group, anchors, seeds, weights
+                self._executor, self._run_batch, group, anchors, keys, interpolation_weights
             )
             if len(images) != len(batch):
                 raise RuntimeError(

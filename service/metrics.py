@@ -98,6 +98,12 @@ class ServiceMetrics:
         self.sampler_errors = Counter(
             "clsp_sampler_errors", "Sampler calls that raised.", registry=r
         )
+        self.cold_calls = Counter(
+            "clsp_sampler_cold_calls",
+            "Sampler calls for requests that ran a path the warm-up had not run, so "
+            "paid for its lazy initialisation or compilation; should stay 0.",
+            registry=r,
+        )
         self.generated = Counter(
             "clsp_positives_generated", "Positives the sampler made.", registry=r
         )

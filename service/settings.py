@@ -70,7 +70,10 @@ class ServiceSettings(BaseModel):
     log_json: bool = False
     log_level: str = "info"
     warmup_steps: int = Field(
-        2, ge=1, description="Steps of the warm-up batch run before /readyz answers 200."
+        2,
+        ge=1,
+        description="Steps of each warm-up call run before /readyz answers 200 "
+        "(PositivesGenerator.warmup: 2 or more also compile the noisy update kernel on CUDA).",
     )
 
     @property

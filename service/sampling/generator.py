@@ -1,15 +1,18 @@
 """The Python API of the generation core: keys -> seeds -> CLSP sampling -> uint8.
 
-The service's batcher calls ``sample`` from one worker thread with items of
-one parameter group (steps, eta, method; the weight may differ per item).
-``positives`` is the keyed convenience on top: it derives each candidate's
-seed from its cache key (docs/design.md §2), so what it returns is exactly what the
-service caches under that key.
+A positive is addressed by its key (``proto.keys``), and its seed is derived
+from that key in ``sample_keyed`` alone, so what the service caches under a key
+is exactly what this class makes for it (docs/design.md §2). The service's
+batcher calls ``sample_keyed`` from one worker thread with items of one
+parameter group (steps, eta, method; the interpolation weight may differ per
+item); ``positives`` does the same for one request's anchors and candidate
+indices; ``sample`` is the seed-level core under both.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +20,10 @@ import numpy as np
 import torch
 
 from clsp_positives.proto.keys import canonical_anchors, positive_keys, seed_from_key, unit_to_uint8
+from clsp_positives.proto.messages import ModelInfo
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.service.sampling.model import LoadedModel, load_model, public_config
-from clsp_positives.service.sampling.sampler import CLSPSampler
+from clsp_positives.service.sampling.sampler import CLSPSampler, sampler_path
 from clsp_positives.service.sampling.schedule import SamplingPlan, sampling_plan
 from clsp_positives.service.sampling.unet_split import UNetSplit
 
@@ -33,6 +37,10 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+WARMUP_INTERPOLATION_WEIGHT = 0.5
+"""Below 1, so the warm-up takes the anchor path (``sampler.sampler_path``) of CLSP requests."""
+
+
 def _bucket(n: int) -> int:
     """The power of two a compiled generator pads a batch of ``n`` to."""
     return 1 << max(n - 1, 0).bit_length()
@@ -40,6 +48,16 @@ def _bucket(n: int) -> int:
 
 class GeneratorInputError(ValueError):
     """A sampling input does not fit the model (shape, channels, dtype, range)."""
+
+
+def _check_interpolation_weights(interpolation_weights: np.ndarray, m: int) -> None:
+    w = interpolation_weights
+    if w.shape != (m,) or not np.issubdtype(w.dtype, np.floating):
+        raise GeneratorInputError(
+            f"interpolation weights must be float [{m}], got {w.dtype} {tuple(w.shape)}"
+        )
+    if not (np.isfinite(w).all() and ((w >= 0) & (w <= 1)).all()):
+        raise GeneratorInputError("interpolation weights must be finite and in [0, 1]")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -101,7 +119,6 @@ class PositivesGenerator:
         )
         self.sample_size: int = self.sample_hw[0]
         self.channels: int = int(cfg.in_channels)
-        self.unet_config: dict[str, Any] = public_config(cfg)
         if channels_last is None:
             channels_last = self.device.type == "cuda"
         unet = model.unet.to(device=self.device, dtype=self.dtype)
@@ -128,6 +145,11 @@ class PositivesGenerator:
         )
         self._plans: dict[tuple[str, int, float], SamplingPlan] = {}
         self._lock = threading.Lock()
+        self.paths_run: set[tuple[str, int | None]] = set()
+        """``(sampler path, batch bucket)`` of every call so far (the bucket only when
+        compiled, the one thing a batch size changes): a call that adds an entry paid
+        for a first call, lazy initialisation or compilation. ``warmup`` leaves none
+        for the first request to pay."""
 
     @classmethod
     def from_dir(
@@ -149,21 +171,23 @@ class PositivesGenerator:
             channels_last=channels_last,
         )
 
-    def describe(self) -> dict[str, Any]:
-        """What ``GET /v1/model`` reports."""
-        return {
-            "fingerprint": self.fingerprint,
-            "sample_size": self.sample_size,
-            "channels": self.channels,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "scheduler": public_config(self.scheduler_config),
-            "unet": self.unet_config,
-        }
+    def model_info(self, *, max_k: int, max_anchors: int) -> ModelInfo:
+        """What ``GET /v1/model`` reports: this model, and the request limits
+        (``max_k``, ``max_anchors``) of the service that serves it."""
+        return ModelInfo(
+            fingerprint=self.fingerprint,
+            sample_size=self.sample_size,
+            channels=self.channels,
+            scheduler=public_config(self.scheduler_config),
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            max_k=max_k,
+            max_anchors=max_anchors,
+        )
 
     def plan(self, *, steps: int, eta: float, method: str) -> SamplingPlan:
-        """The sampling plan of one parameter group (cached; DDPM ignores eta)."""
-        key = (method, int(steps), float(eta) if method == "ddim" else 0.0)
+        """The sampling plan of one parameter group (``GenerationParams.group()``), cached."""
+        key = (method, int(steps), float(eta))
         plan = self._plans.get(key)
         if plan is None:
             plan = sampling_plan(self.scheduler_config, method=method, steps=steps, eta=key[2])
@@ -184,7 +208,7 @@ class PositivesGenerator:
         self,
         anchors: np.ndarray,
         seeds: np.ndarray,
-        weights: np.ndarray,
+        interpolation_weights: np.ndarray,
         *,
         steps: int,
         eta: float,
@@ -198,19 +222,14 @@ class PositivesGenerator:
         self.check_anchors(anchors)
         m = anchors.shape[0]
         seeds = np.asarray(seeds)
-        weights = np.asarray(weights)
+        interpolation_weights = np.asarray(interpolation_weights)
         if seeds.dtype != np.int64 or seeds.shape != (m,):
             raise GeneratorInputError(
                 f"seeds must be int64 [{m}], got {seeds.dtype} {tuple(seeds.shape)}"
             )
         if seeds.size and seeds.min() < 0:
             raise GeneratorInputError("seeds must be non-negative (63-bit, from seed_from_key)")
-        if weights.shape != (m,) or not np.issubdtype(weights.dtype, np.floating):
-            raise GeneratorInputError(
-                f"weights must be float [{m}], got {weights.dtype} {tuple(weights.shape)}"
-            )
-        if not (np.isfinite(weights).all() and ((weights >= 0) & (weights <= 1)).all()):
-            raise GeneratorInputError("interpolation weights must be finite and in [0, 1]")
+        _check_interpolation_weights(interpolation_weights, m)
         if not np.isfinite(anchors).all():
             raise GeneratorInputError("anchors contain NaN or Inf")
         plan = self.plan(steps=steps, eta=eta, method=method)
@@ -219,7 +238,7 @@ class PositivesGenerator:
             return np.zeros((0, h, w, self.channels), dtype=np.uint8)
         anchors_t = torch.from_numpy(np.ascontiguousarray(anchors))
         seeds_t = torch.from_numpy(np.ascontiguousarray(seeds))
-        weights_t = torch.from_numpy(weights.astype(np.float32))
+        weights_t = torch.from_numpy(interpolation_weights.astype(np.float32))
         if self.compiled:
             # Pad with copies of the first item: items are independent, so the
             # padding changes no other item's result, only the compiled shape.
@@ -229,10 +248,32 @@ class PositivesGenerator:
                     torch.cat([v, v[:1].expand(pad, *v.shape[1:])])
                     for v in (anchors_t, seeds_t, weights_t)
                 )
+        path = (sampler_path(weights_t), len(weights_t) if self.compiled else None)
         with self._lock:
             x = self._sampler(plan, anchors_t, seeds_t, weights_t)
             images = x[:m].permute(0, 2, 3, 1).cpu().numpy()
+            self.paths_run.add(path)
         return unit_to_uint8(images)
+
+    def sample_keyed(
+        self,
+        anchors: np.ndarray,
+        keys: Sequence[bytes],
+        interpolation_weights: np.ndarray,
+        *,
+        steps: int,
+        eta: float,
+        method: str,
+    ) -> np.ndarray:
+        """``sample`` with each item's seed derived from its key (``seed_from_key``).
+
+        The one place a key becomes a seed: the same key gives the same positive
+        whichever request, batch or process carries it (docs/design.md §2).
+        """
+        seeds = np.fromiter((seed_from_key(k) for k in keys), dtype=np.int64, count=len(keys))
+        return self.sample(
+            anchors, seeds, interpolation_weights, steps=steps, eta=eta, method=method
+        )
 
     def keys(
         self,
@@ -259,22 +300,35 @@ class PositivesGenerator:
         """
         canon = canonical_anchors(np.asarray(anchors))
         self.check_anchors(canon)
-        cands = self._candidates(candidates, canon)
-        keys = positive_keys(self.fingerprint, params, canon, cands)
-        seeds = np.array([seed_from_key(k) for k in keys], dtype=np.int64)
-        weights = np.full(len(canon), params.interpolation_weight, dtype=np.float32)
-        return self.sample(
-            canon, seeds, weights, steps=params.steps, eta=params.eta, method=params.method
+        keys = positive_keys(self.fingerprint, params, canon, self._candidates(candidates, canon))
+        interpolation_weights = np.full(len(canon), params.interpolation_weight, np.float32)
+        steps, eta, method = params.group()
+        return self.sample_keyed(
+            canon, keys, interpolation_weights, steps=steps, eta=eta, method=method
         )
 
-    def warmup(self, batch_sizes: tuple[int, ...] = (1,), steps: int = 2) -> None:
-        """Run small calls so first requests do not pay for lazy init or compilation."""
+    def warmup(self, *, steps: int = 2, batch_sizes: tuple[int, ...] = (1,)) -> None:
+        """Run every sampler path once per batch size, so no request pays a first call.
+
+        A first call pays for lazy initialisation and, on CUDA, for the Triton
+        compile of each kernel it launches (and, compiled, for the batch bucket).
+        The anchor path (interpolation weight below 1: CLSP's requests) runs the
+        encoder on 2N samples and the anchor-noising and interpolation kernels;
+        the plain path (weight 1) runs neither. The plain call at eta 0 launches
+        the update kernel without noise, the anchor call at eta 0.1 with noise in
+        every step but perhaps the last, so with ``steps`` >= 2 both variants of
+        that kernel are compiled whatever the schedule.
+        ``paths_run`` records what has run.
+        """
         h, w = self.sample_hw
         for b in batch_sizes:
             anchors = np.zeros((b, self.channels, h, w), dtype=np.float32)
             seeds = np.arange(b, dtype=np.int64)
-            weights = np.full(b, 0.5, dtype=np.float32)
-            self.sample(anchors, seeds, weights, steps=steps, eta=0.1, method="ddim")
+            for weight, eta in ((WARMUP_INTERPOLATION_WEIGHT, 0.1), (1.0, 0.0)):
+                interpolation_weights = np.full(b, weight, dtype=np.float32)
+                self.sample(
+                    anchors, seeds, interpolation_weights, steps=steps, eta=eta, method="ddim"
+                )
 
     @staticmethod
     def _candidates(candidates: np.ndarray | None, canon: np.ndarray) -> np.ndarray:

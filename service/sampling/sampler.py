@@ -25,6 +25,20 @@ from clsp_positives.service.sampling.unet_split import Encoded, UNetSplit
 EncodeFn = Callable[[torch.Tensor, torch.Tensor], Encoded]
 DecodeFn = Callable[[Encoded, torch.Tensor, torch.Tensor], torch.Tensor]
 
+ANCHOR_PATH = "anchor"
+PLAIN_PATH = "plain"
+
+
+def sampler_path(interpolation_weights: torch.Tensor) -> str:
+    """The path a call takes: ``PLAIN_PATH`` when every interpolation weight is exactly 1.
+
+    Weight 1 gives the anchor's bottleneck weight 0, so such a call skips the
+    anchor's encoder pass, its noising and the interpolation; any weight below 1
+    takes ``ANCHOR_PATH``, the encoder on ``[candidates; anchors]``. The two
+    paths run different shapes and kernels, so each pays its own first call.
+    """
+    return PLAIN_PATH if bool((interpolation_weights == 1).all()) else ANCHOR_PATH
+
 
 class CLSPSampler:
     """The sampling loop over a ``UNetSplit``.
@@ -68,20 +82,20 @@ class CLSPSampler:
         plan: SamplingPlan,
         anchors: torch.Tensor,
         seeds: torch.Tensor,
-        weights: torch.Tensor,
+        interpolation_weights: torch.Tensor,
     ) -> torch.Tensor:
         """Positives ``[N, C, H, W]`` float32 in [-1, 1].
 
         ``anchors`` float32 ``[N, C, H, W]`` in [-1, 1]; ``seeds`` int64 ``[N]``;
-        ``weights`` float ``[N]`` (1 = plain sampling, 0 = only the anchor's bottleneck).
+        ``interpolation_weights`` float ``[N]`` (1 = plain sampling, 0 = only the
+        anchor's bottleneck).
         """
         n = anchors.shape[0]
         device = self.device
+        use_anchor = sampler_path(interpolation_weights) == ANCHOR_PATH
         anchors = anchors.to(device=device, dtype=torch.float32)
         seeds = seeds.to(device=device, dtype=torch.int64)
-        weights = weights.to(device=device, dtype=torch.float32)
-        # With every weight exactly 1 the anchor's bottleneck gets weight 0: skip its pass.
-        use_anchor = bool((weights != 1).any())
+        interpolation_weights = interpolation_weights.to(device=device, dtype=torch.float32)
         with torch.inference_mode():
             x = ops.normal(seeds, STREAM_INITIAL, tuple(anchors.shape[1:]), device=device)
             if plan.init_noise_sigma != 1.0:
@@ -101,7 +115,7 @@ class CLSPSampler:
                     )
                     # Both paths in one encoder call: [candidates; anchors].
                     enc = self.encode(self._to_model(torch.cat([x, a_t])), emb)
-                    h = ops.bottleneck_lerp(enc.h[:n], enc.h[n:], weights)
+                    h = ops.bottleneck_lerp(enc.h[:n], enc.h[n:], interpolation_weights)
                     enc = Encoded(h, tuple(s[:n] for s in enc.skips))
                     out = self.decode(enc, emb[:n], t[:n])
                 else:

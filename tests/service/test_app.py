@@ -253,6 +253,24 @@ def test_model_health_docs_openapi_and_metrics_routes(service, client):
     assert total(m, "clsp_requests_total{route=/v1/model,status=200}") >= 1
 
 
+def test_once_ready_no_request_pays_for_a_first_call(service, client):
+    """The warm-up before /readyz ran every sampler path, so neither a CLSP request
+    (w = 0.1: the anchor path) nor a plain one (w = 1) runs a path for the first
+    time. The count is of the whole module's requests: a warm-up at w = 1 alone
+    leaves the anchor path to the first w < 1 request, whichever test sends it."""
+    assert client.get("/readyz").status_code == 200
+    before = scrape(service.url, TOKEN)
+    for weight, seed in ((0.1, 900), (1.0, 901)):
+        params = {**PARAMS, "interpolation_weight": weight}
+        r, reply = post_positives(client, anchors_u8(3, seed=seed), params, token=TOKEN)
+        assert r.status_code == 200, r.text
+        assert reply.cache_hit.tolist() == [0, 0, 0]
+    after = scrape(service.url, TOKEN)
+    generated = "clsp_positives_generated_total"
+    assert after[generated] - before[generated] == 6  # both were sampled, not cached
+    assert after["clsp_sampler_cold_calls_total"] == 0
+
+
 # ----------------------------------------------------------------------- auth
 
 

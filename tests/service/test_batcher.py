@@ -1,7 +1,8 @@
 """The dynamic batcher on its own, with a recording stand-in for the sampler.
 
-The stand-in is the batcher's direct neighbour (``run_batch``): it returns each
-item's seed as its "image", so every answer can be traced to its item.
+The stand-in is the batcher's direct neighbour (``run_batch``): each item's key
+is a number, which the stand-in returns as its "image", so every answer can be
+traced to its item.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ class RecordingSampler:
         self.started = threading.Event()
         self.fail_groups = fail_groups
 
-    def __call__(self, group, anchors, seeds, weights):
+    def __call__(self, group, anchors, keys, interpolation_weights):
         self.started.set()
         self.gate.wait(10)
+        seeds = [int.from_bytes(k, "little") for k in keys]
         self.calls.append(
-            (group, seeds.tolist(), weights.tolist(), threading.current_thread().name)
+            (group, seeds, interpolation_weights.tolist(), threading.current_thread().name)
         )
         if group in self.fail_groups:
             raise RuntimeError("sampler exploded")
@@ -42,8 +44,7 @@ def item(seed: int, group=("g", 1), weight: float = 0.1) -> Item:
     return Item(
         key=seed.to_bytes(8, "little"),
         anchor=np.zeros((1, 2, 2), np.float32),
-        seed=seed,
-        weight=weight,
+        interpolation_weight=weight,
         group=group,
     )
 

@@ -11,6 +11,7 @@ import pytest
 from clsp_positives.proto.keys import seed_from_key, uint8_to_unit
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.service.sampling.generator import GeneratorInputError, PositivesGenerator
+from clsp_positives.service.sampling.sampler import ANCHOR_PATH, PLAIN_PATH
 
 PARAMS = GenerationParams(steps=5, eta=0.1, interpolation_weight=0.1)
 
@@ -29,7 +30,11 @@ def test_attributes(gen: PositivesGenerator) -> None:
     assert (gen.sample_size, gen.channels, str(gen.device)) == (16, 1, "cpu")
     assert len(gen.fingerprint) == 16
     assert gen.scheduler_config["num_train_timesteps"] == 1000
-    assert gen.describe()["fingerprint"] == gen.fingerprint
+    info = gen.model_info(max_k=8, max_anchors=4)
+    assert (info.fingerprint, info.sample_size, info.channels) == (gen.fingerprint, 16, 1)
+    assert (info.device, info.dtype, info.max_k, info.max_anchors) == ("cpu", "float32", 8, 4)
+    assert info.scheduler["num_train_timesteps"] == 1000
+    assert not [k for k in info.scheduler if k.startswith("_")]  # diffusers' bookkeeping
 
 
 def test_positives_are_keyed_and_deterministic(gen: PositivesGenerator) -> None:
@@ -47,6 +52,15 @@ def test_positives_are_keyed_and_deterministic(gen: PositivesGenerator) -> None:
         as_float, seeds, np.full(3, 0.1, np.float32), steps=5, eta=0.1, method="ddim"
     )
     assert np.array_equal(out, direct)
+    keyed = gen.sample_keyed(
+        as_float,
+        gen.keys(anchors, cands, PARAMS),
+        np.full(3, 0.1, np.float32),
+        steps=5,
+        eta=0.1,
+        method="ddim",
+    )
+    assert np.array_equal(out, keyed)
     # The positive is not a copy of its anchor.
     assert np.abs(out.astype(float) - anchors).mean() / 255 > 0.05
 
@@ -91,6 +105,30 @@ def test_works_from_a_worker_thread(gen: PositivesGenerator) -> None:
     t.start()
     t.join()
     assert np.array_equal(result["out"], gen.positives(_anchors(2), None, PARAMS))
+
+
+def test_after_warmup_requests_run_no_path_for_the_first_time(tiny_model_dir: Path) -> None:
+    """``paths_run`` grows on a first call; ``warmup`` leaves none to a request, of
+    CLSP's weight 0.1 or of weight 1, while a warm-up at weight 1 would leave the
+    anchor path (its 2N encoder batch and two kernels) to the first CLSP request."""
+    plain_warmed = PositivesGenerator.from_dir(tiny_model_dir)
+    plain_warmed.positives(
+        _anchors(1), None, PARAMS.model_copy(update={"interpolation_weight": 1.0})
+    )
+    assert plain_warmed.paths_run == {(PLAIN_PATH, None)}
+    plain_warmed.positives(_anchors(2), None, PARAMS)
+    assert plain_warmed.paths_run == {(PLAIN_PATH, None), (ANCHOR_PATH, None)}
+
+    gen = PositivesGenerator.from_dir(tiny_model_dir)
+    assert gen.paths_run == set()
+    gen.warmup(steps=1)
+    warmed = set(gen.paths_run)
+    assert warmed == {(PLAIN_PATH, None), (ANCHOR_PATH, None)}
+    gen.positives(_anchors(3, seed=5), None, PARAMS)
+    gen.positives(
+        _anchors(2, seed=6), None, PARAMS.model_copy(update={"interpolation_weight": 1.0})
+    )
+    assert gen.paths_run == warmed
 
 
 def test_empty_batch(gen: PositivesGenerator) -> None:
@@ -161,3 +199,5 @@ def test_compiled_generator_keeps_the_contract(
     alone = compiled.sample(anchors[2:3], seeds[2:3], weights[2:3], **kw)
     assert np.abs(alone[0].astype(int) - batch[2]).max() <= 1
     assert np.abs(batch.astype(int) - gen.sample(anchors, seeds, weights, **kw)).max() <= 1
+    # Compiled, each batch bucket is a first call of its own.
+    assert compiled.paths_run == {(ANCHOR_PATH, 8), (ANCHOR_PATH, 1)}
