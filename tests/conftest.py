@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support import leftovers
 from tests.support.servers import RedisServer
 
 # One torch thread per process: the tests run servers in subprocesses beside
@@ -14,6 +15,40 @@ from tests.support.servers import RedisServer
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Every process the tests start inherits this marker, so that the check at the
+# end of the session finds it even when its parent has died (tests/support/leftovers.py).
+SESSION_TOKEN = leftovers.mark_session()
+LEFT_RUNNING = pytest.StashKey[list[str]]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a process the tests started outlives it.
+
+    Runs after every fixture has been finalized: whatever still runs now was
+    never stopped. It is reported with its command line and killed.
+    """
+    left = leftovers.leftovers(SESSION_TOKEN)
+    if not left:
+        return
+    session.config.stash[LEFT_RUNNING] = [leftovers.describe(p) for p in left]
+    leftovers.kill(left)
+    if session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    left = config.stash.get(LEFT_RUNNING, [])
+    if not left:
+        return
+    terminalreporter.section("processes the tests left running", sep="!", red=True)
+    for line in left:
+        terminalreporter.write_line(line, red=True)
+    terminalreporter.write_line(
+        "The run fails for these (they were killed now): stop each process in the "
+        "teardown of the test or fixture that started it.",
+        red=True,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 
 def free_port() -> int:
@@ -36,6 +37,16 @@ def _wait_until(check, timeout: float, what: str, proc: subprocess.Popen | None 
             return
         time.sleep(0.05)
     raise TimeoutError(f"{what} was not ready after {timeout:.0f} s")
+
+
+def _refuse_second_start(proc: subprocess.Popen | None, what: str) -> None:
+    """One helper owns one process: a second start while the first still runs would
+    orphan the first (nothing stops it any more) and leave it running after the suite."""
+    if proc is not None and proc.poll() is None:
+        raise RuntimeError(
+            f"{what} is already running (pid {proc.pid}): stop() or kill() it before "
+            "starting it again (`with helper:` starts it; do not also call start())"
+        )
 
 
 class RedisServer:
@@ -58,6 +69,8 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start it, or start it again after ``kill()``/``stop()``; never a second copy."""
+        _refuse_second_start(self.proc, f"redis-server on port {self.port}")
         self.proc = subprocess.Popen(
             [
                 self.binary,
@@ -129,19 +142,28 @@ class ServerProcess:
         health_path: str = "/healthz",
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
+        start_timeout: float = 120.0,
     ) -> None:
         self.cmd = list(cmd)
+        self.start_timeout = start_timeout
         self.port = port
         self.health_path = health_path
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="clsp-server-", suffix=".log")[1])
         self.proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> ServerProcess:
+    def start(self, timeout: float | None = None) -> ServerProcess:
+        """Start it, or start it again after ``kill()``/``stop()``; never a second copy.
+
+        ``timeout`` defaults to ``start_timeout``, the one the ``with`` form uses.
+        """
+        _refuse_second_start(self.proc, f"server {' '.join(self.cmd[:4])}...")
+        self._close_log()
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             self.cmd,
@@ -151,7 +173,12 @@ class ServerProcess:
             start_new_session=True,
         )
         try:
-            _wait_until(self._healthy, timeout, f"server {' '.join(self.cmd[:4])}...", self.proc)
+            _wait_until(
+                self._healthy,
+                self.start_timeout if timeout is None else timeout,
+                f"server {' '.join(self.cmd[:4])}...",
+                self.proc,
+            )
         except Exception as exc:
             self.stop()
             raise RuntimeError(f"{exc}; its log:\n{self.log()}") from None
@@ -180,11 +207,17 @@ class ServerProcess:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        if getattr(self, "_log", None):
-            self._log.close()
+        self._close_log()
         return self.proc.returncode if self.proc else None
 
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
     def __enter__(self) -> ServerProcess:
+        """Starts the server (with ``start_timeout``): write ``with ServerProcess(...)``,
+        not ``with ServerProcess(...).start()``, which would start it twice."""
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

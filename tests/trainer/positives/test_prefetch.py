@@ -265,7 +265,8 @@ def test_real_service_positives_flow_then_come_from_its_cache(tiny_model_dir) ->
         "20",
     ]
     env = {"OMP_NUM_THREADS": "1", "CLSP_WARMUP_STEPS": "1", "CLSP_LOG_LEVEL": "warning"}
-    with ServerProcess(cmd, port, health_path="/readyz", env=env).start(timeout=300) as server:
+    service = ServerProcess(cmd, port, health_path="/readyz", env=env, start_timeout=300)
+    with service as server:
         with pool_prefetcher(server.url, deadline_ms=0, strict=True) as pf:
             for b in range(2):
                 submit(pf, b)
