@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.messages import (
     JSON_MEDIA_TYPE,
     SAFETENSORS_MEDIA_TYPE,
@@ -238,7 +239,7 @@ def build_openapi() -> dict[str, Any]:
                     "type": "http",
                     "scheme": "bearer",
                     "description": "Required only when the service was started with a token "
-                    "(CLSP_API_TOKEN); the health checks never need it.",
+                    f"({TOKEN_ENV}); the health checks never need it.",
                 }
             },
         },

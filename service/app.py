@@ -529,9 +529,13 @@ def build_generator(settings: ServiceSettings) -> PositivesGenerator:
 
 def build_app(settings: ServiceSettings) -> FastAPI:
     """Load the model named by ``settings`` and build its app with the configured cache."""
+    import json
+
     from clsp_positives.service.logs import configure_logging
 
     configure_logging(json_lines=settings.log_json, level=settings.log_level)
+    # What the flags, CLSP_* variables and defaults resolved to (docs/design.md §8).
+    log.info("settings: %s", json.dumps(settings.public(), sort_keys=True))
     generator = build_generator(settings)
     cache = build_cache(
         settings.redis,
@@ -552,5 +556,6 @@ def build_app(settings: ServiceSettings) -> FastAPI:
 
 def create_app_from_env() -> FastAPI:
     """uvicorn factory (``uvicorn --factory clsp_positives.service.app:create_app_from_env``):
-    settings from ``CLSP_*`` variables (see ``ServiceSettings.from_env``)."""
+    settings from ``CLSP_*`` variables through ``ServiceSettings.from_env``, the path
+    ``clsp serve`` takes too, so both resolve every field alike."""
     return build_app(ServiceSettings.from_env())

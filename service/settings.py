@@ -2,7 +2,10 @@
 
 One frozen object holds every knob so that the app factory, the batcher and
 the cache never read globals or the environment themselves; the CLI and the
-uvicorn factory are the only two places that build it.
+uvicorn factory are the only two places that build it, both through
+``ServiceSettings.from_env``, so both honour the same precedence. Each field
+owns its default, bounds and help: ``clsp serve``'s options and the README's
+table are generated from them (docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -10,15 +13,25 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from clsp_positives.proto.auth import TOKEN_ENV
+from clsp_positives.proto.params import DEFAULT_MAX_K
 
 ENV_PREFIX = "CLSP_"
-TOKEN_ENV = "CLSP_API_TOKEN"
-"""The token has its own, documented variable name so that it never has to
-appear on a command line (where ``ps`` would show it)."""
 
 DType = Literal["float32", "bfloat16", "float16"]
+
+
+def env_var(name: str) -> str:
+    """The variable of a field: ``CLSP_<FIELD>``, except the token's own name."""
+    return TOKEN_ENV if name == "token" else ENV_PREFIX + name.upper()
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 class ServiceSettings(BaseModel):
@@ -29,12 +42,16 @@ class ServiceSettings(BaseModel):
     model: str = Field(..., description="Model directory (diffusers save_pretrained layout).")
     redis: str | None = Field(
         None,
-        description="Redis URL; without it the cache is an in-process LRU bounded by cache_mb.",
+        description="Redis URL, e.g. redis://host:6379/0; without it the cache is an "
+        "in-process LRU bounded by cache_mb.",
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    device: str = "cpu"
-    dtype: DType = "float32"
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free one).")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N.")
+    dtype: DType = Field(
+        "float32",
+        description="The UNet's dtype (the trajectory stays float32); not float32 needs CUDA.",
+    )
     max_batch: int = Field(64, ge=1, description="Most items in one sampler call.")
     max_wait_ms: float = Field(
         10.0,
@@ -46,18 +63,20 @@ class ServiceSettings(BaseModel):
         4096, ge=1, description="Most items waiting for the sampler; above it requests get 429."
     )
     max_anchors: int = Field(1024, ge=1, description="Most anchors in one request (413).")
-    max_body_mb: float = Field(64.0, gt=0.0, description="Largest request body (413).")
-    max_k: int = Field(64, ge=1, description="Largest params.k and candidate index + 1.")
+    max_body_mb: float = Field(64.0, gt=0.0, description="Largest request body in MB (413).")
+    max_k: int = Field(DEFAULT_MAX_K, ge=1, description="Largest params.k and candidate index + 1.")
     max_cost: int = Field(
         256 * 1000,
         ge=1,
         description="Most steps x items in one request: the compute one request may ask for (413).",
     )
     token: str | None = Field(
-        None, description="Bearer token required on every route but the health checks."
+        None,
+        description="Bearer token required on every route but the health checks "
+        f"(better set {TOKEN_ENV}: a flag shows in ps).",
     )
     cache_ttl: int = Field(7 * 24 * 3600, ge=1, description="Seconds a cached positive lives.")
-    cache_mb: float = Field(256.0, ge=0.0, description="Size of the in-process LRU cache.")
+    cache_mb: float = Field(256.0, ge=0.0, description="Size of the in-process LRU cache in MB.")
     redis_timeout_s: float = Field(
         0.3,
         gt=0.0,
@@ -67,41 +86,61 @@ class ServiceSettings(BaseModel):
     redis_backoff_max_s: float = Field(
         5.0, gt=0.0, description="Longest pause between reconnection attempts while Redis is down."
     )
-    log_json: bool = False
-    log_level: str = "info"
-    warmup_steps: int = Field(
-        2,
-        ge=1,
-        description="Steps of each warm-up call run before /readyz answers 200 "
-        "(PositivesGenerator.warmup: 2 or more also compile the noisy update kernel on CUDA).",
+    log_json: bool = Field(False, description="One JSON object per log line.")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="Least severe log level written."
     )
+    warmup_steps: int = Field(
+        2, ge=1, description="Steps of the warm-up batch run before /readyz answers 200."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
 
+    def public(self) -> dict[str, Any]:
+        """The settings as the start-up log shows them: no token, no Redis password."""
+        values = self.model_dump(exclude={"token"})
+        if self.redis:
+            url = urlsplit(self.redis)
+            if url.password:  # redis://:secret@host: keep the secret out of logs
+                values["redis"] = url._replace(
+                    netloc="***@" + url.netloc.rsplit("@", 1)[1]
+                ).geturl()
+        return {**values, "token": "set" if self.token else None}
+
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, **overrides: Any
     ) -> ServiceSettings:
-        """Settings from ``CLSP_<FIELD>`` variables (``CLSP_MODEL``, ``CLSP_MAX_BATCH``,
-        ...; the token from ``CLSP_API_TOKEN``); ``overrides`` win."""
+        """Settings by the one precedence of ``clsp serve`` and the uvicorn factory:
+        ``overrides`` (the flags given) > ``CLSP_<FIELD>`` (``CLSP_API_TOKEN`` for the
+        token; empty counts as unset) > the field's default (docs/design.md §8).
+
+        Raises ValueError naming, for each bad value, the flag or variable it came from.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        source: dict[str, str] = {}
         for name in cls.model_fields:
-            raw = env.get(ENV_PREFIX + name.upper())
+            raw = env.get(env_var(name))
             if raw is not None and raw != "":
-                values[name] = raw
-        if env.get(TOKEN_ENV):
-            values.setdefault("token", env[TOKEN_ENV])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        if "log_json" in values and isinstance(values["log_json"], str):
-            values["log_json"] = values["log_json"].strip().lower() in {"1", "true", "yes", "on"}
+                values[name], source[name] = raw, env_var(name)
+        for name, value in overrides.items():
+            if value is not None:
+                values[name], source[name] = value, flag(name)
         try:
             return cls.model_validate(values)
         except ValidationError as exc:
-            names = ", ".join(
-                ENV_PREFIX + ".".join(map(str, e["loc"])).upper() + f": {e['msg']}"
-                for e in exc.errors(include_url=False)
-            )
-            raise ValueError(f"invalid service settings: {names}") from None
+            problems = []
+            for err in exc.errors(include_url=False):
+                name = str(err["loc"][0]) if err["loc"] else ""
+                where = source.get(name, f"{flag(name)} or {env_var(name)}")
+                shown = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+                problems.append(f"{where}: {err['msg']}{shown}")
+            raise ValueError("invalid service settings: " + "; ".join(problems)) from None

@@ -37,6 +37,34 @@ def test_overrides_win_over_env_and_none_overrides_do_not():
     assert s.port == 9001 and s.redis is None
 
 
+def test_each_field_resolves_flag_then_variable_then_default():
+    env = {"CLSP_MODEL": "m", "CLSP_MAX_BATCH": "32", "CLSP_MAX_QUEUE": "10", "CLSP_LOG_JSON": "0"}
+    s = ServiceSettings.from_env(env, max_batch=8, log_json=None)
+    assert (s.max_batch, s.max_queue, s.log_json) == (8, 10, False)
+    assert s.max_anchors == ServiceSettings.model_fields["max_anchors"].default
+
+
+def test_max_k_defaults_to_the_wire_contracts_limit():
+    from clsp_positives.proto.params import DEFAULT_MAX_K
+
+    assert ServiceSettings(model="m").max_k == DEFAULT_MAX_K
+
+
+def test_public_settings_hide_the_token_and_the_redis_password():
+    s = ServiceSettings(model="m", token="t0k", redis="redis://:pw@cache:6379/0")
+    shown = repr(s.public())
+    assert "t0k" not in shown and "pw" not in shown
+    assert s.public()["token"] == "set" and s.public()["redis"] == "redis://***@cache:6379/0"
+
+
+def test_a_bad_flag_is_named_as_a_flag_and_a_bad_variable_as_a_variable():
+    with pytest.raises(ValueError, match=r"--max-batch: .*\(got 0\)") as flagged:
+        ServiceSettings.from_env({"CLSP_MODEL": "m"}, max_batch=0)
+    assert "CLSP_MAX_BATCH" not in str(flagged.value)
+    with pytest.raises(ValueError, match=r"CLSP_LOG_JSON: .*\(got 'maybe'\)"):
+        ServiceSettings.from_env({"CLSP_MODEL": "m", "CLSP_LOG_JSON": "maybe"})
+
+
 @pytest.mark.parametrize(
     "env,fragment",
     [
