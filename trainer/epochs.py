@@ -124,14 +124,14 @@ class ShardedBatchSampler:
         return self.steps_per_epoch
 
 
-def epoch_candidates(seed: int, epoch: int, size: int, candidates: int) -> np.ndarray:
-    """The candidate index (0..K-1) each image uses as its synthetic positive
+def epoch_candidates(seed: int, epoch: int, size: int, k: int) -> np.ndarray:
+    """The candidate index (0..k-1) each image uses as its synthetic positive
     this epoch: one seeded draw per image over the whole data set, so it does
     not depend on the rank layout."""
-    if candidates < 1:
-        raise ValueError(f"--candidates must be >= 1, got {candidates}")
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
     rng = np.random.default_rng([seed, epoch, 0xC4D])
-    return rng.integers(0, candidates, size=size, dtype=np.int64)
+    return rng.integers(0, k, size=size, dtype=np.int64)
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:

@@ -1,84 +1,39 @@
 """``clsp train`` and ``clsp eval``: thin wrappers that validate options into a
-``TrainConfig`` and call the training loop or the evaluation."""
+``TrainConfig`` and call the training loop or the evaluation.
+
+``clsp train``'s options are generated from ``TrainConfig`` (one per field, its
+default and help included), so the model is the only place they are defined
+(docs/design.md §8).
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 
+from clsp_positives.options import describe_errors, with_model_options
+from clsp_positives.proto.auth import TOKEN_ENV
+from clsp_positives.trainer.config import TrainConfig
 
-def _fail(message: str) -> None:
+
+def _fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 
-def train_command(
-    dataset: str = typer.Option(
-        "digits", help="digits, cifar10, cifar100, stl10 or an image folder."
-    ),
-    data_root: Optional[str] = typer.Option(None, help="Where torchvision-format data sets live."),
-    download: bool = typer.Option(False, help="Download the data set into --data-root if missing."),
-    image_size: Optional[int] = typer.Option(None, help="Resize images (default: the set's own)."),
-    subset: Optional[int] = typer.Option(None, help="Train on the first N images only."),
-    method: str = typer.Option("simclr", help="simclr, moco or nnclr."),
-    backbone: str = typer.Option("resnet18", help="resnet18, resnet50 or resnet-tiny."),
-    epochs: int = typer.Option(100, help="Training epochs."),
-    batch_size: int = typer.Option(256, help="Images per step per rank."),
-    lr: Optional[float] = typer.Option(
-        None, help="Peak LR (default: SGD 0.3 x batch/256, AdamW 1e-3)."
-    ),
-    optimizer: str = typer.Option("sgd", help="sgd or adamw."),
-    schedule: str = typer.Option("cosine", help="cosine or constant (after warm-up)."),
-    warmup_epochs: float = typer.Option(0.0, help="Linear LR warm-up, in epochs."),
-    weight_decay: Optional[float] = typer.Option(None, help="Default: SGD 1e-4, AdamW 1e-2."),
-    temperature: Optional[float] = typer.Option(None, help="Default: SimCLR 0.5, MoCo/NNCLR 0.2."),
-    proj_hidden_dim: int = typer.Option(2048, help="Projection MLP hidden width."),
-    proj_dim: Optional[int] = typer.Option(None, help="Projection size (default 128; NNCLR 256)."),
-    pred_hidden_dim: int = typer.Option(4096, help="NNCLR predictor hidden width."),
-    queue_size: int = typer.Option(65536, help="MoCo queue / NNCLR support set (capped at N)."),
-    moco_momentum: float = typer.Option(0.99, help="MoCo key encoder momentum."),
-    clsp_weight: float = typer.Option(0.0, help="Weight of the CLSP term (0 = the baseline)."),
-    clsp_mode: str = typer.Option("similarity", help="similarity or contrastive."),
-    positives: Optional[str] = typer.Option(None, help="Generation pool URL[,URL...]."),
-    positives_npy: Optional[str] = typer.Option(None, help="Offline positives [N,K,H,W,C] uint8."),
-    token: Optional[str] = typer.Option(None, envvar="CLSP_API_TOKEN", help="Bearer token."),
-    candidates: int = typer.Option(8, help="Candidates per image (K); one is drawn per epoch."),
-    prefetch: int = typer.Option(4, help="Batches of positives in flight ahead of training."),
-    positives_deadline_ms: float = typer.Option(100.0, help="Longest wait for a step's positives."),
-    positives_strict: bool = typer.Option(False, help="Wait for every positive instead."),
-    interpolation_weight: float = typer.Option(0.1, help="Generation: interpolation weight."),
-    gen_steps: int = typer.Option(100, help="Generation: sampling steps."),
-    gen_eta: float = typer.Option(0.1, help="Generation: DDIM eta."),
-    gen_method: str = typer.Option("ddim", help="Generation: ddim or ddpm."),
-    eval_every: int = typer.Option(0, help="Evaluate every N epochs (0: only at the end)."),
-    linear_epochs: int = typer.Option(100, help="Linear probe epochs."),
-    knn_k: int = typer.Option(200, help="kNN neighbours."),
-    knn_tau: float = typer.Option(0.1, help="kNN temperature."),
-    out: Optional[str] = typer.Option(None, help="Directory for checkpoint.pt and metrics.jsonl."),
-    resume: bool = typer.Option(False, help="Continue the run in --out."),
-    seed: int = typer.Option(0, help="Seed of data order, candidates, views and init."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: auto)."),
-    amp: bool = typer.Option(True, help="bf16 autocast on CUDA."),
-    progress: Optional[bool] = typer.Option(None, help="Progress bar (default: on a terminal)."),
-) -> None:
+@with_model_options(TrainConfig, TrainConfig.model_fields, envvars={"token": TOKEN_ENV})
+def train_command(given: dict[str, Any]) -> None:
     """Train a contrastive model, optionally with synthetic positives from a pool."""
     from pydantic import ValidationError
 
-    from clsp_positives.trainer.config import TrainConfig
     from clsp_positives.trainer.train_loop import train
 
-    options = dict(locals())
-    options.pop("ValidationError", None)
-    options.pop("TrainConfig", None)
-    options.pop("train", None)
     try:
-        config = TrainConfig(**options)
+        config = TrainConfig.model_validate(given)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "--" + str(first["loc"][0]).replace("_", "-")
-        _fail(f"{name}: {first['msg']}")
+        _fail(describe_errors(exc))
     try:
         result = train(config, echo=typer.echo)
     except (ValueError, FileNotFoundError) as exc:

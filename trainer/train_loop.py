@@ -165,7 +165,7 @@ class _PositivesFeed:
         if epoch not in self._plans:
             self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
             cands = epoch_candidates(
-                self.config.seed, epoch, len(self.data), self.config.candidates
+                self.config.seed, epoch, len(self.data), self.config.k
             )
             self._plans[epoch] = (self.sampler.plan(epoch), cands)
         return self._plans[epoch]

@@ -74,7 +74,7 @@ def test_offline_positives_feed_the_clsp_term(tmp_path: Path) -> None:
     args = [
         "train", *FAST, "--subset", str(n), "--epochs", "1", "--batch-size", "32",
         "--method", "moco", "--clsp-weight", "0.5", "--positives-npy", str(npy),
-        "--candidates", "2", "--prefetch", "2", "--positives-strict", "--out", str(out),
+        "--k", "2", "--prefetch", "2", "--positives-strict", "--out", str(out),
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -131,6 +131,57 @@ def test_option_errors_name_what_to_fix(extra: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["train", *FAST, "--epochs", "1", *extra])
     assert result.exit_code == 2
     assert message in result.output
+
+
+def test_candidates_is_still_accepted_as_k(tmp_path: Path) -> None:
+    """The old flag reaches TrainConfig.k: asking 3 of a file holding 2 is refused."""
+    npy = tmp_path / "positives.npy"
+    n = len(load_images("digits").images)
+    np.save(npy, np.zeros((n, 2, 16, 16, 1), np.uint8))
+    args = ["train", *FAST, "--clsp-weight", "1", "--positives-npy", str(npy), "--candidates", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "candidate 2 asked" in result.output and "K=2" in result.output
+
+
+def test_a_checkpoint_that_says_candidates_still_loads() -> None:
+    stored = TrainConfig(k=5).stored()
+    assert "k" in stored and "candidates" not in stored
+    old = {**{n: v for n, v in stored.items() if n != "k"}, "candidates": 3}
+    assert TrainConfig(**old).k == 3
+
+
+def test_generation_defaults_and_bounds_are_the_wire_contracts() -> None:
+    from pydantic import ValidationError
+
+    from clsp_positives.proto.params import GenerationParams
+
+    pairs = {"interpolation_weight": "interpolation_weight", "gen_steps": "steps"}
+    pairs |= {"gen_eta": "eta", "gen_method": "method"}
+    params = TrainConfig().generation_params()
+    for ours, theirs in pairs.items():
+        assert getattr(TrainConfig(), ours) == GenerationParams.model_fields[theirs].default
+        assert getattr(params, theirs) == GenerationParams.model_fields[theirs].default
+    for bad in ({"gen_steps": 1001}, {"gen_eta": 1.5}, {"interpolation_weight": -0.1}):
+        with pytest.raises(ValidationError):
+            TrainConfig(**bad)
+
+
+def test_help_shows_every_options_help_and_default() -> None:
+    from clsp_positives.options import shown_default
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())  # the help, unwrapped
+    for name, field in TrainConfig.model_fields.items():
+        assert "--" + name.replace("_", "-") in text
+        assert f"{field.description} (default: {shown_default(field)}" in text, name
+    assert "--candidates" in text and "(default: 8)" in text
+
+
+def test_an_out_of_bounds_option_is_named() -> None:
+    result = CliRunner().invoke(app, ["train", *FAST, "--gen-steps", "0"])
+    assert result.exit_code == 2
+    assert "--gen-steps" in result.output and "greater than or equal to 1" in result.output
 
 
 @pytest.mark.slow
