@@ -21,7 +21,9 @@ def train(
         None, "--data-root", help="Folder with torchvision's cifar10/cifar100/stl10 files."
     ),
     download: bool = typer.Option(False, "--download", help="Fetch the torchvision set to root."),
-    size: Optional[int] = typer.Option(None, "--size", help="Image side (digits default: 16)."),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", "--size", help="Image side (digits default: 16)."
+    ),
     channels: Optional[int] = typer.Option(None, "--channels", help="1 or 3."),
     preset: str = typer.Option("small", "--preset", help="UNet preset, or a UNet config .json."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Total optimizer steps."),
@@ -56,7 +58,7 @@ def train(
             dataset=dataset,
             data_root=data_root,
             download=download,
-            size=size,
+            image_size=image_size,
             channels=channels,
             preset=preset,
             steps=steps,

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from clsp_positives.proto.keys import unit_to_uint8
 
@@ -42,7 +42,12 @@ class DiffusionTrainConfig(BaseModel):
     dataset: str = "digits"
     data_root: str | None = None
     download: bool = False
-    size: int | None = Field(None, ge=4, description="image side; default: the set's native size")
+    image_size: int | None = Field(
+        None,
+        ge=4,
+        validation_alias=AliasChoices("image_size", "size"),  # its name before clsp train's
+        description="image side; default: the set's native size",
+    )
     channels: Literal[1, 3] | None = None
     preset: str = Field("small", description="UNet preset name, or a JSON file of UNet config")
     steps: int | None = Field(None, ge=1, description="total optimizer steps (across resumes)")
@@ -197,7 +202,7 @@ class DiffusionTrainer:
         data = load_images(
             config.dataset,
             split="train",
-            size=config.size,
+            size=config.image_size,
             channels=config.channels,
             root=config.data_root,
             download=config.download,
@@ -265,7 +270,7 @@ class DiffusionTrainer:
         if saved != here:
             raise ValueError(
                 f"--out {str(self.out)!r} holds a run on {saved}, not {here}: use the same "
-                "--dataset/--size/--channels to resume, or a new --out"
+                "--dataset/--image-size/--channels to resume, or a new --out"
             )
 
     def state_dict(self) -> dict[str, Any]:

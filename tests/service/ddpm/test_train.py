@@ -109,7 +109,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
 
 def test_resume_with_other_data_options_is_refused(tmp_path: Path) -> None:
     train(_tiny_config(tmp_path, 1))
-    with pytest.raises(ValueError, match=r"--out.*--size"):
+    with pytest.raises(ValueError, match=r"--out.*--image-size"):
         train(_tiny_config(tmp_path, 2, size=8))
 
 
@@ -171,3 +171,13 @@ def test_image_grid_layout() -> None:
     assert grid.shape == (2 * 2, 3 * 3, 1)
     np.testing.assert_array_equal(grid[2:4, 3:6], images[4])
     assert grid[2:4, 6:9].max() == 0
+
+
+@pytest.mark.parametrize("name", ["--image-size", "--size"])
+def test_image_size_keeps_its_old_name(tmp_path: Path, name: str) -> None:
+    """``--image-size`` as in clsp train and clsp generate; ``--size`` still accepted."""
+    result = CliRunner().invoke(
+        app, ["diffusion", "train", "--out", str(tmp_path), "--steps", "1", name, "2"]
+    )
+    assert result.exit_code == 2
+    assert "--image-size: Input should be greater than or equal to 4" in result.output
