@@ -6,6 +6,11 @@ checks ``/readyz``, retries with backoff on another endpoint, and keeps a
 circuit breaker per endpoint so that a dead generator costs one failed
 connection per cool-down instead of one per request.
 
+This is the trainer's only retry policy: a request makes at most
+``max_attempts`` attempts, or, given ``retry_for_s`` (the strict wait of
+docs/design.md §5), keeps making rounds of them until that much time has passed,
+so that a pool which is down and comes back still delivers every positive.
+
 All I/O runs on one asyncio loop in a background thread with one kept-alive
 ``httpx.AsyncClient``; callers on the training thread get
 ``concurrent.futures.Future`` objects and never block the loop. Endpoint state
@@ -157,15 +162,6 @@ class PoolStats:
     failovers: int = 0
     endpoints: list[dict[str, Any]] = field(default_factory=list)
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "retries": self.retries,
-            "failovers": self.failovers,
-            "endpoints": self.endpoints,
-        }
-
 
 class _Retryable(Exception):
     def __init__(self, message: str, *, breaker: bool = True, retry_after: float = 0.0) -> None:
@@ -182,7 +178,9 @@ class PoolClient:
 
     ``timeout_s`` bounds one attempt; a request makes at most ``max_attempts``
     attempts, moving to another endpoint after each failure and backing off
-    (``backoff_s`` doubling, jittered) only when it has to reuse one.
+    (``backoff_s`` doubling, jittered) only when it has to reuse one. A request with
+    ``retry_for_s`` repeats such rounds, backing off between them the same way,
+    until one succeeds or ``retry_for_s`` has passed since it was submitted.
     """
 
     def __init__(
@@ -264,12 +262,23 @@ class PoolClient:
         anchors: np.ndarray,
         candidates: np.ndarray | None = None,
         params: GenerationParams | None = None,
+        *,
+        retry_for_s: float | None = None,
     ) -> concurrent.futures.Future[ResponseArrays]:
-        """Send one request; the future holds the decoded answer or a PoolError."""
+        """Send one request; the future holds the decoded answer or a PoolError.
+
+        With ``retry_for_s``, a request that the pool cannot answer now (every
+        generator down, failing or busy) is retried until that many seconds have
+        passed; a refusal (``PoolRequestRejected``) still ends it at once, and
+        cancelling the future ends it too."""
         if self._closed:
             raise RuntimeError("PoolClient is closed")
+        if retry_for_s is not None and retry_for_s < 0:
+            raise ValueError(f"retry_for_s must be >= 0, got {retry_for_s}")
         body, content_type = encode_request(anchors, candidates, params)
-        return asyncio.run_coroutine_threadsafe(self._post(body, content_type), self._loop)
+        return asyncio.run_coroutine_threadsafe(
+            self._post(body, content_type, retry_for_s), self._loop
+        )
 
     def positives(
         self,
@@ -278,23 +287,15 @@ class PoolClient:
         params: GenerationParams | None = None,
         *,
         timeout: float | None = None,
+        retry_for_s: float | None = None,
     ) -> ResponseArrays:
         """Blocking ``submit``; ``timeout`` defaults to every attempt timing out."""
-        wait = timeout if timeout is not None else self._worst_case_s()
-        return self.submit(anchors, candidates, params).result(wait)
+        wait = timeout if timeout is not None else self._worst_case_s() + (retry_for_s or 0.0)
+        return self.submit(anchors, candidates, params, retry_for_s=retry_for_s).result(wait)
 
     def model_info(self) -> dict[str, Any]:
         """``GET /v1/model`` of some live endpoint (fingerprint, sample size, channels)."""
         return self._call(self._get_json(MODEL_PATH), self._worst_case_s())
-
-    def wait_ready(self, timeout: float) -> bool:
-        """Block until some endpoint answers ``/readyz`` with 200, at most ``timeout`` s."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self._call(self._check_all(), timeout + 5):
-                return True
-            time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-        return False
 
     def available(self) -> bool:
         """Whether some endpoint may take a request now (circuit closed, or due a probe)."""
@@ -413,8 +414,24 @@ class PoolClient:
 
     # ------------------------------------------------------------- requests
 
-    async def _post(self, body: bytes, content_type: str) -> ResponseArrays:
+    async def _post(
+        self, body: bytes, content_type: str, retry_for_s: float | None
+    ) -> ResponseArrays:
         self._stats.requests += 1
+        end = None if retry_for_s is None else time.monotonic() + retry_for_s
+        round_ = 1
+        while True:
+            try:
+                return await self._round(body, content_type, first=round_ == 1)
+            except PoolUnavailable:
+                left = 0.0 if end is None else end - time.monotonic()
+                if left <= 0:
+                    raise
+                await asyncio.sleep(min(left, self._backoff(round_)))
+            round_ += 1
+
+    async def _round(self, body: bytes, content_type: str, *, first: bool) -> ResponseArrays:
+        """At most ``max_attempts`` attempts, each on another endpoint while one is left."""
         tried: set[str] = set()
         previous: str | None = None
         last = "no endpoint was tried"
@@ -428,7 +445,7 @@ class PoolClient:
                 raise PoolUnavailable(
                     f"no generator can take the request ({last}); endpoints: {self._describe()}"
                 )
-            if attempt:
+            if attempt or not first:
                 self._stats.retries += 1
                 if previous is not None and ep.url != previous:
                     self._stats.failovers += 1
@@ -512,7 +529,7 @@ class PoolClient:
 
     # ------------------------------------------------------ health, discovery
 
-    async def _probe(self, ep: _Endpoint) -> bool:
+    async def _probe(self, ep: _Endpoint) -> None:
         """``/readyz`` of one endpoint. It never closes a circuit (a real request does, as
         the half-open probe), but an open endpoint that is still unreachable or not ready
         restarts its cool-down, so no real request is spent on a generator known down."""
@@ -528,12 +545,10 @@ class PoolClient:
         if not ep.healthy and ep.state == "open":
             ep.opened_at = time.monotonic()
             log.debug("generator %s still down (%s)", ep.url, reason)
-        return ep.healthy
 
-    async def _check_all(self) -> bool:
+    async def _check_all(self) -> None:
         eps = list(self._endpoints.values())
-        results = await asyncio.gather(*(self._probe(e) for e in eps), return_exceptions=True)
-        return any(r is True for r in results)
+        await asyncio.gather(*(self._probe(e) for e in eps), return_exceptions=True)
 
     async def _health_loop(self) -> None:
         while True:

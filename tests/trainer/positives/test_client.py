@@ -179,3 +179,45 @@ def test_close_leaves_no_thread_and_cancels_in_flight(stubs: list[ServerProcess]
     assert set(threading.enumerate()) <= before
     with pytest.raises(RuntimeError, match="closed"):
         client.submit(anchors(1))
+
+
+def test_retry_for_s_rides_out_an_outage_and_gives_up_when_it_is_over(
+    stubs: list[ServerProcess],
+) -> None:
+    """The one retry policy: a request retries ``max_attempts`` times, or for
+    ``retry_for_s`` seconds (the strict wait's requests), then raises PoolUnavailable."""
+    server = stubs[0]
+    configure(server, fail_status=503)
+    with PoolClient(server.url, **{**FAST, "max_backoff_s": 0.2}) as client:
+        with pytest.raises(PoolUnavailable):
+            client.positives(anchors(1))
+        tried = counters(server)["requests"]
+        assert tried <= client.max_attempts
+        started = time.monotonic()
+        with pytest.raises(PoolUnavailable):
+            client.positives(anchors(1), retry_for_s=1.0)  # the outage outlasts the window
+        assert time.monotonic() - started >= 1.0  # it gave up only when the window closed
+        assert counters(server)["requests"] > tried  # half-open probes kept asking
+        asked = counters(server)["requests"]
+        future = client.submit(anchors(2, 1), retry_for_s=60.0)
+        wait_for(lambda: counters(server)["requests"] > asked + 2, "retries during the outage")
+        assert not future.done()
+        configure(server, fail_status=0)
+        out = future.result(30)
+    np.testing.assert_array_equal(out.positives[1], stub_positive(anchors(2, 1)[1], 0))
+
+
+def test_retry_for_s_still_ends_at_a_refusal_and_at_cancel() -> None:
+    with stub_server(STUB_TOKEN="s3cret") as server:
+        with PoolClient(server.url, token="wrong", **FAST) as client:
+            with pytest.raises(PoolRequestRejected):
+                client.positives(anchors(1), retry_for_s=60.0)
+            assert client.stats().retries == 0
+        configure(server, fail_status=503)
+        with PoolClient(server.url, token="s3cret", **FAST) as client:
+            future = client.submit(anchors(1), retry_for_s=60.0)
+            wait_for(lambda: counters(server)["requests"] > 3, "the first attempts")
+            future.cancel()
+            asked = counters(server)["requests"]
+            time.sleep(0.5)  # several back-offs' worth: a cancelled request asks no more
+            assert counters(server)["requests"] <= asked + 1
