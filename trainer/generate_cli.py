@@ -1,137 +1,29 @@
 """``clsp generate``: K candidates for every image of a data set, through the pool,
 into the paper's offline layout ``[N, K, H, W, C]`` uint8 (docs/design.md §5).
 
-The output is written in place through a memory map and a sidecar records
-which rows are done, so an interrupted run (a crash, a kill, a pool outage)
-continues where it stopped when rerun with the same options. The data rows are
-flushed before the sidecar marks them, so a row is never marked done without
-its images on disk.
+The file format, its sidecars and the resumable writing are in
+``trainer/positives/offline.py``, beside the reader; this module is the command.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import typer
 
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.positives.sources import progress_path
+from clsp_positives.trainer.positives.offline import (
+    fill,
+    finish,
+    open_output,
+    progress_path,
+    rows_done,
+)
 
 TOKEN_ENV = "CLSP_API_TOKEN"
 """The same variable `clsp serve` and `clsp train` read, so one secret serves all three."""
-
-
-def meta_path(out: str | Path) -> Path:
-    """The sidecar describing what a .npy holds (kept after completion, for provenance)."""
-    return Path(str(out) + ".meta.json")
-
-
-def _save_progress(path: Path, done: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, done)
-    os.replace(tmp, path)
-
-
-def open_output(
-    out: Path, shape: tuple[int, ...], meta: dict[str, Any]
-) -> tuple[np.memmap | None, np.ndarray]:
-    """The output memmap and its done-rows array; ``None`` when ``out`` is already complete.
-
-    Refuses to touch a file made with other options (naming the difference)."""
-    progress, meta_file = progress_path(out), meta_path(out)
-    if out.exists():
-        old = json.loads(meta_file.read_text()) if meta_file.exists() else None
-        if old != meta:
-            diff = (
-                ("it has no " + meta_file.name)
-                if old is None
-                else ", ".join(
-                    f"{k}: {old.get(k)!r} there, {meta.get(k)!r} now"
-                    for k in sorted(set(old) | set(meta))
-                    if old.get(k) != meta.get(k)
-                )
-            )
-            raise ValueError(
-                f"{str(out)!r} exists but was not made by these options ({diff}): "
-                "use another --out or delete it"
-            )
-        if not progress.exists():
-            return None, np.ones(shape[0], bool)
-        array = np.lib.format.open_memmap(out, mode="r+")
-        if array.shape != shape or array.dtype != np.uint8:
-            raise ValueError(
-                f"{str(out)!r} holds {array.dtype} {list(array.shape)}, expected "
-                f"uint8 {list(shape)}: delete it and its sidecars to start over"
-            )
-        done = np.load(progress)
-        if done.shape != (shape[0],):
-            raise ValueError(f"{progress.name} does not match {str(out)!r}: delete both")
-        return array, done
-    out.parent.mkdir(parents=True, exist_ok=True)
-    array = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=shape)
-    done = np.zeros(shape[0], bool)
-    _save_progress(progress, done)
-    meta_file.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-    return array, done
-
-
-def fill(
-    array: np.memmap,
-    done: np.ndarray,
-    images: np.ndarray,
-    submit: Callable[[np.ndarray], concurrent.futures.Future[Any]],
-    *,
-    batch_size: int,
-    in_flight: int,
-    progress_file: Path,
-    advance: Callable[[int, int], None] = lambda rows, hits: None,
-) -> dict[str, int]:
-    """Generate every row not yet done, ``in_flight`` requests at a time; a failed request
-    stops the run (after waiting for the others) with the progress saved."""
-    k = array.shape[1]
-    todo = np.flatnonzero(~done)
-    chunks = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-    running: dict[concurrent.futures.Future[Any], np.ndarray] = {}
-    totals = {"rows": 0, "cache_hits": 0}
-    failure: BaseException | None = None
-    next_chunk = 0
-    while running or (next_chunk < len(chunks) and failure is None):
-        while failure is None and next_chunk < len(chunks) and len(running) < in_flight:
-            rows = chunks[next_chunk]
-            running[submit(np.ascontiguousarray(images[rows]))] = rows
-            next_chunk += 1
-        finished, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
-        for fut in finished:
-            rows = running.pop(fut)
-            try:
-                answer = fut.result()
-                expected = (len(rows), k, *array.shape[2:])
-                if answer.positives.shape != expected:
-                    raise ValueError(
-                        f"the pool answered {list(answer.positives.shape)} for "
-                        f"{list(expected)}: its model does not match --size/"
-                        "--channels"
-                    )
-            except Exception as exc:
-                failure = failure or exc
-                continue
-            array[rows] = answer.positives
-            array.flush()
-            done[rows] = True
-            _save_progress(progress_file, done)
-            hits = int(np.count_nonzero(answer.cache_hit))
-            totals["rows"] += len(rows)
-            totals["cache_hits"] += hits
-            advance(len(rows), hits)
-    if failure is not None:
-        raise failure
-    return totals
 
 
 def generate(
@@ -227,7 +119,7 @@ def generate(
                 advance=lambda rows, hits: bar.update(rows),
             )
         del array
-        progress_path(out).unlink()
+        finish(out)
         stats = client.stats()
         typer.echo(
             f"wrote {out}: {len(images)} x {candidates} positives "
@@ -235,10 +127,12 @@ def generate(
             f"{stats.failovers} failovers, {stats.errors} errors)"
         )
     except (PoolError, ValueError, FileNotFoundError) as exc:
-        done_note = ""
-        if progress_path(out).exists():
-            d = np.load(progress_path(out))
-            done_note = f" ({int(d.sum())} of {len(d)} rows done; rerun to continue)"
+        progress = rows_done(out)
+        done_note = (
+            ""
+            if progress is None
+            else f" ({progress[0]} of {progress[1]} rows done; rerun to continue)"
+        )
         typer.echo(f"clsp generate: {exc}{done_note}", err=True)
         raise typer.Exit(1) from None
     finally:

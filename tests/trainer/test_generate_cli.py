@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 
 from clsp_positives.cli import app
 from clsp_positives.images import load_images
-from clsp_positives.trainer.generate_cli import meta_path
-from clsp_positives.trainer.positives.sources import OfflineNpySource, progress_path
+from clsp_positives.trainer.positives.offline import OfflineNpySource, meta_path, progress_path
 from tests.support.servers import free_port
 from tests.support.stub_pool import counters, stub_positive, stub_server
 

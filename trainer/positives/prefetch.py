@@ -4,7 +4,9 @@ The train loop knows its batches ahead (the sampler's indices), so it submits
 batches b+1..b+L while step b runs and takes batch b's positives just before
 its CLSP term. ``take`` waits at most the deadline: whatever has not arrived is
 masked out of the CLSP term and counted, so a slow or dead pool makes training
-no slower than the baseline. ``strict`` waits for every positive instead.
+no slower than the baseline. ``strict`` waits for every positive instead; it
+only waits, since a strict batch's requests are retried by the pool client
+itself until the strict timeout (the one retry policy, docs/design.md §5).
 
 The deadline alone would still cost a full deadline on every step while the
 pool is hopelessly behind (a cold cache, a slow generator), so waiting is also
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from clsp_positives.trainer.positives.client import PoolRequestRejected, PoolUnavailable
-from clsp_positives.trainer.positives.sources import (
+from clsp_positives.trainer.positives.pending import (
     PendingPositives,
     PositivesBatch,
     PositivesSource,
@@ -35,8 +37,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WAIT_SHARE = 0.05
 """Most of the training's wall time that waiting for late positives may take in the long run."""
 
-STRICT_RETRY_S = (0.2, 5.0)
-"""First and largest pause before strict mode asks again for parts that failed."""
+STRICT_CHECK_S = 1.0
+"""How often a strict wait looks whether the pool is down, to say so once per epoch."""
 
 
 class WaitBucket:
@@ -109,7 +111,10 @@ class Prefetcher:
             raise RuntimeError("Prefetcher is closed")
         if batch_id in self._pending:
             return
-        self._pending[batch_id] = self.source.submit(anchors, indices, candidates)
+        retry_for_s = self.strict_timeout_s if self.strict else None
+        self._pending[batch_id] = self.source.submit(
+            anchors, indices, candidates, retry_for_s=retry_for_s
+        )
 
     def take(self, batch_id: int) -> PositivesBatch:
         """The positives of a submitted batch: at most ``deadline_ms`` of waiting (or until
@@ -184,27 +189,26 @@ class Prefetcher:
         return batch
 
     def _take_strict(self, pending: PendingPositives) -> PositivesBatch:
+        """Wait for every part, at most the strict timeout; the parts' requests retry by
+        themselves meanwhile, so a part that failed has given up for good."""
         if not self.source.enabled:
             return pending.collect()[0]
         end = time.monotonic() + self.strict_timeout_s
-        pause = STRICT_RETRY_S[0]
-        while True:
-            pending.wait(max(0.0, end - time.monotonic()))
-            batch, errors = pending.collect()
-            self._raise_rejected(errors)
-            if batch.mask.all():
-                return batch
+        while not pending.wait(min(STRICT_CHECK_S, max(0.0, end - time.monotonic()))):
             if time.monotonic() >= end:
-                raise TimeoutError(
-                    f"--positives-strict: {int((~batch.mask).sum())} positives did not arrive "
-                    f"within {self.strict_timeout_s:.0f} s (last error: "
-                    f"{errors[-1] if errors else 'none'}); drop --positives-strict to train on "
-                    "without them"
-                )
-            self._warn_down(errors)
-            time.sleep(min(pause, max(0.0, end - time.monotonic())))
-            pause = min(pause * 2, STRICT_RETRY_S[1])
-            pending.retry_failed()
+                break
+            if not self.source.available():
+                self._warn_down([])
+        batch, errors = pending.collect()
+        self._raise_rejected(errors)
+        if not batch.mask.all():
+            raise TimeoutError(
+                f"--positives-strict: {int((~batch.mask).sum())} positives did not arrive "
+                f"within {self.strict_timeout_s:.0f} s (last error: "
+                f"{errors[-1] if errors else 'none'}); drop --positives-strict to train on "
+                "without them"
+            )
+        return batch
 
     @staticmethod
     def _raise_rejected(errors: list[BaseException]) -> None:

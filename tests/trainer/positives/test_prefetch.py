@@ -163,6 +163,51 @@ def test_strict_waits_for_a_slow_generator() -> None:
         np.testing.assert_array_equal(got.images, expected(0))
 
 
+def test_strict_gets_every_positive_from_a_pool_that_was_down_and_came_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The strict wait only waits: its requests, failing while every generator is
+    down, are retried by the pool client until one comes back."""
+    caplog.set_level(logging.WARNING, logger="clsp_positives.trainer.positives.prefetch")
+    server = stub_server()
+    server.start()
+    pf = pool_prefetcher(server.url, deadline_ms=0, strict=True)
+    try:
+        submit(pf, 0)
+        assert pf.take(0).mask.all()
+        server.kill()
+        submit(pf, 1)
+        submit(pf, 2)
+        restart = threading.Timer(1.5, server.start)  # the same port, while take(1) waits
+        restart.start()
+        try:
+            for b in (1, 2):
+                got = pf.take(b)
+                assert got.mask.all(), f"batch {b} lost positives"
+                np.testing.assert_array_equal(got.images, expected(b))
+        finally:
+            restart.join()
+        stats = pf.epoch_stats()
+        assert stats["positive_fraction"] == 1.0 and stats["errors"] >= 1
+        assert len(down_warnings(caplog)) == 1
+    finally:
+        pf.close()
+        server.stop()
+
+
+def test_strict_gives_up_after_its_timeout_naming_the_way_out() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    source = build_source(
+        dead, offline_npy=None, token=None, params=PARAMS, timeout_s=10.0, client_options=FAST
+    )
+    with Prefetcher(source, lookahead=1, deadline_ms=0, strict=True, strict_timeout_s=1.0) as pf:
+        submit(pf, 0)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="drop --positives-strict"):
+            pf.take(0)
+        assert time.monotonic() - started < 30  # bound only: it did not wait forever
+
+
 def test_killed_generator_every_batch_completes_and_the_failover_is_counted() -> None:
     with stub_server(STUB_DELAY_S="0.2") as doomed, stub_server(STUB_DELAY_S="0.2") as survivor:
         with pool_prefetcher(f"{doomed.url},{survivor.url}", deadline_ms=30_000, chunk=2) as pf:

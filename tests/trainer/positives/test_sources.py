@@ -1,5 +1,5 @@
-"""Positives sources: the offline .npy layout, the no-op source, the pool source's
-splitting and checks, and ``build_source``'s choice."""
+"""Positives sources: the no-op source, the pool source's splitting and checks, and
+``build_source``'s choice (the offline .npy is tests/trainer/positives/test_offline.py)."""
 
 from __future__ import annotations
 
@@ -10,73 +10,29 @@ import pytest
 
 from clsp_positives.proto.messages import ResponseArrays
 from clsp_positives.proto.params import GenerationParams
+from clsp_positives.trainer.positives.offline import OfflineNpySource
 from clsp_positives.trainer.positives.sources import (
     NoSource,
-    OfflineNpySource,
     PoolSource,
     PositivesSource,
     _unpack,
     build_source,
-    progress_path,
 )
 from tests.support.stub_pool import stub_positive, stub_server
 
 PARAMS = GenerationParams(steps=3)
 
 
-def paper_array(n: int = 10, k: int = 4) -> np.ndarray:
-    """[N, K, H, W, C] where every pixel of row i, candidate c is 10*i + c."""
-    values = (10 * np.arange(n)[:, None] + np.arange(k)[None, :]).astype(np.uint8)
-    return np.broadcast_to(values[:, :, None, None, None], (n, k, 8, 8, 3)).copy()
-
-
 def batch(b: int, hw: int = 8, c: int = 3) -> np.ndarray:
     return np.random.default_rng(b).integers(0, 256, (b, hw, hw, c), dtype=np.uint8)
 
 
-def test_offline_source_indexes_rows_and_candidates_memory_mapped(tmp_path: Path) -> None:
+def test_build_source_opens_the_offline_npy(tmp_path: Path) -> None:
     path = tmp_path / "pos.npy"
-    np.save(path, paper_array())
+    np.save(path, np.zeros((4, 2, 8, 8, 3), np.uint8))
     source = build_source(None, offline_npy=str(path), token=None, params=PARAMS)
     assert isinstance(source, OfflineNpySource) and isinstance(source, PositivesSource)
-    assert isinstance(source.array, np.memmap) and source.num_candidates == 4
-    indices, cands = np.array([7, 2, 9]), np.array([3, 0, 1])
-    got, errors = source.submit(batch(3), indices, cands).collect()
-    assert errors == [] and got.mask.all() and got.cache_hits == 0
-    assert got.images[:, 0, 0, 0].tolist() == [73, 20, 91]
-    assert got.images.shape == (3, 8, 8, 3)
     source.close()
-
-
-@pytest.mark.parametrize(
-    ("indices", "cands", "anchors", "message"),
-    [
-        ([10], [0], batch(1), "outside the 10 rows"),
-        ([0], [4], batch(1), "--candidates 4"),
-        ([0], [0], batch(1, hw=16), "--size and --channels"),
-        ([0, 1], [0], batch(2), "shape"),
-    ],
-)
-def test_offline_source_names_what_to_fix(
-    tmp_path: Path, indices, cands, anchors, message: str
-) -> None:
-    path = tmp_path / "pos.npy"
-    np.save(path, paper_array())
-    source = OfflineNpySource(path)
-    with pytest.raises(ValueError, match=message):
-        source.submit(anchors, np.array(indices), np.array(cands))
-
-
-def test_offline_source_refuses_missing_wrong_and_unfinished_files(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="clsp generate"):
-        OfflineNpySource(tmp_path / "nope.npy")
-    np.save(tmp_path / "flat.npy", np.zeros((4, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"\[N, K, H, W, C\]"):
-        OfflineNpySource(tmp_path / "flat.npy")
-    np.save(tmp_path / "half.npy", paper_array())
-    np.save(progress_path(tmp_path / "half.npy"), np.array([True] * 4 + [False] * 6))
-    with pytest.raises(ValueError, match=r"incomplete \(4 of 10"):
-        OfflineNpySource(tmp_path / "half.npy")
 
 
 def test_no_source_masks_everything() -> None:
