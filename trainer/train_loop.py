@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,10 +41,12 @@ from clsp_positives.trainer.epochs import (
     IndexedImages,
     ShardedBatchSampler,
     channel_stats,
-    epoch_candidates,
 )
 from clsp_positives.trainer.evaluation import EvalResult, evaluate_backbone
 from clsp_positives.trainer.methods import ContrastiveMethod, build_method
+
+if TYPE_CHECKING:  # the positives path (httpx) is imported only when a run uses it
+    from clsp_positives.trainer.positives.prefetch import PositivesFeed
 
 log = logging.getLogger("clsp.train")
 
@@ -143,52 +145,10 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Any]:
         yield lambda info="": bar.update(task, advance=1, info=info)
 
 
-class _PositivesFeed:
-    """Keeps the prefetcher L batches ahead of training across epoch
-    boundaries; batch ids are global step numbers."""
-
-    def __init__(
-        self,
-        prefetcher: Any,
-        config: TrainConfig,
-        data: IndexedImages,
-        sampler: ShardedBatchSampler,
-    ) -> None:
-        self.prefetcher = prefetcher
-        self.config = config
-        self.data = data
-        self.sampler = sampler
-        self.submitted = -1
-        self._plans: dict[int, tuple] = {}
-
-    def _plan(self, epoch: int) -> tuple:
-        if epoch not in self._plans:
-            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-            cands = epoch_candidates(
-                self.config.seed, epoch, len(self.data), self.config.k
-            )
-            self._plans[epoch] = (self.sampler.plan(epoch), cands)
-        return self._plans[epoch]
-
-    def ensure(self, epoch: int, step: int) -> None:
-        """Submit every batch up to ``step + L`` (global ids) not yet submitted."""
-        spe = self.sampler.steps_per_epoch
-        current = epoch * spe + step
-        last = min(current + self.config.prefetch, self.config.epochs * spe - 1)
-        first = max(self.submitted + 1, current)
-        for g in range(first, last + 1):
-            e, b = divmod(g, spe)
-            plan, cands = self._plan(e)
-            idx = plan.batches[b]
-            self.prefetcher.submit(g, self.data.data.images[idx], idx, cands[idx])
-        self.submitted = max(self.submitted, last)
-
-    def take(self, epoch: int, step: int) -> Any:
-        self.ensure(epoch, step)
-        return self.prefetcher.take(epoch * self.sampler.steps_per_epoch + step)
-
-
-def _open_positives(config: TrainConfig) -> Any | None:
+def _open_positives(
+    config: TrainConfig, images: np.ndarray, sampler: ShardedBatchSampler
+) -> PositivesFeed | None:
+    """The feed of positives the options ask for, or None for the baseline."""
     if config.clsp_weight <= 0:
         if config.positives or config.positives_npy:
             log.warning("--clsp-weight is 0 (the baseline): the positives source is not used")
@@ -199,7 +159,7 @@ def _open_positives(config: TrainConfig) -> Any | None:
             "or --positives-npy FILE (or set --clsp-weight 0 for the baseline)"
         )
     from clsp_positives.proto.params import GenerationParams
-    from clsp_positives.trainer.positives.prefetch import Prefetcher
+    from clsp_positives.trainer.positives.prefetch import PositivesFeed, Prefetcher
     from clsp_positives.trainer.positives.sources import build_source
 
     params = GenerationParams(
@@ -215,11 +175,19 @@ def _open_positives(config: TrainConfig) -> Any | None:
         params=params,
         timeout_s=config.positives_timeout_s,
     )
-    return Prefetcher(
+    prefetcher = Prefetcher(
         source,
         lookahead=config.prefetch,
         deadline_ms=config.positives_deadline_ms,
         strict=config.positives_strict,
+    )
+    return PositivesFeed(
+        prefetcher,
+        images,
+        sampler,
+        seed=config.seed,
+        k=config.k,
+        epochs=config.epochs,
     )
 
 
@@ -350,8 +318,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
         elif ctx.is_main:
             echo(f"--resume: no checkpoint in {out_dir}, starting from scratch")
 
-    prefetcher = _open_positives(config)
-    feed = _PositivesFeed(prefetcher, config, data, sampler) if prefetcher else None
+    feed = _open_positives(config, train_set.images, sampler)
     show = config.progress if config.progress is not None else sys.stderr.isatty()
     history: list[dict[str, Any]] = []
     final: EvalResult | None = None
@@ -402,8 +369,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
             if ctx.is_main:
                 echo(_epoch_line(record))
     finally:
-        if prefetcher is not None:
-            prefetcher.close()
+        if feed is not None:
+            feed.close()
     if ctx.is_main and final is not None:
         summary = {"event": "summary", "epochs": config.epochs, **final.as_dict()}
         metrics.write(summary)
@@ -459,7 +426,7 @@ def _run_epoch(
     augment: BatchAugment,
     data: IndexedImages,
     sampler: ShardedBatchSampler,
-    feed: _PositivesFeed | None,
+    feed: PositivesFeed | None,
     channels: int,
     autocast: bool,
     show: bool,
@@ -513,7 +480,7 @@ def _run_epoch(
         "epoch_seconds": time.perf_counter() - started,
     }
     if feed is not None:
-        record.update(_sum_stats(gather_objects(feed.prefetcher.epoch_stats())))
+        record.update(_sum_stats(gather_objects(feed.epoch_stats())))
     if ctx.distributed:
         # The ranks' shards must be disjoint: count what more than one rank trained on.
         seen = np.concatenate(gather_objects(np.concatenate(plan.batches)))
