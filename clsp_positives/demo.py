@@ -38,6 +38,8 @@ from typing import Any, Optional
 
 import typer
 
+from clsp_positives.proto.params import GenerationParams
+
 RESULTS_NAME = "results.json"
 GRID_NAME = "positives-grid.png"
 SAMPLES_NAME = "ddpm-samples.png"
@@ -82,8 +84,9 @@ class Budget:
     ddpm_lr: float = 2e-4
     ddpm_sample_count: int = 64
     ddpm_sample_steps: int = 25
-    interpolation_weight: float = 0.1
-    eta: float = 0.1
+    # The service's own defaults (docs/design.md §8), not a copy of them.
+    interpolation_weight: float = GenerationParams.model_fields["interpolation_weight"].default
+    eta: float = GenerationParams.model_fields["eta"].default
     batch_size: int = 128
     backbone: str = "resnet-tiny"
     method: str = "simclr"
@@ -94,9 +97,7 @@ class Budget:
     proj_hidden_dim: int = 256
     grid_rows: int = 10  # one anchor per digit class
 
-    def positives_params(self, k: int | None = None) -> Any:
-        from clsp_positives.proto.params import GenerationParams
-
+    def positives_params(self, k: int | None = None) -> GenerationParams:
         return GenerationParams(
             interpolation_weight=self.interpolation_weight,
             steps=self.gen_steps,
@@ -418,7 +419,7 @@ def ensure_model(
     config = DiffusionTrainConfig(
         out=str(model_dir),
         dataset="digits",
-        size=16,
+        image_size=16,
         channels=1,
         preset=budget.ddpm_preset,
         steps=budget.ddpm_steps,
@@ -584,7 +585,7 @@ def train_arm(
         clsp_weight=1.0 if clsp else 0.0,
         clsp_mode=budget.clsp_mode,
         positives=url,
-        candidates=budget.candidates,
+        k=budget.candidates,
         prefetch=4,
         positives_strict=True,
         positives_timeout_s=120.0,
@@ -943,8 +944,8 @@ def demo(
     ddpm_minutes: Optional[float] = typer.Option(
         None, "--ddpm-minutes", min=0.01, help="Override the DDPM time cap."
     ),
-    candidates: Optional[int] = typer.Option(
-        None, "--candidates", min=1, max=16, help="Override K, positives per image."
+    k: Optional[int] = typer.Option(
+        None, "--k", "--candidates", min=1, max=16, help="Override k, positives per image."
     ),
     gen_steps: Optional[int] = typer.Option(
         None, "--gen-steps", min=1, max=1000, help="Override the DDIM steps per positive."
@@ -959,7 +960,7 @@ def demo(
             ("epochs", epochs),
             ("ddpm_steps", ddpm_steps),
             ("ddpm_minutes", ddpm_minutes),
-            ("candidates", candidates),
+            ("candidates", k),
             ("gen_steps", gen_steps),
         )
         if v is not None
