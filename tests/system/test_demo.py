@@ -168,6 +168,13 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return not _alive(pid)
 
 
+def _default_sigint() -> None:
+    """Ctrl-C must reach the demo as a KeyboardInterrupt even when the suite runs from a
+    background shell (``nohup make test &``): that shell ignores SIGINT, every child
+    inherits the ignore, and Python installs its handler only over the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     "sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "sigkill"]
 )
@@ -183,6 +190,7 @@ def test_stopping_the_demo_stops_the_service(
         stderr=subprocess.STDOUT,
         text=True,
         env=demo_env(),
+        preexec_fn=_default_sigint,
     )
     lines: list[str] = []
     try:
