@@ -22,18 +22,19 @@ from tests.support.stub_pool import counters, stub_positive, stub_server
 K = 2
 
 
-def args(url: str, out: Path, *extra: str) -> list[str]:
+def args(url: str, out: Path, *extra: str, old_names: bool = False) -> list[str]:
+    """The command line; ``old_names``: the flags as they were first named."""
     return [
         "generate",
         "--dataset",
         "digits",
-        "--size",
+        "--size" if old_names else "--image-size",
         "16",
         "--channels",
         "1",
         "--positives",
         url,
-        "--candidates",
+        "--candidates" if old_names else "--k",
         str(K),
         "--out",
         str(out),
@@ -97,7 +98,9 @@ def test_generate_resumes_after_being_killed(tmp_path: Path) -> None:
         done = np.load(progress_path(out))
         assert 300 <= done.sum() < len(done)
         served = counters(server)["items"]
-        result = CliRunner().invoke(app, args(server.url, out, "--batch-size", "500"))
+        # The old flag names are the same options: the run continues.
+        rerun = args(server.url, out, "--batch-size", "500", old_names=True)
+        result = CliRunner().invoke(app, rerun)
         assert result.exit_code == 0, result.output
         redone = counters(server)["items"] - served
         assert redone == (len(done) - done.sum()) * K  # only the missing rows were asked for
@@ -112,6 +115,14 @@ def test_generate_with_the_pool_down_fails_clearly_and_keeps_progress(tmp_path: 
     assert result.exit_code == 1
     assert "clsp generate:" in result.output and "GET /v1/model" in result.output
     with stub_server(STUB_FAIL_STATUS="503") as server:
-        result = CliRunner().invoke(app, args(server.url, out, "--size", "16"))
+        result = CliRunner().invoke(app, args(server.url, out))
     assert result.exit_code == 1 and "rerun to continue" in result.output
     assert progress_path(out).exists()
+
+
+def test_generation_params_are_checked_before_the_pool_is_asked(tmp_path: Path) -> None:
+    """The bounds are GenerationParams' own (via TrainConfig); the error names the flag."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: never reached
+    result = CliRunner().invoke(app, args(url, tmp_path / "pos.npy", "--gen-eta", "2"))
+    assert result.exit_code == 2
+    assert "--gen-eta: Input should be less than or equal to 1" in result.output

@@ -141,7 +141,7 @@ def test_candidates_is_still_accepted_as_k(tmp_path: Path) -> None:
     args = ["train", *FAST, "--clsp-weight", "1", "--positives-npy", str(npy), "--candidates", "3"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert "candidate 2 asked" in result.output and "K=2" in result.output
+    assert "candidate 2 asked" in result.output and "pass --k 2" in result.output
 
 
 def test_a_checkpoint_that_says_candidates_still_loads() -> None:

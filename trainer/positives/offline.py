@@ -137,7 +137,7 @@ def fill(
                 if answer.positives.shape != expected:
                     raise ValueError(
                         f"the pool answered {list(answer.positives.shape)} for "
-                        f"{list(expected)}: its model does not match --size/"
+                        f"{list(expected)}: its model does not match --image-size/"
                         "--channels"
                     )
             except Exception as exc:
@@ -207,7 +207,7 @@ class OfflineNpySource:
             raise ValueError(
                 f"offline positives are {list(self.array.shape[2:])} (H, W, C) but "
                 f"the anchors are {list(anchors.shape[1:])}: generate the .npy "
-                "with the training --size and --channels"
+                "with the training --image-size and --channels"
             )
         if len(indices) and (indices.min() < 0 or indices.max() >= n):
             raise ValueError(
@@ -217,7 +217,7 @@ class OfflineNpySource:
         if len(candidates) and (candidates.min() < 0 or candidates.max() >= k):
             raise ValueError(
                 f"candidate {int(candidates.max())} asked but {str(self.path)!r} "
-                f"holds K={k}: pass --candidates {k} or fewer"
+                f"holds k={k}: pass --k {k} or fewer"
             )
         images = np.asarray(self.array[indices, candidates])
         return PendingPositives(anchors.shape, [(slice(0, len(anchors)), answered((images, 0)))])

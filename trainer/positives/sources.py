@@ -97,7 +97,7 @@ def _unpack(answer: ResponseArrays, n: int, hwc: tuple[int, ...]) -> tuple[np.nd
             f"the pool answered positives {answer.positives.dtype} "
             f"{list(answer.positives.shape)} for anchors [{n}, "
             f"{', '.join(map(str, hwc))}]: the generator's model does not match "
-            "the data (check --size/--channels against GET /v1/model)"
+            "the data (check --image-size/--channels against GET /v1/model)"
         )
     return answer.positives, int(np.count_nonzero(answer.cache_hit))
 

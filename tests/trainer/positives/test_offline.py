@@ -58,8 +58,8 @@ def test_offline_source_indexes_rows_and_candidates_memory_mapped(tmp_path: Path
     ("indices", "cands", "anchors", "message"),
     [
         ([10], [0], batch(1), "outside the 10 rows"),
-        ([0], [4], batch(1), "--candidates 4"),
-        ([0], [0], batch(1, hw=16), "--size and --channels"),
+        ([0], [4], batch(1), "--k 4"),
+        ([0], [0], batch(1, hw=16), "--image-size and --channels"),
         ([0, 1], [0], batch(2), "shape"),
     ],
 )
