@@ -172,7 +172,7 @@ def build_source(
     """The source the options ask for: the pool (``--positives``), an offline .npy, or none."""
     if positives and offline_npy:
         raise ValueError(
-            "give either --positives (a generation pool) or --offline-positives (a .npy), not both"
+            "give either --positives (a generation pool) or --positives-npy (a .npy), not both"
         )
     if positives:
         if params.k is not None:
