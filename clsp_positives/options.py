@@ -65,6 +65,14 @@ def shown_default(field: FieldInfo) -> str:
     return str(value)
 
 
+def is_literal_default(field: FieldInfo) -> bool:
+    """Whether the shown default is a value one could type (``64``, ``cpu``), not words."""
+    extra = field.json_schema_extra
+    if field.is_required() or (isinstance(extra, dict) and DEFAULT_TEXT in extra):
+        return False
+    return not isinstance(field.get_default(call_default_factory=True), (bool, type(None)))
+
+
 def is_bool(field: FieldInfo) -> bool:
     return field.annotation in (bool, Optional[bool])
 
@@ -154,6 +162,10 @@ def reference_table(
         cells = [shown]
         if env:
             cells.append(f"`{env(name)}`")
-        cells += [f"`{shown_default(field)}`", (field.description or "").replace("|", "\\|")]
+        default = shown_default(field)
+        cells += [
+            f"`{default}`" if is_literal_default(field) else default,
+            (field.description or "").replace("|", "\\|"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
