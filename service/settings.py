@@ -23,6 +23,7 @@ from clsp_positives.proto.params import DEFAULT_MAX_K
 ENV_PREFIX = "CLSP_"
 
 DType = Literal["float32", "bfloat16", "float16"]
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def env_var(name: str) -> str:
@@ -87,17 +88,19 @@ class ServiceSettings(BaseModel):
         5.0, gt=0.0, description="Longest pause between reconnection attempts while Redis is down."
     )
     log_json: bool = Field(False, description="One JSON object per log line.")
-    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
-        "info", description="Least severe log level written."
+    log_level: str = Field(
+        "info", description=f"Least severe level written: {', '.join(LOG_LEVELS)}."
     )
     warmup_steps: int = Field(
         2, ge=1, description="Steps of the warm-up batch run before /readyz answers 200."
     )
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level")
     @classmethod
-    def _lower_level(cls, value: Any) -> Any:
-        return value.lower() if isinstance(value, str) else value
+    def _known_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
 
     @property
     def max_body_bytes(self) -> int:
