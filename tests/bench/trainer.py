@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backbone", default="resnet-tiny")
-    p.add_argument("--candidates", type=int, default=2)
+    p.add_argument("--k", type=int, default=2)
     p.add_argument("--gen-steps", type=int, default=4, help="sampling steps of the warm run")
     p.add_argument(
         "--slow-gen-steps",
@@ -179,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         "knn_k": 20,
         "device": "cpu",
         "progress": False,
-        "candidates": args.candidates,
+        "k": args.k,
         "prefetch": args.prefetch,
         "positives_deadline_ms": args.deadline_ms,
         "optimizer": "adamw",
         "proj_hidden_dim": 256,
         "gen_steps": args.gen_steps,
     }
-    warm_params = GenerationParams(steps=args.gen_steps, interpolation_weight=0.1, eta=0.1)
+    warm_params = GenerationParams(steps=args.gen_steps)
     rows: list[dict[str, Any]] = []
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="clsp-bench-") as tmp:
@@ -202,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         slow_stub = stub_server(STUB_DELAY_S=str(args.stub_delay_s)).start()
         try:
             started = time.perf_counter()
-            offline = warm(pool.url, images, args.candidates, warm_params)
+            offline = warm(pool.url, images, args.k, warm_params)
             print(
-                f"warmed {len(images)} x {args.candidates} positives in "
+                f"warmed {len(images)} x {args.k} positives in "
                 f"{time.perf_counter() - started:.1f} s",
                 flush=True,
             )

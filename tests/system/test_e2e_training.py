@@ -42,7 +42,7 @@ def test_generate_warms_the_pool_then_train_takes_positives_from_it(service, tmp
             "digits",
             "--positives",
             service.url,
-            "--candidates",
+            "--k",
             "1",
             "--batch-size",
             "128",
@@ -62,7 +62,7 @@ def test_generate_warms_the_pool_then_train_takes_positives_from_it(service, tmp
         "train", "--dataset", "digits", "--backbone", "resnet-tiny", "--proj-hidden-dim", "64",
         "--linear-epochs", "10", "--device", "cpu", "--no-progress", "--epochs", "2",
         "--batch-size", "128", "--clsp-weight", "1", "--positives", service.url,
-        "--candidates", "1", "--prefetch", "2", "--positives-deadline-ms", "2000",
+        "--k", "1", "--prefetch", "2", "--positives-deadline-ms", "2000",
         "--out", str(out), *GEN,
     ])  # fmt: skip
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
