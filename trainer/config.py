@@ -8,7 +8,7 @@ stays instant.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
@@ -16,9 +16,6 @@ from pydantic.fields import FieldInfo
 from clsp_positives.options import DEFAULT_TEXT
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.params import GenerationParams, Method
-
-if TYPE_CHECKING:
-    from clsp_positives.trainer.methods import MethodConfig
 
 
 def _shown(text: str) -> dict[str, Any]:
@@ -34,6 +31,10 @@ def _generation(name: str) -> Any:
     return FieldInfo.merge_field_infos(
         source, description=f"{(source.description or '').rstrip('.')}; asked of the pool."
     )
+
+
+MethodName = Literal["simclr", "moco", "nnclr"]
+ClspMode = Literal["similarity", "contrastive"]
 
 
 class TrainConfig(BaseModel):
@@ -53,9 +54,7 @@ class TrainConfig(BaseModel):
     subset: int | None = Field(
         None, ge=1, description="Train on the first N images only.", json_schema_extra=_shown("all")
     )
-    method: Literal["simclr", "moco", "nnclr"] = Field(
-        "simclr", description="Contrastive method: simclr, moco or nnclr."
-    )
+    method: MethodName = Field("simclr", description="Contrastive method: simclr, moco or nnclr.")
     backbone: str = Field("resnet18", description="resnet18, resnet50 or resnet-tiny.")
     epochs: int = Field(100, ge=1, description="Training epochs.")
     batch_size: int = Field(256, ge=2, description="Images per step per rank.")
@@ -89,7 +88,7 @@ class TrainConfig(BaseModel):
     )
     moco_momentum: float = Field(0.99, ge=0, le=1, description="MoCo key encoder momentum.")
     clsp_weight: float = Field(0.0, ge=0, description="Weight of the CLSP term (0: the baseline).")
-    clsp_mode: Literal["similarity", "contrastive"] = Field(
+    clsp_mode: ClspMode = Field(
         "similarity",
         description="similarity (2 - 2cos to the positive) or contrastive (one more InfoNCE "
         "positive).",
@@ -138,21 +137,6 @@ class TrainConfig(BaseModel):
     progress: bool | None = Field(
         None, description="Progress bar.", json_schema_extra=_shown("on a terminal")
     )
-
-    def method_config(self) -> MethodConfig:
-        from clsp_positives.trainer.methods import MethodConfig  # torch: only when training
-
-        return MethodConfig(
-            name=self.method,
-            temperature=self.temperature,
-            proj_hidden_dim=self.proj_hidden_dim,
-            proj_dim=self.proj_dim or (256 if self.method == "nnclr" else 128),
-            pred_hidden_dim=self.pred_hidden_dim,
-            clsp_weight=self.clsp_weight,
-            clsp_mode=self.clsp_mode,
-            queue_size=self.queue_size,
-            momentum=self.moco_momentum,
-        )
 
     def resolved_lr(self) -> float:
         if self.lr is not None:

@@ -17,13 +17,16 @@ CLSP modes:
 from __future__ import annotations
 
 import copy
+import typing
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from clsp_positives.trainer import losses
 from clsp_positives.trainer.backbones import predictor_mlp, projection_mlp
+from clsp_positives.trainer.config import ClspMode, MethodName, TrainConfig
 from clsp_positives.trainer.distributed import (
     all_reduce_sum,
     gather_nograd,
@@ -31,22 +34,43 @@ from clsp_positives.trainer.distributed import (
     world_size,
 )
 
-METHODS = ("simclr", "moco", "nnclr")
-CLSP_MODES = ("similarity", "contrastive")
+METHODS: tuple[str, ...] = typing.get_args(MethodName)
+CLSP_MODES: tuple[str, ...] = typing.get_args(ClspMode)
 DEFAULT_TEMPERATURE = {"simclr": 0.5, "moco": 0.2, "nnclr": 0.2}
+
+
+def _default(name: str) -> Any:
+    """A field's default from ``TrainConfig``, the one place it is defined (docs/design.md §8)."""
+    return TrainConfig.model_fields[name].default
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = "simclr"
+    """The method's share of ``TrainConfig``, resolved; built by ``from_train_config``."""
+
+    name: str = _default("method")
     temperature: float | None = None  # None: the method's usual CIFAR default
-    proj_hidden_dim: int = 2048
+    proj_hidden_dim: int = _default("proj_hidden_dim")
     proj_dim: int = 128  # NNCLR uses 256 (its predictor is 256-4096-256)
-    pred_hidden_dim: int = 4096
-    clsp_weight: float = 0.0
-    clsp_mode: str = "similarity"
-    queue_size: int = 65536  # MoCo queue and NNCLR support set, capped at the data set size
-    momentum: float = 0.99
+    pred_hidden_dim: int = _default("pred_hidden_dim")
+    clsp_weight: float = _default("clsp_weight")
+    clsp_mode: str = _default("clsp_mode")
+    queue_size: int = _default("queue_size")  # capped at the data set size
+    momentum: float = _default("moco_momentum")
+
+    @classmethod
+    def from_train_config(cls, config: TrainConfig) -> MethodConfig:
+        return cls(
+            name=config.method,
+            temperature=config.temperature,
+            proj_hidden_dim=config.proj_hidden_dim,
+            proj_dim=config.proj_dim or (256 if config.method == "nnclr" else 128),
+            pred_hidden_dim=config.pred_hidden_dim,
+            clsp_weight=config.clsp_weight,
+            clsp_mode=config.clsp_mode,
+            queue_size=config.queue_size,
+            momentum=config.moco_momentum,
+        )
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:

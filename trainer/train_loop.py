@@ -43,7 +43,7 @@ from clsp_positives.trainer.epochs import (
     channel_stats,
 )
 from clsp_positives.trainer.evaluation import EvalResult, evaluate_backbone
-from clsp_positives.trainer.methods import ContrastiveMethod, build_method
+from clsp_positives.trainer.methods import ContrastiveMethod, MethodConfig, build_method
 
 if TYPE_CHECKING:  # the positives path (httpx) is imported only when a run uses it
     from clsp_positives.trainer.positives.prefetch import PositivesFeed
@@ -282,7 +282,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
     # Same initial weights, queue and support set on every rank; rank-specific RNG after.
     _seed_everything(config.seed)
     backbone, feature_dim = build_backbone(config.backbone, in_channels=channels, image_size=size)
-    method = build_method(config.method_config(), backbone, feature_dim, n).to(dev)
+    method = build_method(MethodConfig.from_train_config(config), backbone, feature_dim, n).to(dev)
     _seed_everything(config.seed + ctx.rank)
     model: torch.nn.Module = method
     if ctx.distributed:
@@ -514,7 +514,7 @@ def evaluate_checkpoint(
     train_set, test_set = load_datasets(config, ctx)
     n, size, _, channels = train_set.images.shape
     backbone, feature_dim = build_backbone(config.backbone, in_channels=channels, image_size=size)
-    method = build_method(config.method_config(), backbone, feature_dim, n).to(dev)
+    method = build_method(MethodConfig.from_train_config(config), backbone, feature_dim, n).to(dev)
     method.load_state_dict(state["model"])
     mean, std = channel_stats(train_set.images)
     preprocess = BatchAugment(size, mean, std, device=dev, seed=config.seed)
