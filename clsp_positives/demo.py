@@ -71,12 +71,12 @@ class Budget:
     name: str
     ddpm_steps: int  # target optimizer steps of the cached DDPM (a resume continues to it)
     ddpm_minutes: float  # wall-clock cap of the DDPM stage in one run
-    candidates: int  # K positives per training image (the trainer draws one per epoch)
+    k: int  # K positives per training image (the trainer draws one per epoch)
     positives_minutes: float  # time for generating them; fewer candidates when it runs out
     gen_steps: int  # DDIM steps per positive
     epochs: int  # contrastive epochs, the same for both arms
     linear_epochs: int  # linear-probe epochs of the evaluation
-    grid_candidates: int  # candidates per anchor shown in the PNG
+    grid_k: int  # candidates per anchor shown in the PNG
     # Two levels with attention at the 8x8 bottleneck: the config that kept the
     # anchor's class best in the quality search, and 4x cheaper per step than "small".
     ddpm_preset: str = "tiny"
@@ -112,23 +112,23 @@ BUDGETS: dict[str, Budget] = {
         name="full",
         ddpm_steps=2000,
         ddpm_minutes=6.0,
-        candidates=2,
+        k=2,
         positives_minutes=3.0,
         gen_steps=25,
         epochs=40,
         linear_epochs=50,
-        grid_candidates=8,
+        grid_k=8,
     ),
     "quick": Budget(
         name="quick",
         ddpm_steps=200,
         ddpm_minutes=1.5,
-        candidates=1,
+        k=1,
         positives_minutes=1.0,
         gen_steps=10,
         epochs=2,
         linear_epochs=20,
-        grid_candidates=4,
+        grid_k=4,
         ddpm_sample_count=16,
         ddpm_sample_steps=10,
     ),
@@ -137,7 +137,7 @@ BUDGETS: dict[str, Budget] = {
 
 def grid_size(
     rows: int,
-    candidates: int,
+    k: int,
     *,
     tile: int,
     scale: int = GRID_SCALE,
@@ -146,7 +146,7 @@ def grid_size(
 ) -> tuple[int, int]:
     """(width, height) in pixels of the anchors-and-candidates PNG."""
     side = tile * scale
-    return ((1 + candidates) * side + gap + (candidates - 1) * sep, rows * side + (rows - 1) * sep)
+    return ((1 + k) * side + gap + (k - 1) * sep, rows * side + (rows - 1) * sep)
 
 
 def default_cache_dir() -> Path:
@@ -498,25 +498,25 @@ def generate_positives(
 
     n = len(images)
     params = budget.positives_params()
-    out = np.zeros((n, budget.candidates, *images.shape[1:]), np.uint8)
+    out = np.zeros((n, budget.k, *images.shape[1:]), np.uint8)
     hits = done = 0
     budget_s = budget.positives_minutes * 60.0
     t0 = time.perf_counter()
     with (
         PoolClient(url, timeout_s=600.0) as client,
         tqdm(
-            total=n * budget.candidates,
+            total=n * budget.k,
             unit="positive",
             desc="positives",
             disable=not progress,
             dynamic_ncols=True,
         ) as bar,
     ):
-        for k in range(budget.candidates):
+        for k in range(budget.k):
             elapsed = time.perf_counter() - t0
             if k and elapsed + elapsed / k > budget_s:
                 say(
-                    f"{k} of {budget.candidates} candidates per image fit the "
+                    f"{k} of {budget.k} candidates per image fit the "
                     f"{budget.positives_minutes:g} min budget of this stage on this machine: "
                     f"training with K={k}"
                 )
@@ -585,7 +585,7 @@ def train_arm(
         clsp_weight=1.0 if clsp else 0.0,
         clsp_mode=budget.clsp_mode,
         positives=url,
-        k=budget.candidates,
+        k=budget.k,
         prefetch=4,
         positives_strict=True,
         positives_timeout_s=120.0,
@@ -772,14 +772,14 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
 
             stage(
                 3,
-                f"positives: {budget.candidates} per training image, "
+                f"positives: {budget.k} per training image, "
                 f"{budget.gen_steps} DDIM steps, w={budget.interpolation_weight}",
             )
             gen = generate_positives(
                 service.url, data.images, budget, progress=options.progress, say=say
             )
             # The trainer draws among the candidates that exist (all of them cached).
-            budget = replace(budget, candidates=gen.positives.shape[1])
+            budget = replace(budget, k=gen.positives.shape[1])
             # The paper's offline layout too: `clsp train --positives-npy` takes it.
             np.save(out / POSITIVES_NAME, gen.positives)
             stages["positives"] = gen.seconds
@@ -788,7 +788,7 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
                 f"{gen.seconds:.0f} s ({gen.per_s:.1f}/s, {gen.cache_hits} cache hits)"
             )
             picks = grid_anchors(data.labels, budget.grid_rows)
-            grid_k = max(budget.grid_candidates, budget.candidates)
+            grid_k = max(budget.grid_k, budget.k)
             grid_answer = _grid_candidates(service.url, data.images[picks], budget, grid_k)
             grid_w, grid_h = write_grid(data.images[picks], grid_answer, out / GRID_NAME)
             metrics_after_gen = service.metrics()
@@ -850,8 +850,8 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
         },
         "generation": {
             "images": len(data.images),
-            "candidates": budget.candidates,
-            "candidates_requested": options.budget.candidates,
+            "k": budget.k,
+            "k_requested": options.budget.k,
             "positives": gen.requested,
             "seconds": gen.seconds,
             "positives_per_s": gen.per_s,
@@ -870,7 +870,7 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
             "width": grid_w,
             "height": grid_h,
             "rows": len(picks),
-            "candidates": grid_k,
+            "k": grid_k,
             "scale": GRID_SCALE,
         },
         "stages_seconds": stages,
@@ -960,7 +960,7 @@ def demo(
             ("epochs", epochs),
             ("ddpm_steps", ddpm_steps),
             ("ddpm_minutes", ddpm_minutes),
-            ("candidates", k),
+            ("k", k),
             ("gen_steps", gen_steps),
         )
         if v is not None

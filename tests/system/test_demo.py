@@ -129,7 +129,7 @@ def test_results_json_is_sane(quick_run: QuickRun) -> None:
         assert arm["epochs"] == QUICK.epochs and len(arm["history"]) == QUICK.epochs
         assert arm["seconds"] > 0
     gen = r["generation"]
-    assert gen["positives"] == gen["images"] * QUICK.candidates
+    assert gen["positives"] == gen["images"] * QUICK.k
     clsp = r["arms"]["clsp"]
     # Everything was generated ahead, so the CLSP arm trained on cache hits alone and
     # every anchor had its positive (strict prefetch).
@@ -143,7 +143,7 @@ def test_results_json_is_sane(quick_run: QuickRun) -> None:
 
 def test_grid_png_has_the_documented_size(quick_run: QuickRun) -> None:
     grid = quick_run.results["grid"]
-    expected = grid_size(QUICK.grid_rows, QUICK.grid_candidates, tile=16)
+    expected = grid_size(QUICK.grid_rows, QUICK.grid_k, tile=16)
     # 1 anchor + 4 candidates of 64 px, an 8 px gap, 2 px between tiles; 10 rows
     assert expected == (334, 658)
     assert (grid["width"], grid["height"]) == expected

@@ -187,7 +187,7 @@ class OfflineNpySource:
         self.path = path
 
     @property
-    def num_candidates(self) -> int:
+    def k(self) -> int:
         return int(self.array.shape[1])
 
     def submit(

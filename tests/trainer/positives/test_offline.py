@@ -45,7 +45,7 @@ def test_offline_source_indexes_rows_and_candidates_memory_mapped(tmp_path: Path
     path = tmp_path / "pos.npy"
     np.save(path, paper_array())
     source = OfflineNpySource(path)
-    assert isinstance(source.array, np.memmap) and source.num_candidates == 4
+    assert isinstance(source.array, np.memmap) and source.k == 4
     indices, cands = np.array([7, 2, 9]), np.array([3, 0, 1])
     got, errors = source.submit(batch(3), indices, cands).collect()
     assert errors == [] and got.mask.all() and got.cache_hits == 0
