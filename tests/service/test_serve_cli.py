@@ -46,27 +46,18 @@ def resolved(server: ServerProcess) -> dict:
 
 
 @pytest.fixture(scope="module")
-def redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture(scope="module")
-def from_env(tiny_model_dir: Path, redis: RedisServer) -> Iterator[ServerProcess]:
+def from_env(tiny_model_dir: Path, own_redis: RedisServer) -> Iterator[ServerProcess]:
     """Every setting but the model, host and port from the environment."""
-    with serve(tiny_model_dir, {**ENV, "CLSP_REDIS": redis.url}) as server:
+    with serve(tiny_model_dir, {**ENV, "CLSP_REDIS": own_redis.url}) as server:
         yield server
 
 
-def test_variables_fill_what_the_flags_leave_out(from_env: ServerProcess, redis) -> None:
+def test_variables_fill_what_the_flags_leave_out(from_env: ServerProcess, own_redis) -> None:
     settings = resolved(from_env)
     assert settings["max_batch"] == 7
     assert settings["max_anchors"] == 3
     assert settings["redis_timeout_s"] == 0.7
-    assert settings["redis"] == redis.url
+    assert settings["redis"] == own_redis.url
     assert settings["max_queue"] == ServiceSettings.model_fields["max_queue"].default
 
 
@@ -78,17 +69,17 @@ def test_max_anchors_from_the_environment_answers_413(from_env: ServerProcess) -
         assert client.get("/v1/model").json()["max_anchors"] == 3
 
 
-def test_redis_from_the_environment_is_the_cache(from_env: ServerProcess, redis) -> None:
-    redis.command("FLUSHALL")
+def test_redis_from_the_environment_is_the_cache(from_env: ServerProcess, own_redis) -> None:
+    own_redis.command("FLUSHALL")
     with httpx.Client(base_url=from_env.url, timeout=120, trust_env=False) as client:
         r, answer = post_positives(client, anchors_u8(2, seed=2), PARAMS)
         assert r.status_code == 200, r.text
         assert answer is not None and not answer.cache_hit.any()
-    assert redis.command("DBSIZE").strip() == b":2"
+    assert own_redis.command("DBSIZE").strip() == b":2"
 
 
-def test_a_flag_wins_over_its_variable(tiny_model_dir: Path, redis: RedisServer) -> None:
-    env = {**ENV, "CLSP_REDIS": redis.url}
+def test_a_flag_wins_over_its_variable(tiny_model_dir: Path, own_redis: RedisServer) -> None:
+    env = {**ENV, "CLSP_REDIS": own_redis.url}
     with serve(tiny_model_dir, env, "--max-anchors", "5", "--max-batch", "9") as server:
         settings = resolved(server)
         assert (settings["max_anchors"], settings["max_batch"]) == (5, 9)
