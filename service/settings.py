@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from clsp_positives.options import flag
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.params import DEFAULT_MAX_K
 
@@ -29,10 +30,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 def env_var(name: str) -> str:
     """The variable of a field: ``CLSP_<FIELD>``, except the token's own name."""
     return TOKEN_ENV if name == "token" else ENV_PREFIX + name.upper()
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 class ServiceSettings(BaseModel):
