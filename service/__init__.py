@@ -1,2 +1,2 @@
-"""The generation service: model loading, the CLSP sampler, Triton kernels,
-the dynamic batcher, caches and the FastAPI app."""
+"""The generation service: the HTTP app, the dynamic batcher, caches, metrics and settings;
+the sampling core lives in ``sampling/`` and DDPM training in ``ddpm/`` (docs/design.md §3)."""
