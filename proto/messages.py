@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from clsp_positives.proto.params import GenerationParams, integral_floats_to_int
+from clsp_positives.proto.params import GenerationParams, Sampling, integral_floats_to_int
 
 JSON_MEDIA_TYPE = "application/json"
 SAFETENSORS_MEDIA_TYPE = "application/x-safetensors"
@@ -119,6 +119,12 @@ class ModelInfo(BaseModel):
     sample_size: int
     channels: int
     scheduler: dict[str, Any] = Field(description="The model's scheduler config.")
+    sampling: Sampling = Field(
+        description="What requests without params.sampling get: authors (the CLSP authors' "
+        "loop, which overrides the scheduler config's timestep_spacing, clip_sample, "
+        "set_alpha_to_one and variance_type) or model (the scheduler config as written).",
+        examples=["authors"],
+    )
     device: str
     dtype: str
     max_k: int

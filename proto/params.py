@@ -35,6 +35,11 @@ def integral_floats_to_int(value: Any) -> Any:
 
 Method = Literal["ddim", "ddpm"]
 CacheMode = Literal["use", "refresh", "bypass"]
+Sampling = Literal["authors", "model"]
+
+DEFAULT_SAMPLING: Sampling = "authors"
+"""The sampling mode of a service not told otherwise (``ServiceSettings.sampling``):
+the CLSP authors' loop, whatever the model's scheduler config says (docs/design.md §1)."""
 
 
 class GenerationParams(BaseModel):
@@ -59,6 +64,12 @@ class GenerationParams(BaseModel):
         description="DDIM stochasticity (ignored by DDPM).",
     )
     method: Method = Field("ddim", description="Step rule: ddim or ddpm.")
+    sampling: Sampling | None = Field(
+        None,
+        description="authors: the CLSP authors' loop (trailing timesteps, no x0 clipping, "
+        "fixed_large DDPM variance); model: the model's scheduler config as written; "
+        "null: the service's default (GET /v1/model shows it).",
+    )
     k: int | None = Field(
         None,
         ge=1,
@@ -90,28 +101,47 @@ class GenerationParams(BaseModel):
         # + 0.0 folds -0.0 into 0.0: the same sampler, so the same key
         return float(self.eta) + 0.0 if self.method == "ddim" else None
 
+    @property
+    def sampler_sampling(self) -> Sampling:
+        """``sampling`` as the sampler uses it: None counts as ``DEFAULT_SAMPLING``.
+
+        A service resolves None to its own setting (``resolved``) before it makes
+        keys, so this fallback only decides the keys of params made elsewhere:
+        they match what a service with the default setting caches.
+        """
+        return self.sampling if self.sampling is not None else DEFAULT_SAMPLING
+
+    def resolved(self, default: Sampling) -> GenerationParams:
+        """These params with ``sampling`` None replaced by ``default`` (a service's setting)."""
+        if self.sampling is not None:
+            return self
+        return self.model_copy(update={"sampling": default})
+
     def canonical(self) -> bytes:
         """The bytes that enter a positive's cache key.
 
         Only what changes the generated image takes part: ``k`` and ``cache``
         select and route, they do not change a positive, and eta enters as
-        ``sampler_eta``.
+        ``sampler_eta``. The sampling mode always enters, so positives made
+        under the model's own scheduler config are never served for the
+        authors' loop, nor the other way round (docs/design.md §7).
         """
         fields: dict[str, Any] = {
             # + 0.0 folds -0.0 into 0.0: the same sampler, so the same key
             "interpolation_weight": float(self.interpolation_weight) + 0.0,
             "method": self.method,
+            "sampling": self.sampler_sampling,
             "steps": int(self.steps),
         }
         if self.sampler_eta is not None:
             fields["eta"] = self.sampler_eta
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
-    def group(self) -> tuple[int, float, str]:
-        """``(steps, eta, method)`` of the sampler call: items may share one call only
-        when this tuple is equal (the interpolation weight may differ per item)."""
+    def group(self) -> tuple[int, float, str, Sampling]:
+        """``(steps, eta, method, sampling)`` of the sampler call: items may share one
+        call only when this tuple is equal (the interpolation weight may differ per item)."""
         eta = self.sampler_eta
-        return (self.steps, 0.0 if eta is None else eta, self.method)
+        return (self.steps, 0.0 if eta is None else eta, self.method, self.sampler_sampling)
 
 
 def parse_params(raw: Any, *, max_k: int = DEFAULT_MAX_K) -> GenerationParams:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import time
@@ -183,10 +184,16 @@ class PositivesService:
         keys: list[bytes],
         interpolation_weights: np.ndarray,
     ) -> np.ndarray:
-        steps, eta, method = group  # GenerationParams.group()
+        steps, eta, method, sampling = group  # GenerationParams.group()
         warm = len(self.generator.paths_run)  # one worker thread: nothing else samples now
         images = self.generator.sample_keyed(
-            anchors, keys, interpolation_weights, steps=steps, eta=eta, method=method
+            anchors,
+            keys,
+            interpolation_weights,
+            steps=steps,
+            eta=eta,
+            method=method,
+            sampling=sampling,
         )
         if len(self.generator.paths_run) > warm:
             self.metrics.cold_calls.inc()
@@ -262,7 +269,12 @@ class PositivesService:
         )
 
     def prepare(self, body: bytes, content_type: str | None) -> PreparedRequest:
-        """Decode, validate, check the cost budget, canonicalise and key every item."""
+        """Decode, validate, check the cost budget, canonicalise and key every item.
+
+        ``params.sampling`` None becomes the service's ``sampling`` here, before any
+        key is made, so the key, the batcher group and the response all carry the
+        mode the positives were made with (docs/design.md §2).
+        """
         s = self.settings
         req = decode_request(
             body,
@@ -271,6 +283,7 @@ class PositivesService:
             max_anchors=s.max_anchors,
             max_k=s.max_k,
         )
+        req = dataclasses.replace(req, params=req.params.resolved(s.sampling))
         items = len(req.candidates)
         cost = items * req.params.steps
         if cost > s.max_cost:
@@ -499,7 +512,9 @@ def create_app(
 
     @app.get("/v1/model", include_in_schema=False)
     async def model() -> JSONResponse:
-        info = generator.model_info(max_k=settings.max_k, max_anchors=settings.max_anchors)
+        info = generator.model_info(
+            max_k=settings.max_k, max_anchors=settings.max_anchors, sampling=settings.sampling
+        )
         return JSONResponse(info.model_dump(mode="json"))
 
     @app.get("/healthz", include_in_schema=False)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clsp_positives.options import flag
 from clsp_positives.proto.auth import TOKEN_ENV
-from clsp_positives.proto.params import DEFAULT_MAX_K
+from clsp_positives.proto.params import DEFAULT_MAX_K, DEFAULT_SAMPLING, Sampling
 
 ENV_PREFIX = "CLSP_"
 
@@ -49,6 +49,11 @@ class ServiceSettings(BaseModel):
     dtype: DType = Field(
         "float32",
         description="The UNet's dtype (the trajectory stays float32); not float32 needs CUDA.",
+    )
+    sampling: Sampling = Field(
+        DEFAULT_SAMPLING,
+        description="Sampling of requests that do not choose: authors (the CLSP authors' "
+        "loop, whatever the model's scheduler config says) or model (that config as written).",
     )
     max_batch: int = Field(64, ge=1, description="Most items in one sampler call.")
     max_wait_ms: float = Field(

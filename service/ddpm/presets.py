@@ -76,17 +76,22 @@ def unet_config(preset: str, *, sample_size: int, channels: int) -> dict[str, An
 
 
 def default_scheduler_config() -> dict[str, Any]:
-    """DDPM's schedule (linear betas 1e-4..0.02, T=1000, epsilon, x0 clipped to [-1, 1])."""
+    """DDPM's schedule (linear betas 1e-4..0.02, T=1000, epsilon), sampled as the CLSP
+    authors' loop does: trailing timesteps, no x0 clipping, alpha_bar 1 after the last
+    step and beta_t as the DDPM variance, so that a model trained here samples alike
+    whether a service keeps its config (``sampling="model"``) or overrides it with
+    ``schedule.AUTHORS_OVERRIDES`` (docs/design.md §1)."""
     return {
         "num_train_timesteps": 1000,
         "beta_start": 0.0001,
         "beta_end": 0.02,
         "beta_schedule": "linear",
         "prediction_type": "epsilon",
-        "variance_type": "fixed_small",
-        "clip_sample": True,
+        "variance_type": "fixed_large",
+        "clip_sample": False,
         "clip_sample_range": 1.0,
-        "timestep_spacing": "leading",
+        "set_alpha_to_one": True,
+        "timestep_spacing": "trailing",
         "steps_offset": 0,
     }
 

@@ -4,8 +4,8 @@ A positive is addressed by its key (``proto.keys``), and its seed is derived
 from that key in ``sample_keyed`` alone, so what the service caches under a key
 is exactly what this class makes for it (docs/design.md §2). The service's
 batcher calls ``sample_keyed`` from one worker thread with items of one
-parameter group (steps, eta, method; the interpolation weight may differ per
-item); ``positives`` does the same for one request's anchors and candidate
+parameter group (steps, eta, method, sampling; the interpolation weight may
+differ per item); ``positives`` does the same for one request's anchors and candidate
 indices; ``sample`` is the seed-level core under both.
 """
 
@@ -21,10 +21,10 @@ import torch
 
 from clsp_positives.proto.keys import canonical_anchors, positive_keys, seed_from_key, unit_to_uint8
 from clsp_positives.proto.messages import ModelInfo
-from clsp_positives.proto.params import GenerationParams
+from clsp_positives.proto.params import DEFAULT_SAMPLING, GenerationParams, Sampling
 from clsp_positives.service.sampling.model import LoadedModel, load_model, public_config
 from clsp_positives.service.sampling.sampler import CLSPSampler, sampler_path
-from clsp_positives.service.sampling.schedule import SamplingPlan, sampling_plan
+from clsp_positives.service.sampling.schedule import SamplingPlan, authors_config, sampling_plan
 from clsp_positives.service.sampling.unet_split import UNetSplit
 
 DTYPES: dict[str, torch.dtype] = {
@@ -143,7 +143,7 @@ class PositivesGenerator:
         self._sampler = CLSPSampler(
             split, channels_last=channels_last, encode=encode, decode=decode
         )
-        self._plans: dict[tuple[str, int, float], SamplingPlan] = {}
+        self._plans: dict[tuple[str, int, float, str], SamplingPlan] = {}
         self._lock = threading.Lock()
         self.paths_run: set[tuple[str, int | None]] = set()
         """``(sampler path, batch bucket)`` of every call so far (the bucket only when
@@ -171,9 +171,11 @@ class PositivesGenerator:
             channels_last=channels_last,
         )
 
-    def model_info(self, *, max_k: int, max_anchors: int) -> ModelInfo:
+    def model_info(
+        self, *, max_k: int, max_anchors: int, sampling: Sampling = DEFAULT_SAMPLING
+    ) -> ModelInfo:
         """What ``GET /v1/model`` reports: this model, and the request limits
-        (``max_k``, ``max_anchors``) of the service that serves it."""
+        (``max_k``, ``max_anchors``) and default ``sampling`` of the service that serves it."""
         return ModelInfo(
             fingerprint=self.fingerprint,
             sample_size=self.sample_size,
@@ -183,14 +185,28 @@ class PositivesGenerator:
             dtype=str(self.dtype).removeprefix("torch."),
             max_k=max_k,
             max_anchors=max_anchors,
+            sampling=sampling,
         )
 
-    def plan(self, *, steps: int, eta: float, method: str) -> SamplingPlan:
-        """The sampling plan of one parameter group (``GenerationParams.group()``), cached."""
-        key = (method, int(steps), float(eta))
+    def plan(
+        self, *, steps: int, eta: float, method: str, sampling: Sampling = DEFAULT_SAMPLING
+    ) -> SamplingPlan:
+        """The sampling plan of one parameter group (``GenerationParams.group()``), cached.
+
+        ``sampling="authors"`` plans under ``authors_config`` of the model's scheduler
+        config, ``"model"`` under the config as written (docs/design.md §1).
+        """
+        if sampling not in ("authors", "model"):
+            raise GeneratorInputError(f"sampling must be authors or model, got {sampling!r}")
+        key = (method, int(steps), float(eta), sampling)
         plan = self._plans.get(key)
         if plan is None:
-            plan = sampling_plan(self.scheduler_config, method=method, steps=steps, eta=key[2])
+            config = (
+                authors_config(self.scheduler_config)
+                if sampling == "authors"
+                else self.scheduler_config
+            )
+            plan = sampling_plan(config, method=method, steps=steps, eta=key[2])
             self._plans[key] = plan
         return plan
 
@@ -213,6 +229,7 @@ class PositivesGenerator:
         steps: int,
         eta: float,
         method: str,
+        sampling: Sampling = DEFAULT_SAMPLING,
     ) -> np.ndarray:
         """Positives uint8 ``[M, H, W, C]`` for float32 anchors ``[M, C, H, W]`` in [-1, 1],
         int64 seeds ``[M]`` and interpolation weights ``[M]`` in [0, 1]."""
@@ -232,7 +249,7 @@ class PositivesGenerator:
         _check_interpolation_weights(interpolation_weights, m)
         if not np.isfinite(anchors).all():
             raise GeneratorInputError("anchors contain NaN or Inf")
-        plan = self.plan(steps=steps, eta=eta, method=method)
+        plan = self.plan(steps=steps, eta=eta, method=method, sampling=sampling)
         h, w = self.sample_hw
         if m == 0:
             return np.zeros((0, h, w, self.channels), dtype=np.uint8)
@@ -264,6 +281,7 @@ class PositivesGenerator:
         steps: int,
         eta: float,
         method: str,
+        sampling: Sampling = DEFAULT_SAMPLING,
     ) -> np.ndarray:
         """``sample`` with each item's seed derived from its key (``seed_from_key``).
 
@@ -272,7 +290,13 @@ class PositivesGenerator:
         """
         seeds = np.fromiter((seed_from_key(k) for k in keys), dtype=np.int64, count=len(keys))
         return self.sample(
-            anchors, seeds, interpolation_weights, steps=steps, eta=eta, method=method
+            anchors,
+            seeds,
+            interpolation_weights,
+            steps=steps,
+            eta=eta,
+            method=method,
+            sampling=sampling,
         )
 
     def keys(
@@ -297,14 +321,23 @@ class PositivesGenerator:
         ``anchors``: uint8 ``[N, H, W, C]`` or float ``[N, C, H, W]`` in [-1, 1];
         ``candidates``: int64 ``[N]`` candidate index per anchor, None for all 0.
         ``params.k`` is not expanded here: repeat anchors with candidates 0..k-1.
+        ``params.sampling`` None is ``DEFAULT_SAMPLING``, as in a service left at its
+        default: keys and images are then exactly those that service caches.
         """
+        params = params.resolved(DEFAULT_SAMPLING)
         canon = canonical_anchors(np.asarray(anchors))
         self.check_anchors(canon)
         keys = positive_keys(self.fingerprint, params, canon, self._candidates(candidates, canon))
         interpolation_weights = np.full(len(canon), params.interpolation_weight, np.float32)
-        steps, eta, method = params.group()
+        steps, eta, method, sampling = params.group()
         return self.sample_keyed(
-            canon, keys, interpolation_weights, steps=steps, eta=eta, method=method
+            canon,
+            keys,
+            interpolation_weights,
+            steps=steps,
+            eta=eta,
+            method=method,
+            sampling=sampling,
         )
 
     def warmup(self, *, steps: int = 2, batch_sizes: tuple[int, ...] = (1,)) -> None:

@@ -8,6 +8,10 @@ config, and each step is reduced to the ``StepCoefficients`` of its ``step``
 function, so the fused update computes what diffusers would. Options the
 fused update cannot express (dynamic thresholding, learned variance) are
 refused with an error that says which key to change.
+
+By default the service does not sample under the model's config as written
+but under ``authors_config`` of it, the CLSP authors' DDIM interpolation loop
+(docs/design.md §1); ``sampling="model"`` keeps the config as it is.
 """
 
 from __future__ import annotations
@@ -64,6 +68,27 @@ class SamplingPlan:
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+
+AUTHORS_OVERRIDES: dict[str, Any] = {
+    "timestep_spacing": "trailing",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "variance_type": "fixed_large",
+}
+"""The scheduler keys on which the authors' loop differs from diffusers' defaults:
+a trailing timestep grid (999, 989, ..., 9 for 100 of 1000 steps), alpha_bar 1
+after the last step (it returns x0), no x0 clipping inside the loop, and beta_t
+as the DDPM step's variance."""
+
+
+def authors_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with ``AUTHORS_OVERRIDES``: the plan of the authors' loop (docs/design.md §1).
+
+    Betas, ``num_train_timesteps`` and the prediction type stay the model's: they
+    describe how it was trained; the overridden keys only say how to sample it.
+    """
+    return {**config, **AUTHORS_OVERRIDES}
 
 
 def check_scheduler_config(config: dict[str, Any]) -> None:

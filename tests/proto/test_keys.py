@@ -113,6 +113,7 @@ def test_negative_zero_keys_like_zero() -> None:
         {"steps": 99},
         {"eta": 0.0},
         {"method": "ddpm"},
+        {"sampling": "model"},
     ],
 )
 def test_every_generation_field_changes_the_key(change: dict) -> None:
@@ -143,6 +144,8 @@ def test_k_cache_and_ddpm_eta_do_not_change_the_key() -> None:
         GenerationParams(interpolation_weight=1).canonical()
         == GenerationParams(interpolation_weight=1.0).canonical()
     )
+    # None is the default mode, the one a service left at its default resolves it to.
+    assert key_of(image(), params=GenerationParams(sampling="authors")) == base
 
 
 def test_keys_of_a_batch_are_the_keys_of_its_items() -> None:
@@ -161,7 +164,10 @@ def test_key_derivation_is_pinned() -> None:
     assert key_of(anchors).hex() == PINNED_KEY
 
 
-PINNED_KEY = "18ac94f9d868b39c4383b94625945e1a3149f997c457710bb07385c4f6e16309"
+# Changed when the sampling mode joined the canonical params ("sampling":
+# "authors" for these default params): positives cached before were made under
+# the model's own scheduler config, and must not be served as the authors' loop.
+PINNED_KEY = "d403853b435ea6b46f95d09a67460287c3e3d27f192bfae781862cafaa7b2475"
 
 
 def test_key_argument_errors() -> None:

@@ -233,6 +233,7 @@ def test_what_the_encoder_writes_fits_the_schemas() -> None:
         dtype="float32",
         max_k=64,
         max_anchors=1024,
+        sampling="authors",
     )
     validator("ModelInfo").validate(info.model_dump(mode="json"))
 

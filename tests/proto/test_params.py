@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from clsp_positives.proto import DEFAULT_MAX_K, GenerationParams, ProtocolError, parse_params
 
-ALLOWED = "cache, eta, interpolation_weight, k, method, steps"
+ALLOWED = "cache, eta, interpolation_weight, k, method, sampling, steps"
 
 
 def refused(raw: object, *words: str, max_k: int = DEFAULT_MAX_K) -> ProtocolError:
@@ -157,11 +157,19 @@ def test_canonical_and_group() -> None:
     assert json.loads(ddim.canonical()) == {
         "interpolation_weight": 0.5,
         "method": "ddim",
+        "sampling": "authors",
         "steps": 50,
         "eta": 0.3,
     }
-    assert ddim.group() == (50, 0.3, "ddim")
+    assert ddim.group() == (50, 0.3, "ddim", "authors")
     # the weight may differ within one sampler call; ddpm ignores eta
     assert GenerationParams(steps=50, eta=0.3, interpolation_weight=0.9).group() == ddim.group()
-    assert GenerationParams(method="ddpm", eta=0.7).group() == (100, 0.0, "ddpm")
+    assert GenerationParams(method="ddpm", eta=0.7).group() == (100, 0.0, "ddpm", "authors")
     assert "eta" not in json.loads(GenerationParams(method="ddpm").canonical())
+    # the sampling mode: None counts as the default, and always enters key and group
+    model = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5, sampling="model")
+    assert json.loads(model.canonical())["sampling"] == "model"
+    assert model.group() == (50, 0.3, "ddim", "model")
+    assert ddim.resolved("model") == model and model.resolved("authors") is model
+    with pytest.raises(ValidationError):
+        GenerationParams(sampling="diffusers")

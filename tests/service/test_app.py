@@ -166,6 +166,22 @@ def test_entries_are_namespaced_by_fingerprint(service, client, redis_server):
     assert entry_name(fp, key).startswith(f"clsp:{fp}:")
 
 
+def test_the_sampling_mode_is_resolved_keyed_and_answered(service, client, redis_server):
+    assert client.get("/v1/model", headers=auth(TOKEN)).json()["sampling"] == "authors"
+    anchors = anchors_u8(1, seed=360)
+    _, default = post_positives(client, anchors, PARAMS, token=TOKEN)
+    assert default.params.sampling == "authors"  # None resolved to the service's mode
+    _, authors = post_positives(client, anchors, {**PARAMS, "sampling": "authors"}, token=TOKEN)
+    assert authors.cache_hit.tolist() == [1]
+    _, model = post_positives(client, anchors, {**PARAMS, "sampling": "model"}, token=TOKEN)
+    assert model.params.sampling == "model" and model.cache_hit.tolist() == [0]
+    fp = _fingerprint(client)
+    canon = canonical_anchors(anchors)[0]
+    for mode in ("authors", "model"):
+        key = positive_key(fp, GenerationParams(**PARAMS, sampling=mode), canon, 0)
+        assert redis_server.command("EXISTS", entry_name(fp, key)).strip() == b":1"
+
+
 def test_refresh_regenerates_and_bypass_neither_reads_nor_writes(service, client, redis_server):
     anchors = anchors_u8(3, seed=400)
     _, first = post_positives(client, anchors, PARAMS, token=TOKEN)

@@ -28,6 +28,7 @@ ENV = {
     "CLSP_REDIS_TIMEOUT_S": "0.7",  # a field that had no flag before
     "CLSP_WARMUP_STEPS": "1",
     "CLSP_LOG_LEVEL": "info",
+    "CLSP_SAMPLING": "model",
 }
 
 
@@ -59,6 +60,15 @@ def test_variables_fill_what_the_flags_leave_out(from_env: ServerProcess, own_re
     assert settings["redis_timeout_s"] == 0.7
     assert settings["redis"] == own_redis.url
     assert settings["max_queue"] == ServiceSettings.model_fields["max_queue"].default
+    assert settings["sampling"] == "model"
+
+
+def test_sampling_from_the_environment_is_the_default_mode(from_env: ServerProcess) -> None:
+    with httpx.Client(base_url=from_env.url, timeout=120, trust_env=False) as client:
+        assert client.get("/v1/model").json()["sampling"] == "model"
+        r, answer = post_positives(client, anchors_u8(1, seed=4), PARAMS)
+        assert r.status_code == 200, r.text
+        assert answer is not None and answer.params.sampling == "model"
 
 
 def test_max_anchors_from_the_environment_answers_413(from_env: ServerProcess) -> None:
@@ -80,9 +90,11 @@ def test_redis_from_the_environment_is_the_cache(from_env: ServerProcess, own_re
 
 def test_a_flag_wins_over_its_variable(tiny_model_dir: Path, own_redis: RedisServer) -> None:
     env = {**ENV, "CLSP_REDIS": own_redis.url}
-    with serve(tiny_model_dir, env, "--max-anchors", "5", "--max-batch", "9") as server:
+    flags = ("--max-anchors", "5", "--max-batch", "9", "--sampling", "authors")
+    with serve(tiny_model_dir, env, *flags) as server:
         settings = resolved(server)
         assert (settings["max_anchors"], settings["max_batch"]) == (5, 9)
+        assert settings["sampling"] == "authors"  # the flag over CLSP_SAMPLING=model
         assert settings["redis_timeout_s"] == 0.7  # no flag given: still the variable
         with httpx.Client(base_url=server.url, timeout=120, trust_env=False) as client:
             r, answer = post_positives(client, anchors_u8(4, seed=3), PARAMS)

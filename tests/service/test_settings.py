@@ -71,6 +71,7 @@ def test_a_bad_flag_is_named_as_a_flag_and_a_bad_variable_as_a_variable():
         ({}, "CLSP_MODEL"),
         ({"CLSP_MODEL": "m", "CLSP_MAX_BATCH": "0"}, "CLSP_MAX_BATCH"),
         ({"CLSP_MODEL": "m", "CLSP_DTYPE": "int8"}, "CLSP_DTYPE"),
+        ({"CLSP_MODEL": "m", "CLSP_SAMPLING": "diffusers"}, "CLSP_SAMPLING"),
         ({"CLSP_MODEL": "m", "CLSP_MAX_QUEUE": "many"}, "CLSP_MAX_QUEUE"),
     ],
 )

@@ -35,8 +35,12 @@ def tiny_unet(
 
 
 def scheduler_config(**overrides: Any) -> dict[str, Any]:
-    """The default DDPM schedule with some keys changed."""
+    """DDPM's schedule as diffusers configs usually sample it (leading timesteps, x0
+    clipped, fixed_small variance, which the authors' loop overrides), with some keys
+    changed: the "model" sampling path then differs from the "authors" one."""
     cfg = presets.default_scheduler_config()
+    cfg.update(timestep_spacing="leading", clip_sample=True, variance_type="fixed_small")
+    cfg.pop("set_alpha_to_one")  # DDIMScheduler's own default (True)
     cfg.update(overrides)
     return cfg
 

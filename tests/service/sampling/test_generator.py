@@ -34,6 +34,8 @@ def test_attributes(gen: PositivesGenerator) -> None:
     assert (info.fingerprint, info.sample_size, info.channels) == (gen.fingerprint, 16, 1)
     assert (info.device, info.dtype, info.max_k, info.max_anchors) == ("cpu", "float32", 8, 4)
     assert info.scheduler["num_train_timesteps"] == 1000
+    assert info.sampling == "authors"  # the default mode unless the service says otherwise
+    assert gen.model_info(max_k=8, max_anchors=4, sampling="model").sampling == "model"
     assert not [k for k in info.scheduler if k.startswith("_")]  # diffusers' bookkeeping
 
 

@@ -1,4 +1,9 @@
-"""The CLSP sampler against diffusers' schedulers, and its determinism contract."""
+"""The CLSP sampler against diffusers' schedulers, and its determinism contract.
+
+These plans come from the scheduler config as written: the ``sampling="model"``
+mode (docs/design.md §1). The default ``authors`` mode, which overrides that
+config, is checked against the authors' loop in ``test_authors_loop.py``.
+"""
 
 from __future__ import annotations
 
