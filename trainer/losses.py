@@ -155,3 +155,27 @@ def nearest_neighbour(z: Tensor, support: Tensor) -> tuple[Tensor, Tensor]:
     ``z``: ``(neighbours [N, D], their indices [N])``."""
     idx = (_unit(z) @ _unit(support).T).argmax(dim=1)
     return support[idx], idx
+
+
+def z_std(z: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The spread of the L2-normalised projections, solo-learn's ``z_std``,
+    scaled by ``sqrt(D)``: about 1 for features spread over the sphere, 0 when
+    every row is the same vector (a collapsed projection; docs/design.md §5).
+
+    ``z`` is ``[B, D]``; ``mask`` picks the rows that count (the anchors whose
+    positive arrived; None: all). The std over the counted rows of each
+    dimension, averaged over dimensions, as a detached float32 scalar that is
+    NaN when fewer than 2 rows count: the mask stays on the device, so the
+    training step never waits on it to decide.
+    """
+    if z.ndim != 2:
+        raise ValueError(f"z_std needs a [B, D] batch, got {tuple(z.shape)}")
+    unit = _unit(z.detach())
+    if mask is None:
+        weight = torch.ones(unit.shape[0], 1, device=unit.device)
+    else:
+        weight = mask.to(device=unit.device, dtype=torch.float32)[:, None]
+    count = weight.sum()
+    mean = (unit * weight).sum(dim=0) / count
+    var = ((unit - mean) ** 2 * weight).sum(dim=0) / (count - 1)
+    return var.clamp(min=0).sqrt().mean() * unit.shape[1] ** 0.5

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -94,6 +95,11 @@ class StepLoss:
     loss: Tensor
     base: Tensor
     clsp: Tensor
+    # The spread of the step's projections (losses.z_std), for the loop's collapse
+    # check (docs/design.md §5): of the base views, and of the positives that
+    # arrived (NaN when fewer than 2 did).
+    z_std: Tensor | None = None
+    z_std_positives: Tensor | None = None
 
 
 class ContrastiveMethod(nn.Module):
@@ -157,6 +163,16 @@ class ContrastiveMethod(nn.Module):
         total = all_reduce_sum(mask.sum().to(term.dtype)).clamp(min=1)
         return term * local * world / total
 
+    @staticmethod
+    def with_spread(
+        out: StepLoss, views: Sequence[Tensor], z3: Tensor | None, mask: Tensor
+    ) -> StepLoss:
+        """``out`` with the projection spread of this rank's step: the mean
+        ``z_std`` of the base views and that of the positives that arrived."""
+        spread = torch.stack([losses.z_std(z) for z in views]).mean()
+        positives = losses.z_std(z3, mask) if z3 is not None else None
+        return replace(out, z_std=spread, z_std_positives=positives)
+
     @torch.no_grad()
     def after_step(self) -> None:
         """Called after each optimizer step (momentum updates)."""
@@ -177,8 +193,10 @@ class SimCLR(ContrastiveMethod):
                 tau,
                 view_weights=[1.0, 1.0, self.config.clsp_weight],
             )
-            return StepLoss(loss=base, base=base.detach(), clsp=base.new_zeros(()))
-        return self.combine(losses.nt_xent(g1, g2, tau), z1, z3, mask)
+            out = StepLoss(loss=base, base=base.detach(), clsp=base.new_zeros(()))
+        else:
+            out = self.combine(losses.nt_xent(g1, g2, tau), z1, z3, mask)
+        return self.with_spread(out, [z1, z2], z3, mask)
 
 
 class FeatureQueue(nn.Module):
@@ -244,8 +262,9 @@ class MoCo(ContrastiveMethod):
         q1, q2 = self.embed(v1), self.embed(v2)
         k1, k2 = self.key_embed(v1), self.key_embed(v2)
         negatives = self.queue.items.clone()
+        z3: Tensor | None = None
         if v3 is not None and self.config.clsp_mode == "contrastive":
-            k3 = self.key_embed(v3)
+            k3 = z3 = self.key_embed(v3)
             w = torch.stack(
                 [
                     torch.ones_like(mask, dtype=torch.float32),
@@ -266,7 +285,7 @@ class MoCo(ContrastiveMethod):
             out = self.combine(base, q1, z3, mask)
         if self.training:
             self.queue.push(gather_nograd(k1))
-        return out
+        return self.with_spread(out, [q1, q2], z3, mask)
 
 
 class NNCLR(ContrastiveMethod):
@@ -316,7 +335,7 @@ class NNCLR(ContrastiveMethod):
             out = self.combine(base, z1, z3, mask)
         if self.training:
             self.support.push(gather_nograd(z1))
-        return out
+        return self.with_spread(out, [z1, z2], z3, mask)
 
 
 def build_method(

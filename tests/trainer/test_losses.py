@@ -166,3 +166,31 @@ def test_nearest_neighbour_is_the_cosine_argmax() -> None:
         best = max(range(50), key=lambda j: sims[j])
         assert idx[i].item() == best
         assert torch.equal(nn[i], support[best])
+
+
+def test_z_std_is_near_one_for_random_rows_and_zero_for_identical_rows() -> None:
+    g = torch.Generator().manual_seed(0)
+    spread = losses.z_std(torch.randn(512, 32, generator=g))
+    assert spread.item() == pytest.approx(1.0, abs=0.05)
+    same = torch.randn(1, 32, generator=g).expand(16, 32)
+    assert losses.z_std(same).item() == pytest.approx(0.0, abs=1e-6)
+    # Scaling a row does not spread it: only directions count.
+    scaled = same * torch.arange(1, 17, dtype=torch.float32)[:, None]
+    assert losses.z_std(scaled).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_z_std_is_the_solo_learn_formula_times_sqrt_d() -> None:
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(7, 9, generator=g)
+    expected = F.normalize(z, dim=1).std(dim=0).mean() * 3.0
+    assert losses.z_std(z).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_z_std_counts_only_the_masked_rows() -> None:
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(6, 5, generator=g)
+    mask = torch.tensor([True, False, True, True, False, False])
+    assert losses.z_std(z, mask).item() == pytest.approx(losses.z_std(z[mask]).item(), rel=1e-5)
+    # One row or none has no spread to measure.
+    assert torch.isnan(losses.z_std(z, torch.eye(6, dtype=torch.bool)[0]))
+    assert torch.isnan(losses.z_std(z, torch.zeros(6, dtype=torch.bool)))

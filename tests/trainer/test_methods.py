@@ -145,3 +145,18 @@ def test_config_errors_name_the_option() -> None:
     with pytest.raises(ValueError, match="unknown method"):
         MethodConfig(name="byol")
     assert MethodConfig(name="nnclr").tau == 0.2
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco", "nnclr"])
+@pytest.mark.parametrize("mode", ["similarity", "contrastive"])
+def test_every_step_reports_the_spread_of_its_projections(name: str, mode: str) -> None:
+    v1, v2, v3 = _views()
+    method = _method(name, clsp_weight=0.5, clsp_mode=mode)
+    out = method(v1, v2, v3, torch.tensor([True, False, True, True, False, True]))
+    assert out.z_std is not None and 0.0 < out.z_std.item() < 2.0
+    assert not out.z_std.requires_grad
+    assert out.z_std_positives is not None and 0.0 < out.z_std_positives.item() < 2.0
+    one = method(v1, v2, v3, torch.tensor([True, False, False, False, False, False]))
+    assert one.z_std_positives is not None and torch.isnan(one.z_std_positives)
+    baseline = method(v1, v2)
+    assert baseline.z_std is not None and baseline.z_std_positives is None
