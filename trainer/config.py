@@ -123,6 +123,12 @@ class TrainConfig(BaseModel):
     gen_steps: int = _generation("steps")
     gen_eta: float = _generation("eta")
     gen_method: Method = _generation("method")
+    collapse_z_std: float = Field(
+        0.2,
+        ge=0,
+        description="Warn once when an epoch's z_std (spread of the unit projections, ~1 "
+        "healthy, 0 collapsed) falls below this (0: never).",
+    )
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs (0: only at the end).")
     linear_epochs: int = Field(100, ge=1, description="Linear probe epochs.")
     knn_k: int = Field(200, ge=1, description="Neighbours of the weighted kNN evaluation.")

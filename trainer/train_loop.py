@@ -207,6 +207,38 @@ def _sum_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def collapse_warning(record: dict[str, Any], config: TrainConfig) -> str | None:
+    """The warning for an epoch whose projections collapsed, or None.
+
+    A collapsed projection maps every image to (nearly) one point: the base
+    loss stops falling (NT-Xent sits at log(2B - 1)) and nothing else says so.
+    ``z_std`` (losses.z_std) is ~1 for spread features and ~0 collapsed; below
+    ``config.collapse_z_std`` the run is named collapsed (docs/design.md §5).
+    """
+    threshold = config.collapse_z_std
+    low = {
+        key: record[key]
+        for key in ("z_std", "z_std_positives")
+        if key in record and record[key] < threshold
+    }
+    if not low:
+        return None
+    spread = ", ".join(f"{key} {value:.3f}" for key, value in low.items())
+    if config.clsp_weight > 0 and config.clsp_mode == "similarity":
+        cause = (
+            f"the similarity CLSP term (--clsp-weight {config.clsp_weight:g} x (2 - 2cos) to "
+            "the positive) is cheapest with every embedding the same"
+        )
+    else:
+        cause = "the base loss found the constant map (temperature or learning rate)"
+    return (
+        f"the projections collapsed at epoch {record['epoch'] + 1} ({spread} < "
+        f"--collapse-z-std {threshold:g}; ~1 is healthy): likely {cause}. "
+        "Try a lower --clsp-weight, --clsp-mode contrastive, or another --temperature "
+        "(or a lower --lr)."
+    )
+
+
 def evaluate_method(
     method: ContrastiveMethod,
     config: TrainConfig,
@@ -322,6 +354,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
     show = config.progress if config.progress is not None else sys.stderr.isatty()
     history: list[dict[str, Any]] = []
     final: EvalResult | None = None
+    collapse_warned = False
     if ctx.is_main:
         metrics.write(
             {
@@ -368,6 +401,22 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
             barrier()
             if ctx.is_main:
                 echo(_epoch_line(record))
+                warning = None if collapse_warned else collapse_warning(record, config)
+                if warning is not None:
+                    # Once per run: a collapsed projection rarely recovers, and the
+                    # epoch line keeps showing z_std.
+                    collapse_warned = True
+                    log.warning(warning)
+                    echo(f"warning: {warning}")
+                    metrics.write(
+                        {
+                            "event": "collapse",
+                            "epoch": epoch,
+                            "threshold": config.collapse_z_std,
+                            "message": warning,
+                            **{k: record[k] for k in ("z_std", "z_std_positives") if k in record},
+                        }
+                    )
     finally:
         if feed is not None:
             feed.close()
@@ -403,6 +452,10 @@ def _save(
 
 def _epoch_line(r: dict[str, Any]) -> str:
     parts = [f"epoch {r['epoch'] + 1}", f"loss {r['loss']:.4f}"]
+    if "z_std" in r:
+        parts.append(f"z_std {r['z_std']:.3f}")
+    if "z_std_positives" in r:
+        parts.append(f"z_std positives {r['z_std_positives']:.3f}")
     if "positive_fraction" in r:
         parts.append(f"positives {r['positive_fraction']:.0%}")
     if "cache_hit_rate" in r:
@@ -413,6 +466,20 @@ def _epoch_line(r: dict[str, Any]) -> str:
         parts.append(f"linear {r['linear_acc']:.2%} kNN {r['knn_acc']:.2%}")
     parts.append(f"{r['epoch_seconds']:.1f}s")
     return " | ".join(parts)
+
+
+def _spread_sums(
+    z_std: torch.Tensor | None, z_std_positives: torch.Tensor | None, dev: torch.device
+) -> list[torch.Tensor]:
+    """A step's share of the epoch's spread sums: its z_std, and its positives'
+    z_std with a count of 1 when that is defined (at least 2 arrived), else 0s.
+    Stays on the device: no step waits for it."""
+    zero = torch.zeros((), dtype=torch.float64, device=dev)
+    base = zero if z_std is None else torch.nan_to_num(z_std.double(), nan=0.0)
+    if z_std_positives is None:
+        return [base, zero, zero]
+    defined = torch.isfinite(z_std_positives).double()
+    return [base, torch.nan_to_num(z_std_positives.double(), nan=0.0), defined]
 
 
 def _run_epoch(
@@ -436,7 +503,8 @@ def _run_epoch(
     # Views depend only on (seed, rank, epoch): a resumed run draws the same ones.
     augment.reseed(int(np.random.default_rng([config.seed, ctx.rank, epoch]).integers(2**62)))
     method.train()
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, base, clsp, steps
+    # loss, base, clsp, steps, z_std, z_std of the positives and the steps that had one
+    sums = torch.zeros(7, dtype=torch.float64, device=dev)
     started = time.perf_counter()
     with _progress(show, f"epoch {epoch + 1}/{config.epochs}", len(plan)) as tick:
         for step, indices in enumerate(plan.batches):
@@ -463,6 +531,7 @@ def _run_epoch(
                     out.base.double(),
                     out.clsp.double(),
                     torch.ones((), dtype=torch.float64, device=dev),
+                    *_spread_sums(out.z_std, out.z_std_positives, dev),
                 ]
             )
             if tick is not None:
@@ -478,7 +547,10 @@ def _run_epoch(
         "lr": float(schedule.get_last_lr()[0]),
         "steps": len(plan),
         "epoch_seconds": time.perf_counter() - started,
+        "z_std": float(sums[4]) / steps,
     }
+    if float(sums[6]) > 0:
+        record["z_std_positives"] = float(sums[5]) / float(sums[6])
     if feed is not None:
         record.update(_sum_stats(gather_objects(feed.epoch_stats())))
     if ctx.distributed:

@@ -1,0 +1,104 @@
+"""The collapse check of ``clsp train`` on digits with the tiny backbone, on
+the CPU: a run pushed into collapse says so once (echo, log, metrics.jsonl)
+and a healthy baseline stays quiet."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clsp_positives.images import load_images
+from clsp_positives.trainer.config import TrainConfig
+from clsp_positives.trainer.train_loop import collapse_warning, train
+
+N = 512
+FAST = dict(
+    dataset="digits", backbone="resnet-tiny", proj_hidden_dim=64, linear_epochs=2, knn_k=20,
+    device="cpu", progress=False, subset=N, batch_size=64, epochs=3,
+)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run(config: TrainConfig) -> tuple[list[dict], list[str]]:
+    lines: list[str] = []
+    train(config, echo=lines.append)
+    assert config.out is not None
+    text = (Path(config.out) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()], lines
+
+
+def _positives(tmp_path: Path) -> Path:
+    """Offline positives that are honest ones: each image itself and its mirror."""
+    images = load_images("digits").images[:N]
+    npy = tmp_path / "positives.npy"
+    np.save(npy, np.ascontiguousarray(np.stack([images, images[:, :, ::-1]], axis=1)))
+    return npy
+
+
+def test_the_similarity_term_with_a_large_weight_collapses_and_the_run_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The paper's similarity form collapses SimCLR on digits at weight 1 within
+    # a few epochs of the full set; weight 10 gets there in 3 epochs of 512 images.
+    config = TrainConfig(
+        **FAST, clsp_weight=10, positives_npy=str(_positives(tmp_path)), k=2,
+        positives_strict=True, out=str(tmp_path / "run"),
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="clsp.train"):
+        records, lines = _run(config)
+    epochs = [r for r in records if r["event"] == "epoch"]
+    spread = [r["z_std"] for r in epochs]
+    assert spread[-1] < config.collapse_z_std < spread[0] and spread[-1] < spread[0] / 3
+    assert all(r["z_std_positives"] == pytest.approx(r["z_std"], abs=0.05) for r in epochs)
+
+    collapses = [r for r in records if r["event"] == "collapse"]
+    assert len(collapses) == 1  # once per run, though later epochs stay collapsed
+    first_low = next(r["epoch"] for r in epochs if r["z_std"] < config.collapse_z_std)
+    assert collapses[0]["epoch"] == first_low
+    assert collapses[0]["z_std"] == spread[first_low]
+    assert collapses[0]["threshold"] == config.collapse_z_std
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1
+    for knob in ("--clsp-weight", "--clsp-mode contrastive", "--temperature", "similarity"):
+        assert knob in warnings[0]
+    assert [r.getMessage() for r in caplog.records if "collapsed" in r.getMessage()] == [
+        collapses[0]["message"]
+    ]
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3 and all("z_std " in line for line in epoch_lines)
+
+
+def test_a_healthy_baseline_does_not_warn(tmp_path: Path) -> None:
+    config = TrainConfig(**FAST, out=str(tmp_path / "run"))
+    records, lines = _run(config)
+    epochs = [r for r in records if r["event"] == "epoch"]
+    assert all(r["z_std"] > 3 * config.collapse_z_std for r in epochs)
+    assert all("z_std_positives" not in r for r in epochs)
+    assert not [r for r in records if r["event"] == "collapse"]
+    assert not [line for line in lines if line.startswith("warning:")]
+
+
+def test_the_warning_names_the_likely_cause_and_zero_turns_it_off() -> None:
+    record = {"epoch": 4, "z_std": 0.05, "z_std_positives": 0.5}
+    similarity = TrainConfig(clsp_weight=1.0)
+    message = collapse_warning(record, similarity)
+    assert message is not None and "epoch 5" in message
+    assert "z_std 0.050" in message and "z_std_positives" not in message
+    assert "similarity CLSP term" in message
+    baseline = collapse_warning(record, TrainConfig())
+    assert baseline is not None and "similarity CLSP term" not in baseline
+    assert "--temperature" in baseline
+    assert collapse_warning(record, TrainConfig(collapse_z_std=0.0)) is None
+    assert collapse_warning({"epoch": 0, "z_std": 0.9}, similarity) is None
