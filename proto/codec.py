@@ -240,6 +240,19 @@ def tensor_to_json(arr: np.ndarray) -> Tensor:
     return Tensor(dtype=dt.name, shape=list(arr.shape), data=base64.b64encode(raw).decode())
 
 
+def decode_base64(text: str) -> bytes:
+    """Standard padded base64, exactly what ``BASE64_PATTERN`` documents.
+
+    ``b64decode(validate=True)`` alone still takes excess or misplaced padding
+    (``"AAAA="``), which the schema refuses; a client that trusts the document
+    must never see the decoder accept what it calls invalid.
+    """
+    body = text.rstrip("=")
+    if len(text) % 4 or len(text) - len(body) > 2 or "=" in body:
+        raise ValueError("not standard padded base64")
+    return base64.b64decode(text, validate=True)
+
+
 def tensor_from_json(name: str, tensor: Tensor | Mapping[str, Any]) -> np.ndarray:
     """The array a JSON ``Tensor`` describes, with its byte length checked."""
     if not isinstance(tensor, Tensor):
@@ -250,7 +263,7 @@ def tensor_from_json(name: str, tensor: Tensor | Mapping[str, Any]) -> np.ndarra
     dtype = _JSON_TO_NP[tensor.dtype]
     shape = _check_shape(name, list(tensor.shape), dtype.itemsize)
     try:
-        raw = base64.b64decode(tensor.data, validate=True)
+        raw = decode_base64(tensor.data)
     except (binascii.Error, ValueError):
         raise _error(
             f"{name}: data is not valid base64 (standard alphabet, with padding)",
