@@ -15,7 +15,7 @@ from pydantic.fields import FieldInfo
 
 from clsp_positives.options import DEFAULT_TEXT
 from clsp_positives.proto.auth import TOKEN_ENV
-from clsp_positives.proto.params import GenerationParams, Method
+from clsp_positives.proto.params import GenerationParams, Method, Sampling
 
 
 def _shown(text: str) -> dict[str, Any]:
@@ -123,6 +123,7 @@ class TrainConfig(BaseModel):
     gen_steps: int = _generation("steps")
     gen_eta: float = _generation("eta")
     gen_method: Method = _generation("method")
+    gen_sampling: Sampling | None = _generation("sampling")
     collapse_z_std: float = Field(
         0.2,
         ge=0,
@@ -163,6 +164,7 @@ class TrainConfig(BaseModel):
             steps=self.gen_steps,
             eta=self.gen_eta,
             method=self.gen_method,
+            sampling=self.gen_sampling,
             k=k,
         )
 

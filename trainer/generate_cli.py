@@ -82,6 +82,9 @@ def generate(
             root=config.data_root,
             download=config.download,
         ).images
+        # The service's own sampling mode stands in for "not given", so the file
+        # says how its positives were made (docs/design.md §1).
+        params = params.resolved(info.get("sampling"))
         meta = {
             "dataset": dataset,
             "split": split,

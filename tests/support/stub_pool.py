@@ -8,8 +8,8 @@ can be changed at run time through ``POST /stub/config``.
 
 Environment: ``STUB_DELAY_S`` (seconds per request), ``STUB_FAIL_STATUS`` (answer
 every positives request with this status), ``STUB_TOKEN`` (require this bearer
-token), ``STUB_READY`` (0: ``/readyz`` answers 503), ``STUB_SIZE``/``STUB_CHANNELS``
-(what ``/v1/model`` reports).
+token), ``STUB_READY`` (0: ``/readyz`` answers 503),
+``STUB_SIZE``/``STUB_CHANNELS``/``STUB_SAMPLING`` (what ``/v1/model`` reports).
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def create_app() -> FastAPI:
             "dtype": "float32",
             "max_k": 64,
             "max_anchors": 4096,
+            "sampling": os.environ.get("STUB_SAMPLING", "authors"),
         }
 
     @app.post("/stub/config")

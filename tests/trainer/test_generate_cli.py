@@ -3,6 +3,7 @@ kill, refusing to mix options, and a clear failure when the pool is down."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -69,6 +70,17 @@ def test_generate_writes_the_paper_layout_and_knows_when_it_is_done(tmp_path: Pa
         assert again.exit_code == 0 and "already complete" in again.output
         other = runner.invoke(app, args(server.url, out, "--gen-steps", "4"))
         assert other.exit_code == 1 and "not made by these options" in other.output
+
+
+def test_the_file_records_the_pools_sampling_mode_when_none_is_asked(tmp_path: Path) -> None:
+    """Params without ``sampling`` get the service's mode, so the file's metadata must say
+    that mode, not the client's idea of the default."""
+    for mode in ("model", "authors"):
+        out = tmp_path / f"{mode}.npy"
+        with stub_server(STUB_SAMPLING=mode) as server:
+            result = CliRunner().invoke(app, args(server.url, out))
+        assert result.exit_code == 0, result.output
+        assert json.loads(meta_path(out).read_text())["params"]["sampling"] == mode
 
 
 def test_generate_resumes_after_being_killed(tmp_path: Path) -> None:
