@@ -8,6 +8,7 @@ small sizes) fit, and whole-array batches make augmentation on the training devi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,16 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 DIGITS_DEFAULT_SIZE = 16
+DIGITS_PHOTOS_SIZE = 32
+DIGITS_PHOTOS_SEED = 20240617
+"""Seed of the composition of "digits-photos" (mixed with the split), fixed so that every call
+on every machine builds the same images (docs/design.md §2)."""
+DIGITS_PHOTOS_PATCH = (18, 30)
+"""Side of the digit patch on the 32x32 canvas, inclusive range (the 8x8 digit, upscaled)."""
+DIGITS_PHOTOS_PHOTO_HEIGHTS = (64, 112, 200)
+"""Heights the photos are scaled to before a 32x32 crop: coarse to fine background texture."""
+DIGITS_PHOTOS_COLOURS = 16
+"""Random colours drawn per image; the one farthest from the background under the digit wins."""
 
 
 @dataclass(frozen=True)
@@ -62,9 +73,11 @@ def load_images(
     root: str | None = None,
     download: bool = False,
 ) -> ImageSet:
-    """Load a data set by name ("digits", "cifar10", "cifar100", "stl10") or image-folder path.
+    """Load a data set by name ("digits", "digits-photos", "cifar10", "cifar100", "stl10") or
+    image-folder path.
 
-    ``size`` resizes to ``size x size`` (default: the set's native size; 16 for digits);
+    ``size`` resizes to ``size x size`` (default: the set's native size; 16 for digits, 32 for
+    digits-photos);
     ``channels`` is 1 (luminance) or 3 (RGB; grey images are repeated).
     """
     if split not in SPLITS and not (name == "stl10" and split == "unlabeled"):
@@ -76,13 +89,17 @@ def load_images(
     key = name.lower()
     if key == "digits":
         images, labels, classes = _digits(split, size or DIGITS_DEFAULT_SIZE)
+    elif key == "digits-photos":
+        images, labels = _digits_photos(split)
+        classes = 10
     elif key in TORCHVISION_SETS:
         images, labels, classes = _torchvision_set(key, split, root, download)
     else:
         folder = Path(name)
         if not folder.is_dir():
             raise ValueError(
-                f"unknown dataset {name!r}: use digits, cifar10, cifar100, stl10 or the path of "
+                f"unknown dataset {name!r}: use digits, digits-photos, cifar10, cifar100, stl10 "
+                "or the path of "
                 "an image folder with one sub-folder per class"
             )
         images, labels, classes = _image_folder(folder, split, size)
@@ -93,13 +110,20 @@ def load_images(
 
 
 def _digits(split: str, size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    raw, labels = _digits_split(split)
+    # 0..16 -> 0..255 before resizing, so the interpolation works on the final value range.
+    small = np.rint(raw * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return _resize(small, size), labels, 10
+
+
+def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits (float 0..16) of one split, and their labels: one split shared
+    by "digits" and "digits-photos", so the two sets hold the same digits in the same order."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     data = load_digits()
-    # 0..16 -> 0..255 before resizing, so the interpolation works on the final value range.
-    small = np.rint(data.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    index = np.arange(len(small))
+    index = np.arange(len(data.images))
     train_idx, test_idx = train_test_split(
         index,
         test_size=DIGITS_TEST_FRACTION,
@@ -107,7 +131,67 @@ def _digits(split: str, size: int) -> tuple[np.ndarray, np.ndarray, int]:
         random_state=DIGITS_SPLIT_SEED,
     )
     chosen = np.sort(train_idx if split == "train" else test_idx)
-    return _resize(small[chosen], size), data.target[chosen].astype(np.int64), 10
+    return data.images[chosen], data.target[chosen].astype(np.int64)
+
+
+def _digits_photos(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The digits of ``split``, each drawn in its own colour over a crop of a photograph.
+
+    The class is the digit; background, colour, position and scale are nuisances drawn
+    independently of it. This is the case CLSP's synthetic positives are meant for: an
+    augmentation cannot tell a digit from the photo behind it, a generated positive of the same
+    image keeps the digit and changes the rest (docs/design.md §1). The photos are the two that
+    scikit-learn ships (china.jpg, flower.jpg), so nothing is downloaded; a fixed seed per split
+    makes the set the same on every call (docs/design.md §2).
+    """
+    raw, labels = _digits_split(split)
+    photos = _sample_photos()
+    n, side = len(raw), DIGITS_PHOTOS_SIZE
+    rng = np.random.default_rng([DIGITS_PHOTOS_SEED, SPLITS.index(split)])
+    # Every draw is made up front, in a fixed order, so one image's parameters never depend on
+    # another's.
+    which = rng.integers(0, len(photos), n)
+    tops = rng.random(n)
+    lefts = rng.random(n)
+    patches = rng.integers(DIGITS_PHOTOS_PATCH[0], DIGITS_PHOTOS_PATCH[1] + 1, n)
+    offsets = rng.random((n, 2))
+    colours = rng.integers(0, 256, (n, DIGITS_PHOTOS_COLOURS, 3)).astype(np.float32)
+    out = np.empty((n, side, side, 3), dtype=np.uint8)
+    for i in range(n):
+        photo = photos[which[i]]
+        y = int(tops[i] * (photo.shape[0] - side + 1))
+        x = int(lefts[i] * (photo.shape[1] - side + 1))
+        background = photo[y : y + side, x : x + side].astype(np.float32)
+        patch = int(patches[i])
+        # Digit strokes as an alpha mask, upscaled smoothly so edges blend into the photo.
+        mask = Image.fromarray(np.rint(raw[i] * (255.0 / 16.0)).astype(np.uint8))
+        alpha = np.asarray(mask.resize((patch, patch), Image.Resampling.BICUBIC), np.float32)
+        alpha = (alpha / 255.0)[..., None]
+        dy, dx = (offsets[i] * (side - patch + 1)).astype(int)
+        under = background[dy : dy + patch, dx : dx + patch]
+        # The colour farthest from the photo under the strokes keeps the digit legible; the
+        # distance is per pixel, so a textured crop is not averaged into a grey it never shows.
+        weights = alpha.reshape(-1) / max(float(alpha.sum()), 1e-6)
+        pixels = under.reshape(-1, 1, 3)
+        distance = weights @ np.linalg.norm(pixels - colours[i][None], axis=2)
+        colour = colours[i, int(np.argmax(distance))]
+        background[dy : dy + patch, dx : dx + patch] = under * (1.0 - alpha) + colour * alpha
+        out[i] = np.clip(np.rint(background), 0, 255).astype(np.uint8)
+    return out, labels
+
+
+@lru_cache(maxsize=1)
+def _sample_photos() -> tuple[np.ndarray, ...]:
+    """scikit-learn's two sample photos, each at several scales (read once per process)."""
+    from sklearn.datasets import load_sample_images
+
+    scaled: list[np.ndarray] = []
+    for photo in load_sample_images().images:
+        image = Image.fromarray(photo)
+        for height in DIGITS_PHOTOS_PHOTO_HEIGHTS:
+            width = round(photo.shape[1] * height / photo.shape[0])
+            scaled.append(np.asarray(image.resize((width, height), Image.Resampling.BICUBIC)))
+    return tuple(scaled)
 
 
 def _torchvision_set(
