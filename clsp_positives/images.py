@@ -20,6 +20,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 DIGITS_DEFAULT_SIZE = 16
+DIGIT_SETS = ("digits", "digits-photos")
+"""Sets whose class is a handwritten digit: a mirrored image is not of the same class."""
 DIGITS_PHOTOS_SIZE = 32
 DIGITS_PHOTOS_SEED = 20240617
 """Seed of the composition of "digits-photos" (mixed with the split), fixed so that every call

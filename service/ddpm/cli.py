@@ -15,14 +15,19 @@ diffusion_app = typer.Typer(
 def train(
     out: str = typer.Option(..., "--out", help="Model directory; resumes when it holds a state."),
     dataset: str = typer.Option(
-        "digits", "--dataset", help="digits, cifar10, cifar100, stl10, or an image-folder path."
+        "digits",
+        "--dataset",
+        help="digits, digits-photos, cifar10, cifar100, stl10, or an image-folder path.",
     ),
     data_root: Optional[str] = typer.Option(
         None, "--data-root", help="Folder with torchvision's cifar10/cifar100/stl10 files."
     ),
     download: bool = typer.Option(False, "--download", help="Fetch the torchvision set to root."),
     image_size: Optional[int] = typer.Option(
-        None, "--image-size", "--size", help="Image side (digits default: 16)."
+        None,
+        "--image-size",
+        "--size",
+        help="Image side (default: the set's; digits 16, digits-photos 32).",
     ),
     channels: Optional[int] = typer.Option(None, "--channels", help="1 or 3."),
     preset: str = typer.Option("small", "--preset", help="UNet preset, or a UNet config .json."),
@@ -36,7 +41,9 @@ def train(
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm."),
     ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA decay (with warm-up)."),
     flip: Optional[bool] = typer.Option(
-        None, "--flip/--no-flip", help="Random horizontal flips (default: not for digits)."
+        None,
+        "--flip/--no-flip",
+        help="Random horizontal flips (default: not for digits, digits-photos).",
     ),
     seed: int = typer.Option(0, "--seed"),
     save_every: int = typer.Option(1000, "--save-every", help="Checkpoint every N steps."),

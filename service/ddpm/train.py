@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from clsp_positives.images import DIGIT_SETS
 from clsp_positives.proto.keys import unit_to_uint8
 
 STATE_FILE = "train_state.pt"
@@ -59,7 +60,9 @@ class DiffusionTrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    flip: bool | None = Field(None, description="random horizontal flips; default: not digits")
+    flip: bool | None = Field(
+        None, description="random horizontal flips; default: not for digits, digits-photos"
+    )
     seed: int = 0
     save_every: int = Field(1000, ge=1)
     sample_count: int = Field(64, ge=0)
@@ -77,7 +80,7 @@ class DiffusionTrainConfig(BaseModel):
     @property
     def use_flip(self) -> bool:
         # Mirrored digits are not digits; natural images are symmetric enough.
-        return self.flip if self.flip is not None else self.dataset.lower() != "digits"
+        return self.flip if self.flip is not None else self.dataset.lower() not in DIGIT_SETS
 
 
 @dataclass(frozen=True)

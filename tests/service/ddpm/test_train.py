@@ -181,3 +181,26 @@ def test_image_size_keeps_its_old_name(tmp_path: Path, name: str) -> None:
     )
     assert result.exit_code == 2
     assert "--image-size: Input should be greater than or equal to 4" in result.output
+
+
+@pytest.mark.parametrize(
+    ("dataset", "flip", "expected"),
+    [("digits", None, False), ("digits-photos", None, False), ("cifar10", None, True),
+     ("digits-photos", True, True)],
+)  # fmt: skip
+def test_digit_sets_are_not_mirrored_unless_asked(
+    dataset: str, flip: bool | None, expected: bool
+) -> None:
+    """A mirrored digit is not a digit, whatever the background behind it."""
+    config = DiffusionTrainConfig(out="unused", steps=1, dataset=dataset, flip=flip)
+    assert config.use_flip is expected
+
+
+def test_trains_on_digits_photos_in_colour(tmp_path: Path) -> None:
+    out = tmp_path / "ddpm"
+    args = ["--dataset", "digits-photos", "--image-size", "16", "--channels", "3"]
+    _run("--out", str(out), "--steps", "1", *args, *TINY)
+    config = json.loads((out / "unet" / "config.json").read_text())
+    assert config["in_channels"] == 3 and config["sample_size"] == 16
+    with Image.open(out / "samples.png") as grid:
+        assert grid.mode == "RGB" and grid.size == (2 * 16, 2 * 16)
