@@ -84,6 +84,33 @@ def test_offline_positives_feed_the_clsp_term(tmp_path: Path) -> None:
     assert epoch["loss"] == pytest.approx(epoch["loss_base"] + 0.5 * epoch["loss_clsp"], rel=1e-4)
 
 
+def test_digits_photos_train_in_colour_with_colour_positives(tmp_path: Path) -> None:
+    """The embedded set whose nuisance is the background goes through the same path: RGB
+    anchors, RGB offline positives, a 3-channel backbone."""
+    n = 64
+    train_set = load_images("digits-photos", size=16)
+    assert train_set.images.shape[1:] == (16, 16, 3)
+    pos = np.stack([train_set.images[:n], train_set.images[:n]], axis=1)
+    npy = tmp_path / "positives.npy"
+    np.save(npy, np.ascontiguousarray(pos))
+    out = tmp_path / "run"
+    fast = [arg if arg != "digits" else "digits-photos" for arg in FAST]
+    args = [
+        "train", *fast, "--image-size", "16", "--subset", str(n), "--epochs", "1",
+        "--batch-size", "32", "--clsp-weight", "0.5", "--positives-npy", str(npy), "--k", "2",
+        "--positives-strict", "--out", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = _records(out)
+    assert records[0]["config"]["dataset"] == "digits-photos"
+    epoch = next(r for r in records if r["event"] == "epoch")
+    assert epoch["positive_fraction"] == 1.0 and np.isfinite(epoch["loss"])
+    state = ckpt.load_checkpoint(out)
+    first_conv = next(v for v in state["model"].values() if getattr(v, "ndim", 0) == 4)
+    assert first_conv.shape[1] == 3
+
+
 def test_resume_continues_exactly(tmp_path: Path) -> None:
     base = dict(
         dataset="digits", backbone="resnet-tiny", proj_hidden_dim=32, linear_epochs=2,
