@@ -44,7 +44,10 @@ class TrainConfig(BaseModel):
 
     dataset: str = Field(
         "digits",
-        description="digits, cifar10, cifar100, stl10 or an image folder (class sub-folders).",
+        description=(
+            "digits, digits-photos, cifar10, cifar100, stl10 or an image folder "
+            "(class sub-folders)."
+        ),
     )
     data_root: str | None = Field(None, description="Where torchvision-format data sets live.")
     download: bool = Field(False, description="Download the data set into --data-root if missing.")

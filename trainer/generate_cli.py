@@ -35,7 +35,7 @@ SHARED += ("interpolation_weight", "gen_steps", "gen_eta", "gen_method")
 @with_model_options(TrainConfig, SHARED, envvars={"token": TOKEN_ENV})
 def generate(
     dataset: str = typer.Option(
-        ..., "--dataset", help="digits, cifar10, cifar100, stl10 or an image folder."
+        ..., "--dataset", help="digits, digits-photos, cifar10, cifar100, stl10 or an image folder."
     ),
     out: Path = typer.Option(..., "--out", help="Output .npy ([N, K, H, W, C] uint8)."),
     positives: str = typer.Option(
