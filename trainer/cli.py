@@ -1,4 +1,4 @@
-"""Sub-commands of the training side: ``train``, ``eval`` and ``generate``."""
+"""Sub-commands of the training side: ``train``, ``eval``, ``generate`` and ``checkpoint``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from clsp_positives.trainer import generate_cli, train_cli
+    from clsp_positives.trainer import checkpoint_cli, generate_cli, train_cli
 
     train_cli.register(app)
     generate_cli.register(app)
+    checkpoint_cli.register(app)

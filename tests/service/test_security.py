@@ -368,12 +368,13 @@ UNPICKLING = re.compile(
     r"\bpickle\.loads?\b|\bUnpickler\b|\bcloudpickle\b|\bdill\b|\bjoblib\.load\b|\bshelve\b"
     r"|\bmarshal\.loads?\b|allow_pickle\s*=\s*True|\byaml\.load\(|\bweights_only\s*=\s*False"
     r"|\btorch\.load\(|\bnp\.load\(|\bnumpy\.load\(|all_gather_object|\bload_state_dict_from_url"
+    r"|\b(?:add_)?safe_globals\b"
 )
 SAFE_TORCH_LOAD = re.compile(r"weights_only\s*=\s*True")
 ALLOWED = {
-    # The trainer's own checkpoint, loaded only when the user resumes it: torch.save'd
-    # with Python/NumPy RNG states inside (a pickle by nature).
-    "trainer/checkpoint.py": {"torch.load(", "weights_only=False"},
+    # Checkpoints load with weights_only=True (the scan accepts those torch.load
+    # calls); converting a format-1 file admits NumPy's array constructor, nothing more.
+    "trainer/checkpoint.py": {"safe_globals"},
     # .npy files of uint8 positives: np.load refuses pickled object arrays by default.
     "trainer/positives/offline.py": {"np.load("},
     # Between the ranks of one DDP job (one user's processes), never from the network.
@@ -419,6 +420,7 @@ def test_nothing_on_the_wire_or_in_the_cache_can_unpickle():
     ):
         assert not any(f.startswith(wire) for f in found), found
     assert _unpickling_calls("torch.load(p, weights_only=False)")  # the scan sees them
+    assert _unpickling_calls("torch.serialization.add_safe_globals([Anything])")
     assert not _unpickling_calls("torch.load(p, map_location='cpu', weights_only=True)")
 
 
