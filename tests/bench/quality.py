@@ -76,15 +76,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train_model(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+def train_model(
+    args: argparse.Namespace,
+    model_dir: Path,
+    *,
+    dataset: str = "digits",
+    size: int = 16,
+    channels: int = 1,
+) -> dict[str, Any]:
+    """The DDPM on a CPU budget (``args``: this script's options); the method benchmark
+    (tests/bench/method.py) trains its model with it too, on other data sets."""
     from clsp_positives.service.ddpm.train import DiffusionTrainConfig, train
 
     preset = args.preset
     config = DiffusionTrainConfig(
         out=str(model_dir),
-        dataset="digits",
-        size=16,
-        channels=1,
+        dataset=dataset,
+        size=size,
+        channels=channels,
         preset=preset,
         minutes=args.minutes,
         batch_size=args.batch_size,
