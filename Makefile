@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install lint format test test-fast system-tools bench bench-quality gpu-check demo clean openapi
+.PHONY: install lint format test test-fast system-tools bench bench-quality bench-method gpu-check demo clean openapi
 
 install: $(VENV)/.installed
 
@@ -77,3 +77,10 @@ bench: install system-tools
 # Ten CPU minutes of DDPM training, then the class-kept rate of the positives.
 bench-quality: install
 	$(PY) tests/bench/quality.py --out runs/quality.json
+
+# Baseline against the CLSP, oracle and w = 0 arms over 5 seeds at equal budget, with
+# paired confidence intervals (docs/method.md); ~30 min of the whole machine.
+# BENCH_METHOD_ARGS="--dataset digits-photos --write-docs", "--reuse", ...
+BENCH_METHOD_ARGS ?=
+bench-method: install system-tools
+	$(PY) tests/bench/method.py $(BENCH_METHOD_ARGS)
