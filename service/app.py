@@ -38,7 +38,7 @@ from clsp_positives.proto.messages import (
 )
 from clsp_positives.proto.openapi import build_openapi
 from clsp_positives.service.batcher import Batcher, BatcherClosed, BatchStats, Item, QueueFull
-from clsp_positives.service.cache import PositivesCache, build_cache
+from clsp_positives.service.cache import PositivesCache, build_cache, cache_secret
 from clsp_positives.service.metrics import ServiceMetrics, route_label
 from clsp_positives.service.settings import ServiceSettings
 
@@ -552,8 +552,16 @@ def build_app(settings: ServiceSettings) -> FastAPI:
     # What the flags, CLSP_* variables and defaults resolved to (docs/design.md §8).
     log.info("settings: %s", json.dumps(settings.public(), sort_keys=True))
     generator = build_generator(settings)
+    secret = cache_secret(settings.cache_secret, settings.token)
+    if settings.redis and not (settings.cache_secret or settings.token):
+        log.warning(
+            "no CLSP_CACHE_SECRET (nor token): this generator's cache MAC key is random, "
+            "so the other generators of a pool cannot use its Redis entries; set the same "
+            "CLSP_CACHE_SECRET on all of them"
+        )
     cache = build_cache(
         settings.redis,
+        mac_key=secret.key,
         cache_mb=settings.cache_mb,
         timeout_s=settings.redis_timeout_s,
         backoff_max_s=settings.redis_backoff_max_s,
@@ -566,6 +574,7 @@ def build_app(settings: ServiceSettings) -> FastAPI:
         settings.dtype,
         "redis" if settings.redis else f"in-process LRU of {settings.cache_mb:g} MB",
     )
+    log.info("cache values are MACed with a key from %s", secret.source)
     return create_app(settings, generator, cache)
 
 

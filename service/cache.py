@@ -1,9 +1,13 @@
 """Caches of generated positives: Redis (shared by a pool) or an in-process LRU.
 
 The cache knows keys and bytes, not HTTP or diffusion. Values are the compact
-uint8 image with its shape and a blake2b checksum, never a pickle: a value
-that fails its checksum (a torn write, a bit flip, someone else's data) is a
-miss, counted, and the service regenerates and overwrites it.
+uint8 image with its shape and a MAC, never a pickle. The MAC is a keyed
+blake2b over the entry's name and the value, keyed by the pool's cache secret:
+whoever can write to a shared Redis but lacks the secret can neither forge a
+positive nor copy one under another key (docs/design.md §7). A value that
+fails its layout or its MAC (a torn write, a bit flip, a copied or forged
+entry, another pool's) is a miss, counted, and the service regenerates and
+overwrites it.
 
 Redis is an optimisation, never a dependency: every call has a short socket
 timeout, a failure is counted and starts a backoff during which lookups are
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
+import os
 import struct
 import time
 from collections import OrderedDict
@@ -27,17 +33,62 @@ import numpy as np
 
 log = logging.getLogger("clsp.service.cache")
 
-_MAGIC = b"CLSP\x01"
-_DIGEST_BYTES = 16
+_MAGIC = b"CLSP\x02"  # \x01 was an unkeyed checksum: such values now fail the magic
+_DIGEST_BYTES = 32
 _MAX_NDIM = 8
+SECRET_ENV = "CLSP_CACHE_SECRET"
 
 
 class CorruptValue(ValueError):
-    """A cached value whose layout or checksum does not hold."""
+    """A cached value whose layout or MAC does not hold."""
 
 
-def encode_value(image: np.ndarray) -> bytes:
-    """uint8 array -> magic | ndim | shape (uint32 each) | blake2b-128 | raw bytes."""
+class UntrustedValue(CorruptValue):
+    """A well-formed value whose MAC does not hold: copied from another key, forged,
+    written with another secret, or damaged in its pixels."""
+
+
+@dataclass(frozen=True)
+class CacheSecret:
+    """The MAC key of a pool's values and where it came from (logged at start-up)."""
+
+    key: bytes
+    source: str
+
+    def __repr__(self) -> str:  # never the key itself in a log line or traceback
+        return f"CacheSecret(source={self.source!r})"
+
+
+def cache_secret(secret: str | None, token: str | None) -> CacheSecret:
+    """The MAC key by precedence: ``CLSP_CACHE_SECRET``, else derived from the API
+    token (a pool shares its token, so it shares this key too), else random to
+    this process, which no other generator can read (docs/design.md §7).
+
+    Each source is hashed under its own personalisation, so the key is never the
+    token itself and a secret equal to a token gives another key."""
+    if secret:
+        key = hashlib.blake2b(secret.encode(), digest_size=32, person=b"clsp-cache-sec")
+        return CacheSecret(key.digest(), SECRET_ENV)
+    if token:
+        key = hashlib.blake2b(token.encode(), digest_size=32, person=b"clsp-cache-tok")
+        return CacheSecret(key.digest(), "the API token")
+    return CacheSecret(os.urandom(32), "random, this process only")
+
+
+def _mac(mac_key: bytes, name: str, header: bytes, data: bytes) -> bytes:
+    """Keyed blake2b over the entry's name (length-prefixed) and the whole value:
+    the MAC holds only for these bytes under this name."""
+    h = hashlib.blake2b(key=mac_key, digest_size=_DIGEST_BYTES, person=b"clsp-cache-mac")
+    raw = name.encode()
+    h.update(struct.pack("<I", len(raw)) + raw)
+    h.update(header)
+    h.update(data)
+    return h.digest()
+
+
+def encode_value(image: np.ndarray, name: str, mac_key: bytes) -> bytes:
+    """uint8 array stored as ``name`` -> magic | ndim | shape (uint32 each) |
+    MAC (keyed blake2b-256 over name, header and pixels) | raw bytes."""
     image = np.ascontiguousarray(image)
     if image.dtype != np.uint8:
         raise TypeError(f"only uint8 images are cached, got {image.dtype}")
@@ -45,12 +96,12 @@ def encode_value(image: np.ndarray) -> bytes:
         raise ValueError(f"at most {_MAX_NDIM} dimensions, got {image.ndim}")
     header = _MAGIC + struct.pack(f"<B{image.ndim}I", image.ndim, *image.shape)
     data = image.tobytes()
-    digest = hashlib.blake2b(header + data, digest_size=_DIGEST_BYTES).digest()
-    return header + digest + data
+    return header + _mac(mac_key, name, header, data) + data
 
 
-def decode_value(blob: bytes) -> np.ndarray:
-    """Inverse of ``encode_value``; raise ``CorruptValue`` unless every check holds."""
+def decode_value(blob: bytes, name: str, mac_key: bytes) -> np.ndarray:
+    """Inverse of ``encode_value`` for the value read under ``name``; raise
+    ``CorruptValue`` unless the layout holds and ``UntrustedValue`` unless the MAC does."""
     if len(blob) < len(_MAGIC) + 1 or not blob.startswith(_MAGIC):
         raise CorruptValue("not a cached positive (bad magic)")
     ndim = blob[len(_MAGIC)]
@@ -64,9 +115,8 @@ def decode_value(blob: bytes) -> np.ndarray:
     data = blob[head_end + _DIGEST_BYTES :]
     if len(data) != int(np.prod(shape, dtype=np.int64)):
         raise CorruptValue(f"{len(data)} data bytes for shape {shape}")
-    check = hashlib.blake2b(blob[:head_end] + data, digest_size=_DIGEST_BYTES).digest()
-    if check != digest:
-        raise CorruptValue("checksum mismatch")
+    if not hmac.compare_digest(_mac(mac_key, name, blob[:head_end], data), digest):
+        raise UntrustedValue("MAC mismatch (copied, forged, another secret, or damaged)")
     return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
@@ -84,7 +134,8 @@ class CacheStats:
     misses: int = 0
     errors: int = 0  # failed Redis calls (down, timeout, protocol error)
     skipped: int = 0  # lookups and writes skipped while backing off after an error
-    corrupt: int = 0  # values that failed their checksum (served as misses)
+    corrupt: int = 0  # values that failed their layout or MAC (served as misses)
+    untrusted: int = 0  # of those, well-formed ones whose MAC failed
     writes: int = 0
 
 
@@ -106,18 +157,21 @@ class PositivesCache(Protocol):
     async def close(self) -> None: ...
 
 
-def _decode_all(stats: CacheStats, blobs: Sequence[bytes | None]) -> list[np.ndarray | None]:
+def _decode_all(
+    stats: CacheStats, names: Sequence[str], blobs: Sequence[bytes | None], mac_key: bytes
+) -> list[np.ndarray | None]:
     out: list[np.ndarray | None] = []
-    for blob in blobs:
+    for name, blob in zip(names, blobs, strict=True):
         if blob is None:
             stats.misses += 1
             out.append(None)
             continue
         try:
-            out.append(decode_value(blob))
+            out.append(decode_value(blob, name, mac_key))
             stats.hits += 1
         except CorruptValue as exc:
             stats.corrupt += 1
+            stats.untrusted += isinstance(exc, UntrustedValue)
             stats.misses += 1
             log.warning("cached value failed its check (%s); regenerating", exc)
             out.append(None)
@@ -129,8 +183,9 @@ class MemoryCache:
 
     _OVERHEAD = 96  # rough bytes per entry beyond the value (key string, dict slot)
 
-    def __init__(self, max_mb: float = 256.0) -> None:
+    def __init__(self, max_mb: float = 256.0, *, mac_key: bytes | None = None) -> None:
         self.max_bytes = int(max_mb * 1024 * 1024)
+        self.mac_key = mac_key or cache_secret(None, None).key
         self.stats = CacheStats()
         self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
         self._bytes = 0
@@ -145,8 +200,8 @@ class MemoryCache:
     async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[np.ndarray | None]:
         now = time.monotonic()
         blobs: list[bytes | None] = []
-        for key in keys:
-            name = entry_name(namespace, key)
+        names = [entry_name(namespace, key) for key in keys]
+        for name in names:
             found = self._entries.get(name)
             if found is not None and found[1] < now:
                 self._drop(name)
@@ -154,18 +209,18 @@ class MemoryCache:
             if found is not None:
                 self._entries.move_to_end(name)
             blobs.append(found[0] if found else None)
-        return _decode_all(self.stats, blobs)
+        return _decode_all(self.stats, names, blobs, self.mac_key)
 
     async def set_many(
         self, namespace: str, items: Sequence[tuple[bytes, np.ndarray]], ttl_s: int
     ) -> None:
         expires = time.monotonic() + ttl_s
         for key, image in items:
-            blob = encode_value(image)
+            name = entry_name(namespace, key)
+            blob = encode_value(image, name, self.mac_key)
             cost = len(blob) + self._OVERHEAD
             if cost > self.max_bytes:
                 continue
-            name = entry_name(namespace, key)
             self._drop(name)
             self._entries[name] = (blob, expires)
             self._bytes += cost
@@ -197,6 +252,7 @@ class RedisCache:
         self,
         url: str,
         *,
+        mac_key: bytes | None = None,
         timeout_s: float = 0.3,
         backoff_min_s: float = 0.1,
         backoff_max_s: float = 5.0,
@@ -206,6 +262,8 @@ class RedisCache:
         from redis.backoff import NoBackoff
 
         self.url = url
+        # Without a key of its own no other process can read this one's entries.
+        self.mac_key = mac_key or cache_secret(None, None).key
         self.timeout_s = timeout_s
         self.backoff_min_s = backoff_min_s
         self.backoff_max_s = backoff_max_s
@@ -263,12 +321,11 @@ class RedisCache:
         if not self.available:
             self.stats.skipped += len(keys)
             return [None] * len(keys)
-        blobs, ok = await self._guard(
-            "MGET", self._client.mget([entry_name(namespace, k) for k in keys])
-        )
+        names = [entry_name(namespace, k) for k in keys]
+        blobs, ok = await self._guard("MGET", self._client.mget(names))
         if not ok:
             return [None] * len(keys)
-        return _decode_all(self.stats, blobs)
+        return _decode_all(self.stats, names, blobs, self.mac_key)
 
     async def set_many(
         self, namespace: str, items: Sequence[tuple[bytes, np.ndarray]], ttl_s: int
@@ -280,7 +337,8 @@ class RedisCache:
             return
         pipe = self._client.pipeline(transaction=False)
         for key, image in items:
-            pipe.set(entry_name(namespace, key), encode_value(image), ex=int(ttl_s))
+            name = entry_name(namespace, key)
+            pipe.set(name, encode_value(image, name, self.mac_key), ex=int(ttl_s))
         _, ok = await self._guard("SET", pipe.execute())
         if ok:
             self.stats.writes += len(items)
@@ -299,11 +357,15 @@ class RedisCache:
 def build_cache(
     redis_url: str | None,
     *,
+    mac_key: bytes | None = None,
     cache_mb: float = 256.0,
     timeout_s: float = 0.3,
     backoff_max_s: float = 5.0,
 ) -> PositivesCache:
-    """Redis when a URL is given, else the in-process LRU."""
+    """Redis when a URL is given, else the in-process LRU; both MAC their values
+    with ``mac_key`` (random to this process when None)."""
     if redis_url:
-        return RedisCache(redis_url, timeout_s=timeout_s, backoff_max_s=backoff_max_s)
-    return MemoryCache(cache_mb)
+        return RedisCache(
+            redis_url, mac_key=mac_key, timeout_s=timeout_s, backoff_max_s=backoff_max_s
+        )
+    return MemoryCache(cache_mb, mac_key=mac_key)

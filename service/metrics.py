@@ -58,7 +58,17 @@ class _CacheCollector(Collector):
                 s.skipped,
                 "Keys not looked up or written while the cache backs off after an error.",
             ),
-            ("clsp_cache_corrupt", s.corrupt, "Cached values that failed their checksum."),
+            (
+                "clsp_cache_corrupt",
+                s.corrupt,
+                "Cached values refused (layout or MAC failed), served as misses.",
+            ),
+            (
+                "clsp_cache_untrusted",
+                s.untrusted,
+                "Refused values that were well-formed but failed their MAC: copied from "
+                "another key, forged, or written with another cache secret.",
+            ),
             ("clsp_cache_writes", s.writes, "Positives written to the cache."),
         ):
             family = CounterMetricFamily(name, doc)

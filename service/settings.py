@@ -78,6 +78,12 @@ class ServiceSettings(BaseModel):
         description="Bearer token required on every route but the health checks "
         f"(better set {TOKEN_ENV}: a flag shows in ps).",
     )
+    cache_secret: str | None = Field(
+        None,
+        description="Key of the MAC that binds each cached positive to its key: set the "
+        "same one on every generator of a pool sharing Redis (better as CLSP_CACHE_SECRET: "
+        "a flag shows in ps). Without it: derived from the token, else random to the process.",
+    )
     cache_ttl: int = Field(7 * 24 * 3600, ge=1, description="Seconds a cached positive lives.")
     cache_mb: float = Field(256.0, ge=0.0, description="Size of the in-process LRU cache in MB.")
     redis_timeout_s: float = Field(
@@ -109,15 +115,20 @@ class ServiceSettings(BaseModel):
         return int(self.max_body_mb * 1024 * 1024)
 
     def public(self) -> dict[str, Any]:
-        """The settings as the start-up log shows them: no token, no Redis password."""
-        values = self.model_dump(exclude={"token"})
+        """The settings as the start-up log shows them: no token, cache secret or
+        Redis password."""
+        values = self.model_dump(exclude={"token", "cache_secret"})
         if self.redis:
             url = urlsplit(self.redis)
             if url.password:  # redis://:secret@host: keep the secret out of logs
                 values["redis"] = url._replace(
                     netloc="***@" + url.netloc.rsplit("@", 1)[1]
                 ).geturl()
-        return {**values, "token": "set" if self.token else None}
+        return {
+            **values,
+            "token": "set" if self.token else None,
+            "cache_secret": "set" if self.cache_secret else None,
+        }
 
     @classmethod
     def from_env(

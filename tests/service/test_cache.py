@@ -1,5 +1,5 @@
-"""Caches: the value format, the in-process LRU, and Redis (real redis-server) up,
-slow, down and back."""
+"""Caches: the value format and its MAC, the in-process LRU, and Redis (real
+redis-server) up, slow, down and back, shared by caches with one secret or two."""
 
 from __future__ import annotations
 
@@ -14,13 +14,18 @@ from clsp_positives.service.cache import (
     CorruptValue,
     MemoryCache,
     RedisCache,
+    UntrustedValue,
+    cache_secret,
     decode_value,
     encode_value,
     entry_name,
 )
+from tests.support.forgery import first_format, with_plain_checksum
 from tests.support.servers import RedisServer
 
 NS = "fp0"
+MAC_KEY = cache_secret("test-pool-secret", None).key
+NAME = "clsp:fp0:00ff"
 
 
 def images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -41,7 +46,7 @@ def run(coro):
 
 def test_value_round_trips_with_shape():
     img = images(1)[0]
-    out = decode_value(encode_value(img))
+    out = decode_value(encode_value(img, NAME, MAC_KEY), NAME, MAC_KEY)
     assert out.dtype == np.uint8 and out.shape == (16, 16, 1)
     assert np.array_equal(out, img)
 
@@ -50,7 +55,7 @@ def test_value_round_trips_with_shape():
     "damage", ["flip_data", "flip_shape", "truncate", "magic", "empty", "pickle"]
 )
 def test_damaged_values_are_detected(damage):
-    blob = bytearray(encode_value(images(1)[0]))
+    blob = bytearray(encode_value(images(1)[0], NAME, MAC_KEY))
     if damage == "flip_data":
         blob[-1] ^= 1
     elif damage == "flip_shape":
@@ -66,12 +71,49 @@ def test_damaged_values_are_detected(damage):
 
         blob = bytearray(pickle.dumps(images(1)[0]))
     with pytest.raises(CorruptValue):
-        decode_value(bytes(blob))
+        decode_value(bytes(blob), NAME, MAC_KEY)
+
+
+@pytest.mark.parametrize(
+    "attack", ["other name", "other secret", "plain checksum", "first format", "from a token"]
+)
+def test_a_value_is_only_good_under_its_own_name_and_secret(attack):
+    img = images(1)[0]
+    other_key = cache_secret("another pool", None).key
+    if attack == "other name":  # a valid value copied under another key
+        blob, name, key = encode_value(img, NAME, MAC_KEY), "clsp:fp0:00fe", MAC_KEY
+    elif attack == "other secret":  # another pool's entry
+        blob, name, key = encode_value(img, NAME, other_key), NAME, MAC_KEY
+    elif attack == "plain checksum":
+        blob, name, key = with_plain_checksum(img), NAME, MAC_KEY
+    elif attack == "first format":
+        blob, name, key = first_format(img), NAME, MAC_KEY
+    else:  # a secret equal to a token still gives another key
+        blob, name, key = (
+            encode_value(img, NAME, cache_secret(None, "test-pool-secret").key),
+            NAME,
+            MAC_KEY,
+        )
+    with pytest.raises(CorruptValue) as caught:
+        decode_value(blob, name, key)
+    assert isinstance(caught.value, UntrustedValue) == (attack != "first format")
+
+
+def test_the_secret_comes_from_the_variable_then_the_token_then_chance():
+    by_secret, by_token = cache_secret("s", "t"), cache_secret(None, "t")
+    assert by_secret.source == "CLSP_CACHE_SECRET" and by_token.source == "the API token"
+    assert by_secret.key == cache_secret("s", None).key != by_token.key
+    assert by_token.key == cache_secret("", "t").key  # an empty variable is unset
+    first, second = cache_secret(None, None), cache_secret(None, None)
+    assert first.key != second.key and "random" in first.source
+    assert len({by_secret.key, by_token.key, first.key}) == 3
+    assert all(len(s.key) == 32 for s in (by_secret, by_token, first))
+    assert by_secret.key.hex() not in repr(by_secret)  # never the key in a log line
 
 
 def test_only_uint8_is_cached():
     with pytest.raises(TypeError, match="uint8"):
-        encode_value(np.zeros((2, 2), np.float32))
+        encode_value(np.zeros((2, 2), np.float32), NAME, MAC_KEY)
 
 
 def test_entry_names_are_namespaced_per_model():
@@ -139,6 +181,19 @@ def test_memory_cache_corrupt_value_is_a_counted_miss():
     assert got == [None] and cache.stats.corrupt == 1
 
 
+def test_memory_cache_refuses_a_value_moved_to_another_key():
+    async def main():
+        cache = MemoryCache(max_mb=1)
+        await cache.set_many(NS, [(keys(1)[0], images(1)[0])], ttl_s=60)
+        moved = cache._entries[entry_name(NS, keys(1)[0])][0]
+        cache.put_raw(NS, keys(1, salt=1)[0], moved)
+        return await cache.get_many(NS, [keys(1, salt=1)[0], keys(1)[0]]), cache
+
+    (moved, original), cache = run(main())
+    assert moved is None and original is not None
+    assert (cache.stats.corrupt, cache.stats.untrusted, cache.stats.hits) == (1, 1, 1)
+
+
 # -------------------------------------------------------------------- Redis
 
 
@@ -163,9 +218,9 @@ def test_redis_round_trip_ttl_and_namespaces(redis_url, redis_server):
 
 def test_redis_corrupt_value_is_a_counted_miss_and_can_be_overwritten(redis_url):
     async def main():
-        cache = RedisCache(redis_url)
+        cache = RedisCache(redis_url, mac_key=MAC_KEY)
         k, img = keys(1)[0], images(1)[0]
-        good = encode_value(img)
+        good = encode_value(img, entry_name(NS, k), MAC_KEY)
         await cache.put_raw(NS, k, good[:-1] + bytes([good[-1] ^ 0x55]))
         first = await cache.get_many(NS, [k])
         await cache.set_many(NS, [(k, img)], 60)
@@ -174,8 +229,39 @@ def test_redis_corrupt_value_is_a_counted_miss_and_can_be_overwritten(redis_url)
         return cache, img, first, second
 
     cache, img, first, second = run(main())
-    assert first == [None] and cache.stats.corrupt == 1
+    assert first == [None] and cache.stats.corrupt == 1 and cache.stats.untrusted == 1
     assert np.array_equal(second[0], img)
+
+
+def test_redis_caches_share_entries_only_with_the_same_secret(redis_url):
+    """Two caches of one pool (one secret) and one of another pool, on one Redis:
+    the pool shares entries, the other pool never reads them, and an entry copied
+    under another key or forged with a plain checksum is a counted miss that the
+    next write replaces."""
+    ns = "fp-share"
+    ks, imgs = keys(3, salt=40), images(3, seed=40)
+
+    async def main():
+        one, two = RedisCache(redis_url, mac_key=MAC_KEY), RedisCache(redis_url, mac_key=MAC_KEY)
+        stranger = RedisCache(redis_url, mac_key=cache_secret("another pool", None).key)
+        await one.set_many(ns, [(ks[0], imgs[0])], 60)
+        shared = await two.get_many(ns, [ks[0]])
+        foreign = await stranger.get_many(ns, [ks[0]])
+        await one.put_raw(ns, ks[1], encode_value(imgs[0], entry_name(ns, ks[0]), MAC_KEY))
+        await one.put_raw(ns, ks[2], with_plain_checksum(imgs[0]))
+        attacked = await two.get_many(ns, ks[1:])
+        await two.set_many(ns, list(zip(ks[1:], imgs[1:], strict=True)), 60)
+        repaired = await one.get_many(ns, ks[1:])
+        for c in (one, two, stranger):
+            await c.close()
+        return two, stranger, shared, foreign, attacked, repaired
+
+    two, stranger, shared, foreign, attacked, repaired = run(main())
+    assert np.array_equal(shared[0], imgs[0]) and foreign == [None]
+    assert attacked == [None, None]
+    assert (two.stats.untrusted, two.stats.corrupt, two.stats.misses) == (2, 2, 2)
+    assert stranger.stats.untrusted == 1
+    assert all(np.array_equal(a, b) for a, b in zip(repaired, imgs[1:], strict=True))
 
 
 def test_redis_down_serves_misses_counts_errors_and_recovers_after_backoff():

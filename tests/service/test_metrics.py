@@ -79,12 +79,13 @@ def test_cache_counters_are_read_from_the_cache_at_every_scrape() -> None:
     metrics.watch_cache(lambda: stats)
     assert scrape(metrics)["clsp_cache_hits_total"] == 0
     stats.hits, stats.misses, stats.errors = 5, 2, 1
-    stats.skipped, stats.corrupt, stats.writes = 4, 3, 7
+    stats.skipped, stats.corrupt, stats.untrusted, stats.writes = 4, 3, 2, 7
     now = scrape(metrics)
-    assert {
-        name: now[f"clsp_cache_{name}_total"]
-        for name in ("hits", "misses", "errors", "skipped", "corrupt", "writes")
-    } == {"hits": 5, "misses": 2, "errors": 1, "skipped": 4, "corrupt": 3, "writes": 7}
+    names = ("hits", "misses", "errors", "skipped", "corrupt", "untrusted", "writes")
+    assert {name: now[f"clsp_cache_{name}_total"] for name in names} == {
+        "hits": 5, "misses": 2, "errors": 1, "skipped": 4, "corrupt": 3, "untrusted": 2,
+        "writes": 7,
+    }  # fmt: skip
 
 
 def test_cache_stats_replaced_by_a_new_object_are_followed() -> None:

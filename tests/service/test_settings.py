@@ -57,6 +57,13 @@ def test_public_settings_hide_the_token_and_the_redis_password():
     assert s.public()["token"] == "set" and s.public()["redis"] == "redis://***@cache:6379/0"
 
 
+def test_the_cache_secret_comes_from_its_variable_and_is_never_shown():
+    s = ServiceSettings.from_env({"CLSP_MODEL": "m", "CLSP_CACHE_SECRET": "s3cr3t-pool"})
+    assert s.cache_secret == "s3cr3t-pool"
+    assert "s3cr3t-pool" not in repr(s.public()) and s.public()["cache_secret"] == "set"
+    assert ServiceSettings(model="m").public()["cache_secret"] is None
+
+
 def test_a_bad_flag_is_named_as_a_flag_and_a_bad_variable_as_a_variable():
     with pytest.raises(ValueError, match=r"--max-batch: .*\(got 0\)") as flagged:
         ServiceSettings.from_env({"CLSP_MODEL": "m"}, max_batch=0)

@@ -29,7 +29,7 @@ import redis as redis_sync
 
 from clsp_positives.proto.keys import canonical_anchors, positive_key
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.service.cache import decode_value, encode_value, entry_name
+from clsp_positives.service.cache import cache_secret, decode_value, encode_value, entry_name
 from clsp_positives.trainer.positives.prefetch import Prefetcher
 from clsp_positives.trainer.positives.sources import build_source
 from tests.support.servers import ServerProcess, free_port
@@ -41,6 +41,8 @@ B = 8  # anchors per training batch
 SLOW = GenerationParams(steps=12, eta=0.1)  # long enough batches to be killed inside one
 FAST = GenerationParams(steps=2, eta=0.1)
 CLIENT = {"health_interval_s": 0.2, "breaker_cooldown_s": 0.5, "backoff_s": 0.02}
+SECRET = "faults-pool-secret"  # one cache secret: the two generators share entries
+MAC_KEY = cache_secret(SECRET, None).key
 
 
 def _serve(model_dir, redis_url: str) -> ServerProcess:
@@ -61,7 +63,12 @@ def _serve(model_dir, redis_url: str) -> ServerProcess:
         "--max-wait-ms",
         "20",
     ]
-    env = {"OMP_NUM_THREADS": "1", "CLSP_WARMUP_STEPS": "1", "CLSP_LOG_LEVEL": "warning"}
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "CLSP_WARMUP_STEPS": "1",
+        "CLSP_LOG_LEVEL": "warning",
+        "CLSP_CACHE_SECRET": SECRET,
+    }
     return ServerProcess(cmd, port, health_path="/readyz", env=env)
 
 
@@ -113,7 +120,7 @@ def _levels_apart(a: np.ndarray, b: np.ndarray) -> int:
 # ------------------------------------------------------------------ corruption
 
 
-def _damage(good: bytes, how: str) -> bytes:
+def _damage(good: bytes, how: str, name: str) -> bytes:
     if how == "garbage":
         return b"\x89PNG not ours at all" * 3
     if how == "truncated":
@@ -121,9 +128,9 @@ def _damage(good: bytes, how: str) -> bytes:
     if how == "empty":
         return b""
     if how == "pickle":
-        return pickle.dumps(decode_value(good))
-    if how == "wrong shape, valid checksum":
-        return encode_value(np.full((8, 8, 1), 255, np.uint8))
+        return pickle.dumps(decode_value(good, name, MAC_KEY))
+    if how == "wrong shape, valid checksum":  # even with the pool's own secret
+        return encode_value(np.full((8, 8, 1), 255, np.uint8), name, MAC_KEY)
     raise ValueError(how)
 
 
@@ -144,15 +151,16 @@ def test_damaged_entry_is_never_served_and_is_repaired_for_the_whole_pool(pool, 
         store = redis_sync.Redis.from_url(own_redis.url)
         try:
             good = store.get(name)
-            assert good is not None and decode_value(good).shape == (16, 16, 1)
-            store.set(name, _damage(good, how))
+            assert good is not None and decode_value(good, name, MAC_KEY).shape == (16, 16, 1)
+            store.set(name, _damage(good, how, name))
             r, served = post_positives(b, anchors, params)  # the other generator reads it
             assert r.status_code == 200
             assert served.cache_hit.tolist() == [0]  # never served as a hit
             assert served.positives.shape == (1, 16, 16, 1)
             assert _levels_apart(served.positives, original.positives) <= 1
             repaired = store.get(name)
-            assert np.array_equal(decode_value(repaired), served.positives[0])  # overwritten
+            repaired_image = decode_value(repaired, name, MAC_KEY)
+            assert np.array_equal(repaired_image, served.positives[0])  # overwritten
             _, again = post_positives(a, anchors, params)
             assert again.cache_hit.tolist() == [1]
             assert np.array_equal(again.positives, served.positives)

@@ -22,12 +22,13 @@ import redis as redis_sync
 
 from clsp_positives.proto.keys import canonical_anchors, positive_key
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.service.cache import decode_value, entry_name
+from clsp_positives.service.cache import cache_secret, decode_value, entry_name
 from tests.support.servers import ServerProcess, free_port
 from tests.support.service import anchors_u8, post_positives, run, scrape
 
 PARAMS = {"steps": 2, "eta": 0.1, "interpolation_weight": 0.1}
 MAX_QUEUE = 16
+SECRET = "service-faults-secret"
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +62,7 @@ def service(tiny_model_dir, own_redis):
         "CLSP_REDIS_TIMEOUT_S": "0.2",
         "CLSP_REDIS_BACKOFF_MAX_S": "0.5",
         "CLSP_WARMUP_STEPS": "1",
+        "CLSP_CACHE_SECRET": SECRET,
     }
     server = ServerProcess(cmd, port, health_path="/readyz", env=env).start(timeout=180)
     yield server
@@ -131,7 +133,8 @@ def test_corrupt_entry_is_detected_regenerated_and_overwritten(service, client, 
     assert served.cache_hit.tolist() == [0]  # never served the damaged bytes
     assert _close(served.positives, original.positives)
     assert scrape(service.url)["clsp_cache_corrupt_total"] == corrupt0 + 1
-    assert np.array_equal(decode_value(store.get(name)), served.positives[0])  # overwritten
+    repaired = decode_value(store.get(name), name, cache_secret(SECRET, None).key)
+    assert np.array_equal(repaired, served.positives[0])  # overwritten
     _, again = post_positives(client, anchors, PARAMS)
     assert again.cache_hit.tolist() == [1]
     store.close()
