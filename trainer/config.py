@@ -8,7 +8,7 @@ stays instant.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
@@ -35,6 +35,39 @@ def _generation(name: str) -> Any:
 
 MethodName = Literal["simclr", "moco", "nnclr"]
 ClspMode = Literal["similarity", "contrastive"]
+
+
+class MethodDefaults(NamedTuple):
+    """A method's own defaults of the options whose ``None`` means "the method's"."""
+
+    temperature: float
+    proj_hidden_dim: int
+    proj_dim: int
+    queue_size: int | None  # None: the method keeps no queue
+
+
+METHOD_DEFAULTS: dict[str, MethodDefaults] = {
+    # The CLSP authors' CIFAR configs for SimCLR and MoCo, solo-learn's CIFAR config
+    # for NNCLR (docs/training.md, "Defaults and the authors' configs").
+    "simclr": MethodDefaults(temperature=0.2, proj_hidden_dim=4096, proj_dim=256, queue_size=None),
+    "moco": MethodDefaults(temperature=0.2, proj_hidden_dim=4096, proj_dim=256, queue_size=32768),
+    "nnclr": MethodDefaults(temperature=0.2, proj_hidden_dim=2048, proj_dim=256, queue_size=65536),
+}
+DEFAULT_TEMPERATURE = {name: d.temperature for name, d in METHOD_DEFAULTS.items()}
+_SHOWN_NAMES = {"simclr": "SimCLR", "moco": "MoCo", "nnclr": "NNCLR"}
+
+
+def _per_method(field: str) -> dict[str, Any]:
+    """The default ``--help`` and the README show for a field of ``METHOD_DEFAULTS``,
+    read from the table (``SimCLR/MoCo 4096, NNCLR 2048``), so it cannot drift."""
+    groups: dict[Any, list[str]] = {}
+    for name, defaults in METHOD_DEFAULTS.items():
+        value = getattr(defaults, field)
+        if value is not None:
+            groups.setdefault(value, []).append(_SHOWN_NAMES[name])
+    if len(groups) == 1 and len(next(iter(groups.values()))) == len(METHOD_DEFAULTS):
+        return _shown(f"{next(iter(groups)):g}")
+    return _shown(", ".join(f"{'/'.join(names)} {value:g}" for value, names in groups.items()))
 
 
 class TrainConfig(BaseModel):
@@ -76,18 +109,23 @@ class TrainConfig(BaseModel):
         None, ge=0, description="Weight decay.", json_schema_extra=_shown("SGD 1e-4, AdamW 1e-2")
     )
     temperature: float | None = Field(
-        None,
-        gt=0,
-        description="InfoNCE temperature.",
-        json_schema_extra=_shown("SimCLR 0.5, MoCo/NNCLR 0.2"),
+        None, gt=0, description="InfoNCE temperature.", json_schema_extra=_per_method("temperature")
     )
-    proj_hidden_dim: int = Field(2048, ge=1, description="Projection MLP hidden width.")
+    proj_hidden_dim: int | None = Field(
+        None,
+        ge=1,
+        description="Projection MLP hidden width.",
+        json_schema_extra=_per_method("proj_hidden_dim"),
+    )
     proj_dim: int | None = Field(
-        None, ge=1, description="Projection size.", json_schema_extra=_shown("128, NNCLR 256")
+        None, ge=1, description="Projection size.", json_schema_extra=_per_method("proj_dim")
     )
     pred_hidden_dim: int = Field(4096, ge=1, description="NNCLR predictor hidden width.")
-    queue_size: int = Field(
-        65536, ge=1, description="MoCo queue / NNCLR support set (capped at the data set size)."
+    queue_size: int | None = Field(
+        None,
+        ge=1,
+        description="MoCo queue / NNCLR support set (capped at the data set size).",
+        json_schema_extra=_per_method("queue_size"),
     )
     moco_momentum: float = Field(0.99, ge=0, le=1, description="MoCo key encoder momentum.")
     clsp_weight: float = Field(0.0, ge=0, description="Weight of the CLSP term (0: the baseline).")
@@ -159,6 +197,40 @@ class TrainConfig(BaseModel):
         if self.weight_decay is not None:
             return self.weight_decay
         return 1e-4 if self.optimizer == "sgd" else 1e-2
+
+    def _method_default(self, name: str) -> Any:
+        value = getattr(self, name)
+        return value if value is not None else getattr(METHOD_DEFAULTS[self.method], name)
+
+    def resolved_temperature(self) -> float:
+        return float(self._method_default("temperature"))
+
+    def resolved_proj_hidden_dim(self) -> int:
+        return int(self._method_default("proj_hidden_dim"))
+
+    def resolved_proj_dim(self) -> int:
+        return int(self._method_default("proj_dim"))
+
+    def resolved_queue_size(self) -> int | None:
+        """None for a method that keeps no queue (SimCLR)."""
+        value = self._method_default("queue_size")
+        return None if value is None else int(value)
+
+    def resolved(self) -> TrainConfig:
+        """This config with every "decided later" default that the run decides
+        from other fields (learning rate, weight decay, temperature, projection
+        sizes, queue) set to its value: what ``DIR/config.yaml`` keeps, so loading
+        it back gives the same run even after a default changes (docs/design.md §8)."""
+        return self.model_copy(
+            update={
+                "lr": self.resolved_lr(),
+                "weight_decay": self.resolved_weight_decay(),
+                "temperature": self.resolved_temperature(),
+                "proj_hidden_dim": self.resolved_proj_hidden_dim(),
+                "proj_dim": self.resolved_proj_dim(),
+                "queue_size": self.resolved_queue_size(),
+            }
+        )
 
     def generation_params(self, k: int | None = None) -> GenerationParams:
         """The generation params this config asks of the pool."""

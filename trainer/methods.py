@@ -27,7 +27,13 @@ from torch import Tensor, nn
 
 from clsp_positives.trainer import losses
 from clsp_positives.trainer.backbones import predictor_mlp, projection_mlp
-from clsp_positives.trainer.config import ClspMode, MethodName, TrainConfig
+from clsp_positives.trainer.config import (
+    DEFAULT_TEMPERATURE,
+    METHOD_DEFAULTS,
+    ClspMode,
+    MethodName,
+    TrainConfig,
+)
 from clsp_positives.trainer.distributed import (
     all_reduce_sum,
     gather_nograd,
@@ -37,7 +43,6 @@ from clsp_positives.trainer.distributed import (
 
 METHODS: tuple[str, ...] = typing.get_args(MethodName)
 CLSP_MODES: tuple[str, ...] = typing.get_args(ClspMode)
-DEFAULT_TEMPERATURE = {"simclr": 0.5, "moco": 0.2, "nnclr": 0.2}
 
 
 def _default(name: str) -> Any:
@@ -50,32 +55,38 @@ class MethodConfig:
     """The method's share of ``TrainConfig``, resolved; built by ``from_train_config``."""
 
     name: str = _default("method")
-    temperature: float | None = None  # None: the method's usual CIFAR default
-    proj_hidden_dim: int = _default("proj_hidden_dim")
-    proj_dim: int = 128  # NNCLR uses 256 (its predictor is 256-4096-256)
+    # None here and for the sizes below: the method's default (METHOD_DEFAULTS),
+    # filled in by __post_init__.
+    temperature: float | None = None
+    proj_hidden_dim: int | None = None
+    proj_dim: int | None = None  # NNCLR's predictor is proj_dim-4096-proj_dim
     pred_hidden_dim: int = _default("pred_hidden_dim")
     clsp_weight: float = _default("clsp_weight")
     clsp_mode: str = _default("clsp_mode")
-    queue_size: int = _default("queue_size")  # capped at the data set size
+    queue_size: int | None = None  # capped at the data set size; SimCLR keeps none
     momentum: float = _default("moco_momentum")
 
     @classmethod
     def from_train_config(cls, config: TrainConfig) -> MethodConfig:
         return cls(
             name=config.method,
-            temperature=config.temperature,
-            proj_hidden_dim=config.proj_hidden_dim,
-            proj_dim=config.proj_dim or (256 if config.method == "nnclr" else 128),
+            temperature=config.resolved_temperature(),
+            proj_hidden_dim=config.resolved_proj_hidden_dim(),
+            proj_dim=config.resolved_proj_dim(),
             pred_hidden_dim=config.pred_hidden_dim,
             clsp_weight=config.clsp_weight,
             clsp_mode=config.clsp_mode,
-            queue_size=config.queue_size,
+            queue_size=config.resolved_queue_size(),
             momentum=config.moco_momentum,
         )
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
+        defaults = METHOD_DEFAULTS[self.name]
+        for field in ("temperature", "proj_hidden_dim", "proj_dim", "queue_size"):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, getattr(defaults, field))
         if self.clsp_mode not in CLSP_MODES:
             raise ValueError(
                 f"unknown --clsp-mode {self.clsp_mode!r}; choose one of {', '.join(CLSP_MODES)}"
@@ -343,6 +354,7 @@ def build_method(
 ) -> ContrastiveMethod:
     """The method object; the queue / support set is capped at the data set size
     (a queue longer than the data set holds stale copies of the same images)."""
-    capped = replace(config, queue_size=max(1, min(config.queue_size, dataset_size)))
+    size = config.queue_size
+    capped = config if size is None else replace(config, queue_size=max(1, min(size, dataset_size)))
     cls = {"simclr": SimCLR, "moco": MoCo, "nnclr": NNCLR}[config.name]
     return cls(backbone, feature_dim, capped)
