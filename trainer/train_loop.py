@@ -29,6 +29,7 @@ from clsp_positives.trainer import checkpoint as ckpt
 from clsp_positives.trainer.augment import BatchAugment
 from clsp_positives.trainer.backbones import BACKBONES, build_backbone
 from clsp_positives.trainer.config import TrainConfig
+from clsp_positives.trainer.config_file import write_run_config
 from clsp_positives.trainer.distributed import (
     DistributedContext,
     all_reduce_sum,
@@ -355,6 +356,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
     history: list[dict[str, Any]] = []
     final: EvalResult | None = None
     collapse_warned = False
+    if ctx.is_main and out_dir is not None:
+        write_run_config(config, out_dir)  # --config DIR/config.yaml repeats the run
     if ctx.is_main:
         metrics.write(
             {
