@@ -134,6 +134,11 @@ class TrainConfig(BaseModel):
         description="similarity (2 - 2cos to the positive) or contrastive (one more InfoNCE "
         "positive).",
     )
+    joint_forward: bool = Field(
+        False,
+        description="Forward both views and the positives through the backbone in one pass, "
+        "BatchNorm over all of them, as the authors' code does (off: one pass per view).",
+    )
     positives: str | None = Field(
         None, description="Generation pool: URL[,URL...] or dns+http://HOST:PORT."
     )

@@ -1,10 +1,13 @@
 """SimCLR, MoCo v2 and NNCLR over one base, each with the CLSP term (docs/design.md §1).
 
-A method is an ``nn.Module`` whose ``forward(v1, v2, v3, mask)`` returns the
-loss of one step, so DDP can wrap it whole. ``v3`` is the augmented synthetic
-positive (None when the step has none) and ``mask`` says which anchors' positive
-arrived. The losses live in ``losses.py``; a method only picks views, keeps its
-own state (queue, momentum encoder, support set) and gathers across ranks.
+A method is an ``nn.Module`` whose ``forward(v1, v2, v3, present)`` returns the
+loss of one step, so DDP can wrap it whole. ``v3`` holds the augmented synthetic
+positives of only the anchors whose positive arrived (None when the step has
+none) and ``present`` says which anchors those are: a missing positive never
+touches the network, neither its forward pass nor the BatchNorm statistics
+(docs/design.md §5). The losses live in ``losses.py``; a method only picks
+views, keeps its own state (queue, momentum encoder, support set) and gathers
+across ranks.
 
 CLSP modes:
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,6 +68,7 @@ class MethodConfig:
     clsp_mode: str = _default("clsp_mode")
     queue_size: int | None = None  # capped at the data set size; SimCLR keeps none
     momentum: float = _default("moco_momentum")
+    joint_forward: bool = _default("joint_forward")
 
     @classmethod
     def from_train_config(cls, config: TrainConfig) -> MethodConfig:
@@ -78,6 +82,7 @@ class MethodConfig:
             clsp_mode=config.clsp_mode,
             queue_size=config.resolved_queue_size(),
             momentum=config.moco_momentum,
+            joint_forward=config.joint_forward,
         )
 
     def __post_init__(self) -> None:
@@ -99,6 +104,21 @@ class MethodConfig:
     @property
     def tau(self) -> float:
         return self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.name]
+
+
+@dataclass(frozen=True)
+class Positives:
+    """The synthetic positives of one step, as the method sees them (docs/design.md §5).
+
+    ``view`` holds the augmented positives of only the anchors whose positive
+    arrived (None when none did: a rank under DDP that got none still takes the
+    positives' code path, to join its collectives); ``rows`` are those anchors'
+    row indices ``[P]`` and ``mask`` the same as a bool ``[B]``.
+    """
+
+    view: Tensor | None
+    rows: Tensor
+    mask: Tensor
 
 
 @dataclass
@@ -134,54 +154,108 @@ class ContrastiveMethod(nn.Module):
     def embed(self, x: Tensor) -> Tensor:
         return self.projector(self.backbone(x))
 
-    def forward(
-        self, v1: Tensor, v2: Tensor, v3: Tensor | None = None, mask: Tensor | None = None
-    ) -> StepLoss:
-        if v3 is not None and mask is None:
-            mask = torch.ones(v1.shape[0], dtype=torch.bool, device=v1.device)
-        if not self.uses_positives:
-            v3 = None
-        if v3 is None:
-            mask = torch.zeros(v1.shape[0], dtype=torch.bool, device=v1.device)
-        return self.step(v1, v2, v3, mask.to(v1.device))
+    def passes(self, fn: Callable[[Tensor], Tensor], *views: Tensor | None) -> list[Tensor | None]:
+        """``fn`` of each view: one pass per view, or with ``joint_forward`` one
+        pass over their concatenation, split back (BatchNorm in training mode then
+        normalises over all of them, as the authors' code does; docs/design.md §5).
+        A None view (no positive arrived) is passed over and comes back None."""
+        given = [v for v in views if v is not None]
+        if self.config.joint_forward and len(given) > 1:
+            outs = iter(fn(torch.cat(given)).split([v.shape[0] for v in given]))
+        else:
+            outs = iter([fn(v) for v in given])
+        return [None if v is None else next(outs) for v in views]
 
-    def step(self, v1: Tensor, v2: Tensor, v3: Tensor | None, mask: Tensor) -> StepLoss:
+    def forward(
+        self, v1: Tensor, v2: Tensor, v3: Tensor | None = None, present: Tensor | None = None
+    ) -> StepLoss:
+        """One step's loss. ``present`` says which anchors ``v3``'s rows belong to:
+        their row indices (long ``[P]``, ``v3`` is ``[P, ...]``), or a bool mask
+        ``[B]`` (``v3`` holds then either the P present rows or one row per anchor,
+        of which the missing ones are dropped unread); None: every anchor has one."""
+        return self.step(v1, v2, self._positives(v1, v3, present))
+
+    def _positives(self, v1: Tensor, v3: Tensor | None, present: Tensor | None) -> Positives | None:
+        if v3 is None or not self.uses_positives:
+            return None
+        n, dev = v1.shape[0], v1.device
+        if present is None:
+            present = torch.arange(v3.shape[0], device=dev)
+        present = present.to(dev)
+        if present.dtype == torch.bool:
+            if present.shape != (n,):
+                raise ValueError(f"the mask of positives needs {n} entries, got {present.shape}")
+            if v3.shape[0] == n:
+                v3 = v3[present]  # one row per anchor: the missing ones are never forwarded
+            present = present.nonzero().squeeze(1)
+        if v3.shape[0] != present.shape[0]:
+            raise ValueError(
+                f"{v3.shape[0]} positive views for {present.shape[0]} anchors with a positive"
+            )
+        if present.shape[0] == 1 and self.training and not self.config.joint_forward:
+            # A pass of its own over one image has no BatchNorm statistics: a lone
+            # positive is dropped, as if it had not arrived (docs/design.md §5).
+            v3, present = v3[:0], present[:0]
+        if present.shape[0] == 0 and world_size() == 1:
+            return None  # nothing to forward and no other rank to keep in step
+        mask = torch.zeros(n, dtype=torch.bool, device=dev).index_fill_(0, present, True)
+        return Positives(view=v3 if v3.shape[0] else None, rows=present, mask=mask)
+
+    def step(self, v1: Tensor, v2: Tensor, pos: Positives | None) -> StepLoss:
         raise NotImplementedError
 
-    def combine(self, base: Tensor, z1: Tensor, z3: Tensor | None, mask: Tensor) -> StepLoss:
+    @staticmethod
+    def scatter(z: Tensor | None, pos: Positives, like: Tensor) -> Tensor:
+        """The positives' embeddings ``[P, D]`` at their anchors' rows of a zero
+        ``[B, D]`` tensor shaped like ``like``, so that every rank gathers the same
+        shape whatever its count of positives (docs/design.md §5). Zero rows are
+        masked out by every loss. With no positive (a rank that got none) it is a
+        zero leaf that asks for a gradient, so the gather's backward, a
+        collective, still runs on that rank."""
+        full = like.detach().new_zeros(like.shape)
+        if z is None:
+            return full.requires_grad_(torch.is_grad_enabled())
+        return full.index_copy(0, pos.rows, z.to(full.dtype))
+
+    def combine(
+        self, base: Tensor, z1: Tensor, z3: Tensor | None, pos: Positives | None
+    ) -> StepLoss:
         """Similarity mode, or no positives: base + lambda * (2 - 2cos)."""
-        if z3 is None or self.config.clsp_mode != "similarity":
+        if pos is None or self.config.clsp_mode != "similarity":
             zero = base.new_zeros(())
             return StepLoss(loss=base, base=base.detach(), clsp=zero)
-        clsp = self._clsp_term(z1, z3, mask)
+        clsp = self._clsp_term(z1, self.scatter(z3, pos, z1), pos.mask)
         return StepLoss(
             loss=base + self.config.clsp_weight * clsp, base=base.detach(), clsp=clsp.detach()
         )
 
     @staticmethod
-    def _clsp_term(z1: Tensor, z3: Tensor, mask: Tensor) -> Tensor:
-        """The similarity term as the mean over the positives of *all* ranks.
+    def across_ranks(mean: Tensor, weight: Tensor) -> Tensor:
+        """This rank's share of a mean over *all* ranks, from its ``mean`` over
+        its own ``weight`` (a count of positives, or a sum of pair weights).
 
-        Ranks may receive different numbers of positives; DDP averages
-        gradients over W ranks, so rank r uses ``W * S_r / C`` (S_r its sum,
-        C the global count) and the average is exactly ``sum_r S_r / C``.
+        Ranks may receive different numbers of positives, none included; DDP
+        averages gradients over W ranks, so rank r uses ``W * S_r / C`` (S_r its
+        sum, C the weight of all ranks) and the average is exactly
+        ``sum_r S_r / C``.
         """
-        term = losses.clsp_similarity_term(z1, z3, mask)
         world = world_size()
         if world == 1:
-            return term
-        local = mask.sum().clamp(min=1).to(term.dtype)
-        total = all_reduce_sum(mask.sum().to(term.dtype)).clamp(min=1)
-        return term * local * world / total
+            return mean
+        weight = weight.detach().to(mean.dtype)
+        return mean * weight * world / all_reduce_sum(weight).clamp(min=1e-12)
+
+    def _clsp_term(self, z1: Tensor, z3: Tensor, mask: Tensor) -> Tensor:
+        """The similarity term as the mean over the positives of all ranks."""
+        return self.across_ranks(losses.clsp_similarity_term(z1, z3, mask), mask.sum())
 
     @staticmethod
-    def with_spread(
-        out: StepLoss, views: Sequence[Tensor], z3: Tensor | None, mask: Tensor
-    ) -> StepLoss:
+    def with_spread(out: StepLoss, views: Sequence[Tensor], z3: Tensor | None) -> StepLoss:
         """``out`` with the projection spread of this rank's step: the mean
-        ``z_std`` of the base views and that of the positives that arrived."""
+        ``z_std`` of the base views and that of the positives (``z3`` holds only
+        those that arrived; None when none did)."""
         spread = torch.stack([losses.z_std(z) for z in views]).mean()
-        positives = losses.z_std(z3, mask) if z3 is not None else None
+        positives = losses.z_std(z3) if z3 is not None else None
         return replace(out, z_std=spread, z_std_positives=positives)
 
     @torch.no_grad()
@@ -190,13 +264,13 @@ class ContrastiveMethod(nn.Module):
 
 
 class SimCLR(ContrastiveMethod):
-    def step(self, v1: Tensor, v2: Tensor, v3: Tensor | None, mask: Tensor) -> StepLoss:
+    def step(self, v1: Tensor, v2: Tensor, pos: Positives | None) -> StepLoss:
         tau = self.config.tau
-        z1, z2 = self.embed(v1), self.embed(v2)
-        z3 = self.embed(v3) if v3 is not None else None
+        z1, z2, z3 = self.passes(self.embed, v1, v2, pos.view if pos else None)
+        assert z1 is not None and z2 is not None
         g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
-        if z3 is not None and self.config.clsp_mode == "contrastive":
-            g3, gmask = gather_with_grad(z3), gather_nograd(mask)
+        if pos is not None and self.config.clsp_mode == "contrastive":
+            g3, gmask = gather_with_grad(self.scatter(z3, pos, z1)), gather_nograd(pos.mask)
             labels = torch.arange(g1.shape[0], device=g1.device)
             base = losses.multi_positive_nt_xent(
                 [g1, g2, g3[gmask]],
@@ -206,8 +280,8 @@ class SimCLR(ContrastiveMethod):
             )
             out = StepLoss(loss=base, base=base.detach(), clsp=base.new_zeros(()))
         else:
-            out = self.combine(losses.nt_xent(g1, g2, tau), z1, z3, mask)
-        return self.with_spread(out, [z1, z2], z3, mask)
+            out = self.combine(losses.nt_xent(g1, g2, tau), z1, z3, pos)
+        return self.with_spread(out, [z1, z2], z3)
 
 
 class FeatureQueue(nn.Module):
@@ -268,35 +342,43 @@ class MoCo(ContrastiveMethod):
         ):
             k.copy_(q)
 
-    def step(self, v1: Tensor, v2: Tensor, v3: Tensor | None, mask: Tensor) -> StepLoss:
+    def step(self, v1: Tensor, v2: Tensor, pos: Positives | None) -> StepLoss:
         tau = self.config.tau
-        q1, q2 = self.embed(v1), self.embed(v2)
-        k1, k2 = self.key_embed(v1), self.key_embed(v2)
+        v3 = pos.view if pos is not None else None
+        contrastive = pos is not None and self.config.clsp_mode == "contrastive"
+        # The positives go through the key encoder in contrastive mode (their key
+        # joins the query's positives), through the query encoder in similarity mode.
+        q1, q2, z3 = self.passes(self.embed, v1, v2, None if contrastive else v3)
+        k1, k2, k3 = self.passes(self.key_embed, v1, v2, v3 if contrastive else None)
+        assert q1 is not None and q2 is not None and k1 is not None and k2 is not None
         negatives = self.queue.items.clone()
-        z3: Tensor | None = None
-        if v3 is not None and self.config.clsp_mode == "contrastive":
-            k3 = z3 = self.key_embed(v3)
+        if contrastive:
+            assert pos is not None
+            z3 = k3
+            keys3 = self.scatter(k3, pos, k1).detach()
             w = torch.stack(
                 [
-                    torch.ones_like(mask, dtype=torch.float32),
-                    mask.float() * self.config.clsp_weight,
+                    torch.ones_like(pos.mask, dtype=torch.float32),
+                    pos.mask.float() * self.config.clsp_weight,
                 ],
                 dim=1,
             )
             base = 0.5 * (
-                losses.multi_positive_infonce(q1, torch.stack([k2, k3], 1), negatives, tau, w)
-                + losses.multi_positive_infonce(q2, torch.stack([k1, k3], 1), negatives, tau, w)
+                losses.multi_positive_infonce(q1, torch.stack([k2, keys3], 1), negatives, tau, w)
+                + losses.multi_positive_infonce(q2, torch.stack([k1, keys3], 1), negatives, tau, w)
             )
+            # A mean over this rank's weights, which differ between ranks with
+            # their counts of positives: made the mean over all ranks' weights.
+            base = self.across_ranks(base, w.sum())
             out = StepLoss(loss=base, base=base.detach(), clsp=base.new_zeros(()))
         else:
             base = 0.5 * (
                 losses.infonce(q1, k2, negatives, tau) + losses.infonce(q2, k1, negatives, tau)
             )
-            z3 = self.embed(v3) if v3 is not None else None
-            out = self.combine(base, q1, z3, mask)
+            out = self.combine(base, q1, z3, pos)
         if self.training:
             self.queue.push(gather_nograd(k1))
-        return self.with_spread(out, [q1, q2], z3, mask)
+        return self.with_spread(out, [q1, q2], z3)
 
 
 class NNCLR(ContrastiveMethod):
@@ -310,19 +392,22 @@ class NNCLR(ContrastiveMethod):
         self.predictor = predictor_mlp(config.proj_dim, config.pred_hidden_dim)
         self.support = FeatureQueue(config.queue_size, config.proj_dim)
 
-    def step(self, v1: Tensor, v2: Tensor, v3: Tensor | None, mask: Tensor) -> StepLoss:
+    def step(self, v1: Tensor, v2: Tensor, pos: Positives | None) -> StepLoss:
         tau = self.config.tau
-        z1, z2 = self.embed(v1), self.embed(v2)
-        p1, p2 = self.predictor(z1), self.predictor(z2)
+        contrastive = pos is not None and self.config.clsp_mode == "contrastive"
+        z1, z2, z3 = self.passes(self.embed, v1, v2, pos.view if pos else None)
+        assert z1 is not None and z2 is not None
+        # The positives' predictions are keys in contrastive mode only.
+        p1, p2, p3 = self.passes(self.predictor, z1, z2, z3 if contrastive else None)
+        assert p1 is not None and p2 is not None
         support = self.support.items
         nn1, _ = losses.nearest_neighbour(z1.detach(), support)
         nn2, _ = losses.nearest_neighbour(z2.detach(), support)
         g_nn1, g_nn2 = gather_nograd(nn1), gather_nograd(nn2)
         g_p1, g_p2 = gather_with_grad(p1), gather_with_grad(p2)
-        z3 = self.embed(v3) if v3 is not None else None
-        if z3 is not None and self.config.clsp_mode == "contrastive":
-            p3 = self.predictor(z3)
-            g_p3, gmask = gather_with_grad(p3), gather_nograd(mask)
+        if contrastive:
+            assert pos is not None
+            g_p3, gmask = gather_with_grad(self.scatter(p3, pos, p1)), gather_nograd(pos.mask)
             n = g_p1.shape[0]
             labels = torch.arange(n, device=g_p1.device)
             key_labels = torch.cat([labels, labels[gmask]])
@@ -343,10 +428,10 @@ class NNCLR(ContrastiveMethod):
             out = StepLoss(loss=base, base=base.detach(), clsp=base.new_zeros(()))
         else:
             base = 0.5 * (losses.nnclr_loss(g_nn1, g_p2, tau) + losses.nnclr_loss(g_nn2, g_p1, tau))
-            out = self.combine(base, z1, z3, mask)
+            out = self.combine(base, z1, z3, pos)
         if self.training:
             self.support.push(gather_nograd(z1))
-        return self.with_spread(out, [z1, z2], z3, mask)
+        return self.with_spread(out, [z1, z2], z3)
 
 
 def build_method(

@@ -47,6 +47,7 @@ from clsp_positives.trainer.evaluation import EvalResult, evaluate_backbone
 from clsp_positives.trainer.methods import ContrastiveMethod, MethodConfig, build_method
 
 if TYPE_CHECKING:  # the positives path (httpx) is imported only when a run uses it
+    from clsp_positives.trainer.positives.pending import PositivesBatch
     from clsp_positives.trainer.positives.prefetch import PositivesFeed
 
 log = logging.getLogger("clsp.train")
@@ -485,6 +486,28 @@ def _spread_sums(
     return [base, torch.nan_to_num(z_std_positives.double(), nan=0.0), defined]
 
 
+def positive_view(
+    positives: PositivesBatch, augment: BatchAugment, channels: int, *, keep_empty: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The third view of a step and the rows of its anchors (docs/design.md §5).
+
+    Only the positives that arrived are augmented and forwarded: a missing one is
+    never read, so it reaches neither the network nor its BatchNorm statistics.
+    With none arrived there is no third view, except under DDP (``keep_empty``):
+    there an empty view goes on, so that the method still joins its ranks'
+    collectives without forwarding anything.
+    """
+    rows = np.flatnonzero(np.asarray(positives.mask, dtype=bool))
+    if rows.size == 0 and not keep_empty:
+        return None, None
+    present = torch.from_numpy(rows).to(augment.device)
+    if rows.size == 0:
+        size = augment.size
+        return torch.empty(0, channels, *size, device=augment.device), present
+    images = np.ascontiguousarray(_match_channels(positives.images[rows], channels))
+    return augment(torch.from_numpy(images)), present
+
+
 def _run_epoch(
     epoch: int,
     config: TrainConfig,
@@ -511,18 +534,15 @@ def _run_epoch(
     started = time.perf_counter()
     with _progress(show, f"epoch {epoch + 1}/{config.epochs}", len(plan)) as tick:
         for step, indices in enumerate(plan.batches):
-            v3 = mask = None
+            v3 = present = None
             if feed is not None:
-                positives = feed.take(epoch, step)
-                # A batch with no positive costs no third view; under DDP every rank
-                # must still join the CLSP term's collective, so there it always runs.
-                if ctx.distributed or positives.mask.any():
-                    v3 = augment(torch.from_numpy(_match_channels(positives.images, channels)))
-                    mask = torch.from_numpy(np.asarray(positives.mask, dtype=bool)).to(dev)
+                v3, present = positive_view(
+                    feed.take(epoch, step), augment, channels, keep_empty=ctx.distributed
+                )
             images = torch.from_numpy(data.batch(indices).images)
             v1, v2 = augment(images), augment(images)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
-                out = model(v1, v2, v3, mask)
+                out = model(v1, v2, v3, present)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()

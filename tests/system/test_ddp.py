@@ -87,3 +87,23 @@ def test_torchrun_two_ranks_train_an_epoch_on_disjoint_shards(tmp_path: Path) ->
     assert state["model"]["queue.items"].shape[0] == 150
     assert int(state["model"]["queue.ptr"]) == 2 * 4 * 16
     assert len(state["rng"]) == 2 and state["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_ranks_with_different_counts_of_positives_none_forward_a_missing_one(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "missing.json"
+    _torchrun([str(REPO / "tests" / "support" / "ddp_missing_positives.py"), str(out)], tmp_path)
+    result = json.loads(out.read_text())
+    cases = {f"{n}/{m}" for n in ("simclr", "moco", "nnclr") for m in ("similarity", "contrastive")}
+    assert set(result["grads"]) == cases
+    assert max(result["grads"].values()) < 1e-5, result["grads"]
+    first, second = result["trained"]  # rank 0 (3 positives), rank 1 (none)
+    assert set(first) == {f"{c}/{p}" for c in cases for p in ("per-view", "joint")}
+    assert all(r["finite"] for rank in (first, second) for r in rank.values())
+    # Rank 1 forwarded no third view; rank 0 did, so its statistics differ, except
+    # with MoCo's contrastive mode, whose positives go through the key encoder only.
+    assert all(r["anchors_only_stats"] for r in second.values()), second
+    unmoved = {case for case, r in first.items() if r["anchors_only_stats"]}
+    assert unmoved == {"moco/contrastive/per-view", "moco/contrastive/joint"}, first

@@ -156,7 +156,39 @@ def test_every_step_reports_the_spread_of_its_projections(name: str, mode: str) 
     assert out.z_std is not None and 0.0 < out.z_std.item() < 2.0
     assert not out.z_std.requires_grad
     assert out.z_std_positives is not None and 0.0 < out.z_std_positives.item() < 2.0
+    two = method(v1, v2, v3, torch.tensor([True, False, False, False, False, True]))
+    assert two.z_std_positives is not None and torch.isfinite(two.z_std_positives)
+    method.eval()  # a lone positive is forwarded only outside training (see below)
     one = method(v1, v2, v3, torch.tensor([True, False, False, False, False, False]))
     assert one.z_std_positives is not None and torch.isnan(one.z_std_positives)
+    method.train()
     baseline = method(v1, v2)
     assert baseline.z_std is not None and baseline.z_std_positives is None
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco", "nnclr"])
+@pytest.mark.parametrize("mode", ["similarity", "contrastive"])
+def test_a_lone_positive_is_dropped_in_training_unless_the_pass_is_joint(
+    name: str, mode: str
+) -> None:
+    # BatchNorm in training mode has no statistics of a pass over one image.
+    v1, v2, v3 = _views()
+    lone = torch.tensor([False, False, False, True, False, False])
+    out = _method(name, clsp_weight=0.5, clsp_mode=mode)(v1, v2, v3, lone)
+    none = _method(name, clsp_weight=0.5, clsp_mode=mode)(v1, v2)
+    assert out.z_std_positives is None
+    assert out.loss.item() == pytest.approx(none.loss.item(), rel=1e-6)
+    joint = _method(name, clsp_weight=0.5, clsp_mode=mode, joint_forward=True)
+    kept = joint(v1, v2, v3, lone)
+    assert kept.z_std_positives is not None and torch.isnan(kept.z_std_positives)
+    if mode == "similarity":
+        assert kept.clsp.item() > 0
+
+
+def test_positive_views_must_match_their_anchors() -> None:
+    method = _method("simclr", clsp_weight=0.5)
+    v1, v2, v3 = _views()
+    with pytest.raises(ValueError, match="3 positive views for 2 anchors"):
+        method(v1, v2, v3[:3], torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match="6 entries"):
+        method(v1, v2, v3, torch.ones(5, dtype=torch.bool))
