@@ -408,9 +408,10 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
                 warning = None if collapse_warned else collapse_warning(record, config)
                 if warning is not None:
                     # Once per run: a collapsed projection rarely recovers, and the
-                    # epoch line keeps showing z_std.
+                    # epoch line keeps showing z_std. Through echo only, beside the
+                    # epoch lines: a logger record as well would print it twice on
+                    # the terminal (logging's last-resort handler writes to stderr).
                     collapse_warned = True
-                    log.warning(warning)
                     echo(f"warning: {warning}")
                     metrics.write(
                         {
