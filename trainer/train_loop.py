@@ -160,21 +160,14 @@ def _open_positives(
             "--clsp-weight > 0 needs synthetic positives: pass --positives URL[,URL...] "
             "or --positives-npy FILE (or set --clsp-weight 0 for the baseline)"
         )
-    from clsp_positives.proto.params import GenerationParams
     from clsp_positives.trainer.positives.prefetch import PositivesFeed, Prefetcher
     from clsp_positives.trainer.positives.sources import build_source
 
-    params = GenerationParams(
-        interpolation_weight=config.interpolation_weight,
-        steps=config.gen_steps,
-        eta=config.gen_eta,
-        method=config.gen_method,
-    )
     source = build_source(
         config.positives,
         offline_npy=config.positives_npy,
         token=config.token,
-        params=params,
+        params=config.generation_params(),
         timeout_s=config.positives_timeout_s,
     )
     prefetcher = Prefetcher(
