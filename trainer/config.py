@@ -249,5 +249,6 @@ class TrainConfig(BaseModel):
         )
 
     def stored(self) -> dict[str, Any]:
-        """The config as checkpoints keep it: never the bearer token."""
-        return self.model_dump(exclude={"token"})
+        """The config as checkpoints and ``DIR/config.yaml`` keep it: resolved, so a
+        run rebuilds the same model after a default changes, and never the bearer token."""
+        return self.resolved().model_dump(exclude={"token"})

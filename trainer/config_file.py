@@ -106,7 +106,7 @@ def merged(file_options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any
 
 def config_text(config: TrainConfig, path: str | Path) -> str:
     """``config`` resolved (``TrainConfig.resolved``), as YAML without the token."""
-    data = config.resolved().stored()
+    data = config.stored()
     header = _HEADER.format(path=path)
     try:
         import yaml

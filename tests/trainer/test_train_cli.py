@@ -178,6 +178,14 @@ def test_a_checkpoint_that_says_candidates_still_loads() -> None:
     assert TrainConfig(**old).k == 3
 
 
+def test_a_checkpoint_keeps_the_values_its_defaults_resolved_to() -> None:
+    """A default that changes later must not rebuild a stored run differently."""
+    stored = TrainConfig(method="moco").stored()
+    assert stored["proj_dim"] == TrainConfig(method="moco").resolved_proj_dim()
+    assert stored["temperature"] is not None and stored["lr"] is not None
+    assert TrainConfig(**stored).resolved() == TrainConfig(**stored)
+
+
 def test_generation_defaults_and_bounds_are_the_wire_contracts() -> None:
     from pydantic import ValidationError
 
