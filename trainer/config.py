@@ -53,7 +53,6 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "moco": MethodDefaults(temperature=0.2, proj_hidden_dim=4096, proj_dim=256, queue_size=32768),
     "nnclr": MethodDefaults(temperature=0.2, proj_hidden_dim=2048, proj_dim=256, queue_size=65536),
 }
-DEFAULT_TEMPERATURE = {name: d.temperature for name, d in METHOD_DEFAULTS.items()}
 _SHOWN_NAMES = {"simclr": "SimCLR", "moco": "MoCo", "nnclr": "NNCLR"}
 
 

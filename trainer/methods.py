@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from clsp_positives.trainer import losses
 from clsp_positives.trainer.backbones import predictor_mlp, projection_mlp
 from clsp_positives.trainer.config import (
-    DEFAULT_TEMPERATURE,
     METHOD_DEFAULTS,
     ClspMode,
     MethodName,
@@ -103,7 +102,8 @@ class MethodConfig:
 
     @property
     def tau(self) -> float:
-        return self.temperature if self.temperature is not None else DEFAULT_TEMPERATURE[self.name]
+        assert self.temperature is not None  # filled from METHOD_DEFAULTS in __post_init__
+        return self.temperature
 
 
 @dataclass(frozen=True)
