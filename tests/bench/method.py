@@ -79,12 +79,28 @@ ARMS: dict[str, Arm] = {
         Arm("w0-contrastive", "w0", "contrastive"),
         Arm("clsp-contrastive-joint", "clsp", "contrastive", joint=True),
         Arm("baseline-joint", None, joint=True),
+        Arm("clip-contrastive", "clip", "contrastive"),
     )
 }
 BASELINE = "baseline"
-GENERATED_BANKS = {"clsp": None, "w0": 0.0}
-"""Banks made by the generator, by name: their interpolation weight (None: ``--interpolation-
-weight``, the authors' 0.1)."""
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """A bank the generator makes: its interpolation weight (None: ``--interpolation-weight``,
+    the authors' 0.1) and whether x0 is clipped to [-1, 1] inside the loop. The authors' loop
+    does not clip; ``clip`` serves a copy of the model whose scheduler config clips, with
+    ``sampling="model"``, so it differs from the ``clsp`` bank in that alone (docs/method.md)."""
+
+    weight: float | None
+    clip: bool = False
+
+
+GENERATED_BANKS = {
+    "clsp": BankSpec(None),
+    "w0": BankSpec(0.0),
+    "clip": BankSpec(None, clip=True),
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -190,18 +206,33 @@ def ensure_ddpm(
 # ------------------------------------------------------------------ banks
 
 
-def bank_params(args: argparse.Namespace, weight: float) -> Any:
-    """The authors' generation settings (docs/method.md): DDIM, eta 0, their sampling loop."""
+def bank_params(args: argparse.Namespace, spec: BankSpec) -> Any:
+    """The authors' generation settings (docs/method.md): DDIM, eta 0, their sampling loop
+    (for a ``clip`` bank: the model's config, which is theirs with clipping)."""
     from clsp_positives.proto.params import GenerationParams
 
+    weight = args.interpolation_weight if spec.weight is None else spec.weight
     return GenerationParams(
         interpolation_weight=float(weight),
         steps=args.gen_steps,
         eta=0.0,
         method="ddim",
-        sampling="authors",
+        sampling="model" if spec.clip else "authors",
         k=args.k,
     )
+
+
+def clipping_copy(model_dir: Path, out: Path) -> Path:
+    """``model_dir`` with the authors' scheduler settings plus x0 clipping (a copy in ``out``)."""
+    from clsp_positives.service.sampling.schedule import authors_config
+
+    target = out / "ddpm-clip"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(model_dir, target)
+    config_path = target / "scheduler" / "scheduler_config.json"
+    config = authors_config(json.loads(config_path.read_text()))
+    config_path.write_text(json.dumps({**config, "clip_sample": True}, indent=2) + "\n")
+    return target
 
 
 def bank_path(out: Path, name: str, key: dict[str, Any]) -> Path:
@@ -268,40 +299,63 @@ def generated_banks(
 ) -> dict[str, dict[str, Any]]:
     """The generator's banks: reused when complete (``--reuse``), else made through one
     ``clsp serve`` on ``model_dir`` (started only when something is missing)."""
-    from clsp_positives.demo import ServiceProcess
     from clsp_positives.service.sampling.model import load_model
 
     fingerprint = load_model(model_dir).fingerprint
     banks: dict[str, dict[str, Any]] = {}
     for name in names:
-        weight = GENERATED_BANKS[name]
-        params = bank_params(args, args.interpolation_weight if weight is None else weight)
+        spec = GENERATED_BANKS[name]
+        params = bank_params(args, spec)
         meta = {
             "dataset": args.dataset,
             "split": "train",
             "shape": [len(images), args.k, *images.shape[1:]],
             "params": json.loads(params.canonical()),
             "model": fingerprint,
+            **({"clip_sample": True} if spec.clip else {}),
         }
         path = bank_path(args.out, name, meta)
         if not args.reuse:
             remove_bank(path)
-        banks[name] = {"path": path, "params": params, "meta": meta, "seconds": None}
+        banks[name] = {
+            "path": path,
+            "params": params,
+            "meta": meta,
+            "seconds": None,
+            "clip": spec.clip,
+        }
     missing = [n for n, b in banks.items() if not bank_complete(b["path"])]
     for name in set(banks) - set(missing):
         timing = timing_path(banks[name]["path"])
         if timing.is_file():
             banks[name]["seconds"] = json.loads(timing.read_text())["seconds"]
         say(f"bank {name}: reusing {banks[name]['path']}")
-    if not missing:
-        return banks
+    for clip in sorted({banks[n]["clip"] for n in missing}):
+        served = clipping_copy(model_dir, args.out) if clip else model_dir
+        todo = [n for n in missing if banks[n]["clip"] == clip]
+        _serve_banks(args, served, banks, todo, images, threads, say)
+    return banks
+
+
+def _serve_banks(
+    args: argparse.Namespace,
+    model_dir: Path,
+    banks: dict[str, dict[str, Any]],
+    names: Sequence[str],
+    images: np.ndarray,
+    threads: int,
+    say: Callable[[str], None],
+) -> None:
+    """Make ``names``' banks through one ``clsp serve`` on ``model_dir``."""
+    from clsp_positives.demo import ServiceProcess
+
     service = ServiceProcess(
         model_dir, log_path=args.out / "service.log", device=args.device, threads=threads
     )
     try:
         service.start()
-        say(f"clsp serve on {service.url} (model {fingerprint[:12]})")
-        for name in missing:
+        say(f"clsp serve on {service.url} ({model_dir})")
+        for name in names:
             bank = banks[name]
             seconds = generate_bank(service.url, images, bank["params"], bank["path"], bank["meta"])
             bank["seconds"] = seconds
@@ -314,7 +368,6 @@ def generated_banks(
             )
     finally:
         service.stop()
-    return banks
 
 
 def oracle_bank(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
