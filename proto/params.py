@@ -35,7 +35,7 @@ def integral_floats_to_int(value: Any) -> Any:
 
 Method = Literal["ddim", "ddpm"]
 CacheMode = Literal["use", "refresh", "bypass"]
-Sampling = Literal["authors", "model"]
+Sampling = Literal["authors", "authors-clipped", "model"]
 
 DEFAULT_SAMPLING: Sampling = "authors"
 """The sampling mode of a service not told otherwise (``ServiceSettings.sampling``):
@@ -67,8 +67,10 @@ class GenerationParams(BaseModel):
     sampling: Sampling | None = Field(
         None,
         description="authors: the CLSP authors' loop (trailing timesteps, no x0 clipping, "
-        "fixed_large DDPM variance); model: the model's scheduler config as written; "
-        "null: the service's default (GET /v1/model shows it).",
+        "fixed_large DDPM variance); authors-clipped: that loop with x0 clipped to [-1, 1] "
+        "at every step (small models diverge without it: docs/performance.md); model: the "
+        "model's scheduler config as written; null: the service's default (GET /v1/model "
+        "shows it).",
     )
     k: int | None = Field(
         None,

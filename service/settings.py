@@ -53,7 +53,8 @@ class ServiceSettings(BaseModel):
     sampling: Sampling = Field(
         DEFAULT_SAMPLING,
         description="Sampling of requests that do not choose: authors (the CLSP authors' "
-        "loop, whatever the model's scheduler config says) or model (that config as written).",
+        "loop, whatever the model's scheduler config says), authors-clipped (that loop with "
+        "x0 clipped, for small models) or model (that config as written).",
     )
     max_batch: int = Field(64, ge=1, description="Most items in one sampler call.")
     max_wait_ms: float = Field(

@@ -24,7 +24,7 @@ from clsp_positives.proto.messages import ModelInfo
 from clsp_positives.proto.params import DEFAULT_SAMPLING, GenerationParams, Sampling
 from clsp_positives.service.sampling.model import LoadedModel, load_model, public_config
 from clsp_positives.service.sampling.sampler import CLSPSampler, sampler_path
-from clsp_positives.service.sampling.schedule import SamplingPlan, authors_config, sampling_plan
+from clsp_positives.service.sampling.schedule import SamplingPlan, sampling_config, sampling_plan
 from clsp_positives.service.sampling.unet_split import UNetSplit
 
 DTYPES: dict[str, torch.dtype] = {
@@ -194,18 +194,17 @@ class PositivesGenerator:
         """The sampling plan of one parameter group (``GenerationParams.group()``), cached.
 
         ``sampling="authors"`` plans under ``authors_config`` of the model's scheduler
-        config, ``"model"`` under the config as written (docs/design.md §1).
+        config, ``"model"`` under the config as written, ``"authors-clipped"`` under
+        the authors' config with x0 clipping (``schedule.SAMPLING_OVERRIDES``;
+        docs/design.md §1).
         """
-        if sampling not in ("authors", "model"):
-            raise GeneratorInputError(f"sampling must be authors or model, got {sampling!r}")
+        try:
+            config = sampling_config(self.scheduler_config, sampling)
+        except ValueError as exc:
+            raise GeneratorInputError(str(exc)) from None
         key = (method, int(steps), float(eta), sampling)
         plan = self._plans.get(key)
         if plan is None:
-            config = (
-                authors_config(self.scheduler_config)
-                if sampling == "authors"
-                else self.scheduler_config
-            )
             plan = sampling_plan(config, method=method, steps=steps, eta=key[2])
             self._plans[key] = plan
         return plan

@@ -82,13 +82,33 @@ after the last step (it returns x0), no x0 clipping inside the loop, and beta_t
 as the DDPM step's variance."""
 
 
+SAMPLING_OVERRIDES: dict[str, dict[str, Any]] = {
+    "authors": AUTHORS_OVERRIDES,
+    # The authors' loop with x0 clipped inside it: small, briefly trained models
+    # (ours on a CPU) predict x0 far outside [-1, 1] at the first, noisiest steps
+    # and a share of their samples then diverge to noise (docs/performance.md).
+    "authors-clipped": {**AUTHORS_OVERRIDES, "clip_sample": True},
+    "model": {},
+}
+"""What each sampling mode (``GenerationParams.sampling``) changes in the model's config."""
+
+
 def authors_config(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with ``AUTHORS_OVERRIDES``: the plan of the authors' loop (docs/design.md §1).
 
     Betas, ``num_train_timesteps`` and the prediction type stay the model's: they
     describe how it was trained; the overridden keys only say how to sample it.
     """
-    return {**config, **AUTHORS_OVERRIDES}
+    return sampling_config(config, "authors")
+
+
+def sampling_config(config: dict[str, Any], sampling: str) -> dict[str, Any]:
+    """``config`` as the sampling mode ``sampling`` plans it (docs/design.md §1)."""
+    if sampling not in SAMPLING_OVERRIDES:
+        raise ValueError(
+            f"sampling must be one of {', '.join(SAMPLING_OVERRIDES)}, got {sampling!r}"
+        )
+    return {**config, **SAMPLING_OVERRIDES[sampling]}
 
 
 def check_scheduler_config(config: dict[str, Any]) -> None:

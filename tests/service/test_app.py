@@ -175,9 +175,13 @@ def test_the_sampling_mode_is_resolved_keyed_and_answered(service, client, redis
     assert authors.cache_hit.tolist() == [1]
     _, model = post_positives(client, anchors, {**PARAMS, "sampling": "model"}, token=TOKEN)
     assert model.params.sampling == "model" and model.cache_hit.tolist() == [0]
+    _, clipped = post_positives(
+        client, anchors, {**PARAMS, "sampling": "authors-clipped"}, token=TOKEN
+    )
+    assert clipped.params.sampling == "authors-clipped" and clipped.cache_hit.tolist() == [0]
     fp = _fingerprint(client)
     canon = canonical_anchors(anchors)[0]
-    for mode in ("authors", "model"):
+    for mode in ("authors", "authors-clipped", "model"):
         key = positive_key(fp, GenerationParams(**PARAMS, sampling=mode), canon, 0)
         assert redis_server.command("EXISTS", entry_name(fp, key)).strip() == b":1"
 

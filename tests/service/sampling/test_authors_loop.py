@@ -24,7 +24,7 @@ from clsp_positives.service.ddpm import presets
 from clsp_positives.service.sampling import noise
 from clsp_positives.service.sampling.generator import PositivesGenerator
 from clsp_positives.service.sampling.sampler import CLSPSampler
-from clsp_positives.service.sampling.schedule import authors_config, sampling_plan
+from clsp_positives.service.sampling.schedule import authors_config, sampling_config, sampling_plan
 from clsp_positives.service.sampling.unet_split import Encoded, UNetSplit
 from tests.support.models import scheduler_config, tiny_unet
 
@@ -52,8 +52,12 @@ def authors_loop(
     steps: int,
     method: str,
     eta: float = 0.0,
+    clip: bool = False,
 ) -> torch.Tensor:
-    """The authors' loop: trailing grid, no x0 clipping, alpha_bar 1 after the last step."""
+    """The authors' loop: trailing grid, no x0 clipping, alpha_bar 1 after the last step.
+
+    ``clip``: x0 clamped to [-1, 1] before the update, eps kept as predicted (the
+    ``authors-clipped`` mode)."""
     num_train = MODEL_CONFIG["num_train_timesteps"]
     abar = _alpha_bar(MODEL_CONFIG)
     stride = num_train // steps
@@ -73,6 +77,8 @@ def authors_loop(
             h = w * own.h + (1 - w) * anchor.h
             eps = split.decode(Encoded(h, own.skips), emb, tt)
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+            if clip:
+                x0 = x0.clamp(-1, 1)
             z = noise.normal(seeds, 2 + 2 * i, SHAPE)
             if method == "ddim":
                 sigma = eta * math.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
@@ -109,6 +115,24 @@ def test_authors_sampling_equals_the_authors_loop(
         torch.full((3,), w),
     )
     assert (as_model - want).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize(("method", "eta"), [("ddim", 0.1), ("ddpm", 0.0)])
+def test_authors_clipped_sampling_equals_the_loop_with_clipping(
+    split: UNetSplit, method: str, eta: float
+) -> None:
+    g = torch.Generator().manual_seed(11)
+    # Anchors beyond [-1, 1] push x0 out of range, so the clipping is exercised.
+    anchors = (torch.rand((3, *SHAPE), generator=g) * 2 - 1) * 3
+    seeds = torch.randint(0, 2**62, (3,), generator=g, dtype=torch.int64)
+    want = authors_loop(split, anchors, seeds, 0.1, steps=STEPS, method=method, eta=eta, clip=True)
+    unclipped = authors_loop(split, anchors, seeds, 0.1, steps=STEPS, method=method, eta=eta)
+    plan = sampling_plan(
+        sampling_config(MODEL_CONFIG, "authors-clipped"), method=method, steps=STEPS, eta=eta
+    )
+    got = CLSPSampler(split)(plan, anchors, seeds, torch.full((3,), 0.1))
+    assert (got - want).abs().max().item() <= 1e-4
+    assert (unclipped - want).abs().max().item() > 1e-3
 
 
 def test_authors_plan_is_the_trailing_grid_ending_in_x0() -> None:
