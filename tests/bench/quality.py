@@ -20,6 +20,8 @@ budget, batch 64, EMA 0.999 with warm-up.
 
     .venv/bin/python tests/bench/quality.py --out quality.json            # 10 CPU minutes
     .venv/bin/python tests/bench/quality.py --minutes 1 --anchors 50      # quick look
+    .venv/bin/python tests/bench/quality.py --model-dir runs/ddpm-digits \
+        --skip-train --sampling authors-clipped                           # same model, clipped
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ import platform
 import sys
 import tempfile
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from clsp_positives.proto.params import Sampling
 
 WEIGHTS = (0.1, 1.0)
 
@@ -72,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--anchors", type=int, default=200)
     p.add_argument("--steps", type=int, default=50, help="DDIM sampling steps")
     p.add_argument("--eta", type=float, default=0.1)
+    p.add_argument(
+        "--sampling",
+        default="authors",
+        choices=typing.get_args(Sampling),
+        help="sampling mode (docs/design.md §1); the seeds are the same in every mode",
+    )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -197,6 +208,7 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                 steps=args.steps,
                 eta=args.eta,
                 method="ddim",
+                sampling=args.sampling,
             ).astype(np.float32)
             / 255.0
             for s in seeds
@@ -228,7 +240,12 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     }
     return {
         "anchors": n,
-        "sampler": {"method": "ddim", "steps": args.steps, "eta": args.eta},
+        "sampler": {
+            "method": "ddim",
+            "steps": args.steps,
+            "eta": args.eta,
+            "sampling": args.sampling,
+        },
         "classifier_accuracy_on_real_test": real_acc,
         "results": rows,
         "ratio_logreg": lo["rate_logreg"] / max(hi["rate_logreg"], 1e-9),
