@@ -286,6 +286,7 @@ _IMPORT_NAMES = {
     "pillow": "PIL",
     "tqdm": "tqdm",
     "httpx": "httpx",
+    "pyyaml": "yaml",
     "scikit-learn": "sklearn",
 }
 _IN_BASE_IMAGE = {"torch", "torchvision", "triton"}
