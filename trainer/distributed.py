@@ -59,8 +59,14 @@ def init_distributed(device: str | None = None) -> DistributedContext:
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(*, wait_for_peers: bool = True) -> None:
+    """Leave the process group. gloo aborts a rank (``std::terminate``) whose
+    peer tears the group down while it is still connected, so a clean exit
+    first waits for every rank; after an error the peers may never arrive, so
+    that exit does not wait."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -287,9 +287,12 @@ def train(config: TrainConfig, *, echo: Any = print) -> TrainResult:
     """Run ``clsp train``: returns the final evaluation and the per-epoch records."""
     ctx = init_distributed(config.device)
     try:
-        return _train(config, ctx, echo)
-    finally:
-        shutdown_distributed()
+        result = _train(config, ctx, echo)
+    except BaseException:
+        shutdown_distributed(wait_for_peers=False)
+        raise
+    shutdown_distributed()
+    return result
 
 
 def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResult:

@@ -24,7 +24,6 @@ from torch import nn
 
 from clsp_positives.trainer.backbones import build_backbone
 from clsp_positives.trainer.distributed import (
-    barrier,
     gather_objects,
     init_distributed,
     shutdown_distributed,
@@ -126,7 +125,6 @@ def main() -> None:
     if ctx.is_main:
         with open(out_path, "w") as f:
             json.dump({"grads": worst, "trained": per_rank}, f)
-    barrier()  # both ranks leave together: gloo aborted a rank torn down mid-exchange
     shutdown_distributed()
 
 
