@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from clsp_positives.proto.params import Sampling
+
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # tests.bench.*, when run as a script
     sys.path.insert(0, str(REPO))
@@ -88,18 +90,17 @@ BASELINE = "baseline"
 @dataclass(frozen=True)
 class BankSpec:
     """A bank the generator makes: its interpolation weight (None: ``--interpolation-weight``,
-    the authors' 0.1) and whether x0 is clipped to [-1, 1] inside the loop. The authors' loop
-    does not clip; ``clip`` serves a copy of the model whose scheduler config clips, with
-    ``sampling="model"``, so it differs from the ``clsp`` bank in that alone (docs/method.md)."""
+    the authors' 0.1) and its sampling mode. ``clip`` differs from ``clsp`` only in x0 being
+    clipped to [-1, 1] inside the loop (``authors-clipped``, docs/design.md §1)."""
 
     weight: float | None
-    clip: bool = False
+    sampling: Sampling = "authors"
 
 
 GENERATED_BANKS = {
     "clsp": BankSpec(None),
     "w0": BankSpec(0.0),
-    "clip": BankSpec(None, clip=True),
+    "clip": BankSpec(None, "authors-clipped"),
 }
 
 
@@ -207,8 +208,7 @@ def ensure_ddpm(
 
 
 def bank_params(args: argparse.Namespace, spec: BankSpec) -> Any:
-    """The authors' generation settings (docs/method.md): DDIM, eta 0, their sampling loop
-    (for a ``clip`` bank: the model's config, which is theirs with clipping)."""
+    """The authors' generation settings (docs/method.md): DDIM, eta 0, the bank's sampling."""
     from clsp_positives.proto.params import GenerationParams
 
     weight = args.interpolation_weight if spec.weight is None else spec.weight
@@ -217,22 +217,9 @@ def bank_params(args: argparse.Namespace, spec: BankSpec) -> Any:
         steps=args.gen_steps,
         eta=0.0,
         method="ddim",
-        sampling="model" if spec.clip else "authors",
+        sampling=spec.sampling,
         k=args.k,
     )
-
-
-def clipping_copy(model_dir: Path, out: Path) -> Path:
-    """``model_dir`` with the authors' scheduler settings plus x0 clipping (a copy in ``out``)."""
-    from clsp_positives.service.sampling.schedule import authors_config
-
-    target = out / "ddpm-clip"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(model_dir, target)
-    config_path = target / "scheduler" / "scheduler_config.json"
-    config = authors_config(json.loads(config_path.read_text()))
-    config_path.write_text(json.dumps({**config, "clip_sample": True}, indent=2) + "\n")
-    return target
 
 
 def bank_path(out: Path, name: str, key: dict[str, Any]) -> Path:
@@ -312,7 +299,6 @@ def generated_banks(
             "shape": [len(images), args.k, *images.shape[1:]],
             "params": json.loads(params.canonical()),
             "model": fingerprint,
-            **({"clip_sample": True} if spec.clip else {}),
         }
         path = bank_path(args.out, name, meta)
         if not args.reuse:
@@ -322,7 +308,6 @@ def generated_banks(
             "params": params,
             "meta": meta,
             "seconds": None,
-            "clip": spec.clip,
         }
     missing = [n for n, b in banks.items() if not bank_complete(b["path"])]
     for name in set(banks) - set(missing):
@@ -330,10 +315,8 @@ def generated_banks(
         if timing.is_file():
             banks[name]["seconds"] = json.loads(timing.read_text())["seconds"]
         say(f"bank {name}: reusing {banks[name]['path']}")
-    for clip in sorted({banks[n]["clip"] for n in missing}):
-        served = clipping_copy(model_dir, args.out) if clip else model_dir
-        todo = [n for n in missing if banks[n]["clip"] == clip]
-        _serve_banks(args, served, banks, todo, images, threads, say)
+    if missing:
+        _serve_banks(args, model_dir, banks, missing, images, threads, say)
     return banks
 
 
