@@ -40,6 +40,16 @@ from typing import Any
 import numpy as np
 
 from clsp_positives.proto.params import Sampling
+from clsp_positives.trainer.positive_quality import (
+    Probe,
+    between_candidates,
+    class_kept,
+    default_classifier,
+    fraction_all_differ,
+    min_to_anchor,
+    pixels,
+    to_anchor,
+)
 
 WEIGHTS = (0.1, 1.0)
 
@@ -151,12 +161,12 @@ def train_model(
 
 
 def classifiers(train_x: np.ndarray, train_y: np.ndarray) -> dict[str, Any]:
-    """Two classifiers on real digits; a positive 'keeps its class' per each of them."""
-    from sklearn.linear_model import LogisticRegression
+    """Two classifiers on real digits; a positive 'keeps its class' per each of them.
+    The logistic regression is ``clsp calibrate``'s probe (trainer/positive_quality.py)."""
     from sklearn.svm import SVC
 
     return {
-        "logreg": LogisticRegression(max_iter=5000).fit(train_x, train_y),
+        "logreg": default_classifier().fit(train_x, train_y),
         "svc_rbf": SVC().fit(train_x, train_y),
     }
 
@@ -172,10 +182,9 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     train_set = load_images("digits", split="train", size=16, channels=1)
     test_set = load_images("digits", split="test", size=16, channels=1)
-    flat = train_set.images.reshape(len(train_set), -1) / 255.0
-    clfs = classifiers(flat, train_set.labels)
-    test_flat = test_set.images.reshape(len(test_set), -1) / 255.0
-    real_acc = {k: float((c.predict(test_flat) == test_set.labels).mean()) for k, c in clfs.items()}
+    fitted = classifiers(pixels(train_set.images), train_set.labels)
+    probes = {name: Probe(c) for name, c in fitted.items()}
+    real_acc = {k: class_kept(p, test_set.images, test_set.labels) for k, p in probes.items()}
 
     # Anchors: the first N test images (a fixed, stratified-by-construction sample).
     n = min(args.anchors, len(test_set))
@@ -214,21 +223,16 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
             for s in seeds
         ]
         seconds = time.perf_counter() - t0
-        p0 = cands[0]
-        row: dict[str, Any] = {
-            f"rate_{k}": float((c.predict(p0.reshape(n, -1)) == labels).mean())
-            for k, c in clfs.items()
-        }
+        p0, both = cands[0], np.stack(cands, axis=1)  # [N, H, W, C], [N, 2, H, W, C]
+        row: dict[str, Any] = {f"rate_{k}": class_kept(p, p0, labels) for k, p in probes.items()}
         # Candidate 1 as a second draw: the rate over both candidates is less noisy.
-        for k, c in clfs.items():
-            both = np.concatenate([x.reshape(n, -1) for x in cands])
-            row[f"rate_{k}_2cand"] = float((c.predict(both) == np.tile(labels, 2)).mean())
-        row["mean_abs_to_anchor"] = float(np.abs(p0 - anchors01).mean())
-        row["min_abs_to_anchor"] = float(np.abs(p0 - anchors01).mean(axis=(1, 2, 3)).min())
-        row["mean_abs_between_candidates"] = float(np.abs(cands[0] - cands[1]).mean())
-        row["fraction_candidates_differ"] = float(
-            (np.abs(cands[0] - cands[1]).max(axis=(1, 2, 3)) > 0).mean()
-        )
+        for k, p in probes.items():
+            row[f"rate_{k}_2cand"] = class_kept(p, both, labels)
+        # Distances to the anchor are candidate 0's, as they always were.
+        row["mean_abs_to_anchor"] = to_anchor(p0[:, None], anchors01)
+        row["min_abs_to_anchor"] = min_to_anchor(p0[:, None], anchors01)
+        row["mean_abs_between_candidates"] = between_candidates(both)
+        row["fraction_candidates_differ"] = fraction_all_differ(both)
         row["sampling_seconds"] = round(seconds, 1)
         rows[f"w={w}"] = row
     lo, hi = rows["w=0.1"], rows["w=1.0"]
