@@ -1,4 +1,5 @@
-"""Sub-commands of the training side: ``train``, ``eval``, ``generate`` and ``checkpoint``."""
+"""Sub-commands of the training side: ``train``, ``eval``, ``generate``, ``calibrate`` and
+``checkpoint``."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from clsp_positives.trainer import checkpoint_cli, generate_cli, train_cli
+    from clsp_positives.trainer import calibrate_cli, checkpoint_cli, generate_cli, train_cli
 
     train_cli.register(app)
     generate_cli.register(app)
+    calibrate_cli.register(app)
     checkpoint_cli.register(app)

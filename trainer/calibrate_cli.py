@@ -1,0 +1,351 @@
+"""``clsp calibrate``: measure a grid of interpolation weights and step counts against a
+running pool on held-out labelled images, and recommend one, before a training run
+spends GPU-days on a guess (docs/design.md §1; the logic is trainer/calibrate.py).
+
+It talks to the pool exactly as ``clsp generate`` does (``--positives``, the token from
+``CLSP_API_TOKEN``), and the generation options it shares with ``clsp train`` (the data
+set's folder, the token, ``--gen-eta``, ``--gen-method``, ``--gen-sampling``) are generated
+from ``TrainConfig``, so their names, defaults and allowed values are
+``GenerationParams``'s own (docs/design.md §8). The recommendation is printed as the
+``clsp train`` flags to use.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+
+from clsp_positives.options import describe_errors, with_model_options
+from clsp_positives.proto.auth import TOKEN_ENV
+from clsp_positives.proto.messages import ModelInfo
+from clsp_positives.proto.params import GenerationParams
+from clsp_positives.trainer.config import TrainConfig
+
+SHARED = ("data_root", "download", "token", "gen_eta", "gen_method", "gen_sampling")
+"""``TrainConfig`` fields that are ``clsp calibrate`` options too."""
+
+
+@with_model_options(TrainConfig, SHARED, envvars={"token": TOKEN_ENV})
+def calibrate(
+    dataset: str = typer.Option(
+        ...,
+        "--dataset",
+        help="digits, digits-photos, cifar10, cifar100, stl10 or an image folder (class "
+        "sub-folders); its labels are needed.",
+    ),
+    positives: str = typer.Option(
+        ..., "--positives", help="Generation pool: URL[,URL...] or dns+http://HOST:PORT."
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="Directory for calibration.json and calibration.png."
+    ),
+    weights: str = typer.Option(
+        "0,0.1,0.2,0.3,0.5,1.0", "--weights", help="Interpolation weights to try, comma-separated."
+    ),
+    steps: str = typer.Option("25,50,100", "--steps", help="Step counts to try, comma-separated."),
+    anchors: int = typer.Option(
+        200,
+        "--anchors",
+        min=1,
+        help="Held-out labelled images (the test split) to make positives of.",
+    ),
+    k: int = typer.Option(
+        2, "--k", min=2, help="Candidates per anchor (2 or more: diversity compares them)."
+    ),
+    min_class_kept: float = typer.Option(
+        0.85,
+        "--min-class-kept",
+        min=0.0,
+        max=1.0,
+        help="The recommendation is the most diverse setting whose positives keep the anchor's "
+        "class at least this often.",
+    ),
+    budget: Optional[float] = typer.Option(
+        None,
+        "--budget",
+        min=0.0,
+        help="Seconds for the grid; it runs fewest steps first, and the settings left when the "
+        "budget is spent are skipped (default: no limit).",
+    ),
+    features: Optional[str] = typer.Option(
+        None,
+        "--features",
+        help="module:function taking uint8 [N, H, W, C] images and returning [N, D] float "
+        "features; the class probe reads those instead of raw pixels.",
+    ),
+    probe_images: int = typer.Option(
+        5000,
+        "--probe-images",
+        min=2,
+        help="The probe is fit on at most this many training images (a fixed random sample).",
+    ),
+    image_size: Optional[int] = typer.Option(
+        None, "--image-size", "--size", help="Image side (default: the model's sample size)."
+    ),
+    channels: Optional[int] = typer.Option(
+        None, "--channels", help="1 or 3 (default: the model's)."
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Anchors per request."),
+    timeout_s: float = typer.Option(600.0, "--timeout-s", help="Longest wait for one request."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    *,
+    given: dict[str, Any],
+) -> None:
+    """Choose the interpolation weight and steps: class kept vs diversity over a grid."""
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from clsp_positives.trainer import calibrate as cal
+    from clsp_positives.trainer.calibrate_plot import write_plot
+    from clsp_positives.trainer.positive_quality import class_kept, fit_probe, load_features
+    from clsp_positives.trainer.positives.client import PoolClient, PoolError
+
+    try:
+        config = TrainConfig.model_validate(given)
+    except ValidationError as exc:
+        raise typer.BadParameter(describe_errors(exc)) from None
+    try:
+        settings = cal.grid(cal.parse_weights(weights), cal.parse_steps(steps))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None  # the message names the option
+    try:
+        extractor = load_features(features) if features else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--features") from None
+
+    try:
+        client = PoolClient(positives, token=config.token, timeout_s=timeout_s)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--positives") from None
+    try:
+        info = _pool_model(client, positives, image_size, channels)
+        model_shape = f"{info.sample_size}x{info.sample_size}x{info.channels}"
+        base = _base_params(config, k, info.max_k)
+        data = _held_out(dataset, anchors, probe_images, info.sample_size, info.channels, config)
+        anchor_images, labels = data["anchors"], data["labels"]
+        try:
+            probe = fit_probe(data["probe_images"], data["probe_labels"], features=extractor)
+            probe_accuracy = class_kept(probe, anchor_images, labels)
+        except ValueError as exc:  # a feature extractor returning the wrong shape
+            raise typer.BadParameter(str(exc), param_hint="--features") from None
+        # The service's own mode stands in for "not given": the file says what made the
+        # positives (docs/design.md §1).
+        sampling = base.resolved(info.sampling).sampling
+        run = {
+            "dataset": dataset,
+            "anchors": len(anchor_images),
+            "anchor_source": data["source"],
+            "anchor_indices": data["indices"].tolist(),
+            "probe_images": len(data["probe_images"]),
+            "probe": "features " + features if features else "raw pixels, logistic regression",
+            "k": k,
+            "eta": base.eta,
+            "method": base.method,
+            "weights": sorted({s.interpolation_weight for s in settings}),
+            "steps": sorted({s.steps for s in settings}),
+            "budget_s": budget,
+            "min_class_kept": min_class_kept,
+            "pool": positives,
+        }
+        typer.echo(
+            f"{dataset}: {len(anchor_images)} held-out anchors ({data['source']}), probe fit on "
+            f"{len(data['probe_images'])} training images is right on {probe_accuracy:.3f} of "
+            f"them; model {info.fingerprint} ({model_shape}), sampling {sampling}, k = {k}"
+        )
+
+        def save(rows: list[cal.Row], complete: bool) -> None:
+            chosen = cal.recommend(rows, min_class_kept, probe_accuracy)
+            payload = cal.results(
+                rows=rows,
+                recommendation=chosen,
+                probe_accuracy=probe_accuracy,
+                model=info.model_dump(mode="json"),
+                sampling=str(sampling),
+                run=run,
+                complete=complete,
+            )
+            cal.write_results(out, payload)
+
+        fetch = cal.pool_fetch(client, anchor_images, base, batch_size)
+        done: list[cal.Row] = []
+        with tqdm(
+            total=len(settings), unit="setting", disable=not progress, desc="calibrate"
+        ) as bar:
+
+            def measure_one(setting: cal.Setting) -> cal.Row:
+                bar.set_postfix_str(f"w={setting.interpolation_weight:g} steps={setting.steps}")
+                return cal.measure(setting, fetch, probe, anchor_images, labels)
+
+            def on_row(row: cal.Row) -> None:
+                done.append(row)
+                save(done, complete=False)
+                bar.update(1)
+
+            try:
+                rows = cal.run_grid(
+                    settings, measure_one, budget_s=budget, clock=time.monotonic, on_row=on_row
+                )
+            except PoolError as exc:
+                hint = " (lower --batch-size)" if "cost_too_high" in str(exc) else ""
+                typer.echo(
+                    f"clsp calibrate: {exc}{hint}; {len(done)} setting(s) measured so far are "
+                    f"in {out / cal.RESULTS_NAME}",
+                    err=True,
+                )
+                raise typer.Exit(1) from None
+        chosen = cal.recommend(rows, min_class_kept, probe_accuracy)
+        save(rows, complete=True)
+        png = write_plot(
+            rows,
+            out / cal.PLOT_NAME,
+            min_class_kept=min_class_kept,
+            probe_accuracy=probe_accuracy,
+            recommended=None
+            if chosen is None
+            else cal.Setting(chosen.interpolation_weight, chosen.steps),
+            title=f"clsp calibrate: {dataset}, model {info.fingerprint}, k = {k}, {sampling}",
+        )
+        typer.echo(
+            cal.format_table(
+                rows,
+                None if chosen is None else cal.Setting(chosen.interpolation_weight, chosen.steps),
+            )
+        )
+        typer.echo(f"class kept by the probe on the real anchors: {probe_accuracy:.3f}")
+        typer.echo(chosen.text if chosen else "no setting was measured")
+        typer.echo(f"wrote {out / cal.RESULTS_NAME} and {png}")
+    finally:
+        client.close()
+
+
+def _pool_model(
+    client: Any, positives: str, image_size: int | None, channels: int | None
+) -> ModelInfo:
+    """The pool's ``GET /v1/model``, checked against the image options given."""
+    from pydantic import ValidationError
+
+    from clsp_positives.trainer.positives.client import PoolError
+
+    try:
+        info = ModelInfo.model_validate(client.model_info())
+    except (PoolError, ValidationError) as exc:
+        raise typer.BadParameter(
+            f"no generator of {positives} answered GET /v1/model ({exc})",
+            param_hint="--positives",
+        ) from None
+    shape = f"{info.sample_size}x{info.sample_size}x{info.channels}"
+    if image_size is not None and image_size != info.sample_size:
+        raise typer.BadParameter(
+            f"{image_size} differs from the pool's model ({shape}); leave it out or give "
+            f"{info.sample_size}",
+            param_hint="--image-size",
+        )
+    if channels is not None and channels != info.channels:
+        raise typer.BadParameter(
+            f"{channels} differs from the pool's model ({shape})", param_hint="--channels"
+        )
+    return info
+
+
+def _base_params(config: TrainConfig, k: int, max_k: int) -> GenerationParams:
+    """The generation params every setting shares: the options' eta, method and sampling,
+    ``k`` candidates, and the cache bypassed, so that positives per second is what the
+    pool generates, and held-out images never fill a cache meant for training."""
+    from pydantic import ValidationError
+
+    try:
+        return GenerationParams.model_validate(
+            {**config.generation_params(k=k).model_dump(), "cache": "bypass"},
+            context={"max_k": max_k},
+        )
+    except ValidationError:  # eta, method and sampling passed TrainConfig: only k is left
+        raise typer.BadParameter(
+            f"{k} is above the pool's limit of {max_k} candidates per anchor", param_hint="--k"
+        ) from None
+
+
+def _held_out(
+    dataset: str,
+    anchors: int,
+    probe_images: int,
+    size: int,
+    channels: int,
+    config: TrainConfig,
+) -> dict[str, Any]:
+    """The probe's training images and the held-out anchors, as the model sees them.
+
+    The anchors come from the test split and the probe learns from the train split, so
+    the probe's accuracy on the anchors is an honest ceiling. A folder without ``train``
+    and ``test`` sub-folders has one split only: the anchors are then held out of it.
+    Raises typer.BadParameter naming the option to change.
+    """
+    from clsp_positives.images import load_images
+    from clsp_positives.trainer.calibrate import held_out_indices
+
+    def load(split: str) -> Any:
+        return load_images(
+            dataset,
+            split=split,
+            size=size,
+            channels=channels,
+            root=config.data_root,
+            download=config.download,
+        )
+
+    try:
+        train, test = load("train"), load("test")
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--dataset") from None
+    if (train.labels < 0).any() or (test.labels < 0).any():
+        raise typer.BadParameter(
+            f"{dataset} has unlabelled images; calibration needs a labelled set",
+            param_hint="--dataset",
+        )
+    if len(np.unique(train.labels)) < 2:
+        raise typer.BadParameter(
+            f"{dataset} has fewer than 2 classes: a class probe needs labelled images of "
+            "several classes (one sub-folder per class)",
+            param_hint="--dataset",
+        )
+    # A folder without train/ and test/ loads the same images for both splits: half of
+    # them at most are held out, the rest teach the probe.
+    same = train.images.shape == test.images.shape and np.array_equal(train.images, test.images)
+    pool_images, pool_labels = test.images, test.labels
+    most = len(pool_images) // 2 if same else len(pool_images)
+    if anchors > most:
+        raise typer.BadParameter(
+            f"{dataset} can hold out {most} labelled images; ask for at most {most}",
+            param_hint="--anchors",
+        )
+    chosen = held_out_indices(len(pool_images), anchors)
+    if same:
+        rest = np.setdiff1d(np.arange(len(train)), chosen)
+        probe_x, probe_y = train.images[rest], train.labels[rest]
+        source = "held out of the only split"
+    else:
+        probe_x, probe_y = train.images, train.labels
+        source = "test split"
+    if len(probe_x) > probe_images:
+        keep = held_out_indices(len(probe_x), probe_images)
+        probe_x, probe_y = probe_x[keep], probe_y[keep]
+    if len(np.unique(probe_y)) < 2:
+        raise typer.BadParameter(
+            f"the probe's {len(probe_x)} training images hold one class only; raise --probe-images",
+            param_hint="--probe-images",
+        )
+    return {
+        "anchors": pool_images[chosen],
+        "labels": pool_labels[chosen],
+        "probe_images": probe_x,
+        "probe_labels": probe_y,
+        "source": source,
+        "indices": chosen,
+    }
+
+
+def register(app: typer.Typer) -> None:
+    app.command("calibrate")(calibrate)
