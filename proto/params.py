@@ -8,7 +8,7 @@ caller did not ask for.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -36,6 +36,7 @@ def integral_floats_to_int(value: Any) -> Any:
 Method = Literal["ddim", "ddpm"]
 CacheMode = Literal["use", "refresh", "bypass"]
 Sampling = Literal["authors", "authors-clipped", "model"]
+Interpolate = Literal["bottleneck", "bottleneck+low-skips"]
 
 DEFAULT_SAMPLING: Sampling = "authors"
 """The sampling mode of a service not told otherwise (``ServiceSettings.sampling``):
@@ -71,6 +72,13 @@ class GenerationParams(BaseModel):
         "at every step (small models diverge without it: docs/performance.md); model: the "
         "model's scheduler config as written; null: the service's default (GET /v1/model "
         "shows it).",
+    )
+    interpolate: Interpolate = Field(
+        "bottleneck",
+        description="What of the anchor's encoding enters the candidate: bottleneck: the "
+        "bottleneck alone (the paper); bottleneck+low-skips: also the skip tensors at the "
+        "bottleneck's resolution, which keeps the anchor's class far more often with small "
+        "models (docs/method.md).",
     )
     k: int | None = Field(
         None,
@@ -126,7 +134,9 @@ class GenerationParams(BaseModel):
         select and route, they do not change a positive, and eta enters as
         ``sampler_eta``. The sampling mode always enters, so positives made
         under the model's own scheduler config are never served for the
-        authors' loop, nor the other way round (docs/design.md §7).
+        authors' loop, nor the other way round (docs/design.md §7). ``interpolate``
+        enters only when it is not the paper's ``bottleneck``, so the keys of every
+        positive cached before that option existed stay valid.
         """
         fields: dict[str, Any] = {
             # + 0.0 folds -0.0 into 0.0: the same sampler, so the same key
@@ -137,13 +147,32 @@ class GenerationParams(BaseModel):
         }
         if self.sampler_eta is not None:
             fields["eta"] = self.sampler_eta
+        if self.interpolate != "bottleneck":
+            fields["interpolate"] = self.interpolate
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
-    def group(self) -> tuple[int, float, str, Sampling]:
-        """``(steps, eta, method, sampling)`` of the sampler call: items may share one
-        call only when this tuple is equal (the interpolation weight may differ per item)."""
+    def group(self) -> SamplerGroup:
+        """The settings of the sampler call: items may share one call only when these
+        are equal (the interpolation weight may differ per item)."""
         eta = self.sampler_eta
-        return (self.steps, 0.0 if eta is None else eta, self.method, self.sampler_sampling)
+        return SamplerGroup(
+            steps=self.steps,
+            eta=0.0 if eta is None else eta,
+            method=self.method,
+            sampling=self.sampler_sampling,
+            interpolate=self.interpolate,
+        )
+
+
+class SamplerGroup(NamedTuple):
+    """``GenerationParams.group()``: the keyword arguments of one sampler call
+    (``PositivesGenerator.sample(..., **group._asdict())``)."""
+
+    steps: int
+    eta: float
+    method: Method
+    sampling: Sampling
+    interpolate: Interpolate
 
 
 def parse_params(raw: Any, *, max_k: int = DEFAULT_MAX_K) -> GenerationParams:

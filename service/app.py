@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -37,6 +37,7 @@ from clsp_positives.proto.messages import (
     ResponseArrays,
 )
 from clsp_positives.proto.openapi import build_openapi
+from clsp_positives.proto.params import SamplerGroup
 from clsp_positives.service.batcher import Batcher, BatcherClosed, BatchStats, Item, QueueFull
 from clsp_positives.service.cache import PositivesCache, build_cache, cache_secret
 from clsp_positives.service.metrics import ServiceMetrics, route_label
@@ -184,17 +185,9 @@ class PositivesService:
         keys: list[bytes],
         interpolation_weights: np.ndarray,
     ) -> np.ndarray:
-        steps, eta, method, sampling = group  # GenerationParams.group()
+        call = cast(SamplerGroup, group)  # GenerationParams.group(): the batcher's group
         warm = len(self.generator.paths_run)  # one worker thread: nothing else samples now
-        images = self.generator.sample_keyed(
-            anchors,
-            keys,
-            interpolation_weights,
-            steps=steps,
-            eta=eta,
-            method=method,
-            sampling=sampling,
-        )
+        images = self.generator.sample_keyed(anchors, keys, interpolation_weights, **call._asdict())
         if len(self.generator.paths_run) > warm:
             self.metrics.cold_calls.inc()
             log.warning("a sampler call paid for a path the warm-up did not run")

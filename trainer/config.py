@@ -15,7 +15,7 @@ from pydantic.fields import FieldInfo
 
 from clsp_positives.options import DEFAULT_TEXT
 from clsp_positives.proto.auth import TOKEN_ENV
-from clsp_positives.proto.params import GenerationParams, Method, Sampling
+from clsp_positives.proto.params import GenerationParams, Interpolate, Method, Sampling
 
 
 def _shown(text: str) -> dict[str, Any]:
@@ -169,6 +169,7 @@ class TrainConfig(BaseModel):
     gen_eta: float = _generation("eta")
     gen_method: Method = _generation("method")
     gen_sampling: Sampling | None = _generation("sampling")
+    gen_interpolate: Interpolate = _generation("interpolate")
     collapse_z_std: float = Field(
         0.2,
         ge=0,
@@ -244,6 +245,7 @@ class TrainConfig(BaseModel):
             eta=self.gen_eta,
             method=self.gen_method,
             sampling=self.gen_sampling,
+            interpolate=self.gen_interpolate,
             k=k,
         )
 

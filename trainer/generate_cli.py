@@ -28,7 +28,8 @@ from clsp_positives.trainer.positives.offline import (
 )
 
 SHARED = ("data_root", "download", "token", "k")
-SHARED += ("interpolation_weight", "gen_steps", "gen_eta", "gen_method")
+SHARED += ("interpolation_weight", "gen_steps", "gen_eta", "gen_method", "gen_sampling")
+SHARED += ("gen_interpolate",)
 """``TrainConfig`` fields that are ``clsp generate`` options too."""
 
 

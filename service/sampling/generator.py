@@ -21,7 +21,12 @@ import torch
 
 from clsp_positives.proto.keys import canonical_anchors, positive_keys, seed_from_key, unit_to_uint8
 from clsp_positives.proto.messages import ModelInfo
-from clsp_positives.proto.params import DEFAULT_SAMPLING, GenerationParams, Sampling
+from clsp_positives.proto.params import (
+    DEFAULT_SAMPLING,
+    GenerationParams,
+    Interpolate,
+    Sampling,
+)
 from clsp_positives.service.sampling.model import LoadedModel, load_model, public_config
 from clsp_positives.service.sampling.sampler import CLSPSampler, sampler_path
 from clsp_positives.service.sampling.schedule import SamplingPlan, sampling_config, sampling_plan
@@ -229,6 +234,7 @@ class PositivesGenerator:
         eta: float,
         method: str,
         sampling: Sampling = DEFAULT_SAMPLING,
+        interpolate: Interpolate = "bottleneck",
     ) -> np.ndarray:
         """Positives uint8 ``[M, H, W, C]`` for float32 anchors ``[M, C, H, W]`` in [-1, 1],
         int64 seeds ``[M]`` and interpolation weights ``[M]`` in [0, 1]."""
@@ -266,7 +272,7 @@ class PositivesGenerator:
                 )
         path = (sampler_path(weights_t), len(weights_t) if self.compiled else None)
         with self._lock:
-            x = self._sampler(plan, anchors_t, seeds_t, weights_t)
+            x = self._sampler(plan, anchors_t, seeds_t, weights_t, interpolate=interpolate)
             images = x[:m].permute(0, 2, 3, 1).cpu().numpy()
             self.paths_run.add(path)
         return unit_to_uint8(images)
@@ -281,6 +287,7 @@ class PositivesGenerator:
         eta: float,
         method: str,
         sampling: Sampling = DEFAULT_SAMPLING,
+        interpolate: Interpolate = "bottleneck",
     ) -> np.ndarray:
         """``sample`` with each item's seed derived from its key (``seed_from_key``).
 
@@ -296,6 +303,7 @@ class PositivesGenerator:
             eta=eta,
             method=method,
             sampling=sampling,
+            interpolate=interpolate,
         )
 
     def keys(
@@ -328,16 +336,7 @@ class PositivesGenerator:
         self.check_anchors(canon)
         keys = positive_keys(self.fingerprint, params, canon, self._candidates(candidates, canon))
         interpolation_weights = np.full(len(canon), params.interpolation_weight, np.float32)
-        steps, eta, method, sampling = params.group()
-        return self.sample_keyed(
-            canon,
-            keys,
-            interpolation_weights,
-            steps=steps,
-            eta=eta,
-            method=method,
-            sampling=sampling,
-        )
+        return self.sample_keyed(canon, keys, interpolation_weights, **params.group()._asdict())
 
     def warmup(self, *, steps: int = 2, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run every sampler path once per batch size, so no request pays a first call.

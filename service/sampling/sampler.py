@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from clsp_positives.proto.params import Interpolate
 from clsp_positives.service.sampling import ops
 from clsp_positives.service.sampling.noise import STREAM_INITIAL, anchor_stream, step_stream
 from clsp_positives.service.sampling.schedule import SamplingPlan
@@ -38,6 +39,29 @@ def sampler_path(interpolation_weights: torch.Tensor) -> str:
     paths run different shapes and kernels, so each pays its own first call.
     """
     return PLAIN_PATH if bool((interpolation_weights == 1).all()) else ANCHOR_PATH
+
+
+def mix_encodings(
+    enc: Encoded, n: int, interpolation_weights: torch.Tensor, interpolate: Interpolate
+) -> Encoded:
+    """The candidates' encoding (rows ``:n`` of ``[candidates; anchors]``) with the
+    anchors' (rows ``n:``) mixed in: ``w*candidate + (1-w)*anchor`` per sample.
+
+    ``bottleneck`` mixes the bottleneck alone, as the paper does: the decoder then
+    works from the candidate's skips, which with a small UNet carry enough of
+    the candidate's own shape to change the class. ``bottleneck+low-skips`` also
+    mixes the skip tensors at the bottleneck's resolution (docs/design.md §1,
+    measured in docs/method.md); the finer skips stay the candidate's.
+    """
+    h = ops.bottleneck_lerp(enc.h[:n], enc.h[n:], interpolation_weights)
+    low = enc.h.shape[-2:]
+    skips = tuple(
+        ops.bottleneck_lerp(s[:n], s[n:], interpolation_weights)
+        if interpolate == "bottleneck+low-skips" and s.shape[-2:] == low
+        else s[:n]
+        for s in enc.skips
+    )
+    return Encoded(h, skips)
 
 
 class CLSPSampler:
@@ -83,12 +107,15 @@ class CLSPSampler:
         anchors: torch.Tensor,
         seeds: torch.Tensor,
         interpolation_weights: torch.Tensor,
+        *,
+        interpolate: Interpolate = "bottleneck",
     ) -> torch.Tensor:
         """Positives ``[N, C, H, W]`` float32 in [-1, 1].
 
         ``anchors`` float32 ``[N, C, H, W]`` in [-1, 1]; ``seeds`` int64 ``[N]``;
         ``interpolation_weights`` float ``[N]`` (1 = plain sampling, 0 = only the
-        anchor's bottleneck).
+        anchor's bottleneck); ``interpolate``: what of the anchor's encoding is
+        mixed in (``mix_encodings``).
         """
         n = anchors.shape[0]
         device = self.device
@@ -115,8 +142,7 @@ class CLSPSampler:
                     )
                     # Both paths in one encoder call: [candidates; anchors].
                     enc = self.encode(self._to_model(torch.cat([x, a_t])), emb)
-                    h = ops.bottleneck_lerp(enc.h[:n], enc.h[n:], interpolation_weights)
-                    enc = Encoded(h, tuple(s[:n] for s in enc.skips))
+                    enc = mix_encodings(enc, n, interpolation_weights, interpolate)
                     out = self.decode(enc, emb[:n], t[:n])
                 else:
                     out = self.decode(self.encode(self._to_model(x), emb), emb, t)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from clsp_positives.proto import DEFAULT_MAX_K, GenerationParams, ProtocolError, parse_params
 
-ALLOWED = "cache, eta, interpolation_weight, k, method, sampling, steps"
+ALLOWED = "cache, eta, interpolate, interpolation_weight, k, method, sampling, steps"
 
 
 def refused(raw: object, *words: str, max_k: int = DEFAULT_MAX_K) -> ProtocolError:
@@ -161,15 +161,31 @@ def test_canonical_and_group() -> None:
         "steps": 50,
         "eta": 0.3,
     }
-    assert ddim.group() == (50, 0.3, "ddim", "authors")
+    assert ddim.group() == (50, 0.3, "ddim", "authors", "bottleneck")
     # the weight may differ within one sampler call; ddpm ignores eta
     assert GenerationParams(steps=50, eta=0.3, interpolation_weight=0.9).group() == ddim.group()
-    assert GenerationParams(method="ddpm", eta=0.7).group() == (100, 0.0, "ddpm", "authors")
+    assert GenerationParams(method="ddpm", eta=0.7).group() == (
+        100,
+        0.0,
+        "ddpm",
+        "authors",
+        "bottleneck",
+    )
     assert "eta" not in json.loads(GenerationParams(method="ddpm").canonical())
     # the sampling mode: None counts as the default, and always enters key and group
     model = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5, sampling="model")
     assert json.loads(model.canonical())["sampling"] == "model"
-    assert model.group() == (50, 0.3, "ddim", "model")
+    assert model.group() == (50, 0.3, "ddim", "model", "bottleneck")
     assert ddim.resolved("model") == model and model.resolved("authors") is model
     with pytest.raises(ValidationError):
         GenerationParams(sampling="diffusers")
+    # interpolate: in key and group only when not the paper's bottleneck, so the keys of
+    # positives cached before the option existed are unchanged
+    low = ddim.model_copy(update={"interpolate": "bottleneck+low-skips"})
+    assert json.loads(low.canonical()) == {
+        **json.loads(ddim.canonical()),
+        "interpolate": "bottleneck+low-skips",
+    }
+    assert low.group() != ddim.group() and low.group().interpolate == "bottleneck+low-skips"
+    with pytest.raises(ProtocolError, match="interpolate"):
+        parse_params({"interpolate": "everything"})

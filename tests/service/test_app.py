@@ -186,6 +186,22 @@ def test_the_sampling_mode_is_resolved_keyed_and_answered(service, client, redis
         assert redis_server.command("EXISTS", entry_name(fp, key)).strip() == b":1"
 
 
+def test_low_skips_interpolation_is_keyed_and_answered(service, client, redis_server):
+    anchors = anchors_u8(1, seed=370)
+    _, plain = post_positives(client, anchors, PARAMS, token=TOKEN)
+    low_params = {**PARAMS, "interpolate": "bottleneck+low-skips"}
+    _, low = post_positives(client, anchors, low_params, token=TOKEN)
+    assert low.params.interpolate == "bottleneck+low-skips" and low.cache_hit.tolist() == [0]
+    assert np.abs(low.positives.astype(int) - plain.positives.astype(int)).max() > 1
+    _, again = post_positives(client, anchors, low_params, token=TOKEN)
+    assert again.cache_hit.tolist() == [1] and np.array_equal(again.positives, low.positives)
+    fp = _fingerprint(client)
+    key = positive_key(
+        fp, GenerationParams(**low_params, sampling="authors"), canonical_anchors(anchors)[0], 0
+    )
+    assert redis_server.command("EXISTS", entry_name(fp, key)).strip() == b":1"
+
+
 def test_refresh_regenerates_and_bypass_neither_reads_nor_writes(service, client, redis_server):
     anchors = anchors_u8(3, seed=400)
     _, first = post_positives(client, anchors, PARAMS, token=TOKEN)

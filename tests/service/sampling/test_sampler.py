@@ -13,12 +13,12 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
 from clsp_positives.service.sampling import noise
-from clsp_positives.service.sampling.sampler import CLSPSampler
+from clsp_positives.service.sampling.sampler import CLSPSampler, mix_encodings
 from clsp_positives.service.sampling.schedule import (
     UnsupportedSchedulerError,
     sampling_plan,
 )
-from clsp_positives.service.sampling.unet_split import UNetSplit
+from clsp_positives.service.sampling.unet_split import Encoded, UNetSplit
 from tests.support.models import scheduler_config, tiny_unet
 
 SHAPE = (1, 16, 16)
@@ -156,6 +156,42 @@ def test_interpolation_uses_the_anchor(sampler: CLSPSampler) -> None:
     assert torch.equal(w1[0], w1[1])  # w = 1 ignores the anchor
     assert (w0[0] - w1[0]).abs().max().item() > 0.05
     assert (w01[0] - w01[1]).abs().max().item() > 0.05  # different anchors -> different positives
+
+
+def test_low_skips_mix_only_the_skips_at_the_bottleneck_resolution() -> None:
+    n, w = 3, torch.tensor([0.0, 0.25, 1.0])
+    h = torch.randn(2 * n, 8, 4, 4)
+    skips = (
+        torch.randn(2 * n, 4, 16, 16),
+        torch.randn(2 * n, 8, 8, 8),
+        torch.randn(2 * n, 8, 4, 4),
+    )
+    enc = Encoded(h, skips)
+    lerp = lambda t: w.view(-1, 1, 1, 1) * t[:n] + (1 - w.view(-1, 1, 1, 1)) * t[n:]  # noqa: E731
+    plain = mix_encodings(enc, n, w, "bottleneck")
+    low = mix_encodings(enc, n, w, "bottleneck+low-skips")
+    for mixed in (plain, low):
+        torch.testing.assert_close(mixed.h, lerp(h))
+        assert [torch.equal(a, b[:n]) for a, b in zip(mixed.skips[:2], skips[:2], strict=True)] == [
+            True,
+            True,
+        ]  # the finer skips stay the candidate's
+    assert torch.equal(plain.skips[2], skips[2][:n])
+    torch.testing.assert_close(low.skips[2], lerp(skips[2]))
+    assert torch.equal(low.skips[2][2], skips[2][2])  # w = 1: the candidate's own
+
+
+def test_low_skips_change_positives_below_w1_only(sampler: CLSPSampler) -> None:
+    anchors, seeds = _inputs(4, seed=6)
+    plan = sampling_plan(scheduler_config(), method="ddim", steps=6, eta=0.1)
+    weights = torch.tensor([0.0, 0.1, 0.5, 1.0])
+    plain = sampler(plan, anchors, seeds, weights)
+    low = sampler(plan, anchors, seeds, weights, interpolate="bottleneck+low-skips")
+    assert torch.equal(plain[3], low[3])  # w = 1 mixes nothing in either mode
+    for j in range(3):
+        assert (plain[j] - low[j]).abs().max().item() > 1e-3
+    # the anchor's low skips pull the positive towards the anchor at w = 0
+    assert (low[0] - anchors[0]).abs().mean() < (plain[0] - anchors[0]).abs().mean()
 
 
 def test_candidates_of_one_anchor_differ(sampler: CLSPSampler) -> None:
