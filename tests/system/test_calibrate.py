@@ -1,0 +1,134 @@
+"""``clsp calibrate`` as a user runs it: a real ``clsp serve`` with the tiny model and a
+real Redis, the command in its own process, and its numbers checked against positives
+the test asks the same pool for itself.
+
+The tiny model has random weights, so what its positives look like says nothing about
+the method: w = 0 is not reliably closer to the anchor than w = 1 with it (measured: 0.525
+against 0.524 mean distance at 2 steps). What must hold with any model is the determinism
+contract (docs/design.md §2): the same (model, params, anchor, candidate index) gives the
+same image, so every number in calibration.json can be recomputed from positives fetched
+independently, and a wrong anchor, label, weight or step count sent by the command would
+not match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from clsp_positives.images import load_images
+from clsp_positives.proto.params import GenerationParams
+from clsp_positives.trainer.positive_quality import class_kept, diversity, fit_probe
+from clsp_positives.trainer.positives.client import PoolClient
+from tests.support.servers import RedisServer, ServerProcess, free_port
+
+ANCHORS, K, STEPS = 20, 2, 3
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir: Path, redis_server: RedisServer) -> Iterator[ServerProcess]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "clsp_positives.cli", "serve", "--model", str(tiny_model_dir),
+        "--redis", redis_server.url, "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "CLSP_WARMUP_STEPS": "1"}
+    with ServerProcess(cmd, port, health_path="/readyz", env=env) as server:
+        yield server
+
+
+def clsp(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "clsp_positives.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+
+
+def test_calibrate_measures_the_grid_through_the_pool(service: ServerProcess, tmp_path: Path):
+    out = tmp_path / "cal"
+    done = clsp(
+        "calibrate", "--dataset", "digits", "--positives", service.url, "--out", str(out),
+        "--weights", "1,0", "--steps", str(STEPS), "--anchors", str(ANCHORS), "--k", str(K),
+        "--gen-sampling", "authors-clipped", "--min-class-kept", "0.99", "--no-progress",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["complete"] is True
+    assert report["sampling"] == "authors-clipped"
+    model = httpx.get(service.url + "/v1/model", timeout=10).json()
+    assert report["model"]["fingerprint"] == model["fingerprint"]
+    rows = report["rows"]
+    assert [(r["interpolation_weight"], r["steps"], r["status"]) for r in rows] == [
+        (1.0, STEPS, "measured"),
+        (0.0, STEPS, "measured"),
+    ]
+
+    # The anchors: held-out test images, recorded by index; the probe: fit on the train split.
+    train = load_images("digits", split="train")
+    test = load_images("digits", split="test")
+    index = np.asarray(report["run"]["anchor_indices"])
+    assert len(index) == ANCHORS and len(set(index.tolist())) == ANCHORS
+    anchors, labels = test.images[index], test.labels[index]
+    probe = fit_probe(train.images, train.labels)
+    assert report["probe_accuracy"] == class_kept(probe, anchors, labels)
+
+    # Every number again, from positives the test fetches itself with the same params.
+    with PoolClient(service.url) as pool:
+        for r in rows:
+            params = GenerationParams(
+                interpolation_weight=r["interpolation_weight"],
+                steps=STEPS,
+                k=K,
+                sampling="authors-clipped",
+                cache="bypass",
+            )
+            candidates = pool.positives(anchors, None, params).positives
+            d = diversity(candidates, anchors)
+            assert r["class_kept"] == class_kept(probe, candidates, labels)
+            assert r["between_candidates"] == d.between_candidates
+            assert r["to_anchor"] == d.to_anchor
+            assert r["fraction_all_differ"] == d.fraction_all_differ == 1.0
+            assert r["positives"] == ANCHORS * K and r["cache_hits"] == 0
+            assert r["positives_per_s"] > 0
+    assert rows[0]["between_candidates"] != rows[1]["between_candidates"]  # w reached the pool
+
+    # The recommendation follows the rule: nothing keeps 99% of the classes here, so the
+    # best class kept is named and the text says the target was missed.
+    recommendation = report["recommendation"]
+    best = max(rows, key=lambda r: (r["class_kept"], r["between_candidates"]))
+    assert recommendation["interpolation_weight"] == best["interpolation_weight"]
+    assert recommendation["reached_target"] is False
+    assert "no setting reached class kept >= 0.99" in done.stdout
+    assert "between cands" in done.stdout and "positives/s" in done.stdout
+
+    with Image.open(out / "calibration.png") as img:
+        img.load()
+        assert img.format == "PNG" and img.size == (720, 520)
+
+
+def test_bad_options_are_refused_with_the_option_named(service: ServerProcess, tmp_path: Path):
+    base = ["calibrate", "--dataset", "digits", "--out", str(tmp_path / "x"), "--no-progress"]
+    weight = clsp(*base, "--positives", service.url, "--weights", "0,1.5")
+    assert weight.returncode == 2
+    assert "--weights" in weight.stderr and "less than or equal to 1" in weight.stderr
+    size = clsp(*base, "--positives", service.url, "--image-size", "32")
+    assert size.returncode == 2
+    assert "--image-size" in size.stderr and "16x16x1" in size.stderr
+    down = clsp(*base, "--positives", f"http://127.0.0.1:{free_port()}", "--timeout-s", "2")
+    assert down.returncode == 2
+    assert "--positives" in down.stderr and "GET /v1/model" in down.stderr
+    assert not (tmp_path / "x").exists()
