@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from clsp_positives.proto.params import Sampling
+from clsp_positives.proto.params import Interpolate, Sampling
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # tests.bench.*, when run as a script
@@ -82,6 +82,8 @@ ARMS: dict[str, Arm] = {
         Arm("clsp-contrastive-joint", "clsp", "contrastive", joint=True),
         Arm("baseline-joint", None, joint=True),
         Arm("clip-contrastive", "clip", "contrastive"),
+        Arm("lowskip-contrastive", "lowskip", "contrastive"),
+        Arm("lowskip-similarity", "lowskip", "similarity"),
     )
 }
 BASELINE = "baseline"
@@ -90,17 +92,21 @@ BASELINE = "baseline"
 @dataclass(frozen=True)
 class BankSpec:
     """A bank the generator makes: its interpolation weight (None: ``--interpolation-weight``,
-    the authors' 0.1) and its sampling mode. ``clip`` differs from ``clsp`` only in x0 being
-    clipped to [-1, 1] inside the loop (``authors-clipped``, docs/design.md §1)."""
+    the authors' 0.1), sampling mode and what of the anchor is mixed in. ``clip`` differs
+    from ``clsp`` only in x0 being clipped to [-1, 1] inside the loop (``authors-clipped``),
+    ``lowskip`` from ``clip`` only in also mixing the anchor's low-resolution skips
+    (docs/design.md §1)."""
 
     weight: float | None
     sampling: Sampling = "authors"
+    interpolate: Interpolate = "bottleneck"
 
 
 GENERATED_BANKS = {
     "clsp": BankSpec(None),
     "w0": BankSpec(0.0),
     "clip": BankSpec(None, "authors-clipped"),
+    "lowskip": BankSpec(None, "authors-clipped", "bottleneck+low-skips"),
 }
 
 
@@ -129,6 +135,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--write-docs", action="store_true", help="(re)write --docs' results section")
     p.add_argument("--docs", default=str(DOCS), help="the page --write-docs writes")
+    p.add_argument(
+        "--section",
+        default=None,
+        help="the page's section --write-docs writes (default: --dataset)",
+    )
     args = p.parse_args(argv)
     args.out = Path(args.out or f"runs/method-{args.dataset}")
     args.arm_names = [a.strip() for a in args.arms.split(",") if a.strip()]
@@ -138,19 +149,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if BASELINE not in args.arm_names:
         args.arm_names.insert(0, BASELINE)  # every difference is to it
     return args
-
-
-def runnable_arms(names: Sequence[str], say: Callable[[str], None]) -> list[Arm]:
-    """The arms asked for, less the joint ones while TrainConfig has no ``joint_forward``."""
-    from clsp_positives.trainer.config import TrainConfig
-
-    arms = [ARMS[n] for n in names]
-    if "joint_forward" not in TrainConfig.model_fields:
-        skipped = [a.name for a in arms if a.joint]
-        if skipped:
-            say(f"note: TrainConfig has no joint_forward yet: skipping {', '.join(skipped)}")
-        arms = [a for a in arms if not a.joint]
-    return arms
 
 
 def short_hash(value: Any) -> str:
@@ -218,6 +216,7 @@ def bank_params(args: argparse.Namespace, spec: BankSpec) -> Any:
         eta=0.0,
         method="ddim",
         sampling=spec.sampling,
+        interpolate=spec.interpolate,
         k=args.k,
     )
 
@@ -385,22 +384,20 @@ def bank_report(
     bank: np.ndarray, images: np.ndarray, labels: np.ndarray, clfs: dict[str, Any]
 ) -> dict[str, Any]:
     """Class-kept rate per classifier (trained on the real training images) over every
-    candidate, and diversity on [0, 1]: mean |positive - anchor| and mean |a - b| between two
-    candidates of one anchor (every pair)."""
-    n, k = bank.shape[:2]
-    flat = bank.reshape(n * k, -1) / 255.0
-    expected = np.repeat(labels, k)
-    out: dict[str, Any] = {
-        f"class_kept_{name}": float((clf.predict(flat) == expected).mean())
-        for name, clf in clfs.items()
-    }
-    pos = bank.astype(np.float32) / 255.0
-    anchors = images.astype(np.float32)[:, None] / 255.0
-    out["mean_abs_to_anchor"] = float(np.abs(pos - anchors).mean())
-    pairs = [(a, b) for a in range(k) for b in range(a + 1, k)]
-    out["mean_abs_between_candidates"] = (
-        float(np.mean([np.abs(pos[:, a] - pos[:, b]).mean() for a, b in pairs])) if pairs else None
+    candidate, and diversity on [0, 1] (trainer/positive_quality.py, as ``clsp calibrate``
+    and the quality benchmark measure them)."""
+    from clsp_positives.trainer.positive_quality import (
+        Probe,
+        between_candidates,
+        class_kept,
+        to_anchor,
     )
+
+    out: dict[str, Any] = {
+        f"class_kept_{name}": class_kept(Probe(clf), bank, labels) for name, clf in clfs.items()
+    }
+    out["mean_abs_to_anchor"] = to_anchor(bank, images)
+    out["mean_abs_between_candidates"] = between_candidates(bank) if bank.shape[1] > 1 else None
     return out
 
 
@@ -727,7 +724,7 @@ def write_outputs(
     say("")
     for line in table:
         say(line)
-    png = args.out / f"method-{args.dataset}.png"
+    png = args.out / f"method-{args.section or args.dataset}.png"
     write_plot(summary, png, f"method benchmark, {args.dataset}: kNN accuracy vs the baseline")
     say(f"wrote {args.out / RESULTS_NAME} and {png}")
     if args.write_docs:
@@ -735,8 +732,9 @@ def write_outputs(
         (docs.parent / "img").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, docs.parent / "img" / png.name)
         body = docs_section(results, table, banks_table(results["banks"]), f"img/{png.name}")
-        docs.write_text(replace_section(docs.read_text(), args.dataset, body))
-        say(f"updated {docs} ({args.dataset} section) and {docs.parent / 'img' / png.name}")
+        section = args.section or args.dataset
+        docs.write_text(replace_section(docs.read_text(), section, body))
+        say(f"updated {docs} ({section} section) and {docs.parent / 'img' / png.name}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -756,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(line: str) -> None:
         print(line, flush=True)
 
-    arms = runnable_arms(args.arm_names, say)
+    arms = [ARMS[n] for n in args.arm_names]
     data = load_images(args.dataset, split="train", size=args.image_size)
     images, labels = data.images[: args.subset], data.labels[: args.subset]
     say(f"{args.dataset}: {len(images)} training images, {data.size}x{data.size}x{data.channels}")

@@ -22,6 +22,8 @@ budget, batch 64, EMA 0.999 with warm-up.
     .venv/bin/python tests/bench/quality.py --minutes 1 --anchors 50      # quick look
     .venv/bin/python tests/bench/quality.py --model-dir runs/ddpm-digits \
         --skip-train --sampling authors-clipped                           # same model, clipped
+    .venv/bin/python tests/bench/quality.py --model-dir runs/ddpm-digits \
+        --skip-train --sampling authors-clipped --interpolate bottleneck+low-skips
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from clsp_positives.proto.params import Sampling
+from clsp_positives.proto.params import Interpolate, Sampling
 from clsp_positives.trainer.positive_quality import (
     Probe,
     between_candidates,
@@ -92,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="authors",
         choices=typing.get_args(Sampling),
         help="sampling mode (docs/design.md §1); the seeds are the same in every mode",
+    )
+    p.add_argument(
+        "--interpolate",
+        default="bottleneck",
+        choices=typing.get_args(Interpolate),
+        help="what of the anchor's encoding is mixed in (docs/design.md §1)",
     )
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -218,6 +226,7 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                 eta=args.eta,
                 method="ddim",
                 sampling=args.sampling,
+                interpolate=args.interpolate,
             ).astype(np.float32)
             / 255.0
             for s in seeds
@@ -249,6 +258,7 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
             "steps": args.steps,
             "eta": args.eta,
             "sampling": args.sampling,
+            "interpolate": args.interpolate,
         },
         "classifier_accuracy_on_real_test": real_acc,
         "results": rows,
