@@ -254,8 +254,8 @@ def recommend(
             )
         else:
             text += (
-                " Try smaller weights, more steps, --gen-sampling authors-clipped, or a model"
-                " trained longer."
+                " Smaller weights and more steps keep more of the class, so does a model trained"
+                " longer, and for small models --gen-sampling authors-clipped."
             )
     return Recommendation(
         interpolation_weight=best.interpolation_weight,

@@ -152,9 +152,9 @@ def calibrate(
             "pool": positives,
         }
         typer.echo(
-            f"{dataset}: {len(anchor_images)} held-out anchors ({data['source']}), probe fit on "
-            f"{len(data['probe_images'])} training images is right on {probe_accuracy:.3f} of "
-            f"them; model {info.fingerprint} ({model_shape}), sampling {sampling}, k = {k}"
+            f"{dataset}: {len(anchor_images)} held-out anchors ({data['source']}), a probe fit "
+            f"on {len(data['probe_images'])} training images; model {info.fingerprint} "
+            f"({model_shape}), sampling {sampling}, k = {k}, eta {base.eta:g}, {base.method}"
         )
 
         def save(rows: list[cal.Row], complete: bool) -> None:
@@ -215,7 +215,10 @@ def calibrate(
                 None if chosen is None else cal.Setting(chosen.interpolation_weight, chosen.steps),
             )
         )
-        typer.echo(f"class kept by the probe on the real anchors: {probe_accuracy:.3f}")
+        typer.echo(
+            f"the probe on the real anchors themselves: {probe_accuracy:.3f} (the most any "
+            "class kept can be)"
+        )
         typer.echo(chosen.text if chosen else "no setting was measured")
         typer.echo(f"wrote {out / cal.RESULTS_NAME} and {png}")
     finally:

@@ -17,6 +17,7 @@ from clsp_positives.trainer.calibrate import Row, Setting
 WIDTH, HEIGHT = 720, 520
 LEFT, RIGHT, TOP, BOTTOM = 70, 30, 50, 60
 GREY, TARGET, CEILING, PICK = (70, 70, 70), (200, 60, 40), (60, 110, 200), (200, 60, 40)
+LEADER = (190, 190, 190)
 
 
 def ticks(low: float, high: float, count: int = 6) -> list[float]:
@@ -118,9 +119,14 @@ def write_plot(
     if probe_accuracy is not None:
         hline(probe_accuracy, CEILING, f"real images {probe_accuracy:.2f}")
 
-    placed: list[tuple[float, float, float, float]] = []
-    for r in points:
-        x, y = px(float(r.between_candidates or 0.0)), py(float(r.class_kept or 0.0))
+    centres = [
+        (px(float(r.between_candidates or 0.0)), py(float(r.class_kept or 0.0))) for r in points
+    ]
+    # Labels keep off every point as well as off each other.
+    placed: list[tuple[float, float, float, float]] = [
+        (x - 6, y - 6, x + 6, y + 6) for x, y in centres
+    ]
+    for r, (x, y) in zip(points, centres, strict=True):
         picked = recommended is not None and r.setting == recommended
         radius = 6 if picked else 4
         draw.ellipse(
@@ -129,8 +135,11 @@ def write_plot(
             outline="black",
         )
         label = f"w={r.interpolation_weight:g} s={r.steps}"
-        box = label_box(x, y, draw.textlength(label, font=font), placed)
+        box = label_box(x, y, draw.textlength(label, font=font), placed, WIDTH - 2)
         placed.append(box)
+        if abs(box[1] - (y - 6)) > 1:  # moved off its point: a leader line says whose it is
+            end_x = box[0] if box[0] > x else box[2]
+            draw.line([(x, y), (end_x, (box[1] + box[3]) / 2)], fill=LEADER)
         draw.text(box[:2], label, fill=PICK if picked else GREY, font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
