@@ -30,6 +30,7 @@ from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.positive_quality import class_kept, diversity, fit_probe
 from clsp_positives.trainer.positives.client import PoolClient
 from tests.support.servers import RedisServer, ServerProcess, free_port
+from tests.system.test_readme import DOCUMENTED_URL, readme_example
 
 ANCHORS, K, STEPS = 20, 2, 3
 
@@ -132,3 +133,23 @@ def test_bad_options_are_refused_with_the_option_named(service: ServerProcess, t
     assert down.returncode == 2
     assert "--positives" in down.stderr and "GET /v1/model" in down.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_the_readme_command_runs_as_written(service: ServerProcess, tmp_path: Path) -> None:
+    """README.md's ``clsp calibrate`` example, pointed at the test's service, with a
+    smaller grid appended (the last value of an option wins) so that it takes seconds."""
+    script = readme_example("calibrate").replace(DOCUMENTED_URL, service.url)
+    script = script.replace(".venv/bin/clsp", f"{sys.executable} -m clsp_positives.cli")
+    script = script.rstrip() + " --weights 0.5 --steps 2 --anchors 10 --no-progress\n"
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "calibration" / "calibration.json").read_text())
+    assert [(r["interpolation_weight"], r["steps"]) for r in report["rows"]] == [(0.5, 2)]
+    assert report["sampling"] == "authors-clipped"
