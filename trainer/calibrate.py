@@ -215,6 +215,10 @@ class Recommendation(BaseModel):
     min_class_kept: float
     text: str
 
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.interpolation_weight, self.steps)
+
 
 def recommend(
     rows: Sequence[Row], min_class_kept: float, probe_accuracy: float | None = None
@@ -249,8 +253,8 @@ def recommend(
         if probe_accuracy is not None and probe_accuracy < min_class_kept:
             text += (
                 f" The probe itself is right on only {probe_accuracy:.3f} of the real held-out "
-                "images, so no positive can reach the target: lower --min-class-kept, or give "
-                "--features a better extractor."
+                "images, so positives will hardly reach the target: lower --min-class-kept, or "
+                "give --features a better extractor."
             )
         else:
             text += (

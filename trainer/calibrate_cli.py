@@ -191,33 +191,28 @@ def calibrate(
                 )
             except PoolError as exc:
                 hint = " (lower --batch-size)" if "cost_too_high" in str(exc) else ""
-                typer.echo(
-                    f"clsp calibrate: {exc}{hint}; {len(done)} setting(s) measured so far are "
-                    f"in {out / cal.RESULTS_NAME}",
-                    err=True,
+                kept = (
+                    f"; the {len(done)} setting(s) done so far are in {out / cal.RESULTS_NAME}"
+                    if done
+                    else ""
                 )
+                typer.echo(f"clsp calibrate: {exc}{hint}{kept}", err=True)
                 raise typer.Exit(1) from None
         chosen = cal.recommend(rows, min_class_kept, probe_accuracy)
+        pick = None if chosen is None else chosen.setting
         save(rows, complete=True)
         png = write_plot(
             rows,
             out / cal.PLOT_NAME,
             min_class_kept=min_class_kept,
             probe_accuracy=probe_accuracy,
-            recommended=None
-            if chosen is None
-            else cal.Setting(chosen.interpolation_weight, chosen.steps),
+            recommended=pick,
             title=f"clsp calibrate: {dataset}, model {info.fingerprint}, k = {k}, {sampling}",
         )
+        typer.echo(cal.format_table(rows, pick))
         typer.echo(
-            cal.format_table(
-                rows,
-                None if chosen is None else cal.Setting(chosen.interpolation_weight, chosen.steps),
-            )
-        )
-        typer.echo(
-            f"the probe on the real anchors themselves: {probe_accuracy:.3f} (the most any "
-            "class kept can be)"
+            f"the probe on the real anchors themselves: {probe_accuracy:.3f} (what copies of "
+            "the anchors would score as class kept)"
         )
         typer.echo(chosen.text if chosen else "no setting was measured")
         typer.echo(f"wrote {out / cal.RESULTS_NAME} and {png}")
