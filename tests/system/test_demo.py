@@ -130,6 +130,15 @@ def test_results_json_is_sane(quick_run: QuickRun) -> None:
         assert arm["seconds"] > 0
     gen = r["generation"]
     assert gen["positives"] == gen["images"] * QUICK.k
+    assert (gen["params"]["sampling"], gen["params"]["interpolate"]) == (
+        QUICK.sampling,
+        QUICK.interpolate,
+    )
+    # The positives' class is read by a probe that reads the real digits almost perfectly.
+    quality = gen["quality"]
+    assert quality["probe_accuracy_on_anchors"] > 0.9, quality
+    assert 0.0 <= quality["class_kept"] <= 1.0 and quality["mean_abs_to_anchor"] > 0.0
+    assert f"keep their anchor's class {quality['class_kept']:.0%}" in quick_run.stdout
     clsp = r["arms"]["clsp"]
     # Everything was generated ahead, so the CLSP arm trained on cache hits alone and
     # every anchor had its positive (strict prefetch).
