@@ -221,12 +221,16 @@ class Recommendation(BaseModel):
 
 
 def recommend(
-    rows: Sequence[Row], min_class_kept: float, probe_accuracy: float | None = None
+    rows: Sequence[Row],
+    min_class_kept: float,
+    probe_accuracy: float | None = None,
+    shared_flags: str = "",
 ) -> Recommendation | None:
     """Among the measured settings whose class kept reaches ``min_class_kept``, the one
     whose candidates differ most from each other (ties: fewer steps, then more class kept);
     when none reaches it, the one that keeps the class best, and the text says so. None
-    when nothing was measured."""
+    when nothing was measured. ``shared_flags``: the ``clsp train`` flags every setting
+    was measured with (sampling mode, interpolation), repeated in the advice."""
     measured = [r for r in rows if r.status == "measured" and r.class_kept is not None]
     if not measured:
         return None
@@ -236,6 +240,7 @@ def recommend(
     else:
         best = max(measured, key=lambda r: (r.class_kept, r.between_candidates, -r.steps))
     flags = f"--interpolation-weight {best.interpolation_weight:g} --gen-steps {best.steps}"
+    flags += f" {shared_flags}" if shared_flags else ""
     summary = (
         f"w = {best.interpolation_weight:g}, {best.steps} steps: class kept "
         f"{best.class_kept:.3f}, between candidates {best.between_candidates:.3f}"

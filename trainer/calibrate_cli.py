@@ -26,6 +26,7 @@ from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.config import TrainConfig
 
 SHARED = ("data_root", "download", "token", "gen_eta", "gen_method", "gen_sampling")
+SHARED += ("gen_interpolate",)
 """``TrainConfig`` fields that are ``clsp calibrate`` options too."""
 
 
@@ -145,6 +146,7 @@ def calibrate(
             "k": k,
             "eta": base.eta,
             "method": base.method,
+            "interpolate": base.interpolate,
             "weights": sorted({s.interpolation_weight for s in settings}),
             "steps": sorted({s.steps for s in settings}),
             "budget_s": budget,
@@ -154,11 +156,18 @@ def calibrate(
         typer.echo(
             f"{dataset}: {len(anchor_images)} held-out anchors ({data['source']}), a probe fit "
             f"on {len(data['probe_images'])} training images; model {info.fingerprint} "
-            f"({model_shape}), sampling {sampling}, k = {k}, eta {base.eta:g}, {base.method}"
+            f"({model_shape}), sampling {sampling}, interpolate {base.interpolate}, k = {k}, "
+            f"eta {base.eta:g}, {base.method}"
+        )
+        # The options given that every setting shared, for the advice (a default left out).
+        shared_flags = " ".join(
+            f"--gen-{name} {value}"
+            for name, value in (("sampling", base.sampling), ("interpolate", base.interpolate))
+            if value != GenerationParams.model_fields[name].default
         )
 
         def save(rows: list[cal.Row], complete: bool) -> None:
-            chosen = cal.recommend(rows, min_class_kept, probe_accuracy)
+            chosen = cal.recommend(rows, min_class_kept, probe_accuracy, shared_flags)
             payload = cal.results(
                 rows=rows,
                 recommendation=chosen,
@@ -198,7 +207,7 @@ def calibrate(
                 )
                 typer.echo(f"clsp calibrate: {exc}{hint}{kept}", err=True)
                 raise typer.Exit(1) from None
-        chosen = cal.recommend(rows, min_class_kept, probe_accuracy)
+        chosen = cal.recommend(rows, min_class_kept, probe_accuracy, shared_flags)
         pick = None if chosen is None else chosen.setting
         save(rows, complete=True)
         png = write_plot(

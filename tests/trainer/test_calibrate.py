@@ -194,6 +194,8 @@ def test_recommend_the_most_diverse_setting_that_keeps_the_class() -> None:
     assert (best.interpolation_weight, best.steps) == (0.3, 25)
     assert "--interpolation-weight 0.3 --gen-steps 25" in best.text
     assert cal.recommend(rows, 0.6).interpolation_weight == 0.5
+    shared = "--gen-sampling authors-clipped --gen-interpolate bottleneck+low-skips"
+    assert f"--gen-steps 25 {shared}" in cal.recommend(rows, 0.85, shared_flags=shared).text
 
 
 def test_when_no_setting_reaches_the_target_the_best_class_kept_is_named() -> None:
