@@ -264,7 +264,8 @@ def recommend(
         else:
             text += (
                 " Smaller weights and more steps keep more of the class, so does a model trained"
-                " longer, and for small models --gen-sampling authors-clipped."
+                " longer; for small models --gen-sampling authors-clipped and"
+                " --gen-interpolate bottleneck+low-skips (docs/method.md)."
             )
     return Recommendation(
         interpolation_weight=best.interpolation_weight,
