@@ -622,7 +622,8 @@ def write_plot(
 def docs_section(results: dict[str, Any], table: list[str], banks: list[str], png: str) -> str:
     a, m = results["args"], results["machine"]
     lines = [
-        f"`{results['command']}` on {m['cpus']} CPUs ({m['threads']} torch threads), torch "
+        f"`{results['command']}` on {m['cpus']} CPUs ({m['threads']} torch "
+        f"thread{'' if m['threads'] == 1 else 's'}), torch "
         f"{m['torch']}; {len(results['runs'])} runs, {results['training_seconds'] / 60:.0f} "
         "min of training.",
         "",
