@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import concurrent.futures
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -12,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from clsp_positives.proto.codec import decode_response, encode_request
 from clsp_positives.proto.messages import ResponseArrays
-from tests.support.servers import ServerProcess, uvicorn_app
+from tests.support.servers import ServerProcess, free_port, uvicorn_app
 
 FACTORY = "clsp_positives.service.app:create_app_from_env"
 
@@ -41,6 +44,42 @@ def start_service(
         env["CLSP_API_TOKEN"] = token
     env.update({f"CLSP_{k.upper()}": str(v) for k, v in settings.items()})
     return uvicorn_app(FACTORY, env=env, health_path="/readyz").start(timeout=180)
+
+
+def clsp_serve(
+    model_dir: object,
+    redis_url: str | None = None,
+    *,
+    args: Sequence[str] = ("--max-batch", "8", "--max-wait-ms", "20"),
+    env: Mapping[str, str] | None = None,
+) -> ServerProcess:
+    """A ``clsp serve`` process as a user starts it (not started yet), on a free port of
+    127.0.0.1, one torch thread, a one-step warm-up; ``env`` adds variables (a cache
+    secret, a token)."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "clsp_positives.cli", "serve", "--model", str(model_dir)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), *args]
+    if redis_url:
+        cmd += ["--redis", redis_url]
+    base = {"OMP_NUM_THREADS": "1", "CLSP_WARMUP_STEPS": "1", "CLSP_LOG_LEVEL": "warning"}
+    return ServerProcess(cmd, port, health_path="/readyz", env={**base, **(env or {})})
+
+
+@contextmanager
+def running(
+    servers: Sequence[ServerProcess], timeout: float = 180
+) -> Iterator[list[ServerProcess]]:
+    """Start ``servers`` side by side (each pays its own model load and warm-up) and stop
+    every one of them afterwards, also when one failed to start."""
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(servers)) as ex:
+            errors = [f.exception() for f in [ex.submit(s.start, timeout) for s in servers]]
+        if any(errors):
+            raise next(e for e in errors if e)
+        yield list(servers)
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def anchors_u8(n: int, seed: int, size: int = 16, channels: int = 1) -> np.ndarray:

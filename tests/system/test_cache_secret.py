@@ -12,9 +12,6 @@ and one generator of another pool (another secret), all on one Redis.
 
 from __future__ import annotations
 
-import concurrent.futures
-import sys
-
 import httpx
 import numpy as np
 import pytest
@@ -24,8 +21,7 @@ from clsp_positives.proto.keys import canonical_anchors, positive_key
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.service.cache import cache_secret, decode_value, entry_name
 from tests.support.forgery import first_format, with_plain_checksum
-from tests.support.servers import ServerProcess, free_port
-from tests.support.service import anchors_u8, post_positives, scrape
+from tests.support.service import anchors_u8, clsp_serve, post_positives, running, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -34,38 +30,15 @@ POOL_SECRET = "pool-one-secret-3b9e"
 OTHER_SECRET = "pool-two-secret-a41c"
 
 
-def _serve(model_dir, redis_url: str, secret: str) -> ServerProcess:
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "clsp_positives.cli", "serve", "--model", str(model_dir),
-        "--redis", redis_url, "--port", str(port), "--max-batch", "8", "--max-wait-ms", "20",
-    ]  # fmt: skip
-    env = {
-        "OMP_NUM_THREADS": "1",
-        "CLSP_WARMUP_STEPS": "1",
-        "CLSP_LOG_LEVEL": "warning",
-        "CLSP_CACHE_SECRET": secret,
-    }
-    return ServerProcess(cmd, port, health_path="/readyz", env=env)
-
-
 @pytest.fixture(scope="module")
 def generators(tiny_model_dir, own_redis):
     """Two generators of one pool and one of another pool, on one Redis."""
     servers = [
-        _serve(tiny_model_dir, own_redis.url, secret)
+        clsp_serve(tiny_model_dir, own_redis.url, env={"CLSP_CACHE_SECRET": secret})
         for secret in (POOL_SECRET, POOL_SECRET, OTHER_SECRET)
     ]
-    with concurrent.futures.ThreadPoolExecutor(3) as ex:
-        started = [ex.submit(s.start, 180) for s in servers]
-        errors = [f.exception() for f in started]
-    if any(errors):
-        for s in servers:
-            s.stop()
-        raise next(e for e in errors if e)
-    yield servers
-    for s in servers:
-        s.stop()
+    with running(servers) as started:
+        yield started
 
 
 @pytest.fixture()

@@ -30,6 +30,7 @@ from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.positive_quality import class_kept, diversity, fit_probe
 from clsp_positives.trainer.positives.client import PoolClient
 from tests.support.servers import RedisServer, ServerProcess, free_port
+from tests.support.service import clsp_serve, running
 from tests.system.test_readme import DOCUMENTED_URL, readme_example
 
 ANCHORS, K, STEPS = 20, 2, 3
@@ -37,14 +38,7 @@ ANCHORS, K, STEPS = 20, 2, 3
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir: Path, redis_server: RedisServer) -> Iterator[ServerProcess]:
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "clsp_positives.cli", "serve", "--model", str(tiny_model_dir),
-        "--redis", redis_server.url, "--host", "127.0.0.1", "--port", str(port),
-        "--log-level", "warning",
-    ]  # fmt: skip
-    env = {"OMP_NUM_THREADS": "1", "CLSP_WARMUP_STEPS": "1"}
-    with ServerProcess(cmd, port, health_path="/readyz", env=env) as server:
+    with running([clsp_serve(tiny_model_dir, redis_server.url, args=())]) as (server,):
         yield server
 
 

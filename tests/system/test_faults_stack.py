@@ -16,10 +16,8 @@ tests/system/test_service_faults.py.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import pickle
-import sys
 import time
 
 import httpx
@@ -32,8 +30,7 @@ from clsp_positives.proto.params import GenerationParams
 from clsp_positives.service.cache import cache_secret, decode_value, encode_value, entry_name
 from clsp_positives.trainer.positives.prefetch import Prefetcher
 from clsp_positives.trainer.positives.sources import build_source
-from tests.support.servers import ServerProcess, free_port
-from tests.support.service import anchors_u8, post_positives, scrape
+from tests.support.service import anchors_u8, clsp_serve, post_positives, running, scrape
 
 pytestmark = pytest.mark.slow
 
@@ -45,46 +42,14 @@ SECRET = "faults-pool-secret"  # one cache secret: the two generators share entr
 MAC_KEY = cache_secret(SECRET, None).key
 
 
-def _serve(model_dir, redis_url: str) -> ServerProcess:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "clsp_positives.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--redis",
-        redis_url,
-        "--port",
-        str(port),
-        "--max-batch",
-        "8",
-        "--max-wait-ms",
-        "20",
-    ]
-    env = {
-        "OMP_NUM_THREADS": "1",
-        "CLSP_WARMUP_STEPS": "1",
-        "CLSP_LOG_LEVEL": "warning",
-        "CLSP_CACHE_SECRET": SECRET,
-    }
-    return ServerProcess(cmd, port, health_path="/readyz", env=env)
-
-
 @pytest.fixture(scope="module")
 def pool(tiny_model_dir, own_redis):
-    servers = [_serve(tiny_model_dir, own_redis.url) for _ in range(2)]
-    with concurrent.futures.ThreadPoolExecutor(2) as ex:  # the two start side by side
-        started = [ex.submit(s.start, 180) for s in servers]
-        errors = [f.exception() for f in started]
-    if any(errors):
-        for s in servers:
-            s.stop()
-        raise next(e for e in errors if e)
-    yield servers
-    for s in servers:
-        s.stop()
+    servers = [
+        clsp_serve(tiny_model_dir, own_redis.url, env={"CLSP_CACHE_SECRET": SECRET})
+        for _ in range(2)
+    ]
+    with running(servers) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from clsp_positives.images import load_images
 from clsp_positives.trainer.config import TrainConfig
@@ -23,12 +22,7 @@ FAST = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(config: TrainConfig) -> tuple[list[dict], list[str]]:
