@@ -63,28 +63,26 @@ def _checked(option: str, field: str, value: Any) -> Any:
     return getattr(params, field)
 
 
+def _parse(text: str, option: str, field: str, convert: type, what: str, example: str) -> list[Any]:
+    """A comma list of ``GenerationParams.<field>`` values, each converted and checked."""
+    out = []
+    for item in _items(text, option, example):
+        try:
+            value = convert(item)
+        except ValueError:
+            raise ValueError(f"{option}: {item!r} is not {what}") from None
+        out.append(_checked(option, field, value))
+    return out
+
+
 def parse_weights(text: str, option: str = "--weights") -> list[float]:
     """``"0,0.1,1"`` -> ``[0.0, 0.1, 1.0]``; each must be a valid interpolation weight."""
-    out = []
-    for item in _items(text, option, "0,0.1,0.5"):
-        try:
-            value = float(item)
-        except ValueError:
-            raise ValueError(f"{option}: {item!r} is not a number") from None
-        out.append(_checked(option, "interpolation_weight", value))
-    return out
+    return _parse(text, option, "interpolation_weight", float, "a number", "0,0.1,0.5")
 
 
 def parse_steps(text: str, option: str = "--steps") -> list[int]:
     """``"25,50"`` -> ``[25, 50]``; each must be a valid step count."""
-    out = []
-    for item in _items(text, option, "25,50,100"):
-        try:
-            value = int(item)
-        except ValueError:
-            raise ValueError(f"{option}: {item!r} is not a whole number") from None
-        out.append(_checked(option, "steps", value))
-    return out
+    return _parse(text, option, "steps", int, "a whole number", "25,50,100")
 
 
 def grid(weights: Iterable[float], steps: Iterable[int]) -> list[Setting]:
