@@ -18,11 +18,13 @@ from clsp_positives.service.sampling.kernels import (
     normal,
     randint4x,
     scheduler_update,
+    scheduler_update_with_x0,
 )
 from clsp_positives.service.sampling.references import (
     bottleneck_lerp_reference,
     noise_anchor_reference,
     scheduler_update_reference,
+    scheduler_update_with_x0_reference,
 )
 from clsp_positives.service.sampling.schedule import StepCoefficients
 
@@ -40,6 +42,14 @@ def _update_cases(full: bool) -> list[tuple[str, float | None, float]]:
     if full:
         return [(p, c, s) for p in PREDICTION_CODES for c in (None, 1.0) for s in (0.0, 0.3)]
     return [("epsilon", 1.0, 0.3), ("v_prediction", None, 0.0)]
+
+
+def _multistep_cases(full: bool) -> list[tuple[str, float | None, float]]:
+    """DPM-Solver++ steps (x0 kept, the previous x0 read when its coefficient is not 0):
+    every prediction type x clip x coefficient, or two covering cases."""
+    if full:
+        return [(p, c, k) for p in PREDICTION_CODES for c in (None, 1.0) for k in (0.0, -0.4)]
+    return [("epsilon", 1.0, -0.4), ("v_prediction", None, 0.0)]
 
 
 def self_check(device: str | torch.device, *, atol: float | None = None) -> dict:
@@ -125,6 +135,18 @@ def self_check(device: str | torch.device, *, atol: float | None = None) -> dict
                 got = scheduler_update(xl, mol, seeds, 8, coefs, prediction_type, clip)
                 ref = scheduler_update_reference(x, mo, seeds, 8, coefs, prediction_type, clip)
                 record(f"update.{tag}.{layout}.{prediction_type}.clip{clip}.sigma{sigma}", got, ref)
+            x0p = (torch.randn(5, *shape, generator=gen) * 1.2).to(device=device, dtype=dtype)
+            x0pl = x0p.contiguous(memory_format=torch.channels_last) if layout != "nchw" else x0p
+            for prediction_type, clip, coef_prev in _multistep_cases(full):
+                coefs = StepCoefficients(0.6, 0.8, 1.3, 0.0, 0.5, 0.0, coef_prev)
+                args = (seeds, 8, coefs, prediction_type, clip)
+                got, got_x0 = scheduler_update_with_x0(xl, mol, *args, x0_prev=x0pl)
+                ref, ref_x0 = scheduler_update_with_x0_reference(x, mo, *args, x0_prev=x0p)
+                name = f"update_x0.{tag}.{layout}.{prediction_type}.clip{clip}.prev{coef_prev}"
+                record(name, got, ref)
+                record(name + ".x0", got_x0, ref_x0)
+                # the variant that reads the previous x0 without keeping its own
+                record(name + ".no_keep", scheduler_update(xl, mol, *args, x0_prev=x0pl), ref)
         h = torch.randn(5, 37, 3, 3, generator=gen).to(device=device, dtype=dtype)
         ha = torch.randn(5, 37, 3, 3, generator=gen).to(device=device, dtype=dtype)
         w = torch.tensor([0.1, 1.0, 0.0, 0.5, 0.37], device=device)

@@ -29,6 +29,7 @@ device (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import triton
@@ -139,6 +140,8 @@ def _scheduler_update_kernel(
     x_ptr,
     mo_ptr,
     out_ptr,
+    x0p_ptr,
+    x0_ptr,
     seed_ptr,
     stream_base,
     M,
@@ -152,13 +155,19 @@ def _scheduler_update_kernel(
     coef_eps,
     coef_x,
     sigma,
+    coef_x0_prev,
     clip,
     PREDICTION: tl.constexpr,
     CLIP: tl.constexpr,
     NOISE: tl.constexpr,
+    X0_PREV: tl.constexpr,
+    STORE_X0: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """``x0p_ptr`` is read only under ``X0_PREV``, ``x0_ptr`` written only under
+    ``STORE_X0`` (DPM-Solver++'s multistep terms); DDIM/DDPM steps launch the
+    variant without either, whose arithmetic is unchanged by them."""
     n = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
@@ -176,7 +185,12 @@ def _scheduler_update_kernel(
         eps = s0 * mo + s1 * x
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+    if STORE_X0:
+        tl.store(x0_ptr + ptr, x0.to(x0_ptr.dtype.element_ty), mask=mask)
     prev = coef_x0 * x0
+    if X0_PREV:
+        x0p = tl.load(x0p_ptr + ptr, mask=mask, other=0.0).to(tl.float32)
+        prev = prev + coef_x0_prev * x0p
     prev = prev + coef_eps * eps
     prev = prev + coef_x * x
     if NOISE:
@@ -300,20 +314,65 @@ def scheduler_update(
     coefs: StepCoefficients,
     prediction_type: str,
     clip_range: float | None,
+    *,
+    x0_prev: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kernel of ``ops.scheduler_update`` (inputs validated there)."""
+    return _update(
+        x, model_output, seeds, stream, coefs, prediction_type, clip_range, x0_prev, False
+    )[0]
+
+
+def scheduler_update_with_x0(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    coefs: StepCoefficients,
+    prediction_type: str,
+    clip_range: float | None,
+    *,
+    x0_prev: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel of ``ops.scheduler_update_with_x0`` (inputs validated there)."""
+    out, x0 = _update(
+        x, model_output, seeds, stream, coefs, prediction_type, clip_range, x0_prev, True
+    )
+    return out, cast(torch.Tensor, x0)
+
+
+def _update(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    coefs: StepCoefficients,
+    prediction_type: str,
+    clip_range: float | None,
+    x0_prev: torch.Tensor | None,
+    keep_x0: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch of the update kernel: ``(x_prev, x0 if keep_x0 else None)``. The
+    pointers a variant does not touch (``X0_PREV``, ``STORE_X0`` off) get ``x``/``out``."""
     x, channels_last = _layout(x)
     mo = _like(model_output, channels_last)
+    read_prev = coefs.coef_x0_prev != 0
+    if read_prev and x0_prev is None:
+        raise ValueError("coef_x0_prev is not 0: the previous step's x0 must be given")
+    x0p = _like(x0_prev.to(x.dtype), channels_last) if read_prev else x
     out = torch.empty_like(x)
+    x0 = torch.empty_like(x) if keep_x0 else None
     m, c, hw = _chw(x)
     if out.numel():
         _scheduler_update_kernel[_grid(m, x.shape[0])](
-            x, mo, out, _seeds_on(seeds, x.device), stream << 32, m, c, hw,
+            x, mo, out, x0p, out if x0 is None else x0, _seeds_on(seeds, x.device),
+            stream << 32, m, c, hw,
             float(coefs.sqrt_alpha_bar), float(coefs.sqrt_one_minus_alpha_bar),
             1.0 / coefs.sqrt_alpha_bar, 1.0 / coefs.sqrt_one_minus_alpha_bar,
             float(coefs.coef_x0), float(coefs.coef_eps), float(coefs.coef_x),
-            float(coefs.sigma), float(clip_range or 0.0),
+            float(coefs.sigma), float(coefs.coef_x0_prev), float(clip_range or 0.0),
             PREDICTION=PREDICTION_CODES[prediction_type], CLIP=clip_range is not None,
-            NOISE=coefs.sigma != 0, CHANNELS_LAST=channels_last, BLOCK=BLOCK, **_LAUNCH,
+            NOISE=coefs.sigma != 0, X0_PREV=read_prev, STORE_X0=keep_x0,
+            CHANNELS_LAST=channels_last, BLOCK=BLOCK, **_LAUNCH,
         )  # fmt: skip
-    return out
+    return out, x0

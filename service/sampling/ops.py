@@ -25,7 +25,7 @@ from clsp_positives.service.sampling import noise
 from clsp_positives.service.sampling.references import (
     bottleneck_lerp_reference,
     noise_anchor_reference,
-    scheduler_update_reference,
+    scheduler_update_with_x0_reference,
 )
 from clsp_positives.service.sampling.schedule import StepCoefficients, check_prediction_type
 
@@ -153,8 +153,50 @@ def scheduler_update(
     coefs: StepCoefficients,
     prediction_type: str,
     clip_range: float | None,
+    *,
+    x0_prev: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One DDIM/DDPM step from the model output (see ``StepCoefficients``)."""
+    """One step from the model output (see ``StepCoefficients``); ``x0_prev``: the
+    previous step's x0, needed when ``coefs.coef_x0_prev`` is not 0."""
+    args = (x, model_output, seeds, stream, coefs, prediction_type, clip_range)
+    x0_prev = _check_update(*args, x0_prev)
+    if use_kernels(x):
+        return _kernels_module().scheduler_update(*args, x0_prev=x0_prev)
+    return scheduler_update_with_x0_reference(*args, x0_prev=x0_prev)[0]
+
+
+def scheduler_update_with_x0(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    coefs: StepCoefficients,
+    prediction_type: str,
+    clip_range: float | None,
+    *,
+    x0_prev: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scheduler_update`` that also returns this step's x0 (clipped as the step used
+    it): the ``x0_prev`` of a multistep solver's next step, written by the same pass
+    rather than recomputed from ``x`` and the model output."""
+    args = (x, model_output, seeds, stream, coefs, prediction_type, clip_range)
+    x0_prev = _check_update(*args, x0_prev)
+    if use_kernels(x):
+        return _kernels_module().scheduler_update_with_x0(*args, x0_prev=x0_prev)
+    return scheduler_update_with_x0_reference(*args, x0_prev=x0_prev)
+
+
+def _check_update(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    coefs: StepCoefficients,
+    prediction_type: str,
+    clip_range: float | None,
+    x0_prev: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Refuse bad update inputs; ``x0_prev`` if the step reads it, else None."""
     _check_float("x", x)
     if model_output.shape != x.shape:
         raise ValueError(
@@ -167,10 +209,12 @@ def scheduler_update(
     check_prediction_type(prediction_type)
     if clip_range is not None and not clip_range > 0:
         raise ValueError(f"clip_range must be positive or None, got {clip_range}")
-    if use_kernels(x):
-        return _kernels_module().scheduler_update(
-            x, model_output, seeds, stream, coefs, prediction_type, clip_range
+    if coefs.coef_x0_prev == 0:
+        return None  # not read: the kernel takes no pointer for it
+    if x0_prev is None:
+        raise ValueError("coef_x0_prev is not 0: the previous step's x0 must be given")
+    if x0_prev.shape != x.shape:
+        raise ValueError(
+            f"x0_prev must have the shape of x {tuple(x.shape)}, got {tuple(x0_prev.shape)}"
         )
-    return scheduler_update_reference(
-        x, model_output, seeds, stream, coefs, prediction_type, clip_range
-    )
+    return x0_prev

@@ -49,8 +49,29 @@ def scheduler_update_reference(
     coefs: StepCoefficients,
     prediction_type: str,
     clip_range: float | None,
+    *,
+    x0_prev: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch reference of ``scheduler_update``, in the kernel's order of operations."""
+    return scheduler_update_with_x0_reference(
+        x, model_output, seeds, stream, coefs, prediction_type, clip_range, x0_prev=x0_prev
+    )[0]
+
+
+def scheduler_update_with_x0_reference(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    coefs: StepCoefficients,
+    prediction_type: str,
+    clip_range: float | None,
+    *,
+    x0_prev: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of ``scheduler_update_with_x0``: ``(x_prev, x0)``, x0 as the
+    step used it (clipped), in ``x``'s dtype. ``x0_prev`` is read only when
+    ``coefs.coef_x0_prev`` is not 0, after the x0 term as in the kernel."""
     dev = x.device
     s0 = float(coefs.sqrt_alpha_bar)
     s1 = float(coefs.sqrt_one_minus_alpha_bar)
@@ -70,9 +91,13 @@ def scheduler_update_reference(
     if clip_range is not None:
         x0 = x0.clamp(-float(clip_range), float(clip_range))
     prev = float(coefs.coef_x0) * x0
+    if coefs.coef_x0_prev != 0:
+        if x0_prev is None:
+            raise ValueError("coef_x0_prev is not 0: the previous step's x0 must be given")
+        prev = prev + float(coefs.coef_x0_prev) * x0_prev.float()
     prev = prev + float(coefs.coef_eps) * eps
     prev = prev + float(coefs.coef_x) * xf
     if coefs.sigma != 0:
         z = noise.normal(seeds, stream, tuple(x.shape[1:]), device=dev)
         prev = prev + float(coefs.sigma) * z
-    return prev.to(x.dtype)
+    return prev.to(x.dtype), x0.to(x.dtype)

@@ -1,4 +1,4 @@
-"""The CLSP sampler: DDIM/DDPM with bottleneck interpolation (docs/design.md §1).
+"""The CLSP sampler: DDIM/DDPM/DPM-Solver++ with bottleneck interpolation (docs/design.md §1).
 
 One call runs a batch of candidates, each with its own anchor, seed and
 interpolation weight, through a ``SamplingPlan``. Every random number is drawn
@@ -128,6 +128,10 @@ class CLSPSampler:
             if plan.init_noise_sigma != 1.0:
                 x = x * plan.init_noise_sigma
             batch = 2 * n if use_anchor else n
+            # A multistep plan (DPM-Solver++) reads the previous step's x0: the update
+            # writes it in the same pass, one more store per element, not a recomputation.
+            keep_x0 = plan.uses_previous_x0
+            x0: torch.Tensor | None = None
             for i, (timestep, coefs) in enumerate(
                 zip(plan.timesteps, plan.coefficients, strict=True)
             ):
@@ -146,7 +150,7 @@ class CLSPSampler:
                     out = self.decode(enc, emb[:n], t[:n])
                 else:
                     out = self.decode(self.encode(self._to_model(x), emb), emb, t)
-                x = ops.scheduler_update(
+                args = (
                     x,
                     out.contiguous(),
                     seeds,
@@ -155,4 +159,8 @@ class CLSPSampler:
                     plan.prediction_type,
                     plan.clip_range,
                 )
+                if keep_x0:
+                    x, x0 = ops.scheduler_update_with_x0(*args, x0_prev=x0)
+                else:
+                    x = ops.scheduler_update(*args)
             return x.float().clamp_(-1.0, 1.0)

@@ -30,10 +30,13 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 @dataclass(frozen=True)
 class StepCoefficients:
-    """One sampling step: ``x_prev = coef_x0*x0 + coef_eps*eps + coef_x*x + sigma*z``.
+    """One sampling step:
+    ``x_prev = coef_x0*x0 + coef_x0_prev*x0_prev + coef_eps*eps + coef_x*x + sigma*z``.
 
     ``sqrt_alpha_bar``/``sqrt_one_minus_alpha_bar`` are those of the current
-    timestep and turn the model output into ``(x0, eps)``.
+    timestep and turn the model output into ``(x0, eps)``. ``x0_prev`` is the
+    previous step's x0 prediction (clipped like ``x0``): only DPM-Solver++'s
+    second-order steps use it, every other step has ``coef_x0_prev`` 0.
     """
 
     sqrt_alpha_bar: float
@@ -42,6 +45,7 @@ class StepCoefficients:
     coef_eps: float
     coef_x: float
     sigma: float
+    coef_x0_prev: float = 0.0
 
 
 def check_prediction_type(prediction_type: str) -> None:
@@ -68,6 +72,12 @@ class SamplingPlan:
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+    @property
+    def uses_previous_x0(self) -> bool:
+        """Whether a step reads the previous step's x0 (``coef_x0_prev``), so the
+        loop must keep each step's x0 for the next."""
+        return any(c.coef_x0_prev != 0 for c in self.coefficients)
 
 
 AUTHORS_OVERRIDES: dict[str, Any] = {

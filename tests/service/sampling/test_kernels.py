@@ -44,6 +44,20 @@ ref = references.scheduler_update_reference(
     x, -x, seeds[:2], noise.step_stream(3), coefs, "epsilon", 1.0
 )
 report["dispatch_update_err"] = float((got - ref).abs().max())
+# A DPM-Solver++ second-order step through the front door: x_prev and the kept x0.
+x0_prev = torch.randn(2, 1, 40, 41)
+coefs = StepCoefficients(0.2, 0.9797958971, 1.3, 0.0, 0.6, 0.0, -0.4)
+got, got_x0 = ops.scheduler_update_with_x0(
+    x, -x, seeds[:2], noise.step_stream(3), coefs, "epsilon", 1.0, x0_prev=x0_prev
+)
+ref, ref_x0 = references.scheduler_update_with_x0_reference(
+    x, -x, seeds[:2], noise.step_stream(3), coefs, "epsilon", 1.0, x0_prev=x0_prev
+)
+report["dispatch_multistep_err"] = float((got - ref).abs().max())
+report["dispatch_multistep_x0_err"] = float((got_x0 - ref_x0).abs().max())
+report["multistep_reads_x0_prev"] = float((got - ops.scheduler_update(
+    x, -x, seeds[:2], noise.step_stream(3), coefs, "epsilon", 1.0, x0_prev=torch.zeros_like(x)
+)).abs().max())
 print("REPORT" + json.dumps(report))
 """
 
@@ -82,8 +96,13 @@ def test_every_update_variant_was_checked(report: dict) -> None:
         for clip in ("None", "1.0"):
             for sigma in ("0.0", "0.3"):
                 assert f"update.float32.nchw.{prediction_type}.clip{clip}.sigma{sigma}" in report
-    for op in ("noise_anchor", "update", "lerp"):
-        assert any(k.startswith(op) and "channels_last" in k for k in report)
+    for prediction_type in ("epsilon", "sample", "v_prediction"):
+        for clip in ("None", "1.0"):
+            for prev in ("0.0", "-0.4"):
+                name = f"update_x0.float32.nchw.{prediction_type}.clip{clip}.prev{prev}"
+                assert {name, name + ".x0", name + ".no_keep"} <= set(report)
+    for op in ("noise_anchor", "update", "update_x0", "lerp"):
+        assert any(k.startswith(op + ".") and "channels_last" in k for k in report)
 
 
 def test_self_check_passes(report: dict) -> None:
@@ -98,6 +117,10 @@ def test_ops_dispatch_to_kernels(report: dict) -> None:
     assert report["dispatch_uses_kernels"] is True
     assert report["dispatch_noise_anchor_err"] <= 1e-6
     assert report["dispatch_update_err"] <= 1e-6
+    assert report["dispatch_multistep_err"] <= 1e-6
+    assert report["dispatch_multistep_x0_err"] <= 1e-6
+    # the previous x0 enters the kernel's step: another x0_prev gives another x_prev
+    assert report["multistep_reads_x0_prev"] > 0.1
 
 
 def test_self_check_on_cpu_needs_the_interpreter(monkeypatch) -> None:
