@@ -8,7 +8,7 @@ caller did not ask for.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -33,7 +33,12 @@ def integral_floats_to_int(value: Any) -> Any:
     return value
 
 
-Method = Literal["ddim", "ddpm"]
+Method = Literal["ddim", "ddpm", "dpmpp-2m"]
+"""Step rules (docs/design.md §1): DDIM, DDPM ancestral, DPM-Solver++ (2M). Everything
+that lists methods (the sampler's plans, the OpenAPI document, the CLI) derives from here."""
+ETA_METHODS: tuple[Method, ...] = ("ddim",)
+"""The step rules that take ``eta``: for the others it changes nothing, so it enters
+neither their keys nor their sampler groups (``GenerationParams.sampler_eta``)."""
 CacheMode = Literal["use", "refresh", "bypass"]
 Sampling = Literal["authors", "authors-clipped", "model"]
 Interpolate = Literal["bottleneck", "bottleneck+low-skips"]
@@ -62,9 +67,13 @@ class GenerationParams(BaseModel):
         ge=0.0,
         le=1.0,
         allow_inf_nan=False,
-        description="DDIM stochasticity (ignored by DDPM).",
+        description="DDIM stochasticity (ignored by the other methods).",
     )
-    method: Method = Field("ddim", description="Step rule: ddim or ddpm.")
+    method: Method = Field(
+        "ddim",
+        description=f"Step rule: {', '.join(get_args(Method)[:-1])} or "
+        f"{get_args(Method)[-1]} (DPM-Solver++ 2M, deterministic).",
+    )
     sampling: Sampling | None = Field(
         None,
         description="authors: the CLSP authors' loop (trailing timesteps, no x0 clipping, "
@@ -103,13 +112,14 @@ class GenerationParams(BaseModel):
 
     @property
     def sampler_eta(self) -> float | None:
-        """``eta`` as the sampler uses it: None for DDPM, whose step has no eta.
+        """``eta`` as the sampler uses it: None for a method not in ``ETA_METHODS``
+        (DDPM, DPM-Solver++), whose step has no eta.
 
-        Decided here alone: ``canonical`` and ``group`` both read it, so DDPM
-        requests that differ only in eta share their keys and their sampler calls.
+        Decided here alone: ``canonical`` and ``group`` both read it, so requests of
+        such a method that differ only in eta share their keys and their sampler calls.
         """
         # + 0.0 folds -0.0 into 0.0: the same sampler, so the same key
-        return float(self.eta) + 0.0 if self.method == "ddim" else None
+        return float(self.eta) + 0.0 if self.method in ETA_METHODS else None
 
     @property
     def sampler_sampling(self) -> Sampling:

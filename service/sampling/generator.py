@@ -23,13 +23,19 @@ from clsp_positives.proto.keys import canonical_anchors, positive_keys, seed_fro
 from clsp_positives.proto.messages import ModelInfo
 from clsp_positives.proto.params import (
     DEFAULT_SAMPLING,
+    ETA_METHODS,
     GenerationParams,
     Interpolate,
     Sampling,
 )
 from clsp_positives.service.sampling.model import LoadedModel, load_model, public_config
 from clsp_positives.service.sampling.sampler import CLSPSampler, sampler_path
-from clsp_positives.service.sampling.schedule import SamplingPlan, sampling_config, sampling_plan
+from clsp_positives.service.sampling.schedule import (
+    SamplingPlan,
+    UnsupportedSchedulerError,
+    sampling_config,
+    sampling_plan,
+)
 from clsp_positives.service.sampling.unet_split import UNetSplit
 
 DTYPES: dict[str, torch.dtype] = {
@@ -44,6 +50,10 @@ DTYPES: dict[str, torch.dtype] = {
 
 WARMUP_INTERPOLATION_WEIGHT = 0.5
 """Below 1, so the warm-up takes the anchor path (``sampler.sampler_path``) of CLSP requests."""
+
+WARMUP_MULTISTEP_STEPS = 3
+"""Fewest DPM-Solver++ (2M) steps that run both of its update variants: a first-order
+first step that keeps x0, then a second-order one that also reads the previous x0."""
 
 
 def _bucket(n: int) -> int:
@@ -207,7 +217,8 @@ class PositivesGenerator:
             config = sampling_config(self.scheduler_config, sampling)
         except ValueError as exc:
             raise GeneratorInputError(str(exc)) from None
-        key = (method, int(steps), float(eta), sampling)
+        # eta changes only DDIM's plan: the others share one plan whatever eta says
+        key = (method, int(steps), float(eta) if method in ETA_METHODS else 0.0, sampling)
         plan = self._plans.get(key)
         if plan is None:
             plan = sampling_plan(config, method=method, steps=steps, eta=key[2])
@@ -348,10 +359,18 @@ class PositivesGenerator:
         the plain path (weight 1) runs neither. The plain call at eta 0 launches
         the update kernel without noise, the anchor call at eta 0.1 with noise in
         every step but perhaps the last, so with ``steps`` >= 2 both variants of
-        that kernel are compiled whatever the schedule.
+        that kernel are compiled whatever the schedule. A DPM-Solver++ call of
+        ``max(steps, WARMUP_MULTISTEP_STEPS)`` steps compiles its variants, which
+        keep x0 and read the previous one (same paths, so ``paths_run`` gains nothing),
+        unless the model's config cannot be sampled by it.
         ``paths_run`` records what has run.
         """
         h, w = self.sample_hw
+        multistep_steps = max(steps, WARMUP_MULTISTEP_STEPS)
+        try:
+            multistep = self.plan(steps=multistep_steps, eta=0.0, method="dpmpp-2m")
+        except UnsupportedSchedulerError:
+            multistep = None  # requests for it will be refused too: nothing to warm
         for b in batch_sizes:
             anchors = np.zeros((b, self.channels, h, w), dtype=np.float32)
             seeds = np.arange(b, dtype=np.int64)
@@ -359,6 +378,15 @@ class PositivesGenerator:
                 interpolation_weights = np.full(b, weight, dtype=np.float32)
                 self.sample(
                     anchors, seeds, interpolation_weights, steps=steps, eta=eta, method="ddim"
+                )
+            if multistep is not None:
+                self.sample(
+                    anchors,
+                    seeds,
+                    np.full(b, WARMUP_INTERPOLATION_WEIGHT, dtype=np.float32),
+                    steps=multistep_steps,
+                    eta=0.0,
+                    method="dpmpp-2m",
                 )
 
     @staticmethod

@@ -3,9 +3,10 @@
 The model's scheduler config decides the schedule (betas, timestep spacing,
 ``steps_offset``, ``set_alpha_to_one``, x0 clipping, prediction and variance
 type). Rather than re-deriving those rules, the timesteps and ``alphas_cumprod``
-come from diffusers' own ``DDIMScheduler``/``DDPMScheduler`` built from that
-config, and each step is reduced to the ``StepCoefficients`` of its ``step``
-function, so the fused update computes what diffusers would. Options the
+(or noise levels) come from diffusers' own ``DDIMScheduler``/``DDPMScheduler``/
+``DPMSolverMultistepScheduler`` built from that config, and each step is reduced
+to the ``StepCoefficients`` of its ``step`` function, so the fused update
+computes what diffusers would. Options the
 fused update cannot express (dynamic thresholding, learned variance) are
 refused with an error that says which key to change.
 
@@ -16,13 +17,16 @@ but under ``authors_config`` of it, the CLSP authors' DDIM interpolation loop
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
-METHODS = ("ddim", "ddpm")
+from clsp_positives.proto.params import Method
+
+METHODS: tuple[str, ...] = get_args(Method)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 SPACINGS = ("linspace", "leading", "trailing")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -155,7 +159,8 @@ def check_scheduler_config(config: dict[str, Any]) -> None:
 def _scheduler(cls: type, config: dict[str, Any], method: str, steps: int) -> Any:
     try:
         sched = cls.from_config(config)
-    except NotImplementedError as exc:  # e.g. a beta_schedule this scheduler lacks
+    except (NotImplementedError, ValueError, ImportError) as exc:
+        # e.g. a beta_schedule this scheduler lacks, options it cannot combine
         raise UnsupportedSchedulerError(
             f"{method} cannot use this scheduler config: {exc}"
         ) from None
@@ -227,10 +232,96 @@ def _ddpm(config: dict[str, Any], steps: int) -> tuple[list[int], list]:
     return timesteps, coefs
 
 
+DPMPP_2M_OVERRIDES: dict[str, Any] = {
+    "algorithm_type": "dpmsolver++",
+    "solver_order": 2,
+    "solver_type": "midpoint",
+    "variance_type": None,  # DDPM's key; DPM-Solver reads it only as "learned"
+}
+"""What ``dpmpp-2m`` fixes in the config it builds ``DPMSolverMultistepScheduler`` from;
+everything else (betas, spacing, ``final_sigmas_type``, ``lower_order_final``, ...)
+is the sampling mode's config or diffusers' default."""
+
+DPMPP_REFUSED_KEYS = ("use_flow_sigmas",)
+"""DPM-Solver options the update cannot express: flow-matching noise levels are not
+variance-preserving (alpha = 1 - sigma). Reshaped VP levels (``use_karras_sigmas``
+and the like) are followed: the coefficients come from the scheduler's sigmas."""
+
+
+def _vp(sigma: float) -> tuple[float, float]:
+    """``(alpha, sigma_vp)`` of a noise level ``sigma = sqrt((1-abar)/abar)``, as
+    ``DPMSolverMultistepScheduler._sigma_to_alpha_sigma_t``: sqrt(abar), sqrt(1-abar)."""
+    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    return alpha, sigma * alpha
+
+
+def _dpmpp_2m(config: dict[str, Any], steps: int) -> tuple[list[int], list]:
+    """Coefficients of ``DPMSolverMultistepScheduler.step`` (DPM-Solver++, order 2, midpoint).
+
+    With lambda = log(alpha/sigma_vp) = -log(sigma) and h = lambda_next - lambda,
+    a step is ``x' = (sigma_vp'/sigma_vp) x + alpha' (1 - e^-h) D`` where D is x0 on
+    the first step and on a lower-order final one, else
+    ``(1 + 1/(2r)) x0 - 1/(2r) x0_prev`` with r = h_prev / h. The noise levels are
+    the scheduler's own ``sigmas`` (one more than the steps: the last is 0 under
+    ``final_sigmas_type="zero"``, which makes the last step return x0, as
+    ``set_alpha_to_one`` does for DDIM). Which steps are first order follows
+    ``step``: the first, and the last when the final sigma is 0, ``euler_at_final``
+    or ``lower_order_final`` with fewer than 15 steps.
+    """
+    for key in DPMPP_REFUSED_KEYS:
+        if config.get(key):
+            raise UnsupportedSchedulerError(
+                f"the scheduler config sets {key}=true; dpmpp-2m supports variance-preserving "
+                f"noise levels only: set {key} to false"
+            )
+    sched = _scheduler(
+        DPMSolverMultistepScheduler, {**config, **DPMPP_2M_OVERRIDES}, "dpmpp-2m", steps
+    )
+    timesteps = [int(t) for t in sched.timesteps]
+    sigmas = [float(s) for s in sched.sigmas]
+    n = len(timesteps)
+    if any(not b < a for a, b in itertools.pairwise(sigmas)):
+        raise UnsupportedSchedulerError(
+            f"dpmpp-2m needs a distinct noise level at every step, but timestep_spacing="
+            f"{sched.config.timestep_spacing!r} repeats one at this many steps "
+            f"(timesteps {timesteps[:3]}...{timesteps[-3:]}); ask for fewer steps"
+        )
+    cfg = sched.config
+    final_first_order = bool(
+        cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
+    )
+    coefs = []
+    for i in range(n):
+        alpha, sigma_vp = _vp(sigmas[i])
+        alpha_next, sigma_vp_next = _vp(sigmas[i + 1])
+        # 1 - e^-h = 1 - sigma'/sigma: 1 when the next noise level is 0 (h infinite)
+        one_minus_exp = 1.0 - sigmas[i + 1] / sigmas[i]
+        c0 = alpha_next * one_minus_exp
+        c_prev = 0.0
+        if not (i == 0 or (i == n - 1 and final_first_order)):
+            h = math.log(sigmas[i] / sigmas[i + 1])
+            r = math.log(sigmas[i - 1] / sigmas[i]) / h
+            c_prev = -c0 / (2.0 * r)
+            c0 = c0 - c_prev
+        coefs.append(
+            StepCoefficients(
+                sqrt_alpha_bar=alpha,
+                sqrt_one_minus_alpha_bar=sigma_vp,
+                coef_x0=c0,
+                coef_eps=0.0,
+                coef_x=sigma_vp_next / sigma_vp,
+                sigma=0.0,
+                coef_x0_prev=c_prev,
+            )
+        )
+    return timesteps, coefs
+
+
 def sampling_plan(
     config: dict[str, Any], *, method: str, steps: int, eta: float = 0.0
 ) -> SamplingPlan:
-    """The plan of ``steps`` DDIM (with ``eta``) or DDPM ancestral steps under ``config``."""
+    """The plan of ``steps`` DDIM (with ``eta``), DDPM ancestral or DPM-Solver++ (2M)
+    steps under ``config`` (eta enters DDIM's alone)."""
     check_scheduler_config(config)
     if method not in METHODS:
         raise UnsupportedSchedulerError(f"method must be one of {METHODS}, got {method!r}")
@@ -240,8 +331,10 @@ def sampling_plan(
         if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
             raise UnsupportedSchedulerError(f"eta must be in [0, 1], got {eta!r}")
         timesteps, coefs = _ddim(config, steps, float(eta))
-    else:
+    elif method == "ddpm":
         timesteps, coefs = _ddpm(config, steps)
+    else:
+        timesteps, coefs = _dpmpp_2m(config, steps)
     prediction_type = config.get("prediction_type", "epsilon")
     for t, c in zip(timesteps, coefs, strict=True):
         zero = (prediction_type == "epsilon" and c.sqrt_alpha_bar == 0) or (

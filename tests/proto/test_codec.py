@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
+import typing
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from clsp_positives.proto import (
     tensor_from_json,
     tensor_to_json,
 )
+from clsp_positives.proto.params import Method
 
 ENCODINGS = [SAFETENSORS_MEDIA_TYPE, JSON_MEDIA_TYPE]
 FUZZ = settings(
@@ -169,7 +171,7 @@ def requests(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray | None, Generation
         interpolation_weight=draw(st.floats(0, 1)),
         steps=draw(st.integers(1, 1000)),
         eta=draw(st.floats(0, 1)),
-        method=draw(st.sampled_from(["ddim", "ddpm"])),
+        method=draw(st.sampled_from(typing.get_args(Method))),
         cache=draw(st.sampled_from(["use", "refresh", "bypass"])),
         k=draw(st.none() | st.integers(1, 8)),
     )

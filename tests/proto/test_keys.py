@@ -113,6 +113,7 @@ def test_negative_zero_keys_like_zero() -> None:
         {"steps": 99},
         {"eta": 0.0},
         {"method": "ddpm"},
+        {"method": "dpmpp-2m"},
         {"sampling": "model"},
     ],
 )
@@ -136,9 +137,13 @@ def test_k_cache_and_ddpm_eta_do_not_change_the_key() -> None:
     assert key_of(image(), params=GenerationParams(k=8)) == base
     for cache in ("refresh", "bypass"):
         assert key_of(image(), params=GenerationParams(cache=cache)) == base
-    ddpm = GenerationParams(method="ddpm", eta=0.0)
-    assert key_of(image(), params=GenerationParams(method="ddpm", eta=0.9)) == key_of(
-        image(), params=ddpm
+    for method in ("ddpm", "dpmpp-2m"):  # their steps have no eta
+        without_eta = GenerationParams(method=method, eta=0.0)
+        assert key_of(image(), params=GenerationParams(method=method, eta=0.9)) == key_of(
+            image(), params=without_eta
+        )
+    assert key_of(image(), params=GenerationParams(method="dpmpp-2m")) != key_of(
+        image(), params=GenerationParams(method="ddpm")
     )
     assert (
         GenerationParams(interpolation_weight=1).canonical()

@@ -74,7 +74,7 @@ def test_range_ends_are_accepted_and_beyond_is_refused(
         ({"eta": True}, ("eta",)),
         ({"interpolation_weight": float("nan")}, ("interpolation_weight", "finite")),
         ({"interpolation_weight": float("inf")}, ("interpolation_weight",)),
-        ({"method": "DDIM"}, ("method: Input should be 'ddim' or 'ddpm'",)),
+        ({"method": "DDIM"}, ("method: Input should be 'ddim', 'ddpm' or 'dpmpp-2m'",)),
         ({"cache": "off"}, ("cache: Input should be 'use', 'refresh' or 'bypass'",)),
     ],
 )
@@ -172,6 +172,12 @@ def test_canonical_and_group() -> None:
         "bottleneck",
     )
     assert "eta" not in json.loads(GenerationParams(method="ddpm").canonical())
+    # dpmpp-2m is deterministic: eta enters neither its key nor its group
+    dpmpp = GenerationParams(method="dpmpp-2m", eta=0.7)
+    assert dpmpp.sampler_eta is None and "eta" not in json.loads(dpmpp.canonical())
+    assert json.loads(dpmpp.canonical())["method"] == "dpmpp-2m"
+    assert dpmpp.group() == (100, 0.0, "dpmpp-2m", "authors", "bottleneck")
+    assert dpmpp.group() == GenerationParams(method="dpmpp-2m", eta=0.0).group()
     # the sampling mode: None counts as the default, and always enters key and group
     model = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5, sampling="model")
     assert json.loads(model.canonical())["sampling"] == "model"

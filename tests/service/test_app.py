@@ -202,6 +202,29 @@ def test_low_skips_interpolation_is_keyed_and_answered(service, client, redis_se
     assert redis_server.command("EXISTS", entry_name(fp, key)).strip() == b":1"
 
 
+def test_dpmpp_2m_is_keyed_apart_from_ddim_and_eta_free(service, client, redis_server, generator):
+    anchors = anchors_u8(1, seed=380)
+    dpmpp = {**PARAMS, "method": "dpmpp-2m"}
+    r, first = post_positives(client, anchors, dpmpp, token=TOKEN)
+    assert r.status_code == 200, r.text
+    assert first.params.method == "dpmpp-2m" and first.cache_hit.tolist() == [0]
+    _, ddim = post_positives(client, anchors, PARAMS, token=TOKEN)
+    assert ddim.cache_hit.tolist() == [0]  # another method, another key
+    assert np.abs(ddim.positives.astype(int) - first.positives.astype(int)).max() > 1
+    # eta does not enter a dpmpp-2m key: another eta is a hit on the same positive
+    _, other_eta = post_positives(client, anchors, {**dpmpp, "eta": 0.9}, token=TOKEN)
+    assert other_eta.cache_hit.tolist() == [1]
+    assert np.array_equal(other_eta.positives, first.positives)
+    fp = _fingerprint(client)
+    key = positive_key(
+        fp, GenerationParams(**dpmpp, sampling="authors"), canonical_anchors(anchors)[0], 0
+    )
+    assert redis_server.command("EXISTS", entry_name(fp, key)).strip() == b":1"
+    # what the service made is what the in-process generator makes for that key
+    direct = generator.positives(anchors, None, GenerationParams(**dpmpp))
+    assert _levels_apart(direct, first.positives) <= 1
+
+
 def test_refresh_regenerates_and_bypass_neither_reads_nor_writes(service, client, redis_server):
     anchors = anchors_u8(3, seed=400)
     _, first = post_positives(client, anchors, PARAMS, token=TOKEN)

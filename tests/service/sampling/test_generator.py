@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from clsp_positives.proto.keys import seed_from_key, uint8_to_unit
-from clsp_positives.proto.params import GenerationParams
+from clsp_positives.proto.params import GenerationParams, Method
+from clsp_positives.service.sampling import ops
 from clsp_positives.service.sampling.generator import GeneratorInputError, PositivesGenerator
 from clsp_positives.service.sampling.sampler import ANCHOR_PATH, PLAIN_PATH
 
@@ -73,7 +75,7 @@ def test_alone_equals_inside_a_mixed_batch(gen: PositivesGenerator) -> None:
     rng = np.random.default_rng(2)
     seeds = rng.integers(0, 2**62, n, dtype=np.int64)
     weights = rng.choice(np.array([0.0, 0.1, 0.5, 1.0], np.float32), n)
-    for method in ("ddim", "ddpm"):
+    for method in typing.get_args(Method):
         batch = gen.sample(anchors, seeds, weights, steps=4, eta=0.1, method=method)
         for j in (0, 31, 63):
             alone = gen.sample(
@@ -131,6 +133,40 @@ def test_after_warmup_requests_run_no_path_for_the_first_time(tiny_model_dir: Pa
         _anchors(2, seed=6), None, PARAMS.model_copy(update={"interpolation_weight": 1.0})
     )
     assert gen.paths_run == warmed
+
+
+def test_warmup_launches_every_update_variant_a_request_launches(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each variant of the fused update (noise or not; DPM-Solver++'s previous x0
+    read or not, its x0 kept or not) is a Triton kernel of its own, compiled on its
+    first launch on CUDA: the warm-up launches every one that a request of any
+    method, at the service's default sampling mode, can launch."""
+    launched: set[tuple[bool, bool, bool]] = set()
+
+    def spy(name: str, keep_x0: bool) -> None:
+        real = getattr(ops, name)
+
+        def update(*args, **kwargs):
+            coefs = args[4]
+            launched.add((coefs.sigma != 0, coefs.coef_x0_prev != 0, keep_x0))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ops, name, update)
+
+    spy("scheduler_update", False)
+    spy("scheduler_update_with_x0", True)
+    gen = PositivesGenerator.from_dir(tiny_model_dir)
+    gen.warmup(steps=2)
+    warmed = set(launched)
+    assert (False, False, True) in warmed and (False, True, True) in warmed  # dpmpp-2m
+    for method in typing.get_args(Method):
+        for eta, weight, steps in ((0.0, 1.0, 3), (0.1, 0.1, 7)):
+            params = GenerationParams(
+                steps=steps, eta=eta, interpolation_weight=weight, method=method
+            )
+            gen.positives(_anchors(2, seed=7), None, params)
+    assert launched == warmed
 
 
 def test_empty_batch(gen: PositivesGenerator) -> None:
