@@ -287,6 +287,12 @@ class PositivesService:
                 code="cost_too_high",
                 status=413,
             )
+        try:
+            self.generator.check_params(req.params)
+        except ValueError as exc:  # UnsupportedSchedulerError: these params, this model
+            raise ProtocolError(
+                f"invalid params for this model: {exc}", code="invalid_params", status=422
+            ) from None
         canon = canonical_anchors(req.anchors)
         keys = [
             positive_key(self.fingerprint, req.params, canon[a], int(c))

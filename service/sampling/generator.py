@@ -203,6 +203,14 @@ class PositivesGenerator:
             sampling=sampling,
         )
 
+    def check_params(self, params: GenerationParams) -> None:
+        """Raise ``UnsupportedSchedulerError`` (a ValueError) when this model's scheduler
+        config cannot be sampled with ``params`` (a step count whose grid repeats a noise
+        level, say): the service refuses such a request before it queues it, rather
+        than failing the batch it would join."""
+        group = params.group()
+        self.plan(steps=group.steps, eta=group.eta, method=group.method, sampling=group.sampling)
+
     def plan(
         self, *, steps: int, eta: float, method: str, sampling: Sampling = DEFAULT_SAMPLING
     ) -> SamplingPlan:
