@@ -214,7 +214,9 @@ class PositivesService:
         try:
             await asyncio.get_running_loop().run_in_executor(
                 self.executor,
-                lambda: self.generator.warmup(steps=self.settings.warmup_steps),
+                lambda: self.generator.warmup(
+                    steps=self.settings.warmup_steps, sampling=self.settings.sampling
+                ),
             )
         except Exception as exc:
             self.not_ready_reason = f"warm-up batch failed: {exc!r}"

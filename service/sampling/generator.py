@@ -357,7 +357,13 @@ class PositivesGenerator:
         interpolation_weights = np.full(len(canon), params.interpolation_weight, np.float32)
         return self.sample_keyed(canon, keys, interpolation_weights, **params.group()._asdict())
 
-    def warmup(self, *, steps: int = 2, batch_sizes: tuple[int, ...] = (1,)) -> None:
+    def warmup(
+        self,
+        *,
+        steps: int = 2,
+        batch_sizes: tuple[int, ...] = (1,),
+        sampling: Sampling = DEFAULT_SAMPLING,
+    ) -> None:
         """Run every sampler path once per batch size, so no request pays a first call.
 
         A first call pays for lazy initialisation and, on CUDA, for the Triton
@@ -370,13 +376,16 @@ class PositivesGenerator:
         that kernel are compiled whatever the schedule. A DPM-Solver++ call of
         ``max(steps, WARMUP_MULTISTEP_STEPS)`` steps compiles its variants, which
         keep x0 and read the previous one (same paths, so ``paths_run`` gains nothing),
-        unless the model's config cannot be sampled by it.
+        unless the model's config cannot be sampled by it. ``sampling`` is the
+        service's default mode: whether x0 is clipped selects the kernel variant too.
         ``paths_run`` records what has run.
         """
         h, w = self.sample_hw
         multistep_steps = max(steps, WARMUP_MULTISTEP_STEPS)
         try:
-            multistep = self.plan(steps=multistep_steps, eta=0.0, method="dpmpp-2m")
+            multistep = self.plan(
+                steps=multistep_steps, eta=0.0, method="dpmpp-2m", sampling=sampling
+            )
         except UnsupportedSchedulerError:
             multistep = None  # requests for it will be refused too: nothing to warm
         for b in batch_sizes:
@@ -385,7 +394,13 @@ class PositivesGenerator:
             for weight, eta in ((WARMUP_INTERPOLATION_WEIGHT, 0.1), (1.0, 0.0)):
                 interpolation_weights = np.full(b, weight, dtype=np.float32)
                 self.sample(
-                    anchors, seeds, interpolation_weights, steps=steps, eta=eta, method="ddim"
+                    anchors,
+                    seeds,
+                    interpolation_weights,
+                    steps=steps,
+                    eta=eta,
+                    method="ddim",
+                    sampling=sampling,
                 )
             if multistep is not None:
                 self.sample(
@@ -395,6 +410,7 @@ class PositivesGenerator:
                     steps=multistep_steps,
                     eta=0.0,
                     method="dpmpp-2m",
+                    sampling=sampling,
                 )
 
     @staticmethod

@@ -135,21 +135,23 @@ def test_after_warmup_requests_run_no_path_for_the_first_time(tiny_model_dir: Pa
     assert gen.paths_run == warmed
 
 
+@pytest.mark.parametrize("sampling", ["authors", "authors-clipped"])
 def test_warmup_launches_every_update_variant_a_request_launches(
-    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, sampling: str
 ) -> None:
     """Each variant of the fused update (noise or not; DPM-Solver++'s previous x0
-    read or not, its x0 kept or not) is a Triton kernel of its own, compiled on its
-    first launch on CUDA: the warm-up launches every one that a request of any
-    method, at the service's default sampling mode, can launch."""
-    launched: set[tuple[bool, bool, bool]] = set()
+    read or not, its x0 kept or not; x0 clipped or not) is a Triton kernel of its own,
+    compiled on its first launch on CUDA: the warm-up launches every one that a
+    request of any method, in the service's sampling mode, can launch."""
+    launched: set[tuple[bool, bool, bool, bool]] = set()
 
     def spy(name: str, keep_x0: bool) -> None:
         real = getattr(ops, name)
 
         def update(*args, **kwargs):
             coefs = args[4]
-            launched.add((coefs.sigma != 0, coefs.coef_x0_prev != 0, keep_x0))
+            clipped = args[6] is not None
+            launched.add((coefs.sigma != 0, coefs.coef_x0_prev != 0, keep_x0, clipped))
             return real(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, update)
@@ -157,13 +159,14 @@ def test_warmup_launches_every_update_variant_a_request_launches(
     spy("scheduler_update", False)
     spy("scheduler_update_with_x0", True)
     gen = PositivesGenerator.from_dir(tiny_model_dir)
-    gen.warmup(steps=2)
+    gen.warmup(steps=2, sampling=sampling)
     warmed = set(launched)
-    assert (False, False, True) in warmed and (False, True, True) in warmed  # dpmpp-2m
+    clip = sampling == "authors-clipped"
+    assert (False, False, True, clip) in warmed and (False, True, True, clip) in warmed
     for method in typing.get_args(Method):
         for eta, weight, steps in ((0.0, 1.0, 3), (0.1, 0.1, 7)):
             params = GenerationParams(
-                steps=steps, eta=eta, interpolation_weight=weight, method=method
+                steps=steps, eta=eta, interpolation_weight=weight, method=method, sampling=sampling
             )
             gen.positives(_anchors(2, seed=7), None, params)
     assert launched == warmed
