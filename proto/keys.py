@@ -17,6 +17,7 @@ import numpy as np
 from clsp_positives.proto.params import GenerationParams
 
 KEY_DOMAIN = b"clsp-positives/key/v1"
+ANCHOR_SEED_DOMAIN = b"clsp-positives/anchor-seed/v1"
 SEED_BITS = 63
 
 
@@ -63,9 +64,7 @@ def positive_key(
     h.update(KEY_DOMAIN)
     h.update(b"|" + fingerprint.encode())
     h.update(b"|" + params.canonical())
-    h.update(b"|" + ",".join(str(d) for d in anchor_chw.shape).encode() + b"|")
-    # + 0 folds -0.0 into 0.0, which the model cannot tell apart
-    h.update((np.ascontiguousarray(anchor_chw) + np.float32(0)).astype("<f4").tobytes())
+    h.update(b"|" + _anchor_bytes(anchor_chw))
     h.update(b"|" + int(candidate).to_bytes(8, "little"))
     return h.digest()
 
@@ -87,3 +86,24 @@ def positive_keys(
 def seed_from_key(key: bytes) -> int:
     """The per-sample seed: the key's first 8 bytes, as a non-negative int64."""
     return int.from_bytes(key[:8], "little") & ((1 << SEED_BITS) - 1)
+
+
+def anchor_seed(anchor_chw: np.ndarray) -> int:
+    """The seed of an anchor's own noise, from its content alone.
+
+    With ``share_anchor`` the anchor is noised by this seed rather than by each
+    candidate's, so every candidate of the anchor, in whatever batch, sees the same
+    noised anchor and one encoder pass serves them all (docs/design.md §2).
+    """
+    if anchor_chw.dtype != np.float32 or anchor_chw.ndim != 3:
+        raise ValueError("anchor_seed takes one canonical float32 [C, H, W] anchor")
+    return seed_from_key(
+        hashlib.sha256(ANCHOR_SEED_DOMAIN + b"|" + _anchor_bytes(anchor_chw)).digest()
+    )
+
+
+def _anchor_bytes(anchor_chw: np.ndarray) -> bytes:
+    """An anchor's shape and content as hashed into keys and anchor seeds."""
+    shape = ",".join(str(d) for d in anchor_chw.shape).encode()
+    # + 0 folds -0.0 into 0.0, which the model cannot tell apart
+    return shape + b"|" + (np.ascontiguousarray(anchor_chw) + np.float32(0)).astype("<f4").tobytes()

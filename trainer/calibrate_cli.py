@@ -19,14 +19,14 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
-from clsp_positives.options import describe_errors, with_model_options
+from clsp_positives.options import describe_errors, flag, with_model_options
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.messages import ModelInfo
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.config import TrainConfig
 
 SHARED = ("data_root", "download", "token", "gen_eta", "gen_method", "gen_sampling")
-SHARED += ("gen_interpolate",)
+SHARED += ("gen_interpolate", "gen_share_anchor", "gen_anchor_refresh")
 """``TrainConfig`` fields that are ``clsp calibrate`` options too."""
 
 
@@ -147,6 +147,8 @@ def calibrate(
             "eta": base.eta,
             "method": base.method,
             "interpolate": base.interpolate,
+            "share_anchor": base.share_anchor,
+            "anchor_refresh": base.anchor_refresh,
             "weights": sorted({s.interpolation_weight for s in settings}),
             "steps": sorted({s.steps for s in settings}),
             "budget_s": budget,
@@ -161,9 +163,9 @@ def calibrate(
         )
         # The options given that every setting shared, for the advice (a default left out).
         shared_flags = " ".join(
-            f"--gen-{name} {value}"
-            for name, value in (("sampling", base.sampling), ("interpolate", base.interpolate))
-            if value != GenerationParams.model_fields[name].default
+            flag(f"gen_{name}") if value is True else f"{flag(f'gen_{name}')} {value}"
+            for name in ("sampling", "interpolate", "share_anchor", "anchor_refresh")
+            if (value := getattr(base, name)) != GenerationParams.model_fields[name].default
         )
 
         def save(rows: list[cal.Row], complete: bool) -> None:

@@ -170,6 +170,8 @@ class TrainConfig(BaseModel):
     gen_method: Method = _generation("method")
     gen_sampling: Sampling | None = _generation("sampling")
     gen_interpolate: Interpolate = _generation("interpolate")
+    gen_share_anchor: bool = _generation("share_anchor")
+    gen_anchor_refresh: int = _generation("anchor_refresh")
     collapse_z_std: float = Field(
         0.2,
         ge=0,
@@ -246,6 +248,8 @@ class TrainConfig(BaseModel):
             method=self.gen_method,
             sampling=self.gen_sampling,
             interpolate=self.gen_interpolate,
+            share_anchor=self.gen_share_anchor,
+            anchor_refresh=self.gen_anchor_refresh,
             k=k,
         )
 

@@ -29,7 +29,7 @@ from clsp_positives.trainer.positives.offline import (
 
 SHARED = ("data_root", "download", "token", "k")
 SHARED += ("interpolation_weight", "gen_steps", "gen_eta", "gen_method", "gen_sampling")
-SHARED += ("gen_interpolate",)
+SHARED += ("gen_interpolate", "gen_share_anchor", "gen_anchor_refresh")
 """``TrainConfig`` fields that are ``clsp generate`` options too."""
 
 

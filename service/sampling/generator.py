@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from clsp_positives.proto.keys import canonical_anchors, positive_keys, seed_from_key, unit_to_uint8
+from clsp_positives.proto.keys import (
+    anchor_seed,
+    canonical_anchors,
+    positive_keys,
+    seed_from_key,
+    unit_to_uint8,
+)
 from clsp_positives.proto.messages import ModelInfo
 from clsp_positives.proto.params import (
     DEFAULT_SAMPLING,
@@ -254,9 +260,14 @@ class PositivesGenerator:
         method: str,
         sampling: Sampling = DEFAULT_SAMPLING,
         interpolate: Interpolate = "bottleneck",
+        anchor_seeds: np.ndarray | None = None,
+        anchor_refresh: int = 1,
     ) -> np.ndarray:
         """Positives uint8 ``[M, H, W, C]`` for float32 anchors ``[M, C, H, W]`` in [-1, 1],
-        int64 seeds ``[M]`` and interpolation weights ``[M]`` in [0, 1]."""
+        int64 seeds ``[M]`` and interpolation weights ``[M]`` in [0, 1].
+
+        ``anchor_seeds`` (int64 ``[M]``) and ``anchor_refresh`` are the sampler's
+        reuse options (``CLSPSampler``); None noises each anchor by its candidate's seed."""
         anchors = np.asarray(anchors)
         if anchors.dtype != np.float32:
             raise GeneratorInputError(f"anchors must be float32, got {anchors.dtype}")
@@ -271,6 +282,13 @@ class PositivesGenerator:
         if seeds.size and seeds.min() < 0:
             raise GeneratorInputError("seeds must be non-negative (63-bit, from seed_from_key)")
         _check_interpolation_weights(interpolation_weights, m)
+        if anchor_seeds is not None:
+            anchor_seeds = np.asarray(anchor_seeds)
+            if anchor_seeds.dtype != np.int64 or anchor_seeds.shape != (m,):
+                raise GeneratorInputError(
+                    f"anchor seeds must be int64 [{m}], got {anchor_seeds.dtype} "
+                    f"{tuple(anchor_seeds.shape)}"
+                )
         if not np.isfinite(anchors).all():
             raise GeneratorInputError("anchors contain NaN or Inf")
         plan = self.plan(steps=steps, eta=eta, method=method, sampling=sampling)
@@ -280,6 +298,7 @@ class PositivesGenerator:
         anchors_t = torch.from_numpy(np.ascontiguousarray(anchors))
         seeds_t = torch.from_numpy(np.ascontiguousarray(seeds))
         weights_t = torch.from_numpy(interpolation_weights.astype(np.float32))
+        anchor_seeds_t = None if anchor_seeds is None else torch.from_numpy(anchor_seeds)
         if self.compiled:
             # Pad with copies of the first item: items are independent, so the
             # padding changes no other item's result, only the compiled shape.
@@ -289,9 +308,19 @@ class PositivesGenerator:
                     torch.cat([v, v[:1].expand(pad, *v.shape[1:])])
                     for v in (anchors_t, seeds_t, weights_t)
                 )
+                if anchor_seeds_t is not None:
+                    anchor_seeds_t = torch.cat([anchor_seeds_t, anchor_seeds_t[:1].expand(pad)])
         path = (sampler_path(weights_t), len(weights_t) if self.compiled else None)
         with self._lock:
-            x = self._sampler(plan, anchors_t, seeds_t, weights_t, interpolate=interpolate)
+            x = self._sampler(
+                plan,
+                anchors_t,
+                seeds_t,
+                weights_t,
+                interpolate=interpolate,
+                anchor_seeds=anchor_seeds_t,
+                anchor_refresh=anchor_refresh,
+            )
             images = x[:m].permute(0, 2, 3, 1).cpu().numpy()
             self.paths_run.add(path)
         return unit_to_uint8(images)
@@ -307,13 +336,21 @@ class PositivesGenerator:
         method: str,
         sampling: Sampling = DEFAULT_SAMPLING,
         interpolate: Interpolate = "bottleneck",
+        share_anchor: bool = False,
+        anchor_refresh: int = 1,
     ) -> np.ndarray:
-        """``sample`` with each item's seed derived from its key (``seed_from_key``).
+        """``sample`` with each item's seed derived from its key (``seed_from_key``)
+        and, with ``share_anchor``, its anchor's seed from the anchor (``anchor_seed``).
 
         The one place a key becomes a seed: the same key gives the same positive
         whichever request, batch or process carries it (docs/design.md §2).
         """
         seeds = np.fromiter((seed_from_key(k) for k in keys), dtype=np.int64, count=len(keys))
+        anchor_seeds = (
+            np.fromiter((anchor_seed(a) for a in anchors), dtype=np.int64, count=len(anchors))
+            if share_anchor
+            else None
+        )
         return self.sample(
             anchors,
             seeds,
@@ -323,6 +360,8 @@ class PositivesGenerator:
             method=method,
             sampling=sampling,
             interpolate=interpolate,
+            anchor_seeds=anchor_seeds,
+            anchor_refresh=anchor_refresh,
         )
 
     def keys(

@@ -42,10 +42,13 @@ def sampler_path(interpolation_weights: torch.Tensor) -> str:
 
 
 def mix_encodings(
-    enc: Encoded, n: int, interpolation_weights: torch.Tensor, interpolate: Interpolate
+    candidates: Encoded,
+    anchors: Encoded,
+    interpolation_weights: torch.Tensor,
+    interpolate: Interpolate,
 ) -> Encoded:
-    """The candidates' encoding (rows ``:n`` of ``[candidates; anchors]``) with the
-    anchors' (rows ``n:``) mixed in: ``w*candidate + (1-w)*anchor`` per sample.
+    """The candidates' encoding with their anchors' (row for row) mixed in:
+    ``w*candidate + (1-w)*anchor`` per sample.
 
     ``bottleneck`` mixes the bottleneck alone, as the paper does: the decoder then
     works from the candidate's skips, which with a small UNet carry enough of
@@ -53,15 +56,34 @@ def mix_encodings(
     mixes the skip tensors at the bottleneck's resolution (docs/design.md §1,
     measured in docs/method.md); the finer skips stay the candidate's.
     """
-    h = ops.bottleneck_lerp(enc.h[:n], enc.h[n:], interpolation_weights)
-    low = enc.h.shape[-2:]
+    h = ops.bottleneck_lerp(candidates.h, anchors.h, interpolation_weights)
+    low = candidates.h.shape[-2:]
     skips = tuple(
-        ops.bottleneck_lerp(s[:n], s[n:], interpolation_weights)
-        if interpolate == "bottleneck+low-skips" and s.shape[-2:] == low
-        else s[:n]
-        for s in enc.skips
+        ops.bottleneck_lerp(c, a, interpolation_weights)
+        if interpolate == "bottleneck+low-skips" and c.shape[-2:] == low
+        else c
+        for c, a in zip(candidates.skips, anchors.skips, strict=True)
     )
     return Encoded(h, skips)
+
+
+def rows(enc: Encoded, index: slice | torch.Tensor) -> Encoded:
+    """The rows ``index`` of every tensor of an encoding."""
+    return Encoded(enc.h[index], tuple(s[index] for s in enc.skips))
+
+
+def anchor_groups(anchor_seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first, group)`` of candidates grouped by anchor seed: ``first[j]`` is the
+    first candidate of group ``j``, ``group[i]`` the group of candidate ``i``.
+
+    Each row of the encoder is computed on its own, so neither the order of the
+    groups nor what else is in the batch changes an anchor's encoding.
+    """
+    _, group = torch.unique(anchor_seeds, return_inverse=True)
+    n = len(anchor_seeds)
+    arange = torch.arange(n, device=anchor_seeds.device)
+    first = torch.full((int(group.max()) + 1,), n, dtype=torch.int64, device=anchor_seeds.device)
+    return first.scatter_reduce(0, group, arange, "amin"), group
 
 
 class CLSPSampler:
@@ -109,6 +131,8 @@ class CLSPSampler:
         interpolation_weights: torch.Tensor,
         *,
         interpolate: Interpolate = "bottleneck",
+        anchor_seeds: torch.Tensor | None = None,
+        anchor_refresh: int = 1,
     ) -> torch.Tensor:
         """Positives ``[N, C, H, W]`` float32 in [-1, 1].
 
@@ -116,40 +140,61 @@ class CLSPSampler:
         ``interpolation_weights`` float ``[N]`` (1 = plain sampling, 0 = only the
         anchor's bottleneck); ``interpolate``: what of the anchor's encoding is
         mixed in (``mix_encodings``).
+
+        The anchor path's two reuse options (docs/design.md §1, both off by
+        default): ``anchor_seeds`` int64 ``[N]`` noises each anchor by its own seed
+        instead of its candidate's, so candidates with the same anchor seed (and
+        so the same anchor) share one anchor encoding per step; ``anchor_refresh``
+        n > 1 encodes the anchors at every n-th step only and reuses that encoding
+        in between, as DeepCache reuses features across adjacent steps.
         """
+        if anchor_refresh < 1:
+            raise ValueError(f"anchor_refresh must be >= 1, got {anchor_refresh}")
         n = anchors.shape[0]
         device = self.device
         use_anchor = sampler_path(interpolation_weights) == ANCHOR_PATH
         anchors = anchors.to(device=device, dtype=torch.float32)
         seeds = seeds.to(device=device, dtype=torch.int64)
         interpolation_weights = interpolation_weights.to(device=device, dtype=torch.float32)
+        group: torch.Tensor | None = None
+        if use_anchor and anchor_seeds is not None:
+            first, group = anchor_groups(anchor_seeds.to(device=device, dtype=torch.int64))
+            anchors, anchor_seeds = anchors[first], anchor_seeds.to(device)[first]
+        else:
+            anchor_seeds = seeds
         with torch.inference_mode():
             x = ops.normal(seeds, STREAM_INITIAL, tuple(anchors.shape[1:]), device=device)
             if plan.init_noise_sigma != 1.0:
                 x = x * plan.init_noise_sigma
-            batch = 2 * n if use_anchor else n
             # A multistep plan (DPM-Solver++) reads the previous step's x0: the update
             # writes it in the same pass, one more store per element, not a recomputation.
             keep_x0 = plan.uses_previous_x0
             x0: torch.Tensor | None = None
+            anchor_enc: Encoded | None = None
             for i, (timestep, coefs) in enumerate(
                 zip(plan.timesteps, plan.coefficients, strict=True)
             ):
-                t, emb = self._embedding(timestep, batch)
-                if use_anchor:
+                refresh = use_anchor and i % anchor_refresh == 0
+                t, emb = self._embedding(timestep, n + len(anchors) if refresh else n)
+                if refresh:
                     a_t = ops.noise_anchor(
                         anchors,
-                        seeds,
+                        anchor_seeds,
                         anchor_stream(i),
                         coefs.sqrt_alpha_bar,
                         coefs.sqrt_one_minus_alpha_bar,
                     )
                     # Both paths in one encoder call: [candidates; anchors].
                     enc = self.encode(self._to_model(torch.cat([x, a_t])), emb)
-                    enc = mix_encodings(enc, n, interpolation_weights, interpolate)
-                    out = self.decode(enc, emb[:n], t[:n])
+                    anchor_enc = rows(enc, slice(n, None))
+                    if group is not None:
+                        anchor_enc = rows(anchor_enc, group)
+                    enc = rows(enc, slice(None, n))
                 else:
-                    out = self.decode(self.encode(self._to_model(x), emb), emb, t)
+                    enc = self.encode(self._to_model(x), emb)
+                if anchor_enc is not None:
+                    enc = mix_encodings(enc, anchor_enc, interpolation_weights, interpolate)
+                out = self.decode(enc, emb[:n], t[:n])
                 args = (
                     x,
                     out.contiguous(),

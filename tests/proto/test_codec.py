@@ -554,7 +554,7 @@ MALFORMED_JSON = {
     "unknown params field": (
         _good_json(params={"steps": 5, "seed": 1}),
         422,
-        ("seed", "unknown field", "allowed fields are cache, eta"),
+        ("seed", "unknown field", "allowed fields are anchor_refresh, cache, eta"),
     ),
     "steps as a string": (_good_json(params={"steps": "5"}), 422, ("steps", "integer")),
     "steps as a boolean": (_good_json(params={"steps": True}), 422, ("steps", "integer")),

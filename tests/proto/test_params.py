@@ -12,7 +12,10 @@ from pydantic import ValidationError
 
 from clsp_positives.proto import DEFAULT_MAX_K, GenerationParams, ProtocolError, parse_params
 
-ALLOWED = "cache, eta, interpolate, interpolation_weight, k, method, sampling, steps"
+ALLOWED = (
+    "anchor_refresh, cache, eta, interpolate, interpolation_weight, k, method, sampling, "
+    "share_anchor, steps"
+)
 
 
 def refused(raw: object, *words: str, max_k: int = DEFAULT_MAX_K) -> ProtocolError:
@@ -161,7 +164,7 @@ def test_canonical_and_group() -> None:
         "steps": 50,
         "eta": 0.3,
     }
-    assert ddim.group() == (50, 0.3, "ddim", "authors", "bottleneck")
+    assert ddim.group() == (50, 0.3, "ddim", "authors", "bottleneck", False, 1)
     # the weight may differ within one sampler call; ddpm ignores eta
     assert GenerationParams(steps=50, eta=0.3, interpolation_weight=0.9).group() == ddim.group()
     assert GenerationParams(method="ddpm", eta=0.7).group() == (
@@ -170,18 +173,20 @@ def test_canonical_and_group() -> None:
         "ddpm",
         "authors",
         "bottleneck",
+        False,
+        1,
     )
     assert "eta" not in json.loads(GenerationParams(method="ddpm").canonical())
     # dpmpp-2m is deterministic: eta enters neither its key nor its group
     dpmpp = GenerationParams(method="dpmpp-2m", eta=0.7)
     assert dpmpp.sampler_eta is None and "eta" not in json.loads(dpmpp.canonical())
     assert json.loads(dpmpp.canonical())["method"] == "dpmpp-2m"
-    assert dpmpp.group() == (100, 0.0, "dpmpp-2m", "authors", "bottleneck")
+    assert dpmpp.group() == (100, 0.0, "dpmpp-2m", "authors", "bottleneck", False, 1)
     assert dpmpp.group() == GenerationParams(method="dpmpp-2m", eta=0.0).group()
     # the sampling mode: None counts as the default, and always enters key and group
     model = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5, sampling="model")
     assert json.loads(model.canonical())["sampling"] == "model"
-    assert model.group() == (50, 0.3, "ddim", "model", "bottleneck")
+    assert model.group() == (50, 0.3, "ddim", "model", "bottleneck", False, 1)
     assert ddim.resolved("model") == model and model.resolved("authors") is model
     with pytest.raises(ValidationError):
         GenerationParams(sampling="diffusers")
@@ -195,3 +200,15 @@ def test_canonical_and_group() -> None:
     assert low.group() != ddim.group() and low.group().interpolate == "bottleneck+low-skips"
     with pytest.raises(ProtocolError, match="interpolate"):
         parse_params({"interpolate": "everything"})
+    # the reuse options likewise: keyed and grouped only when they are not the paper's
+    shared = ddim.model_copy(update={"share_anchor": True, "anchor_refresh": 4})
+    assert json.loads(shared.canonical()) == {
+        **json.loads(ddim.canonical()),
+        "share_anchor": True,
+        "anchor_refresh": 4,
+    }
+    assert shared.group()[-2:] == (True, 4) and ddim.group()[-2:] == (False, 1)
+    assert parse_params({"anchor_refresh": 2.0}).anchor_refresh == 2
+    for bad in ({"anchor_refresh": 0}, {"anchor_refresh": 1.5}, {"share_anchor": "yes"}):
+        with pytest.raises(ProtocolError, match=next(iter(bad))):
+            parse_params(bad)

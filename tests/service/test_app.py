@@ -202,6 +202,28 @@ def test_low_skips_interpolation_is_keyed_and_answered(service, client, redis_se
     assert redis_server.command("EXISTS", entry_name(fp, key)).strip() == b":1"
 
 
+def test_anchor_reuse_options_are_keyed_and_answered(service, client, redis_server):
+    """Each reuse option is its own key, and sharing makes a candidate's positive the
+    same whether its siblings come in the same request or in another."""
+    anchors = anchors_u8(1, seed=375)
+    shared = {**PARAMS, "share_anchor": True, "anchor_refresh": 2}
+    _, plain = post_positives(client, anchors, {**PARAMS, "k": 2}, token=TOKEN)
+    _, both = post_positives(client, anchors, {**shared, "k": 2}, token=TOKEN)
+    assert both.cache_hit.tolist() == [[0, 0]] and both.params.share_anchor
+    assert np.abs(both.positives.astype(int) - plain.positives.astype(int)).max() > 1
+    fp = _fingerprint(client)
+    canon = canonical_anchors(anchors)[0]
+    key = positive_key(fp, GenerationParams(**shared, sampling="authors"), canon, 1)
+    assert redis_server.command("EXISTS", entry_name(fp, key)).strip() == b":1"
+    # candidate 1 alone (cache bypassed, so generated again) equals it beside candidate 0
+    _, alone = post_positives(
+        client, anchors, {**shared, "cache": "bypass"}, token=TOKEN, candidates=np.array([1])
+    )
+    assert np.array_equal(
+        alone.positives.reshape(both.positives[:, 1:].shape), both.positives[:, 1:]
+    )
+
+
 def test_dpmpp_2m_is_keyed_apart_from_ddim_and_eta_free(service, client, redis_server, generator):
     anchors = anchors_u8(1, seed=380)
     dpmpp = {**PARAMS, "method": "dpmpp-2m"}

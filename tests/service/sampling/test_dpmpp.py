@@ -18,7 +18,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from clsp_positives.service.ddpm import presets
 from clsp_positives.service.sampling import noise, ops
-from clsp_positives.service.sampling.sampler import CLSPSampler, mix_encodings
+from clsp_positives.service.sampling.sampler import CLSPSampler, mix_encodings, rows
 from clsp_positives.service.sampling.schedule import (
     StepCoefficients,
     UnsupportedSchedulerError,
@@ -85,7 +85,8 @@ def _diffusers_loop(
                 )
                 tt = split.timesteps(int(t), 2 * n)
                 emb = split.embed(tt)
-                enc = mix_encodings(split.encode(torch.cat([x, a_t]), emb), n, w, "bottleneck")
+                enc = split.encode(torch.cat([x, a_t]), emb)
+                enc = mix_encodings(rows(enc, slice(n)), rows(enc, slice(n, None)), w, "bottleneck")
                 out = split.decode(enc, emb[:n], tt[:n])
             x = sched.step(out, t, x).prev_sample
     return x.clamp(-1, 1)

@@ -12,8 +12,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
-from clsp_positives.service.sampling import noise
-from clsp_positives.service.sampling.sampler import CLSPSampler, mix_encodings
+from clsp_positives.service.sampling import noise, ops
+from clsp_positives.service.sampling.sampler import CLSPSampler, anchor_groups, mix_encodings, rows
 from clsp_positives.service.sampling.schedule import (
     UnsupportedSchedulerError,
     sampling_plan,
@@ -168,8 +168,9 @@ def test_low_skips_mix_only_the_skips_at_the_bottleneck_resolution() -> None:
     )
     enc = Encoded(h, skips)
     lerp = lambda t: w.view(-1, 1, 1, 1) * t[:n] + (1 - w.view(-1, 1, 1, 1)) * t[n:]  # noqa: E731
-    plain = mix_encodings(enc, n, w, "bottleneck")
-    low = mix_encodings(enc, n, w, "bottleneck+low-skips")
+    cand, anchor = rows(enc, slice(n)), rows(enc, slice(n, None))
+    plain = mix_encodings(cand, anchor, w, "bottleneck")
+    low = mix_encodings(cand, anchor, w, "bottleneck+low-skips")
     for mixed in (plain, low):
         torch.testing.assert_close(mixed.h, lerp(h))
         assert [torch.equal(a, b[:n]) for a, b in zip(mixed.skips[:2], skips[:2], strict=True)] == [
@@ -201,6 +202,80 @@ def test_candidates_of_one_anchor_differ(sampler: CLSPSampler) -> None:
     out = sampler(plan, anchors, seeds, torch.full((3,), 0.1))
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert (out[a] - out[b]).abs().mean().item() > 0.02
+
+
+def test_anchor_groups_follow_the_anchor_seeds() -> None:
+    first, group = anchor_groups(torch.tensor([7, 3, 7, 9, 3, 7]))
+    # every candidate maps to a group whose first candidate has its seed
+    assert torch.equal(
+        torch.tensor([7, 3, 7, 9, 3, 7])[first][group], torch.tensor([7, 3, 7, 9, 3, 7])
+    )
+    assert sorted(first.tolist()) == [0, 1, 3]
+
+
+def _reuse_loop(sampler: CLSPSampler, plan, anchors, seeds, w, anchor_seeds, refresh):
+    """The anchor path written out plainly: each candidate's own anchor noised by
+    ``anchor_seeds`` and encoded at every ``refresh``-th step, reused in between."""
+    split, n = sampler.split, anchors.shape[0]
+    x = noise.normal(seeds, noise.STREAM_INITIAL, SHAPE)
+    anchor_enc = None
+    with torch.inference_mode():
+        for i, (timestep, c) in enumerate(zip(plan.timesteps, plan.coefficients, strict=True)):
+            t = split.timesteps(timestep, n)
+            emb = split.embed(t)
+            if i % refresh == 0:
+                eps = noise.normal(anchor_seeds, noise.anchor_stream(i), SHAPE)
+                a_t = c.sqrt_alpha_bar * anchors + c.sqrt_one_minus_alpha_bar * eps
+                anchor_enc = split.encode(a_t, emb)
+            enc = mix_encodings(split.encode(x, emb), anchor_enc, w, "bottleneck")
+            out = split.decode(enc, emb, t)
+            x = ops.scheduler_update(
+                x, out, seeds, noise.step_stream(i), c, plan.prediction_type, plan.clip_range
+            )
+    return x.clamp(-1, 1)
+
+
+@pytest.mark.parametrize("refresh", [1, 3, 100])
+def test_anchor_reuse_matches_the_plain_loop(sampler: CLSPSampler, refresh: int) -> None:
+    """Shared anchors and a refresh every n steps equal the loop written out per candidate."""
+    anchors, seeds = _inputs(6, seed=8)
+    anchors[3:] = anchors[0]  # candidates 0, 3, 4, 5 share one anchor
+    anchor_seeds = torch.tensor([11, 12, 13, 11, 11, 11])
+    w = torch.tensor([0.1, 0.3, 0.0, 0.5, 0.1, 0.9])
+    plan = sampling_plan(scheduler_config(), method="ddim", steps=7, eta=0.1)
+    got = sampler(plan, anchors, seeds, w, anchor_seeds=anchor_seeds, anchor_refresh=refresh)
+    want = _reuse_loop(sampler, plan, anchors, seeds, w, anchor_seeds, refresh)
+    assert (got - want).abs().max().item() <= 1e-4
+    if refresh == 1:  # without sharing each candidate noises its anchor by its own seed
+        own = sampler(plan, anchors, seeds, w)
+        assert (own - _reuse_loop(sampler, plan, anchors, seeds, w, seeds, 1)).abs().max() <= 1e-4
+    else:  # a stale anchor encoding changes the positives
+        assert (
+            got - sampler(plan, anchors, seeds, w, anchor_seeds=anchor_seeds)
+        ).abs().max() > 1e-3
+
+
+def test_shared_anchor_positives_are_batch_independent(sampler: CLSPSampler) -> None:
+    """With a shared anchor, a candidate alone equals the same candidate beside its siblings."""
+    anchors, seeds = _inputs(8, seed=9)
+    anchors[1:4] = anchors[0]
+    anchor_seeds = torch.tensor([5, 5, 5, 5, 6, 7, 8, 9])
+    w = torch.full((8,), 0.1)
+    plan = sampling_plan(scheduler_config(), method="ddim", steps=6, eta=0.1)
+    batch = sampler(plan, anchors, seeds, w, anchor_seeds=anchor_seeds, anchor_refresh=2)
+    for j in (0, 2, 6):
+        one = slice(j, j + 1)
+        alone = sampler(
+            plan, anchors[one], seeds[one], w[one], anchor_seeds=anchor_seeds[one], anchor_refresh=2
+        )
+        assert (alone[0] - batch[j]).abs().max().item() <= 2 / 255
+
+
+def test_refresh_below_one_is_refused(sampler: CLSPSampler) -> None:
+    anchors, seeds = _inputs(1)
+    plan = sampling_plan(scheduler_config(), method="ddim", steps=2, eta=0.1)
+    with pytest.raises(ValueError, match="anchor_refresh"):
+        sampler(plan, anchors, seeds, torch.full((1,), 0.1), anchor_refresh=0)
 
 
 def test_plan_follows_config() -> None:
