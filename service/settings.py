@@ -48,7 +48,8 @@ class ServiceSettings(BaseModel):
     device: str = Field("cpu", description="cpu, cuda or cuda:N.")
     dtype: DType = Field(
         "float32",
-        description="The UNet's dtype (the trajectory stays float32); not float32 needs CUDA.",
+        description="The UNet's dtype (the trajectory stays float32); float16 needs CUDA, "
+        "bfloat16 CUDA or a CPU with native bf16 (docs/performance.md).",
     )
     sampling: Sampling = Field(
         DEFAULT_SAMPLING,

@@ -102,12 +102,22 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {dtype!r}")
     if resolved not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {resolved}")
-    if resolved != torch.float32 and device.type != "cuda":
+    if device.type == "cpu" and resolved == torch.float16:
+        raise ValueError("dtype float16 runs on CUDA only; use float32 or bfloat16 on the CPU")
+    if device.type == "cpu" and resolved == torch.bfloat16 and not cpu_has_bf16():
         raise ValueError(
-            f"dtype {str(resolved).removeprefix('torch.')} runs on CUDA only; "
-            "use float32 on the CPU"
+            "dtype bfloat16 on this CPU would be emulated (no AVX512-BF16 or AMX), slower "
+            "than float32; use float32"
         )
     return resolved
+
+
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU: only then is a bfloat16 UNet
+    faster than a float32 one here (docs/performance.md)."""
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 class PositivesGenerator:

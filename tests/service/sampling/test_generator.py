@@ -11,6 +11,7 @@ import pytest
 
 from clsp_positives.proto.keys import seed_from_key, uint8_to_unit
 from clsp_positives.proto.params import GenerationParams, Method
+from clsp_positives.service.sampling import generator as generator_module
 from clsp_positives.service.sampling import ops
 from clsp_positives.service.sampling.generator import GeneratorInputError, PositivesGenerator
 from clsp_positives.service.sampling.sampler import ANCHOR_PATH, PLAIN_PATH
@@ -214,10 +215,29 @@ def test_bad_sample_inputs_are_refused(gen: PositivesGenerator) -> None:
         gen.sample(a, s, w, steps=3, eta=0.1, method="euler")
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_needs_cuda(tiny_model_dir: Path, dtype: str) -> None:
-    with pytest.raises(ValueError, match="CUDA only"):
-        PositivesGenerator.from_dir(tiny_model_dir, dtype=dtype)
+def test_float16_needs_cuda(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="float16 runs on CUDA only"):
+        PositivesGenerator.from_dir(tiny_model_dir, dtype="float16")
+
+
+def test_bfloat16_on_the_cpu_only_where_it_is_native(
+    tiny_model_dir: Path, gen: PositivesGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bf16 UNet on a CPU with native bf16 gives nearly the float32 positives; on
+    one without, it is refused rather than emulated slowly."""
+    if generator_module.cpu_has_bf16():
+        bf16 = PositivesGenerator.from_dir(tiny_model_dir, dtype="bfloat16")
+        anchors = _anchors(4, seed=11)
+        diff = bf16.positives(anchors, None, PARAMS).astype(int) - gen.positives(
+            anchors, None, PARAMS
+        ).astype(int)
+        assert bf16.model_info(max_k=1, max_anchors=1).dtype == "bfloat16"
+        # bf16 did run (not float32), and all but a few pixels of this random,
+        # chaotic UNet land within 2/255 of float32
+        assert np.abs(diff).max() > 0 and np.mean(np.abs(diff) > 2) < 0.01
+    monkeypatch.setattr(generator_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ValueError, match="emulated"):
+        PositivesGenerator.from_dir(tiny_model_dir, dtype="bfloat16")
 
 
 def test_unknown_dtype(tiny_model_dir: Path) -> None:
