@@ -215,7 +215,9 @@ class PositivesService:
             await asyncio.get_running_loop().run_in_executor(
                 self.executor,
                 lambda: self.generator.warmup(
-                    steps=self.settings.warmup_steps, sampling=self.settings.sampling
+                    steps=self.settings.warmup_steps,
+                    sampling=self.settings.sampling,
+                    batch_sizes=self.warmup_batch_sizes,
                 ),
             )
         except Exception as exc:
@@ -224,6 +226,14 @@ class PositivesService:
             return
         self.ready = True
         log.info("ready: model %s warmed up in %.2f s", self.fingerprint, time.perf_counter() - t0)
+
+    @property
+    def warmup_batch_sizes(self) -> tuple[int, ...]:
+        """One item, and when compiled a full batch too: a compiled generator compiles
+        once per batch bucket, and full batches are what a loaded service runs."""
+        if self.generator.compiled and self.settings.max_batch > 1:
+            return (1, self.settings.max_batch)
+        return (1,)
 
     async def stop(self) -> None:
         self.ready = False
@@ -540,7 +550,9 @@ def create_app(
 def build_generator(settings: ServiceSettings) -> PositivesGenerator:
     from clsp_positives.service.sampling.generator import PositivesGenerator
 
-    return PositivesGenerator.from_dir(settings.model, device=settings.device, dtype=settings.dtype)
+    return PositivesGenerator.from_dir(
+        settings.model, device=settings.device, dtype=settings.dtype, compile=settings.compile
+    )
 
 
 def build_app(settings: ServiceSettings) -> FastAPI:

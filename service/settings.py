@@ -51,6 +51,11 @@ class ServiceSettings(BaseModel):
         description="The UNet's dtype (the trajectory stays float32); float16 needs CUDA, "
         "bfloat16 CUDA or a CPU with native bf16 (docs/performance.md).",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet's halves: faster sampling once each batch shape "
+        "is compiled (the warm-up compiles those of max_batch; docs/performance.md).",
+    )
     sampling: Sampling = Field(
         DEFAULT_SAMPLING,
         description="Sampling of requests that do not choose: authors (the CLSP authors' "

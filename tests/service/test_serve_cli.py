@@ -127,3 +127,22 @@ def test_every_setting_has_a_flag_and_a_variable_in_help() -> None:
         assert env_var(name) in text
         assert f"{field.description} (" in text, name
     assert "Most items in one sampler call. (default: 64; env CLSP_MAX_BATCH)" in text
+
+
+@pytest.mark.slow
+def test_compiled_service_warms_the_full_batch_and_serves_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``--compile``: the warm-up compiles the single-item and the full-batch shapes, so
+    a full batch afterwards runs without a cold call (docs/performance.md)."""
+    env = {"CLSP_WARMUP_STEPS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    with serve(tiny_model_dir, env, "--compile", "--max-batch", "4") as server:
+        assert resolved(server)["compile"] is True
+        client = httpx.Client(base_url=server.url, timeout=120)
+        r, answer = post_positives(client, anchors_u8(2, seed=5), {"steps": 2, "k": 2})
+        assert r.status_code == 200, r.text
+        assert answer.positives.shape[:2] == (2, 2)
+        metrics = client.get("/metrics").text
+        client.close()
+    cold = [line for line in metrics.splitlines() if line.startswith("clsp_sampler_cold_calls")]
+    assert cold and float(cold[0].split()[-1]) == 0.0, cold
