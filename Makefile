@@ -55,6 +55,32 @@ test-fast: install system-tools
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis *.egg-info
 
+# Images and the local stack without Docker Hub (docs/deployment.md). Needs
+# root, Docker's dockerd and client (started and stopped here when no engine
+# runs), and the host's python3; not the project's venv.
+.PHONY: image-certs image-base compose-check
+DEBIAN_BASE_IMAGE ?= clsp-positives-debian:bookworm
+IMAGE_CERTS := deploy/docker/certs
+
+# The host's CA bundle, when pip is pointed at one: behind a TLS-inspecting
+# proxy the image build's pip needs the proxy's authority too.
+image-certs:
+	@rm -f $(IMAGE_CERTS)/*.crt
+	@bundle="$${PIP_CERT:-$${REQUESTS_CA_BUNDLE:-$${SSL_CERT_FILE:-}}}"; \
+	if [ -n "$$bundle" ] && [ -f "$$bundle" ]; then \
+	  echo "the image build trusts $$bundle"; cp "$$bundle" $(IMAGE_CERTS)/host.crt; fi
+
+# A minimal Debian image built here: debootstrap + docker import.
+image-base: image-certs
+	DEBIAN_BASE_IMAGE=$(DEBIAN_BASE_IMAGE) deploy/docker/with-dockerd.sh deploy/docker/debian-base.sh
+
+# The local stack end to end on the CPU: build, train a tiny DDPM, serve,
+# scale, train one epoch, check, tear down (deploy/compose/check.py).
+COMPOSE_CHECK_ARGS ?=
+compose-check: image-base system-tools
+	DEBIAN_BASE_IMAGE=$(DEBIAN_BASE_IMAGE) TORCH_SPEC="$(TORCH_SPEC)" \
+	  deploy/docker/with-dockerd.sh python3 deploy/compose/check.py $(COMPOSE_CHECK_ARGS)
+
 # The whole loop on this machine (CPU is fine): DDPM, service, positives, baseline vs CLSP.
 # DEMO_ARGS=--quick for the short run.
 DEMO_ARGS ?=
