@@ -54,6 +54,8 @@ _ERRORS = {
     "outside [-1, 1], bad base64, unknown tensors.",
     "401": "A bearer token is required (the service was started with one) and was missing "
     "or wrong.",
+    "409": "params.expect_model names another model than this generator serves "
+    "(`model_mismatch`; the detail names both fingerprints).",
     "413": "Too large: the body, the safetensors header, the number of anchors, or the "
     "compute one request asks for.",
     "415": "Content-Type is neither application/x-safetensors nor application/json.",

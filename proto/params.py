@@ -103,6 +103,13 @@ class GenerationParams(BaseModel):
         description="Encode the anchor at every n-th step only and reuse that encoding in "
         "between (DeepCache-style); 1 = every step, as the paper (docs/performance.md).",
     )
+    expect_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="The model fingerprint the caller expects (GET /v1/model): a generator "
+        "serving another model answers 409 model_mismatch instead of its positives.",
+    )
     k: int | None = Field(
         None,
         ge=1,
@@ -156,8 +163,9 @@ class GenerationParams(BaseModel):
     def canonical(self) -> bytes:
         """The bytes that enter a positive's cache key.
 
-        Only what changes the generated image takes part: ``k`` and ``cache``
-        select and route, they do not change a positive, and eta enters as
+        Only what changes the generated image takes part: ``k``, ``cache`` and
+        ``expect_model`` select, route and check, they do not change a positive (the
+        model enters every key as its fingerprint), and eta enters as
         ``sampler_eta``. The sampling mode always enters, so positives made
         under the model's own scheduler config are never served for the
         authors' loop, nor the other way round (docs/design.md §7). ``interpolate``,

@@ -305,6 +305,14 @@ class PositivesService:
             raise ProtocolError(
                 f"invalid params for this model: {exc}", code="invalid_params", status=422
             ) from None
+        expected = req.params.expect_model
+        if expected is not None and expected != self.fingerprint:
+            raise ProtocolError(
+                f"this generator serves model {self.fingerprint}, the request expects "
+                f"{expected}: send it to a generator of that model, or drop expect_model",
+                code="model_mismatch",
+                status=409,
+            )
         canon = canonical_anchors(req.anchors)
         keys = [
             positive_key(self.fingerprint, req.params, canon[a], int(c))

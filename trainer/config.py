@@ -161,6 +161,11 @@ class TrainConfig(BaseModel):
     positives_strict: bool = Field(
         False, description="Wait for every positive instead of the deadline."
     )
+    allow_model_change: bool = Field(
+        False,
+        description="Take positives from whichever model the pool serves (by default the "
+        "run pins the model of its first positives and skips generators of another).",
+    )
     positives_timeout_s: float = Field(
         30.0, gt=0, description="Longest wait for one request to the pool."
     )

@@ -169,6 +169,7 @@ def _open_positives(
         token=config.token,
         params=config.generation_params(),
         timeout_s=config.positives_timeout_s,
+        pin_model=not config.allow_model_change,
     )
     prefetcher = Prefetcher(
         source,

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from clsp_positives.proto import DEFAULT_MAX_K, GenerationParams, ProtocolError, parse_params
 
 ALLOWED = (
-    "anchor_refresh, cache, eta, interpolate, interpolation_weight, k, method, sampling, "
-    "share_anchor, steps"
+    "anchor_refresh, cache, eta, expect_model, interpolate, interpolation_weight, k, method, "
+    "sampling, share_anchor, steps"
 )
 
 
@@ -200,6 +200,11 @@ def test_canonical_and_group() -> None:
     assert low.group() != ddim.group() and low.group().interpolate == "bottleneck+low-skips"
     with pytest.raises(ProtocolError, match="interpolate"):
         parse_params({"interpolate": "everything"})
+    # expect_model checks, it does not change a positive: neither key nor group
+    pinned = ddim.model_copy(update={"expect_model": "abc"})
+    assert pinned.canonical() == ddim.canonical() and pinned.group() == ddim.group()
+    with pytest.raises(ProtocolError, match="expect_model"):
+        parse_params({"expect_model": ""})
     # the reuse options likewise: keyed and grouped only when they are not the paper's
     shared = ddim.model_copy(update={"share_anchor": True, "anchor_refresh": 4})
     assert json.loads(shared.canonical()) == {

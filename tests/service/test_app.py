@@ -224,6 +224,19 @@ def test_anchor_reuse_options_are_keyed_and_answered(service, client, redis_serv
     )
 
 
+def test_expect_model_pins_the_generator(service, client, redis_server):
+    """``expect_model``: the right fingerprint answers as without it (same key, so a
+    cache hit); another one is 409 model_mismatch naming both fingerprints."""
+    anchors = anchors_u8(1, seed=377)
+    fp = _fingerprint(client)
+    _, first = post_positives(client, anchors, PARAMS, token=TOKEN)
+    _, pinned = post_positives(client, anchors, {**PARAMS, "expect_model": fp}, token=TOKEN)
+    assert pinned.cache_hit.tolist() == [1] and np.array_equal(pinned.positives, first.positives)
+    r, _ = post_positives(client, anchors, {**PARAMS, "expect_model": "f" * 16}, token=TOKEN)
+    assert r.status_code == 409 and r.json()["error"] == "model_mismatch"
+    assert fp in r.json()["detail"] and "f" * 16 in r.json()["detail"]
+
+
 def test_dpmpp_2m_is_keyed_apart_from_ddim_and_eta_free(service, client, redis_server, generator):
     anchors = anchors_u8(1, seed=380)
     dpmpp = {**PARAMS, "method": "dpmpp-2m"}

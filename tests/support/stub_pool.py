@@ -9,7 +9,9 @@ can be changed at run time through ``POST /stub/config``.
 Environment: ``STUB_DELAY_S`` (seconds per request), ``STUB_FAIL_STATUS`` (answer
 every positives request with this status), ``STUB_TOKEN`` (require this bearer
 token), ``STUB_READY`` (0: ``/readyz`` answers 503),
-``STUB_SIZE``/``STUB_CHANNELS``/``STUB_SAMPLING`` (what ``/v1/model`` reports).
+``STUB_SIZE``/``STUB_CHANNELS``/``STUB_SAMPLING``/``STUB_FINGERPRINT`` (what
+``/v1/model`` reports; the fingerprint is also what answers carry and what
+``params.expect_model`` is checked against, as the service does).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def create_app() -> FastAPI:
         "delay_s": float(os.environ.get("STUB_DELAY_S", "0")),
         "fail_status": int(os.environ.get("STUB_FAIL_STATUS", "0")),
         "ready": os.environ.get("STUB_READY", "1") != "0",
+        "fingerprint": os.environ.get("STUB_FINGERPRINT", STUB_FINGERPRINT),
     }
     token = os.environ.get("STUB_TOKEN")
     counters = {"requests": 0, "items": 0}
@@ -63,7 +66,7 @@ def create_app() -> FastAPI:
     @app.get("/v1/model")
     def model() -> dict[str, Any]:
         return {
-            "fingerprint": STUB_FINGERPRINT,
+            "fingerprint": config["fingerprint"],
             "sample_size": int(os.environ.get("STUB_SIZE", "16")),
             "channels": int(os.environ.get("STUB_CHANNELS", "1")),
             "scheduler": {},
@@ -103,6 +106,12 @@ def create_app() -> FastAPI:
             req = decode_request(body, request.headers.get("content-type"))
         except ProtocolError as exc:
             return JSONResponse({"error": exc.code, "detail": exc.detail}, status_code=exc.status)
+        expected = req.params.expect_model
+        if expected is not None and expected != config["fingerprint"]:
+            return JSONResponse(
+                {"error": "model_mismatch", "detail": f"serves {config['fingerprint']}"},
+                status_code=409,
+            )
         if req.anchors.dtype != np.uint8:
             return JSONResponse(
                 {"error": "invalid_tensor", "detail": "the stub takes uint8 anchors only"},
@@ -123,7 +132,7 @@ def create_app() -> FastAPI:
         if req.params.k is not None:
             out = out.reshape(req.num_anchors, req.params.k, *out.shape[1:])
             hits = hits.reshape(req.num_anchors, req.params.k)
-        answer = ResponseArrays(out, hits, STUB_FINGERPRINT, req.params)
+        answer = ResponseArrays(out, hits, config["fingerprint"], req.params)
         accept = media_type(request.headers.get("accept")) or media_type(
             request.headers.get("content-type")
         )

@@ -213,6 +213,7 @@ class PoolClient:
         self.resolve_interval_s = resolve_interval_s
         self._stats = PoolStats()
         self._endpoints: dict[str, _Endpoint] = {}
+        self._mismatched: set[str] = set()  # endpoints warned about serving another model
         self._tie = itertools.count()
         for spec in self.specs:
             try:
@@ -500,6 +501,13 @@ class PoolClient:
         if resp.status_code >= 500 or resp.status_code in (404, 408, 502, 503, 504):
             raise _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
         code, detail = _error_body(resp)
+        if resp.status_code == 409 and code == "model_mismatch":
+            # Another model's generator (a rolling update, a mixed pool): unavailable to
+            # this request, not a refusal of it; the others may serve the right model.
+            if ep.url not in self._mismatched:
+                self._mismatched.add(ep.url)
+                log.warning("generator %s skipped: %s", ep.url, detail)
+            raise _Retryable(f"409 model_mismatch: {detail}")
         if resp.status_code == 401:
             detail += " (pass the pool's bearer token with --token)"
         raise PoolRequestRejected(resp.status_code, code, detail, ep.url)

@@ -10,6 +10,8 @@ answer at once.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,8 @@ from clsp_positives.trainer.positives.pending import (
 
 if TYPE_CHECKING:  # httpx is the trainer extra's: the service image must import this module
     from clsp_positives.trainer.positives.client import PoolClient
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 64
 """Anchors per pool request: small enough that a batch spreads over several
@@ -46,6 +50,7 @@ class PoolSource:
         params: GenerationParams,
         *,
         chunk: int = DEFAULT_CHUNK,
+        pin_model: bool = True,
     ) -> None:
         if params.k is not None:
             raise ValueError("the trainer asks for one candidate per anchor: params.k must be None")
@@ -54,6 +59,25 @@ class PoolSource:
         self.client = client
         self.params = params
         self.chunk = chunk
+        self.pin_model = pin_model
+        self.model: str | None = params.expect_model
+        """The fingerprint every positive must come from: ``params.expect_model``, else
+        (with ``pin_model``) the model of the first answer. Positives of another model
+        never reach training: pinned requests are refused by such a generator (and
+        sent to another), and an answer already in flight when the pin was set is
+        dropped as missing."""
+        self._pin_lock = threading.Lock()
+
+    def _check_model(self, model: str) -> None:
+        if not self.pin_model and self.params.expect_model is None:
+            return
+        with self._pin_lock:
+            if self.model is None:
+                self.model = model
+                self.params = self.params.model_copy(update={"expect_model": model})
+                log.info("positives pinned to the pool's model %s", model)
+        if model != self.model:
+            raise ValueError(f"positives of model {model}, not the pinned {self.model}: dropped")
 
     def submit(
         self,
@@ -74,7 +98,7 @@ class PoolSource:
             answer = self.client.submit(
                 anchors[where], candidates[where], self.params, retry_for_s=retry_for_s
             )
-            return _chain(answer, lambda r: _unpack(r, len(anchors[where]), expected))
+            return _chain(answer, lambda r: self._unpack(r, len(anchors[where]), expected))
 
         b = len(anchors)
         wheres = [slice(s, min(s + self.chunk, b)) for s in range(0, b, self.chunk)]
@@ -89,6 +113,12 @@ class PoolSource:
 
     def close(self) -> None:
         self.client.close()
+
+    def _unpack(
+        self, answer: ResponseArrays, n: int, hwc: tuple[int, ...]
+    ) -> tuple[np.ndarray, int]:
+        self._check_model(answer.model)
+        return _unpack(answer, n, hwc)
 
 
 def _unpack(answer: ResponseArrays, n: int, hwc: tuple[int, ...]) -> tuple[np.ndarray, int]:
@@ -168,6 +198,7 @@ def build_source(
     timeout_s: float = 30.0,
     chunk: int = DEFAULT_CHUNK,
     client_options: dict[str, Any] | None = None,
+    pin_model: bool = True,
 ) -> PositivesSource:
     """The source the options ask for: the pool (``--positives``), an offline .npy, or none."""
     if positives and offline_npy:
@@ -180,7 +211,7 @@ def build_source(
         from clsp_positives.trainer.positives.client import PoolClient
 
         client = PoolClient(positives, token=token, timeout_s=timeout_s, **(client_options or {}))
-        return PoolSource(client, params, chunk=chunk)
+        return PoolSource(client, params, chunk=chunk, pin_model=pin_model)
     if offline_npy:
         return OfflineNpySource(offline_npy)
     return NoSource()

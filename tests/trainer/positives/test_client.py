@@ -221,3 +221,21 @@ def test_retry_for_s_still_ends_at_a_refusal_and_at_cancel() -> None:
             asked = counters(server)["requests"]
             time.sleep(0.5)  # several back-offs' worth: a cancelled request asks no more
             assert counters(server)["requests"] <= asked + 1
+
+
+def test_a_pinned_request_skips_generators_of_another_model() -> None:
+    """``expect_model``: a generator of another model answers 409, and the client takes
+    that as 'not this one' (one warning), not as a refusal of the request."""
+    with (
+        stub_server(STUB_FINGERPRINT="model-b") as b,
+        stub_server(STUB_FINGERPRINT="model-a") as a,
+        PoolClient([b.url, a.url], **FAST) as client,
+    ):
+        assert client.positives(anchors(1)).model in ("model-a", "model-b")  # unpinned
+        pinned = GenerationParams(expect_model="model-a")
+        before = counters(a)["items"]
+        for _ in range(4):
+            assert client.positives(anchors(2), params=pinned).model == "model-a"
+        assert counters(a)["items"] == before + 8
+        with pytest.raises(PoolUnavailable, match="model_mismatch"):
+            client.positives(anchors(1), params=GenerationParams(expect_model="model-c"))

@@ -18,7 +18,7 @@ from clsp_positives.trainer.positives.sources import (
     _unpack,
     build_source,
 )
-from tests.support.stub_pool import stub_positive, stub_server
+from tests.support.stub_pool import counters, stub_positive, stub_server
 
 PARAMS = GenerationParams(steps=3)
 
@@ -83,3 +83,38 @@ def test_pool_answer_of_another_size_is_a_clear_error() -> None:
         (16, 16, 1),
     )
     assert images.shape == (2, 16, 16, 1) and hits == 1
+
+
+@pytest.mark.parametrize("pin_model", [True, False])
+def test_pool_source_pins_the_model_of_its_first_positives(pin_model: bool) -> None:
+    """A pool of two models (a rolling update): pinned, every positive after the first
+    answer comes from that answer's model; with ``--allow-model-change`` both serve."""
+    with (
+        stub_server(STUB_FINGERPRINT="model-a") as a,
+        stub_server(STUB_FINGERPRINT="model-b") as b,
+    ):
+        source = build_source(
+            f"{a.url},{b.url}",
+            offline_npy=None,
+            token=None,
+            params=PARAMS,
+            chunk=2,
+            pin_model=pin_model,
+        )
+        assert isinstance(source, PoolSource)
+        try:
+            first = source.submit(batch(2, hw=16, c=1), np.arange(2), np.zeros(2, np.int64))
+            assert first.wait(30) and first.collect()[1] == []
+            for i in range(6):  # 12 requests of 2 each time, in flight together
+                pending = source.submit(batch(24, hw=16, c=1), np.arange(24), np.full(24, i))
+                assert pending.wait(30)
+                got, errors = pending.collect()
+                assert errors == [] and got.mask.all()
+            items = {"model-a": counters(a)["items"], "model-b": counters(b)["items"]}
+            if pin_model:
+                other = "model-b" if source.model == "model-a" else "model-a"
+                assert source.model in items and items[other] <= 2, items
+            else:
+                assert source.model is None and min(items.values()) > 2, items
+        finally:
+            source.close()
