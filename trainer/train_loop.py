@@ -200,6 +200,10 @@ def _sum_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [r.get(key) for r in per_rank if r.get(key) is not None]
         if vals:
             out[key] = float(np.mean(vals))
+    # The pool's model as each rank pinned it: one fingerprint, or several if ranks disagree.
+    models = sorted({r["model"] for r in per_rank if r.get("model")})
+    if models:
+        out["model"] = models[0] if len(models) == 1 else models
     return out
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -72,6 +73,9 @@ def test_generate_warms_the_pool_then_train_takes_positives_from_it(service, tmp
     assert len(epochs) == 2
     assert all(e["positive_fraction"] > 0.9 for e in epochs), epochs
     assert all(e["cache_hit_rate"] > 0.9 for e in epochs), epochs
+    # the run pinned the pool's model and says which it was
+    fingerprint = httpx.get(service.url + "/v1/model", timeout=10).json()["fingerprint"]
+    assert [e["model"] for e in epochs] == [fingerprint, fingerprint]
     assert all(e["loss_clsp"] > 0 for e in epochs)
     for name in ("linear", "knn"):
         assert 0.0 <= summary[f"{name}_acc"] <= 1.0, summary

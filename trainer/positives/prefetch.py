@@ -152,6 +152,9 @@ class Prefetcher:
             "anchors": self._anchors,
             **delta,
         }
+        model = getattr(self.source, "model", None)  # the pool source's pinned fingerprint
+        if model is not None:
+            stats["model"] = model
         self._reset()
         return stats
 
