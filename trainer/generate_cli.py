@@ -86,6 +86,9 @@ def generate(
         # The service's own sampling mode stands in for "not given", so the file
         # says how its positives were made (docs/design.md §1).
         params = params.resolved(info.get("sampling"))
+        # Every row from the model the file names: generators of another model in the
+        # pool refuse these requests and the client sends them elsewhere.
+        params = params.model_copy(update={"expect_model": info.get("fingerprint")})
         meta = {
             "dataset": dataset,
             "split": split,

@@ -83,6 +83,21 @@ def test_the_file_records_the_pools_sampling_mode_when_none_is_asked(tmp_path: P
         assert json.loads(meta_path(out).read_text())["params"]["sampling"] == mode
 
 
+def test_every_row_comes_from_the_model_the_file_names(tmp_path: Path) -> None:
+    """A pool of two models: the bank is pinned to the one its metadata records."""
+    out = tmp_path / "pos.npy"
+    with (
+        stub_server(STUB_FINGERPRINT="model-a") as a,
+        stub_server(STUB_FINGERPRINT="model-b") as b,
+    ):
+        result = CliRunner().invoke(app, args(f"{a.url},{b.url}", out, "--batch-size", "64"))
+        assert result.exit_code == 0, result.output
+        model = json.loads(meta_path(out).read_text())["model"]
+        other = b if model == "model-a" else a
+        assert model in ("model-a", "model-b") and counters(other)["items"] == 0
+    check_complete(out)
+
+
 def test_generate_resumes_after_being_killed(tmp_path: Path) -> None:
     out = tmp_path / "pos.npy"
     with stub_server(STUB_DELAY_S="0.3") as server:
