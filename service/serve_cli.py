@@ -7,6 +7,7 @@ default (docs/design.md §8).
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import typer
@@ -40,12 +41,44 @@ def serve(given: dict[str, Any]) -> None:
     except (ValueError, OSError) as exc:  # a model that cannot load: say why, no traceback
         typer.echo(f"clsp serve: {exc}", err=True)
         raise typer.Exit(2) from None
-    # log_config=None: our own logging setup (plain or JSON) covers uvicorn too.
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=60,
-    )
+    scraper = None
+    if settings.metrics_port is not None:
+        scraper = uvicorn.Server(
+            uvicorn.Config(
+                metrics_app(app.state.metrics),
+                host=settings.host,
+                port=settings.metrics_port,
+                log_config=None,
+                access_log=False,
+            )
+        )
+        # In a thread of its own, where uvicorn installs no signal handlers: the main
+        # server keeps SIGTERM/SIGINT and stops this one when it stops.
+        threading.Thread(target=scraper.run, name="clsp-metrics", daemon=True).start()
+    try:
+        # log_config=None: our own logging setup (plain or JSON) covers uvicorn too.
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=60,
+        )
+    finally:
+        if scraper is not None:
+            scraper.should_exit = True
+
+
+def metrics_app(metrics: Any) -> Any:
+    """``GET /metrics`` and nothing else: what the metrics port serves, tokenless, so
+    a scraper can read the figures without reaching the API (docs/deployment.md)."""
+    from starlette.applications import Starlette
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    async def render(request: Any) -> Response:
+        payload, media = metrics.render()
+        return Response(payload, media_type=media)
+
+    return Starlette(routes=[Route("/metrics", render)])

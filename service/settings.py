@@ -45,6 +45,13 @@ class ServiceSettings(BaseModel):
     )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free one).")
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Also serve GET /metrics on this port, without the bearer token, for a "
+        "scraper that cannot send one (keep the port off public networks); none: off.",
+    )
     device: str = Field("cpu", description="cpu, cuda or cuda:N.")
     dtype: DType = Field(
         "float32",

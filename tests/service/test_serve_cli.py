@@ -146,3 +146,24 @@ def test_compiled_service_warms_the_full_batch_and_serves_it(
         client.close()
     cold = [line for line in metrics.splitlines() if line.startswith("clsp_sampler_cold_calls")]
     assert cold and float(cold[0].split()[-1]) == 0.0, cold
+
+
+def test_metrics_port_serves_metrics_without_the_token_and_nothing_else(
+    tiny_model_dir: Path,
+) -> None:
+    """``--metrics-port``: a scraper reads /metrics there without the token, the API
+    stays behind it, and SIGTERM stops both ports."""
+    metrics_port = free_port()
+    env = {"CLSP_WARMUP_STEPS": "1", "CLSP_API_TOKEN": "s3cret"}
+    server = serve(tiny_model_dir, env, "--metrics-port", str(metrics_port))
+    with server:
+        scrape = f"http://127.0.0.1:{metrics_port}"
+        assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
+        r = httpx.get(scrape + "/metrics", timeout=10)
+        assert r.status_code == 200 and "clsp_queue_depth" in r.text
+        assert httpx.get(scrape + "/v1/model", timeout=10).status_code == 404
+        assert resolved(server)["metrics_port"] == metrics_port
+    # the process ended on SIGTERM (uvicorn re-raises it once shut down), metrics port too
+    assert server.proc.returncode in (0, -15), server.log()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(scrape + "/metrics", timeout=2)
