@@ -9,7 +9,11 @@ sample and applies them to the whole batch tensor at once:
   affine sampling grid per sample, applied with a single ``grid_sample``;
 * colour jitter (brightness, contrast, saturation 0.4, hue 0.1, p=0.8) with a
   random order of the four operations per sample, as torchvision does;
-* random grayscale (p=0.2).
+* random grayscale (p=0.2);
+* Gaussian blur (sigma 0.1-2, a kernel a tenth of the side) and solarisation
+  (at 0.5), off by default and set per view (``BatchAugment``'s ``views``), as the
+  BYOL/solo-learn recipes for STL-10 and ImageNet use them (blur 1.0 / 0.1,
+  solarisation 0 / 0.2 for the two views).
 
 One-channel images get brightness and contrast only: saturation, hue and
 grayscale are the identity on them.
@@ -39,6 +43,9 @@ class AugmentConfig:
     hue: float = 0.1
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
 
 
 def to_float_nchw(images: Tensor) -> Tensor:
@@ -207,6 +214,49 @@ def random_grayscale(x: Tensor, p: float, gen: torch.Generator) -> Tensor:
     return torch.where(pick, grayscale(x).expand_as(x), x)
 
 
+def blur_kernel_size(side: int) -> int:
+    """An odd kernel of about a tenth of the image side, at least 3 (23 at 224 px)."""
+    return max(3, 2 * round(side / 20) + 1)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Blur each sample with its own ``sigma`` ``[n]``: one separable grouped convolution
+    over the whole batch (reflect padding, as torchvision's GaussianBlur)."""
+    n, c, h, w = x.shape
+    k = blur_kernel_size(min(h, w))
+    offsets = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
+    kernel = torch.exp(-(offsets**2) / (2 * sigma.to(x.dtype).view(-1, 1) ** 2))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(c, dim=0)
+    pad = (k - 1) // 2
+    flat = x.reshape(1, n * c, h, w)
+    flat = F.conv2d(
+        F.pad(flat, (pad, pad, 0, 0), mode="reflect"), kernel.view(n * c, 1, 1, k), groups=n * c
+    )
+    flat = F.conv2d(
+        F.pad(flat, (0, 0, pad, pad), mode="reflect"), kernel.view(n * c, 1, k, 1), groups=n * c
+    )
+    return flat.view(n, c, h, w)
+
+
+def solarize(x: Tensor, threshold: float = 0.5) -> Tensor:
+    """Invert the pixels at or above ``threshold`` (images in [0, 1])."""
+    return torch.where(x >= threshold, 1.0 - x, x)
+
+
+def random_blur(x: Tensor, cfg: AugmentConfig, gen: torch.Generator) -> Tensor:
+    n, dev = x.shape[0], x.device
+    pick = (torch.rand(n, generator=gen, device=dev) < cfg.blur_p).view(-1, 1, 1, 1)
+    sigma = _uniform(n, *cfg.blur_sigma, gen, dev)
+    if cfg.blur_p <= 0:  # nothing to blur; the draws above still advance the stream alike
+        return x
+    return torch.where(pick, gaussian_blur(x, sigma), x)
+
+
+def random_solarize(x: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    pick = (torch.rand(x.shape[0], generator=gen, device=x.device) < p).view(-1, 1, 1, 1)
+    return torch.where(pick, solarize(x), x) if p > 0 else x
+
+
 class BatchAugment:
     """The SimCLR view generator for whole batches on one device.
 
@@ -224,10 +274,14 @@ class BatchAugment:
         *,
         device: torch.device | str = "cpu",
         config: AugmentConfig | None = None,
+        views: Sequence[AugmentConfig] | None = None,
         seed: int = 0,
     ) -> None:
         self.size = (size, size)
         self.config = config or AugmentConfig()
+        self.view_configs = tuple(views) if views else (self.config,)
+        """The config of view 0, 1, ...: asymmetric recipes blur and solarise the two
+        views differently; a view past the last takes the last one's."""
         self.device = torch.device(device)
         self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
@@ -237,19 +291,23 @@ class BatchAugment:
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
 
-    def views(self, images: Tensor) -> Tensor:
-        """Augmented views in [0, 1], before normalisation."""
+    def views(self, images: Tensor, view: int = 0) -> Tensor:
+        """Augmented views in [0, 1], before normalisation, with ``view``'s config."""
+        cfg = self.view_configs[min(view, len(self.view_configs) - 1)]
         x = to_float_nchw(images.to(self.device, non_blocking=True))
         n, _, h, w = x.shape
         gen = self.generator
-        boxes = crop_boxes(n, h, w, self.config, gen, self.device)
-        flip = torch.rand(n, generator=gen, device=self.device) < self.config.flip_p
+        boxes = crop_boxes(n, h, w, cfg, gen, self.device)
+        flip = torch.rand(n, generator=gen, device=self.device) < cfg.flip_p
         x = crop_flip(x, boxes, flip, self.size)
-        x = color_jitter(x, self.config, gen)
-        return random_grayscale(x, self.config.grayscale_p, gen)
+        x = color_jitter(x, cfg, gen)
+        x = random_grayscale(x, cfg.grayscale_p, gen)
+        if cfg.blur_p > 0 or cfg.solarize_p > 0:
+            x = random_solarize(random_blur(x, cfg, gen), cfg.solarize_p, gen)
+        return x
 
-    def __call__(self, images: Tensor) -> Tensor:
-        return (self.views(images) - self.mean) / self.std
+    def __call__(self, images: Tensor, view: int = 0) -> Tensor:
+        return (self.views(images, view) - self.mean) / self.std
 
     def plain(self, images: Tensor) -> Tensor:
         """No augmentation, only resize and normalisation (evaluation)."""

@@ -127,6 +127,26 @@ class TrainConfig(BaseModel):
         json_schema_extra=_per_method("queue_size"),
     )
     moco_momentum: float = Field(0.99, ge=0, le=1, description="MoCo key encoder momentum.")
+    view1_blur: float = Field(
+        0.0, ge=0, le=1, description="Gaussian blur probability of the first view."
+    )
+    view2_blur: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Gaussian blur probability of the second view (and the positive's); "
+        "BYOL-style recipes: 1.0 and 0.1.",
+    )
+    view1_solarize: float = Field(
+        0.0, ge=0, le=1, description="Solarisation probability of the first view."
+    )
+    view2_solarize: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Solarisation probability of the second view (and the positive's); "
+        "BYOL-style recipes: 0 and 0.2.",
+    )
     clsp_weight: float = Field(0.0, ge=0, description="Weight of the CLSP term (0: the baseline).")
     clsp_mode: ClspMode = Field(
         "similarity",

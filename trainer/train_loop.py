@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from clsp_positives.trainer import checkpoint as ckpt
-from clsp_positives.trainer.augment import BatchAugment
+from clsp_positives.trainer.augment import AugmentConfig, BatchAugment
 from clsp_positives.trainer.backbones import BACKBONES, build_backbone
 from clsp_positives.trainer.config import TrainConfig
 from clsp_positives.trainer.config_file import write_run_config
@@ -331,7 +331,9 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
             )
     optimizer = _build_optimizer(config, method)
     schedule = _build_schedule(config, optimizer, sampler.steps_per_epoch)
-    augment = BatchAugment(size, mean, std, device=dev, seed=config.seed)
+    augment = BatchAugment(
+        size, mean, std, device=dev, views=view_configs(config), seed=config.seed
+    )
     autocast = config.amp and dev.type == "cuda"
 
     out_dir = Path(config.out) if config.out else None
@@ -507,7 +509,16 @@ def positive_view(
         size = augment.size
         return torch.empty(0, channels, *size, device=augment.device), present
     images = np.ascontiguousarray(_match_channels(positives.images[rows], channels))
-    return augment(torch.from_numpy(images)), present
+    return augment(torch.from_numpy(images), view=2), present
+
+
+def view_configs(config: TrainConfig) -> tuple[AugmentConfig, AugmentConfig]:
+    """The two views' augmentations (the positive takes the second's): the SimCLR
+    pipeline, plus the blur and solarisation the config asks of each."""
+    return (
+        AugmentConfig(blur_p=config.view1_blur, solarize_p=config.view1_solarize),
+        AugmentConfig(blur_p=config.view2_blur, solarize_p=config.view2_solarize),
+    )
 
 
 def _run_epoch(
@@ -542,7 +553,7 @@ def _run_epoch(
                     feed.take(epoch, step), augment, channels, keep_empty=ctx.distributed
                 )
             images = torch.from_numpy(data.batch(indices).images)
-            v1, v2 = augment(images), augment(images)
+            v1, v2 = augment(images, view=0), augment(images, view=1)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(v1, v2, v3, present)
             optimizer.zero_grad(set_to_none=True)

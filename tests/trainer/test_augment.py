@@ -126,3 +126,39 @@ def test_colour_jitter_follows_its_probability() -> None:
     changed = A.color_jitter(x, A.AugmentConfig(jitter_p=1.0), torch.Generator().manual_seed(0))
     differs = (changed - x).abs().flatten(1).amax(1) > 1e-4
     assert differs.float().mean().item() > 0.9
+
+
+def test_gaussian_blur_matches_torchvision_per_sample() -> None:
+    x = _images(3, 20, 3, seed=4).permute(0, 3, 1, 2).float() / 255
+    sigma = torch.tensor([0.3, 1.0, 2.0])
+    got = A.gaussian_blur(x, sigma)
+    k = A.blur_kernel_size(20)
+    assert k % 2 == 1 and k >= 3 and A.blur_kernel_size(224) == 23
+    for i in range(3):
+        want = TF.gaussian_blur(x[i], kernel_size=[k, k], sigma=[float(sigma[i])] * 2)
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=1e-5)
+
+
+def test_solarize_matches_torchvision() -> None:
+    x = _images(2, 8, 3, seed=5).permute(0, 3, 1, 2).float() / 255
+    torch.testing.assert_close(A.solarize(x), TF.solarize(x, threshold=0.5))
+
+
+def test_views_blur_and_solarize_by_their_own_config() -> None:
+    """Per-view configs: the second view alone blurs and solarises here; with both off
+    a view is exactly the plain SimCLR view (same random stream)."""
+    images = _images(64, 16, 3, seed=6)
+    plain = A.BatchAugment(16, [0.5] * 3, [0.25] * 3, seed=1)
+    asym = A.BatchAugment(
+        16,
+        [0.5] * 3,
+        [0.25] * 3,
+        seed=1,
+        views=[A.AugmentConfig(), A.AugmentConfig(blur_p=1.0, solarize_p=1.0)],
+    )
+    assert torch.equal(asym.views(images, view=0), plain.views(images))
+    second = asym.views(images, view=1)
+    reference = plain.views(images)  # the same crops and colours, not blurred or solarised
+    assert not torch.allclose(second, reference)
+    # solarised: nothing above 0.5 is left
+    assert float(second.max()) <= 0.5 + 1e-6

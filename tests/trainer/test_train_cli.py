@@ -70,6 +70,7 @@ def test_offline_positives_feed_the_clsp_term(tmp_path: Path) -> None:
         "train", *FAST, "--subset", str(n), "--epochs", "1", "--batch-size", "32",
         "--method", "moco", "--clsp-weight", "0.5", "--positives-npy", str(npy),
         "--k", "2", "--prefetch", "2", "--positives-strict", "--out", str(out),
+        "--view1-blur", "1", "--view2-blur", "0.1", "--view2-solarize", "0.2",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
