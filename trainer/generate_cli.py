@@ -53,6 +53,12 @@ def generate(
     in_flight: int = typer.Option(4, "--in-flight", min=1, help="Requests in flight."),
     timeout_s: float = typer.Option(600.0, "--timeout-s", help="Longest wait for one request."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    grid: Optional[Path] = typer.Option(
+        None,
+        "--grid",
+        help="Also write a PNG of anchors beside their k candidates (one anchor per class).",
+    ),
+    grid_rows: int = typer.Option(10, "--grid-rows", min=1, help="Anchors in the --grid PNG."),
     *,
     given: dict[str, Any],
 ) -> None:
@@ -75,14 +81,15 @@ def generate(
         raise typer.BadParameter(str(exc), param_hint="--positives") from None
     try:
         info = client.model_info()
-        images = load_images(
+        data = load_images(
             dataset,
             split=split,
             size=image_size or int(info["sample_size"]),
             channels=channels or int(info["channels"]),
             root=config.data_root,
             download=config.download,
-        ).images
+        )
+        images = data.images
         # The service's own sampling mode stands in for "not given", so the file
         # says how its positives were made (docs/design.md §1).
         params = params.resolved(info.get("sampling"))
@@ -99,6 +106,7 @@ def generate(
         array, done = open_output(out, (len(images), k, *images.shape[1:]), meta)
         if array is None:
             typer.echo(f"{out} is already complete ({len(images)} x {k})")
+            _write_grid(grid, out, data, grid_rows)
             return
         with tqdm(
             total=len(done),
@@ -125,6 +133,7 @@ def generate(
             f"({totals['rows']} rows this run, {totals['cache_hits']} cache hits, "
             f"{stats.failovers} failovers, {stats.errors} errors)"
         )
+        _write_grid(grid, out, data, grid_rows)
     except (PoolError, ValueError, FileNotFoundError) as exc:
         progress = rows_done(out)
         done_note = (
@@ -136,6 +145,26 @@ def generate(
         raise typer.Exit(1) from None
     finally:
         client.close()
+
+
+def _write_grid(grid: Path | None, out: Path, data: Any, rows: int) -> None:
+    """The finished bank's first image of each class (the first images when a set has no
+    labels) beside its candidates, as ``clsp demo`` draws them."""
+    if grid is None:
+        return
+    import numpy as np
+
+    from clsp_positives.grid import grid_anchors, write_grid
+
+    bank = np.load(out, mmap_mode="r")
+    labelled = data.labels >= 0
+    picks = (
+        grid_anchors(data.labels, rows)
+        if labelled.all()
+        else np.arange(min(rows, len(data.images)), dtype=np.int64)
+    )
+    width, height = write_grid(data.images[picks], np.asarray(bank[picks]), grid)
+    typer.echo(f"wrote {grid} ({width}x{height}: {len(picks)} anchors x {bank.shape[1]})")
 
 
 def register(app: typer.Typer) -> None:

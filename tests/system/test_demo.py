@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clsp_positives.demo import BUDGETS, GRID_NAME, RESULTS_NAME, SERVICE_LOG, grid_size
+from clsp_positives.demo import BUDGETS, GRID_NAME, RESULTS_NAME, SERVICE_LOG
+from clsp_positives.grid import grid_size
 
 pytestmark = pytest.mark.slow
 

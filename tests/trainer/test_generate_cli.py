@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from typer.testing import CliRunner
 
 from clsp_positives.cli import app
+from clsp_positives.grid import GRID_GAP, GRID_SCALE, GRID_SEP, grid_size
 from clsp_positives.images import load_images
 from clsp_positives.trainer.positives.offline import OfflineNpySource, meta_path, progress_path
 from tests.support.servers import free_port
@@ -81,6 +83,21 @@ def test_the_file_records_the_pools_sampling_mode_when_none_is_asked(tmp_path: P
             result = CliRunner().invoke(app, args(server.url, out))
         assert result.exit_code == 0, result.output
         assert json.loads(meta_path(out).read_text())["params"]["sampling"] == mode
+
+
+def test_grid_shows_one_anchor_per_class_beside_its_candidates(tmp_path: Path) -> None:
+    out, png = tmp_path / "pos.npy", tmp_path / "grid.png"
+    with stub_server() as server:
+        result = CliRunner().invoke(app, args(server.url, out, "--grid", str(png)))
+    assert result.exit_code == 0, result.output
+    grid = np.asarray(Image.open(png))
+    assert grid.shape == grid_size(10, K, tile=16)[::-1]  # ten digit classes
+    data = load_images("digits", size=16, channels=1)
+    first = int(np.flatnonzero(data.labels == 3)[0])  # row 3: the first 3
+    side = 16 * GRID_SCALE
+    y, x = 3 * (side + GRID_SEP), side + GRID_GAP + side + GRID_SEP  # its candidate 1
+    tile = grid[y : y + side : GRID_SCALE, x : x + side : GRID_SCALE]
+    np.testing.assert_array_equal(tile, stub_positive(data.images[first], 1)[..., 0])
 
 
 def test_every_row_comes_from_the_model_the_file_names(tmp_path: Path) -> None:
