@@ -127,6 +127,13 @@ class TrainConfig(BaseModel):
         json_schema_extra=_per_method("queue_size"),
     )
     moco_momentum: float = Field(0.99, ge=0, le=1, description="MoCo key encoder momentum.")
+    moco_momentum_end: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Raise the MoCo momentum to this by the end of the run on a cosine "
+        "(none: constant).",
+    )
     view1_blur: float = Field(
         0.0, ge=0, le=1, description="Gaussian blur probability of the first view."
     )

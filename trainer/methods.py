@@ -20,6 +20,7 @@ CLSP modes:
 from __future__ import annotations
 
 import copy
+import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -67,6 +68,7 @@ class MethodConfig:
     clsp_mode: str = _default("clsp_mode")
     queue_size: int | None = None  # capped at the data set size; SimCLR keeps none
     momentum: float = _default("moco_momentum")
+    momentum_end: float | None = _default("moco_momentum_end")
     joint_forward: bool = _default("joint_forward")
 
     @classmethod
@@ -81,6 +83,7 @@ class MethodConfig:
             clsp_mode=config.clsp_mode,
             queue_size=config.resolved_queue_size(),
             momentum=config.moco_momentum,
+            momentum_end=config.moco_momentum_end,
             joint_forward=config.joint_forward,
         )
 
@@ -259,8 +262,9 @@ class ContrastiveMethod(nn.Module):
         return replace(out, z_std=spread, z_std_positives=positives)
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        """Called after each optimizer step (momentum updates)."""
+    def after_step(self, progress: float = 0.0) -> None:
+        """Called after each optimizer step (momentum updates); ``progress`` is the
+        fraction of the run's steps done, for schedules."""
 
 
 class SimCLR(ContrastiveMethod):
@@ -307,6 +311,15 @@ class FeatureQueue(nn.Module):
         self.ptr.copy_((self.ptr + x.shape[0]) % size)
 
 
+def momentum_at(start: float, end: float | None, progress: float) -> float:
+    """The key encoder's momentum ``progress`` (0..1) through the run: ``start`` when no
+    ``end`` is set, else a cosine from ``start`` to ``end`` (BYOL's schedule, which
+    solo-learn's MoCo recipes use: 0.99 -> 1.0)."""
+    if end is None:
+        return start
+    return end - (end - start) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1) / 2
+
+
 class MoCo(ContrastiveMethod):
     """MoCo v2: momentum key encoder, a queue of negatives filled with the keys
     of all ranks, symmetric loss."""
@@ -331,8 +344,8 @@ class MoCo(ContrastiveMethod):
         )
 
     @torch.no_grad()
-    def after_step(self) -> None:
-        m = self.config.momentum
+    def after_step(self, progress: float = 0.0) -> None:
+        m = momentum_at(self.config.momentum, self.config.momentum_end, progress)
         for q, k in self._pairs():
             k.mul_(m).add_(q.detach(), alpha=1 - m)
         for q, k in zip(

@@ -539,6 +539,7 @@ def _run_epoch(
 ) -> dict[str, Any]:
     dev = ctx.device
     plan = sampler.plan(epoch)
+    total_steps = config.epochs * len(plan.batches)  # for schedules such as MoCo's momentum
     # Views depend only on (seed, rank, epoch): a resumed run draws the same ones.
     augment.reseed(int(np.random.default_rng([config.seed, ctx.rank, epoch]).integers(2**62)))
     method.train()
@@ -560,7 +561,7 @@ def _run_epoch(
             out.loss.backward()
             optimizer.step()
             schedule.step()
-            method.after_step()
+            method.after_step((epoch * len(plan.batches) + step + 1) / total_steps)
             sums += torch.stack(
                 [
                     out.loss.detach().double(),

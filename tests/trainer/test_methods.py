@@ -8,7 +8,13 @@ import torch.nn.functional as F
 
 from clsp_positives.trainer import losses
 from clsp_positives.trainer.backbones import build_backbone
-from clsp_positives.trainer.methods import FeatureQueue, MethodConfig, MoCo, build_method
+from clsp_positives.trainer.methods import (
+    FeatureQueue,
+    MethodConfig,
+    MoCo,
+    build_method,
+    momentum_at,
+)
 
 
 def _method(name: str, **kw):
@@ -103,6 +109,26 @@ def test_moco_momentum_update() -> None:
     for q, k0, k1 in zip(q_params, k_before, k_after, strict=True):
         assert torch.allclose(k1, 0.9 * k0 + 0.1 * q, atol=1e-6)
     assert not any(p.requires_grad for p in method.key_backbone.parameters())
+
+
+def test_moco_momentum_follows_its_cosine_schedule() -> None:
+    assert momentum_at(0.99, None, 0.7) == 0.99
+    assert momentum_at(0.99, 0.999, 0.0) == pytest.approx(0.99)
+    assert momentum_at(0.99, 0.999, 0.5) == pytest.approx(0.9945)
+    assert momentum_at(0.99, 0.999, 1.0) == pytest.approx(0.999)
+    method = _method("moco", momentum=0.9, momentum_end=1.0)
+    with torch.no_grad():
+        for p in [*method.backbone.parameters(), *method.projector.parameters()]:
+            p.add_(1.0)
+    k_before = [p.clone() for p in method.key_backbone.parameters()]
+    method.after_step(1.0)  # the end of the run: momentum 1, the keys stay
+    for k0, k1 in zip(k_before, method.key_backbone.parameters(), strict=True):
+        assert torch.equal(k0, k1)
+    method.after_step(0.0)  # the start: momentum 0.9, the keys move
+    assert not all(
+        torch.equal(k0, k1)
+        for k0, k1 in zip(k_before, method.key_backbone.parameters(), strict=True)
+    )
 
 
 def test_nnclr_uses_the_true_nearest_neighbour_and_fills_its_support_set() -> None:

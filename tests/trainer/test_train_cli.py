@@ -71,6 +71,7 @@ def test_offline_positives_feed_the_clsp_term(tmp_path: Path) -> None:
         "--method", "moco", "--clsp-weight", "0.5", "--positives-npy", str(npy),
         "--k", "2", "--prefetch", "2", "--positives-strict", "--out", str(out),
         "--view1-blur", "1", "--view2-blur", "0.1", "--view2-solarize", "0.2",
+        "--moco-momentum-end", "0.999",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
