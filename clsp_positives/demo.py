@@ -484,7 +484,7 @@ def generate_positives(
     import numpy as np
     from tqdm.auto import tqdm
 
-    from clsp_positives.trainer.positives.client import PoolClient
+    from clsp_positives.client import PoolClient
 
     n = len(images)
     params = budget.positives_params()
@@ -897,7 +897,7 @@ def _model_info(url: str) -> dict[str, Any]:
 
 def _grid_candidates(url: str, anchors: Any, budget: Budget, k: int) -> Any:
     """Candidates 0..k-1 of a few anchors (the first K are cache hits by now)."""
-    from clsp_positives.trainer.positives.client import PoolClient
+    from clsp_positives.client import PoolClient
 
     with PoolClient(url, timeout_s=600.0) as client:
         return client.positives(anchors, None, budget.positives_params(k=k)).positives

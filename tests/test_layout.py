@@ -149,7 +149,7 @@ def test_the_source_tree_is_what_pyproject_packages() -> None:
         f"{SERVICE}.sampling.generator",
         f"{SERVICE}.ddpm.train",
         f"{TRAINER}.train_loop",
-        f"{TRAINER}.positives.client",
+        f"{TOP}.client",
     ):
         assert name in modules, sorted(modules)
     on_disk = {
@@ -228,7 +228,8 @@ def _copy_sources(dest: Path) -> None:
         shutil.copytree(ROOT / top, dest / top, ignore=ignore)
 
 
-def test_the_wheel_ships_every_module_and_the_openapi_document(tmp_path: Path) -> None:
+def build_wheel(tmp_path: Path) -> Path:
+    """The project's wheel, built offline from a copy of the sources."""
     src, out = tmp_path / "src", tmp_path / "wheel"
     src.mkdir()
     _copy_sources(src)
@@ -253,6 +254,11 @@ def test_the_wheel_ships_every_module_and_the_openapi_document(tmp_path: Path) -
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     (wheel,) = out.glob("clsp_positives-*.whl")
+    return wheel
+
+
+def test_the_wheel_ships_every_module_and_the_openapi_document(tmp_path: Path) -> None:
+    wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
     wanted = {

@@ -100,10 +100,10 @@ def calibrate(
     from pydantic import ValidationError
     from tqdm import tqdm
 
+    from clsp_positives.client import PoolClient, PoolError
     from clsp_positives.trainer import calibrate as cal
     from clsp_positives.trainer.calibrate_plot import write_plot
     from clsp_positives.trainer.positive_quality import class_kept, fit_probe, load_features
-    from clsp_positives.trainer.positives.client import PoolClient, PoolError
 
     try:
         config = TrainConfig.model_validate(given)
@@ -237,7 +237,7 @@ def _pool_model(
     """The pool's ``GET /v1/model``, checked against the image options given."""
     from pydantic import ValidationError
 
-    from clsp_positives.trainer.positives.client import PoolError
+    from clsp_positives.client import PoolError
 
     try:
         info = ModelInfo.model_validate(client.model_info())

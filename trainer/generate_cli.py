@@ -66,8 +66,8 @@ def generate(
     from pydantic import ValidationError
     from tqdm import tqdm
 
+    from clsp_positives.client import PoolClient, PoolError
     from clsp_positives.images import load_images
-    from clsp_positives.trainer.positives.client import PoolClient, PoolError
 
     try:
         config = TrainConfig.model_validate(given)

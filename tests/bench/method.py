@@ -248,7 +248,7 @@ def generate_bank(
 ) -> float:
     """One bank through the pool client, written like ``clsp generate`` writes one (the same
     resumable writer); returns the seconds it took."""
-    from clsp_positives.trainer.positives.client import PoolClient
+    from clsp_positives.client import PoolClient
     from clsp_positives.trainer.positives.offline import (
         fill,
         finish,

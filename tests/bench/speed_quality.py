@@ -40,13 +40,13 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # tests.support, when run as a script
     sys.path.insert(0, str(REPO))
 
+from clsp_positives.client import PoolClient  # noqa: E402
 from clsp_positives.proto.params import GenerationParams  # noqa: E402
 from clsp_positives.service.sampling.generator import PositivesGenerator, cpu_has_bf16  # noqa: E402
 from clsp_positives.service.sampling.model import load_model  # noqa: E402
 from clsp_positives.service.sampling.schedule import sampling_config  # noqa: E402
 from clsp_positives.service.sampling.unet_split import UNetSplit  # noqa: E402
 from clsp_positives.trainer.calibrate_plot import label_box, ticks  # noqa: E402
-from clsp_positives.trainer.positives.client import PoolClient  # noqa: E402
 from tests.bench.generation import reference_sample  # noqa: E402
 from tests.support.servers import ServerProcess, free_port  # noqa: E402
 

@@ -81,7 +81,7 @@ def service_available() -> bool:
 def warm(url: str, images: np.ndarray, k: int, params: Any) -> np.ndarray:
     """Ask the pool for every (image, candidate) once: fills its cache and returns the
     ``[N, K, H, W, C]`` array that doubles as the offline positives."""
-    from clsp_positives.trainer.positives.client import PoolClient
+    from clsp_positives.client import PoolClient
 
     out = np.zeros((len(images), k, *images.shape[1:]), np.uint8)
     with PoolClient(url, timeout_s=600) as client:

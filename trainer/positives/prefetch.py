@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from clsp_positives.client import PoolRequestRejected, PoolUnavailable
 from clsp_positives.trainer.epochs import EpochPlan, ShardedBatchSampler, epoch_candidates
-from clsp_positives.trainer.positives.client import PoolRequestRejected, PoolUnavailable
 from clsp_positives.trainer.positives.pending import (
     PendingPositives,
     PositivesBatch,

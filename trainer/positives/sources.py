@@ -27,7 +27,7 @@ from clsp_positives.trainer.positives.pending import (
 )
 
 if TYPE_CHECKING:  # httpx is the trainer extra's: the service image must import this module
-    from clsp_positives.trainer.positives.client import PoolClient
+    from clsp_positives.client import PoolClient
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def build_source(
     if positives:
         if params.k is not None:
             raise ValueError("the trainer asks for one candidate per anchor: params.k must be None")
-        from clsp_positives.trainer.positives.client import PoolClient
+        from clsp_positives.client import PoolClient
 
         client = PoolClient(positives, token=token, timeout_s=timeout_s, **(client_options or {}))
         return PoolSource(client, params, chunk=chunk, pin_model=pin_model)

@@ -10,8 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.positives.client import (
+from clsp_positives.client import (
     EndpointSpec,
     PoolClient,
     PoolRequestRejected,
@@ -19,6 +18,7 @@ from clsp_positives.trainer.positives.client import (
     parse_endpoints,
     resolve,
 )
+from clsp_positives.proto.params import GenerationParams
 from tests.support.servers import ServerProcess, free_port
 from tests.support.stub_pool import configure, counters, stub_positive, stub_server
 

@@ -1,4 +1,6 @@
-"""Client of a pool of generation services (docs/design.md §5, §9).
+"""Client of a pool of generation services (docs/design.md §5, §9): ``Client`` (the
+``PoolClient`` below) and ``AsyncClient`` for asyncio code, numpy in and out, torch-free
+(``pip install "clsp-positives[client]"``), the one implementation the trainer uses too.
 
 The trainer talks to several generators at once and must never stall on one
 of them, so the client balances on its own side (least outstanding requests),
@@ -602,3 +604,46 @@ def _error_body(resp: httpx.Response) -> tuple[str, str]:
         return str(obj.get("error", "error")), str(obj.get("detail", resp.text[:300]))
     except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
         return "error", resp.text[:300]
+
+
+Client = PoolClient
+"""The public name of ``PoolClient`` (``from clsp_positives import Client``)."""
+
+
+class AsyncClient:
+    """``Client`` for asyncio code: the same balancing, retries, failover and circuit
+    breaking (one ``PoolClient`` underneath, on its own loop), awaited from yours."""
+
+    def __init__(self, endpoints: str | Sequence[str], **options: Any) -> None:
+        self._client = PoolClient(endpoints, **options)
+
+    async def positives(
+        self,
+        anchors: np.ndarray,
+        candidates: np.ndarray | None = None,
+        params: GenerationParams | None = None,
+        *,
+        timeout: float | None = None,
+        retry_for_s: float | None = None,
+    ) -> ResponseArrays:
+        """One request; ``timeout`` bounds the whole wait (cancelling the request)."""
+        future = self._client.submit(anchors, candidates, params, retry_for_s=retry_for_s)
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+
+    async def model_info(self) -> dict[str, Any]:
+        return await asyncio.to_thread(self._client.model_info)
+
+    def available(self) -> bool:
+        return self._client.available()
+
+    def stats(self) -> PoolStats:
+        return self._client.stats()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._client.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
