@@ -187,7 +187,8 @@ def build_images(stack: Stack, base: str, torch_spec: str) -> None:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     env = {**os.environ}
     env.setdefault("DOCKER_BUILDKIT", "0")  # no buildx plugin needed: the classic builder
-    common = ["docker", "build", "--network", "host", "--build-arg", f"BASE_IMAGE={base}"]
+    common = ["docker", "build", "--force-rm", "--network", "host"]
+    common += ["--build-arg", f"BASE_IMAGE={base}"]
     for target in ("service", "trainer", "tools"):
         start = time.monotonic()
         run(
