@@ -94,11 +94,17 @@ gpu-check:
 	$(GPU_PY) tests/bench/gpu_check.py --out $${OUT:-gpu-check-out}
 
 # Benchmarks: ratios against a baseline in the same run (docs/performance.md).
-bench: install system-tools
+# The trained digits DDPM that the quality benchmarks share (about 10 CPU minutes).
+BENCH_MODEL ?= runs/ddpm-digits
+$(BENCH_MODEL)/unet/config.json: | install
+	$(PY) tests/bench/quality.py --model-dir $(BENCH_MODEL) --out runs/quality.json
+
+bench: install system-tools $(BENCH_MODEL)/unet/config.json
 	$(PY) tests/bench/generation.py --batches 1,8,64 --steps 3 --threads 1 --compile
 	$(PY) tests/bench/service.py
 	$(PY) tests/bench/trainer.py
 	$(PY) tests/bench/load.py --seconds 60 --clients 32
+	$(PY) tests/bench/speed_quality.py --model $(BENCH_MODEL) --out runs/speed-quality
 
 # Ten CPU minutes of DDPM training, then the class-kept rate of the positives.
 bench-quality: install
