@@ -20,6 +20,7 @@ from clsp_positives.options import describe_errors, with_model_options
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.trainer.config import TrainConfig
 from clsp_positives.trainer.positives.offline import (
+    OfflineNpySource,
     fill,
     finish,
     open_output,
@@ -156,7 +157,8 @@ def _write_grid(grid: Path | None, out: Path, data: Any, rows: int) -> None:
 
     from clsp_positives.grid import grid_anchors, write_grid
 
-    bank = np.load(out, mmap_mode="r")
+    source = OfflineNpySource(out)  # the one reader of banks (no pickles, shape checked)
+    bank = source.array
     labelled = data.labels >= 0
     picks = (
         grid_anchors(data.labels, rows)
@@ -164,6 +166,7 @@ def _write_grid(grid: Path | None, out: Path, data: Any, rows: int) -> None:
         else np.arange(min(rows, len(data.images)), dtype=np.int64)
     )
     width, height = write_grid(data.images[picks], np.asarray(bank[picks]), grid)
+    source.close()
     typer.echo(f"wrote {grid} ({width}x{height}: {len(picks)} anchors x {bank.shape[1]})")
 
 
