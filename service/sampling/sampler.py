@@ -158,8 +158,9 @@ class CLSPSampler:
         interpolation_weights = interpolation_weights.to(device=device, dtype=torch.float32)
         group: torch.Tensor | None = None
         if use_anchor and anchor_seeds is not None:
-            first, group = anchor_groups(anchor_seeds.to(device=device, dtype=torch.int64))
-            anchors, anchor_seeds = anchors[first], anchor_seeds.to(device)[first]
+            anchor_seeds = anchor_seeds.to(device=device, dtype=torch.int64)
+            first, group = anchor_groups(anchor_seeds)
+            anchors, anchor_seeds = anchors[first], anchor_seeds[first]
         else:
             anchor_seeds = seeds
         with torch.inference_mode():

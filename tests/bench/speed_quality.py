@@ -122,8 +122,9 @@ def calibrate(url: str, arm: Arm, steps: tuple[int, ...], args, out: Path) -> li
 
 def plain_loop_per_s(model: Path, steps: int = PLAIN_STEPS) -> float:
     """Positives/s of the paper-style loop at DDIM 100 steps, batch 64, on the model."""
-    split = UNetSplit(load_model(model).unet)
-    config = sampling_config(load_model(model).scheduler_config, SAMPLING)
+    loaded = load_model(model)
+    split = UNetSplit(loaded.unet)
+    config = sampling_config(loaded.scheduler_config, SAMPLING)
     scheduler = DDIMScheduler.from_config(config)
     rng = np.random.default_rng(0)
     anchors = torch.from_numpy(rng.uniform(-1, 1, (PLAIN_BATCH, 1, 16, 16)).astype(np.float32))
