@@ -267,18 +267,20 @@ class PoolClient:
         params: GenerationParams | None = None,
         *,
         retry_for_s: float | None = None,
+        latents: bool = False,
     ) -> concurrent.futures.Future[ResponseArrays]:
         """Send one request; the future holds the decoded answer or a PoolError.
 
-        With ``retry_for_s``, a request that the pool cannot answer now (every
-        generator down, failing or busy) is retried until that many seconds have
-        passed; a refusal (``PoolRequestRejected``) still ends it at once, and
-        cancelling the future ends it too."""
+        ``latents``: the anchors are a latent model's latents ``[N, c, h, w]``, sent as
+        ``anchor_latents`` (docs/latent.md). With ``retry_for_s``, a request that the
+        pool cannot answer now (every generator down, failing or busy) is retried
+        until that many seconds have passed; a refusal (``PoolRequestRejected``)
+        still ends it at once, and cancelling the future ends it too."""
         if self._closed:
             raise RuntimeError("PoolClient is closed")
         if retry_for_s is not None and retry_for_s < 0:
             raise ValueError(f"retry_for_s must be >= 0, got {retry_for_s}")
-        body, content_type = encode_request(anchors, candidates, params)
+        body, content_type = encode_request(anchors, candidates, params, latents=latents)
         return asyncio.run_coroutine_threadsafe(
             self._post(body, content_type, retry_for_s), self._loop
         )
@@ -291,10 +293,12 @@ class PoolClient:
         *,
         timeout: float | None = None,
         retry_for_s: float | None = None,
+        latents: bool = False,
     ) -> ResponseArrays:
         """Blocking ``submit``; ``timeout`` defaults to every attempt timing out."""
         wait = timeout if timeout is not None else self._worst_case_s() + (retry_for_s or 0.0)
-        return self.submit(anchors, candidates, params, retry_for_s=retry_for_s).result(wait)
+        future = self.submit(anchors, candidates, params, retry_for_s=retry_for_s, latents=latents)
+        return future.result(wait)
 
     def model_info(self) -> dict[str, Any]:
         """``GET /v1/model`` of some live endpoint (fingerprint, sample size, channels)."""
@@ -625,9 +629,12 @@ class AsyncClient:
         *,
         timeout: float | None = None,
         retry_for_s: float | None = None,
+        latents: bool = False,
     ) -> ResponseArrays:
         """One request; ``timeout`` bounds the whole wait (cancelling the request)."""
-        future = self._client.submit(anchors, candidates, params, retry_for_s=retry_for_s)
+        future = self._client.submit(
+            anchors, candidates, params, retry_for_s=retry_for_s, latents=latents
+        )
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
 
     async def model_info(self) -> dict[str, Any]:

@@ -7,7 +7,9 @@ answers and compute cache keys.
 from clsp_positives.proto.codec import (
     DEFAULT_MAX_HEADER_BYTES,
     SUPPORTED_DTYPES,
+    ModelShapes,
     check_anchors,
+    check_latents,
     decode_request,
     decode_response,
     decode_safetensors,
@@ -21,6 +23,7 @@ from clsp_positives.proto.codec import (
 from clsp_positives.proto.errors import ProtocolError
 from clsp_positives.proto.keys import (
     canonical_anchors,
+    canonical_latents,
     positive_key,
     positive_keys,
     seed_from_key,
@@ -51,6 +54,7 @@ __all__ = [
     "GenerationParams",
     "Health",
     "ModelInfo",
+    "ModelShapes",
     "PositivesRequest",
     "PositivesResponse",
     "ProtocolError",
@@ -58,7 +62,9 @@ __all__ = [
     "ResponseArrays",
     "Tensor",
     "canonical_anchors",
+    "canonical_latents",
     "check_anchors",
+    "check_latents",
     "decode_request",
     "decode_response",
     "decode_safetensors",

@@ -15,6 +15,7 @@ import json
 import math
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from clsp_positives.proto.messages import (
 )
 from clsp_positives.proto.params import (
     DEFAULT_MAX_K,
+    AnchorSpace,
     GenerationParams,
     describe_validation_error,
     parse_params,
@@ -60,7 +62,7 @@ _NP_TO_ST = {dt.name: tag for tag, dt in _ST_TO_NP.items()}
 _JSON_TO_NP = {dt.name: dt for dt in _ST_TO_NP.values()}
 SUPPORTED_DTYPES = tuple(_JSON_TO_NP)
 
-_REQUEST_TENSORS = {"anchors", "candidates"}
+_REQUEST_TENSORS = {"anchors", "anchor_latents", "candidates"}
 _RESPONSE_TENSORS = {"positives", "cache_hit"}
 _MAX_TENSOR_BYTES = 1 << 48
 """Bound on the bytes a declared shape may describe, so that even an empty
@@ -345,6 +347,44 @@ def check_anchors(
             )
 
 
+def check_latents(
+    latents: np.ndarray,
+    *,
+    expected_chw: tuple[int, int, int] | None = None,
+    max_anchors: int | None = None,
+) -> None:
+    """``anchor_latents``: dtype, rank, count, the model's latent shape, finiteness.
+
+    No range check: a scaled latent space is not bounded the way pixels are.
+    """
+    layout = "float32/float16 [N, c, h, w] latents"
+    if latents.dtype not in (np.float16, np.float32):
+        raise _error(f"anchor_latents: dtype {latents.dtype.name} is not accepted; send {layout}")
+    if latents.ndim != 4:
+        raise _error(f"anchor_latents must have rank 4 ({layout}), got shape {list(latents.shape)}")
+    n = latents.shape[0]
+    if n == 0 or 0 in latents.shape:
+        raise _error(
+            f"anchor_latents is empty: send at least one latent, got {list(latents.shape)}"
+        )
+    if max_anchors is not None and n > max_anchors:
+        raise _error(
+            f"{n} anchors in one request; the limit is {max_anchors}: split the request",
+            code="too_many_anchors",
+            status=413,
+        )
+    if expected_chw is not None and tuple(latents.shape[1:]) != tuple(expected_chw):
+        c, h, w = expected_chw
+        raise _error(
+            f"anchor_latents have shape [N, {', '.join(map(str, latents.shape[1:]))}] but the "
+            f"model's latents are [N, {c}, {h}, {w}] (GET /v1/model: latent_channels, "
+            "latent_size)",
+            code="wrong_shape",
+        )
+    if not np.isfinite(latents.astype(np.float32, copy=False)).all():
+        raise _error("anchor_latents contain NaN or Inf")
+
+
 def _candidate_items(
     n: int, candidates: np.ndarray | None, params: GenerationParams, max_k: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -376,29 +416,76 @@ def _candidate_items(
     return candidates.astype(np.int64), np.arange(n, dtype=np.int64)
 
 
+@dataclass(frozen=True)
+class ModelShapes:
+    """What the serving model takes, for validating requests: its image shape and,
+    for a latent model, its latent shape (None: a pixel model, which refuses
+    ``anchor_latents`` and ``params.output`` latents)."""
+
+    image_chw: tuple[int, int, int]
+    latent_chw: tuple[int, int, int] | None = None
+
+
 def _request_arrays(
     tensors: Mapping[str, np.ndarray],
     raw_params: Any,
     *,
-    expected_chw: tuple[int, int, int] | None,
+    model: ModelShapes | None,
     max_anchors: int | None,
     max_k: int,
 ) -> RequestArrays:
     unknown = set(tensors) - _REQUEST_TENSORS
     if unknown:
         raise _error(
-            f"unknown tensors {sorted(unknown)}; a request carries 'anchors' and "
-            "optionally 'candidates'"
+            f"unknown tensors {sorted(unknown)}; a request carries 'anchors' (or "
+            "'anchor_latents') and optionally 'candidates'"
         )
-    if "anchors" not in tensors:
-        raise _error("the request has no 'anchors' tensor")
+    given = [name for name in ("anchors", "anchor_latents") if name in tensors]
+    if len(given) != 1:
+        raise _error(
+            "the request has "
+            + (
+                "neither 'anchors' nor 'anchor_latents'"
+                if not given
+                else "both 'anchors' and 'anchor_latents'"
+            )
+            + ": send exactly one (pictures, or a latent model's latents)"
+        )
     params = parse_params(raw_params, max_k=max_k)
-    anchors = tensors["anchors"]
-    check_anchors(anchors, expected_chw=expected_chw, max_anchors=max_anchors)
+    latent_model = model is None or model.latent_chw is not None
+    if params.output == "latents" and not latent_model:
+        raise _error(
+            "params.output: latents needs a latent model (one with an autoencoder); this "
+            "model samples pixels: ask for images",
+            code="invalid_params",
+            status=422,
+        )
+    if given == ["anchor_latents"]:
+        if not latent_model:
+            raise _error(
+                "anchor_latents: this model samples pixels and has no latent space; send "
+                "the pictures as 'anchors'",
+                code="latents_unsupported",
+            )
+        anchors = tensors["anchor_latents"]
+        check_latents(
+            anchors,
+            expected_chw=None if model is None else model.latent_chw,
+            max_anchors=max_anchors,
+        )
+        space: AnchorSpace = "latent"
+    else:
+        anchors = tensors["anchors"]
+        check_anchors(
+            anchors,
+            expected_chw=None if model is None else model.image_chw,
+            max_anchors=max_anchors,
+        )
+        space = "image"
     candidates, anchor_index = _candidate_items(
         anchors.shape[0], tensors.get("candidates"), params, max_k
     )
-    return RequestArrays(anchors, candidates, anchor_index, params)
+    return RequestArrays(anchors, candidates, anchor_index, params, space)
 
 
 # ------------------------------------------------------------ request / reply
@@ -413,12 +500,14 @@ def decode_request(
     body: bytes,
     content_type: str | None,
     *,
-    expected_chw: tuple[int, int, int] | None = None,
+    model: ModelShapes | None = None,
     max_anchors: int | None = None,
     max_k: int = DEFAULT_MAX_K,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> RequestArrays:
-    """Decode and validate a ``POST /v1/positives`` body in either encoding."""
+    """Decode and validate a ``POST /v1/positives`` body in either encoding.
+
+    ``model`` None checks what can be checked without knowing the model."""
     kind = media_type(content_type)
     if kind == SAFETENSORS_MEDIA_TYPE:
         tensors, metadata = decode_safetensors(body, max_header_bytes=max_header_bytes)
@@ -432,7 +521,7 @@ def decode_request(
         return _request_arrays(
             tensors,
             metadata.get("params"),
-            expected_chw=expected_chw,
+            model=model,
             max_anchors=max_anchors,
             max_k=max_k,
         )
@@ -441,7 +530,8 @@ def decode_request(
         unknown = set(obj) - set(PositivesRequest.model_fields)
         if unknown:
             raise _error(
-                f"unknown fields {sorted(unknown)}; a request has anchors, candidates and params",
+                f"unknown fields {sorted(unknown)}; a request has anchors (or anchor_latents), "
+                "candidates and params",
                 code="invalid_body",
             )
         if "params" in obj and not isinstance(obj["params"], dict):
@@ -450,15 +540,18 @@ def decode_request(
                 code="invalid_params",
                 status=422,
             )
+        for name in ("anchors", "anchor_latents"):
+            if name in obj and obj[name] is None:
+                raise _error(f"{name} is null: send a tensor, or leave the field out")
         tensors = {
             name: tensor_from_json(name, obj[name])
-            for name in ("anchors", "candidates")
+            for name in ("anchors", "anchor_latents", "candidates")
             if obj.get(name) is not None
         }
         return _request_arrays(
             tensors,
             obj.get("params"),
-            expected_chw=expected_chw,
+            model=model,
             max_anchors=max_anchors,
             max_k=max_k,
         )
@@ -476,14 +569,16 @@ def encode_request(
     params: GenerationParams | Mapping[str, Any] | None = None,
     *,
     encoding: str = SAFETENSORS_MEDIA_TYPE,
+    latents: bool = False,
 ) -> tuple[bytes, str]:
-    """Client side: (body, content type) of a positives request."""
+    """Client side: (body, content type) of a positives request; ``latents``: the
+    anchors are a latent model's latents, sent as ``anchor_latents``."""
     p = (
         params
         if isinstance(params, GenerationParams)
         else parse_params(dict(params or {}), max_k=_NO_LIMIT)
     )
-    tensors = {"anchors": anchors}
+    tensors = {"anchor_latents" if latents else "anchors": anchors}
     if candidates is not None:
         tensors["candidates"] = np.asarray(candidates, dtype=np.int64)
     params_obj = p.model_dump(mode="json")
@@ -556,10 +651,12 @@ def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
 def _check_answer(positives: np.ndarray, cache_hit: np.ndarray, params: GenerationParams) -> None:
     """An answer's tensors must fit together: a client indexes them blindly."""
     rank = 4 if params.k is None else 5
-    layout = "[N, H, W, C]" if params.k is None else "[N, k, H, W, C]"
-    if positives.dtype != np.uint8 or positives.ndim != rank:
+    item = "H, W, C" if params.output == "images" else "c, h, w"
+    layout = "[N, " + ("" if params.k is None else "k, ") + item + "]"
+    dtype = np.uint8 if params.output == "images" else np.float32
+    if positives.dtype != dtype or positives.ndim != rank:
         raise _error(
-            f"malformed answer: positives must be uint8 {layout}, got "
+            f"malformed answer: positives must be {np.dtype(dtype).name} {layout}, got "
             f"{positives.dtype.name} {list(positives.shape)}",
             code="invalid_body",
         )

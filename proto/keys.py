@@ -4,7 +4,10 @@ A positive is addressed by ``(model fingerprint, canonical params, anchor
 content, candidate index)``. The anchor is canonicalised before hashing so
 that the uint8 ``[H, W, C]`` and float32 ``[C, H, W]`` forms of one image give
 one key, and all randomness of a candidate is derived from its key, so the
-same key always yields the same positive.
+same key always yields the same positive. A latent anchor (a latent model's
+``anchor_latents``) is hashed by its canonical float32 ``[c, h, w]`` bytes under
+a marker of its own, so it never shares a key with a picture of the same bytes
+(docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from clsp_positives.proto.params import GenerationParams
+from clsp_positives.proto.params import AnchorSpace, GenerationParams
 
 KEY_DOMAIN = b"clsp-positives/key/v1"
 ANCHOR_SEED_DOMAIN = b"clsp-positives/anchor-seed/v1"
@@ -52,10 +55,32 @@ def canonical_anchors(anchors: np.ndarray) -> np.ndarray:
     raise ValueError(f"anchors must be uint8, float16 or float32, got {anchors.dtype}")
 
 
+def canonical_latents(latents: np.ndarray) -> np.ndarray:
+    """Latent anchors as C-contiguous float32 ``[N, c, h, w]`` (float16 converts exactly)."""
+    if latents.ndim != 4:
+        raise ValueError(f"latents must have rank 4, got shape {latents.shape}")
+    if latents.dtype not in (np.float16, np.float32):
+        raise ValueError(f"latents must be float16 or float32, got {latents.dtype}")
+    return np.ascontiguousarray(latents, dtype=np.float32)
+
+
 def positive_key(
-    fingerprint: str, params: GenerationParams, anchor_chw: np.ndarray, candidate: int
+    fingerprint: str,
+    params: GenerationParams,
+    anchor_chw: np.ndarray,
+    candidate: int,
+    space: AnchorSpace = "image",
 ) -> bytes:
-    """sha256 of one positive's identity; ``anchor_chw`` is one canonical anchor."""
+    """sha256 of one positive's identity; ``anchor_chw`` is one canonical anchor,
+    a picture or (``space="latent"``) a latent. Picture keys hash exactly as before
+    latents existed.
+
+    ``params.output`` latents changes the key but not its seed (``seed_from_key``
+    reads the first 8 bytes): the first 8 bytes are those of the images key, the
+    other 24 hash that key with the output form. The latents and the picture of
+    one positive are then one sample, cached and batched as two values
+    (docs/design.md §2).
+    """
     if anchor_chw.dtype != np.float32 or anchor_chw.ndim != 3:
         raise ValueError("positive_key takes one canonical float32 [C, H, W] anchor")
     if candidate < 0:
@@ -64,9 +89,15 @@ def positive_key(
     h.update(KEY_DOMAIN)
     h.update(b"|" + fingerprint.encode())
     h.update(b"|" + params.canonical())
+    if space == "latent":
+        h.update(b"|latent")
     h.update(b"|" + _anchor_bytes(anchor_chw))
     h.update(b"|" + int(candidate).to_bytes(8, "little"))
-    return h.digest()
+    key = h.digest()
+    if params.output == "images":
+        return key
+    tail = hashlib.sha256(KEY_DOMAIN + b"|output=" + params.output.encode() + b"|" + key)
+    return key[:8] + tail.digest()[:24]
 
 
 def positive_keys(
@@ -74,13 +105,15 @@ def positive_keys(
     params: GenerationParams,
     anchors: np.ndarray,
     candidates: Sequence[int] | np.ndarray,
+    space: AnchorSpace = "image",
 ) -> list[bytes]:
-    """Keys of a batch: ``anchors`` in any accepted form, one candidate per anchor."""
-    canon = canonical_anchors(anchors)
+    """Keys of a batch: ``anchors`` in any accepted form of ``space``, one candidate
+    per anchor."""
+    canon = canonical_latents(anchors) if space == "latent" else canonical_anchors(anchors)
     if len(candidates) != len(canon):
         raise ValueError(f"{len(canon)} anchors but {len(candidates)} candidate indices")
     pairs = zip(canon, candidates, strict=True)
-    return [positive_key(fingerprint, params, a, int(c)) for a, c in pairs]
+    return [positive_key(fingerprint, params, a, int(c), space) for a, c in pairs]
 
 
 def seed_from_key(key: bytes) -> int:

@@ -15,10 +15,18 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from clsp_positives.proto.params import GenerationParams, Sampling, integral_floats_to_int
+from clsp_positives.proto.params import (
+    AnchorSpace,
+    GenerationParams,
+    Sampling,
+    integral_floats_to_int,
+)
 
 JSON_MEDIA_TYPE = "application/json"
 SAFETENSORS_MEDIA_TYPE = "application/x-safetensors"
+
+AutoencoderKind = Literal["kl", "vq"]
+"""A latent model's autoencoder: diffusers' AutoencoderKL or VQModel (docs/latent.md)."""
 
 TensorDType = Literal["uint8", "int32", "int64", "float16", "float32", "float64"]
 
@@ -34,14 +42,15 @@ Dim = Annotated[int, Field(ge=0, le=MAX_DIM)]
 
 
 def _narrowed(
-    dtypes: list[str], *, min_rank: int, max_rank: int, min_dim: int = 0
+    dtypes: list[str], *, min_rank: int, max_rank: int, min_dim: int = 0, nullable: bool = True
 ) -> Callable[[dict[str, Any]], None]:
     """A ``json_schema_extra`` that narrows the generic Tensor for one named tensor.
 
     The reference to Tensor becomes ``allOf: [Tensor, constraint]`` (plain
     keywords beside a ``$ref`` are ignored by some tools), so the document
     says which dtypes and ranks each tensor takes; the decoder enforces the
-    same, with messages that say what to fix.
+    same, with messages that say what to fix. ``nullable=False`` drops the null
+    that an optional field's schema allows: such a tensor is sent or left out.
     """
     constraint = {
         "properties": {
@@ -51,6 +60,9 @@ def _narrowed(
     }
 
     def narrow(schema: dict[str, Any]) -> None:
+        if not nullable and "anyOf" in schema:
+            schema.update(next(n for n in schema.pop("anyOf") if "$ref" in n))
+            schema.pop("default", None)
         for node in [schema, *schema.get("anyOf", [])]:
             if "$ref" in node:
                 node["allOf"] = [{"$ref": node.pop("$ref")}, constraint]
@@ -79,12 +91,27 @@ class Tensor(BaseModel):
 class PositivesRequest(BaseModel):
     """``POST /v1/positives`` body in JSON."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        json_schema_extra={"oneOf": [{"required": ["anchors"]}, {"required": ["anchor_latents"]}]},
+    )
 
-    anchors: Tensor = Field(
-        description="uint8 [N, H, W, C] pixels, or float32/float16 [N, C, H, W] in [-1, 1].",
+    anchors: Tensor | None = Field(
+        None,
+        description="uint8 [N, H, W, C] pixels, or float32/float16 [N, C, H, W] in [-1, 1]. "
+        "Exactly one of anchors and anchor_latents.",
         json_schema_extra=_narrowed(
-            ["uint8", "float16", "float32"], min_rank=4, max_rank=4, min_dim=1
+            ["uint8", "float16", "float32"], min_rank=4, max_rank=4, min_dim=1, nullable=False
+        ),
+    )
+    anchor_latents: Tensor | None = Field(
+        None,
+        description="A latent model's anchors as float32/float16 [N, c, h, w] latents in its "
+        "scaled latent space (GET /v1/model: latent_channels, latent_size; docs/latent.md). "
+        "Exactly one of anchors and anchor_latents.",
+        json_schema_extra=_narrowed(
+            ["float16", "float32"], min_rank=4, max_rank=4, min_dim=1, nullable=False
         ),
     )
     candidates: Tensor | None = Field(
@@ -101,8 +128,9 @@ class PositivesResponse(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     positives: Tensor = Field(
-        description="uint8 [N, H, W, C], or [N, k, H, W, C] with k.",
-        json_schema_extra=_narrowed(["uint8"], min_rank=4, max_rank=5),
+        description="uint8 [N, H, W, C], or [N, k, H, W, C] with k; with params.output "
+        "latents, float32 [N, c, h, w] or [N, k, c, h, w].",
+        json_schema_extra=_narrowed(["uint8", "float32"], min_rank=4, max_rank=5),
     )
     cache_hit: Tensor = Field(
         description="uint8 [N] or [N, k]: 1 where the positive came from the cache.",
@@ -116,8 +144,19 @@ class ModelInfo(BaseModel):
     """``GET /v1/model``."""
 
     fingerprint: str
-    sample_size: int
-    channels: int
+    sample_size: int = Field(description="Height and width of the images (anchors, positives).")
+    channels: int = Field(description="Channels of the images.")
+    latent_size: int | None = Field(
+        None, description="A latent model's latent height and width; null for a pixel model."
+    )
+    latent_channels: int | None = Field(
+        None, description="A latent model's latent channels; null for a pixel model."
+    )
+    autoencoder: AutoencoderKind | None = Field(
+        None,
+        description="A latent model's autoencoder: kl (AutoencoderKL) or vq (VQModel); "
+        "null for a pixel model.",
+    )
     scheduler: dict[str, Any] = Field(description="The model's scheduler config.")
     sampling: Sampling = Field(
         description="What requests without params.sampling get: authors (the CLSP authors' "
@@ -151,15 +190,17 @@ class ErrorBody(BaseModel):
 class RequestArrays:
     """A decoded, validated positives request.
 
-    ``anchors`` is as sent (uint8 NHWC or float NCHW); ``candidates`` is int64
-    ``[M]`` and ``anchor_index`` maps each of the M items to its anchor, so
-    a request with ``k`` has ``M = N * k``.
+    ``anchors`` is as sent (uint8 NHWC or float NCHW pictures, or float NCHW
+    latents when ``anchor_space`` is latent); ``candidates`` is int64 ``[M]`` and
+    ``anchor_index`` maps each of the M items to its anchor, so a request with
+    ``k`` has ``M = N * k``.
     """
 
     anchors: np.ndarray
     candidates: np.ndarray
     anchor_index: np.ndarray
     params: GenerationParams
+    anchor_space: AnchorSpace = "image"
 
     @property
     def num_anchors(self) -> int:

@@ -42,6 +42,12 @@ neither their keys nor their sampler groups (``GenerationParams.sampler_eta``)."
 CacheMode = Literal["use", "refresh", "bypass"]
 Sampling = Literal["authors", "authors-clipped", "model"]
 Interpolate = Literal["bottleneck", "bottleneck+low-skips"]
+AnchorSpace = Literal["image", "latent"]
+"""What a request's anchors are: pictures (wire tensor ``anchors``) or a latent model's
+scaled latents (``anchor_latents``); docs/latent.md."""
+Output = Literal["images", "latents"]
+"""What a positive comes back as: uint8 pixels, or a latent model's scaled latents
+(docs/latent.md)."""
 
 DEFAULT_SAMPLING: Sampling = "authors"
 """The sampling mode of a service not told otherwise (``ServiceSettings.sampling``):
@@ -103,6 +109,12 @@ class GenerationParams(BaseModel):
         description="Encode the anchor at every n-th step only and reuse that encoding in "
         "between (DeepCache-style); 1 = every step, as the paper (docs/performance.md).",
     )
+    output: Output = Field(
+        "images",
+        description="images: uint8 pixels; latents: a latent model's float32 [c, h, w] "
+        "latents in its scaled latent space, not decoded (docs/latent.md). A pixel model "
+        "refuses latents.",
+    )
     expect_model: str | None = Field(
         None,
         min_length=1,
@@ -163,7 +175,7 @@ class GenerationParams(BaseModel):
     def canonical(self) -> bytes:
         """The bytes that enter a positive's cache key.
 
-        Only what changes the generated image takes part: ``k``, ``cache`` and
+        Only what changes the generated sample takes part: ``k``, ``cache`` and
         ``expect_model`` select, route and check, they do not change a positive (the
         model enters every key as its fingerprint), and eta enters as
         ``sampler_eta``. The sampling mode always enters, so positives made
@@ -171,7 +183,9 @@ class GenerationParams(BaseModel):
         authors' loop, nor the other way round (docs/design.md §7). ``interpolate``,
         ``share_anchor`` and ``anchor_refresh`` enter only when they are not the
         paper's setting, so the keys of every positive cached before those options
-        existed stay valid.
+        existed stay valid. ``output`` is not here: it changes how a positive is
+        returned, not which positive, and enters only the key's tail
+        (``keys.positive_key``).
         """
         fields: dict[str, Any] = {
             # + 0.0 folds -0.0 into 0.0: the same sampler, so the same key
@@ -202,6 +216,7 @@ class GenerationParams(BaseModel):
             interpolate=self.interpolate,
             share_anchor=self.share_anchor,
             anchor_refresh=self.anchor_refresh,
+            output=self.output,
         )
 
 
@@ -216,6 +231,7 @@ class SamplerGroup(NamedTuple):
     interpolate: Interpolate
     share_anchor: bool
     anchor_refresh: int
+    output: Output
 
 
 def parse_params(raw: Any, *, max_k: int = DEFAULT_MAX_K) -> GenerationParams:

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -26,9 +26,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from clsp_positives.proto.codec import decode_request, encode_response, media_type
+from clsp_positives.proto.codec import ModelShapes, decode_request, encode_response, media_type
 from clsp_positives.proto.errors import ProtocolError
-from clsp_positives.proto.keys import canonical_anchors, positive_key
+from clsp_positives.proto.keys import canonical_anchors, canonical_latents, positive_key
 from clsp_positives.proto.messages import (
     JSON_MEDIA_TYPE,
     SAFETENSORS_MEDIA_TYPE,
@@ -37,7 +37,7 @@ from clsp_positives.proto.messages import (
     ResponseArrays,
 )
 from clsp_positives.proto.openapi import build_openapi
-from clsp_positives.proto.params import SamplerGroup
+from clsp_positives.proto.params import AnchorSpace, Output, SamplerGroup
 from clsp_positives.service.batcher import Batcher, BatcherClosed, BatchStats, Item, QueueFull
 from clsp_positives.service.cache import PositivesCache, build_cache, cache_secret
 from clsp_positives.service.metrics import ServiceMetrics, route_label
@@ -82,8 +82,25 @@ class PreparedRequest:
     """A validated request with its canonical anchors and one cache key per item."""
 
     request: RequestArrays
-    canonical: np.ndarray  # float32 [N, C, H, W]
+    canonical: np.ndarray  # float32 [N, C, H, W] pictures, or [N, c, h, w] latents
     keys: list[bytes]
+
+
+class BatchGroup(NamedTuple):
+    """What items must share to share a sampler call: the sampler's settings and
+    whether their anchors are pictures or latents (a latent model encodes the first)."""
+
+    sampler: SamplerGroup
+    anchor_space: AnchorSpace
+
+
+def request_cost(
+    items: int, steps: int, *, encodes: int, decodes: int, autoencoder_cost: int
+) -> int:
+    """Sampler item-steps a request asks for (``ServiceSettings.max_cost``): each item
+    runs every step, and a latent model's autoencoder passes count ``autoencoder_cost``
+    each (docs/latent.md)."""
+    return items * steps + (encodes + decodes) * autoencoder_cost
 
 
 # ------------------------------------------------------------------ the edge
@@ -159,7 +176,7 @@ class PositivesService:
         self.cache = cache
         self.metrics = metrics
         self.fingerprint = generator.fingerprint
-        self.expected_chw = (generator.channels, generator.sample_size, generator.sample_size)
+        self.shapes = ModelShapes((generator.channels, *generator.sample_hw), generator.latent_chw)
         # One worker thread per device: batches never compete for it, and the
         # event loop keeps answering while it samples.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="clsp-sampler")
@@ -185,9 +202,15 @@ class PositivesService:
         keys: list[bytes],
         interpolation_weights: np.ndarray,
     ) -> np.ndarray:
-        call = cast(SamplerGroup, group)  # GenerationParams.group(): the batcher's group
+        call = cast(BatchGroup, group)  # what _generate submits items under
         warm = len(self.generator.paths_run)  # one worker thread: nothing else samples now
-        images = self.generator.sample_keyed(anchors, keys, interpolation_weights, **call._asdict())
+        images = self.generator.sample_keyed(
+            anchors,
+            keys,
+            interpolation_weights,
+            anchor_space=call.anchor_space,
+            **call.sampler._asdict(),
+        )
         if len(self.generator.paths_run) > warm:
             self.metrics.cold_calls.inc()
             log.warning("a sampler call paid for a path the warm-up did not run")
@@ -284,18 +307,32 @@ class PositivesService:
         req = decode_request(
             body,
             content_type,
-            expected_chw=self.expected_chw,
+            model=self.shapes,
             max_anchors=s.max_anchors,
             max_k=s.max_k,
         )
         req = dataclasses.replace(req, params=req.params.resolved(s.sampling))
         items = len(req.candidates)
-        cost = items * req.params.steps
+        latent_model = self.shapes.latent_chw is not None
+        encodes = req.num_anchors if latent_model and req.anchor_space == "image" else 0
+        decodes = items if latent_model and req.params.output == "images" else 0
+        cost = request_cost(
+            items,
+            req.params.steps,
+            encodes=encodes,
+            decodes=decodes,
+            autoencoder_cost=s.autoencoder_cost,
+        )
         if cost > s.max_cost:
+            coding = (
+                f" + {encodes + decodes} autoencoder passes x {s.autoencoder_cost}"
+                if encodes + decodes
+                else ""
+            )
             raise ProtocolError(
-                f"request asks for {items} positives x {req.params.steps} steps = {cost} "
-                f"sampler item-steps; the limit is {s.max_cost}: send fewer anchors, a "
-                "smaller k or fewer steps",
+                f"request asks for {items} positives x {req.params.steps} steps{coding} = "
+                f"{cost} sampler item-steps; the limit is {s.max_cost}: send fewer anchors, "
+                "a smaller k or fewer steps",
                 code="cost_too_high",
                 status=413,
             )
@@ -313,9 +350,12 @@ class PositivesService:
                 code="model_mismatch",
                 status=409,
             )
-        canon = canonical_anchors(req.anchors)
+        space = req.anchor_space
+        canon = (
+            canonical_latents(req.anchors) if space == "latent" else canonical_anchors(req.anchors)
+        )
         keys = [
-            positive_key(self.fingerprint, req.params, canon[a], int(c))
+            positive_key(self.fingerprint, req.params, canon[a], int(c), space)
             for a, c in zip(req.anchor_index, req.candidates, strict=True)
         ]
         return PreparedRequest(req, canon, keys)
@@ -340,8 +380,9 @@ class PositivesService:
         hit = np.zeros(m, np.uint8)
         if params.cache == "use":
             found = await self.cache.get_many(self.fingerprint, keys)
+            shape, dtype = self._value_layout(params.output)
             for i, image in enumerate(found):
-                if image is not None and image.shape == self._image_shape():
+                if image is not None and image.shape == shape and image.dtype == dtype:
                     images[i] = image
                     hit[i] = 1
         missing = [i for i in range(m) if images[i] is None]
@@ -364,9 +405,13 @@ class PositivesService:
         self.metrics.served.inc(m)
         return ResponseArrays(positives, hit, self.fingerprint, params)
 
-    def _image_shape(self) -> tuple[int, int, int]:
-        c, h, w = self.expected_chw
-        return (h, w, c)
+    def _value_layout(self, output: Output) -> tuple[tuple[int, ...], np.dtype]:
+        """Shape and dtype of one positive as generated, so as cached: a value of
+        any other layout is a miss."""
+        if output == "latents" and self.shapes.latent_chw is not None:
+            return self.shapes.latent_chw, np.dtype(np.float32)
+        c, h, w = self.shapes.image_chw
+        return (h, w, c), np.dtype(np.uint8)
 
     async def _generate(
         self,
@@ -377,7 +422,7 @@ class PositivesService:
         disconnected: Callable[[], Awaitable[Any]],
     ) -> list[np.ndarray] | None:
         params = req.params
-        group = params.group()
+        group = BatchGroup(params.group(), req.anchor_space)
         items = [
             Item(keys[i], canon[req.anchor_index[i]], float(params.interpolation_weight), group)
             for i in missing

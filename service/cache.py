@@ -1,7 +1,8 @@
 """Caches of generated positives: Redis (shared by a pool) or an in-process LRU.
 
 The cache knows keys and bytes, not HTTP or diffusion. Values are the compact
-uint8 image with its shape and a MAC, never a pickle. The MAC is a keyed
+uint8 image (or a latent model's float32 latents, under a magic of their own,
+so a value always says which it is) with its shape and a MAC, never a pickle. The MAC is a keyed
 blake2b over the entry's name and the value, keyed by the pool's cache secret:
 whoever can write to a shared Redis but lacks the secret can neither forge a
 positive nor copy one under another key (docs/design.md §7). A value that
@@ -34,6 +35,8 @@ import numpy as np
 log = logging.getLogger("clsp.service.cache")
 
 _MAGIC = b"CLSP\x02"  # \x01 was an unkeyed checksum: such values now fail the magic
+_LATENT_MAGIC = b"CLSP\x03"  # float32 latents (docs/latent.md), little-endian
+_KINDS: dict[bytes, np.dtype] = {_MAGIC: np.dtype("u1"), _LATENT_MAGIC: np.dtype("<f4")}
 _DIGEST_BYTES = 32
 _MAX_NDIM = 8
 SECRET_ENV = "CLSP_CACHE_SECRET"
@@ -87,22 +90,28 @@ def _mac(mac_key: bytes, name: str, header: bytes, data: bytes) -> bytes:
 
 
 def encode_value(image: np.ndarray, name: str, mac_key: bytes) -> bytes:
-    """uint8 array stored as ``name`` -> magic | ndim | shape (uint32 each) |
-    MAC (keyed blake2b-256 over name, header and pixels) | raw bytes."""
+    """uint8 image or float32 latents stored as ``name`` -> magic (which of the two)
+    | ndim | shape (uint32 each) | MAC (keyed blake2b-256 over name, header and
+    data) | raw little-endian bytes."""
     image = np.ascontiguousarray(image)
-    if image.dtype != np.uint8:
-        raise TypeError(f"only uint8 images are cached, got {image.dtype}")
+    if image.dtype == np.uint8:
+        magic = _MAGIC
+    elif image.dtype == np.float32:
+        magic = _LATENT_MAGIC
+    else:
+        raise TypeError(f"only uint8 images and float32 latents are cached, got {image.dtype}")
     if image.ndim > _MAX_NDIM:
         raise ValueError(f"at most {_MAX_NDIM} dimensions, got {image.ndim}")
-    header = _MAGIC + struct.pack(f"<B{image.ndim}I", image.ndim, *image.shape)
-    data = image.tobytes()
+    header = magic + struct.pack(f"<B{image.ndim}I", image.ndim, *image.shape)
+    data = image.astype(_KINDS[magic], copy=False).tobytes()
     return header + _mac(mac_key, name, header, data) + data
 
 
 def decode_value(blob: bytes, name: str, mac_key: bytes) -> np.ndarray:
     """Inverse of ``encode_value`` for the value read under ``name``; raise
     ``CorruptValue`` unless the layout holds and ``UntrustedValue`` unless the MAC does."""
-    if len(blob) < len(_MAGIC) + 1 or not blob.startswith(_MAGIC):
+    dtype = _KINDS.get(bytes(blob[: len(_MAGIC)]))
+    if len(blob) < len(_MAGIC) + 1 or dtype is None:
         raise CorruptValue("not a cached positive (bad magic)")
     ndim = blob[len(_MAGIC)]
     if ndim > _MAX_NDIM:
@@ -113,11 +122,11 @@ def decode_value(blob: bytes, name: str, mac_key: bytes) -> np.ndarray:
     shape = struct.unpack(f"<{ndim}I", blob[len(_MAGIC) + 1 : head_end])
     digest = blob[head_end : head_end + _DIGEST_BYTES]
     data = blob[head_end + _DIGEST_BYTES :]
-    if len(data) != int(np.prod(shape, dtype=np.int64)):
-        raise CorruptValue(f"{len(data)} data bytes for shape {shape}")
+    if len(data) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise CorruptValue(f"{len(data)} data bytes for shape {shape} of {dtype.name}")
     if not hmac.compare_digest(_mac(mac_key, name, blob[:head_end], data), digest):
         raise UntrustedValue("MAC mismatch (copied, forged, another secret, or damaged)")
-    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def entry_name(namespace: str, key: bytes) -> str:

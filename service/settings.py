@@ -85,7 +85,14 @@ class ServiceSettings(BaseModel):
     max_cost: int = Field(
         256 * 1000,
         ge=1,
-        description="Most steps x items in one request: the compute one request may ask for (413).",
+        description="Most steps x items in one request: the compute one request may ask for "
+        "(413). A latent model adds autoencoder_cost per picture it encodes or decodes.",
+    )
+    autoencoder_cost: int = Field(
+        1,
+        ge=0,
+        description="Sampler item-steps that one autoencoder encode or decode of one picture "
+        "counts as toward max_cost (latent models only; docs/latent.md).",
     )
     token: str | None = Field(
         None,

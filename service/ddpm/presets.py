@@ -53,9 +53,27 @@ _PRESETS: dict[str, dict[str, Any]] = {
         "time_embedding_type": "positional",
         "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
     },
+    # After the CLSP authors' 64x64 STL-10 model: base width 192, multipliers
+    # [1, 2, 3, 4], attention at the second and third levels (32x32 and 16x16 for
+    # 64x64 images), two residual blocks per level. Sample it with the authors'
+    # setting, DDIM 200 steps, eta 0.1, w 0.1 (``SAMPLING_SETTINGS``; docs/latent.md).
+    "stl10-64": {
+        "block_out_channels": [192, 384, 576, 768],
+        "layers_per_block": 2,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+        "norm_num_groups": 32,
+        "attention_head_dim": None,
+    },
 }
 
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
+
+SAMPLING_SETTINGS: dict[str, dict[str, Any]] = {
+    "stl10-64": {"steps": 200, "eta": 0.1, "interpolation_weight": 0.1, "method": "ddim"},
+}
+"""The generation params the authors sample a preset's model with, where they
+published one (request ``params``; the others use ``GenerationParams``' defaults)."""
 
 
 def unet_config(preset: str, *, sample_size: int, channels: int) -> dict[str, Any]:

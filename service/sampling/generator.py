@@ -7,6 +7,10 @@ batcher calls ``sample_keyed`` from one worker thread with items of one
 parameter group (steps, eta, method, sampling; the interpolation weight may
 differ per item); ``positives`` does the same for one request's anchors and candidate
 indices; ``sample`` is the seed-level core under both.
+
+A latent model (docs/latent.md) samples in its autoencoder's latent space: picture
+anchors are encoded first, and positives are decoded unless latents are asked for,
+both inside the same call, so the batcher's batches cover them too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from clsp_positives.proto.keys import (
     anchor_seed,
     canonical_anchors,
+    canonical_latents,
     positive_keys,
     seed_from_key,
     unit_to_uint8,
@@ -30,8 +35,10 @@ from clsp_positives.proto.messages import ModelInfo
 from clsp_positives.proto.params import (
     DEFAULT_SAMPLING,
     ETA_METHODS,
+    AnchorSpace,
     GenerationParams,
     Interpolate,
+    Output,
     Sampling,
 )
 from clsp_positives.service.sampling.model import LoadedModel, load_model, public_config
@@ -145,11 +152,20 @@ class PositivesGenerator:
         self.scheduler_config: dict[str, Any] = dict(model.scheduler_config)
         cfg = model.unet.config
         size = cfg.sample_size
-        self.sample_hw: tuple[int, int] = (
-            (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
-        )
+        unet_hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.autoencoder = model.autoencoder
+        self.latent_chw: tuple[int, int, int] | None = None
+        """The latents a latent model samples (``[c, h, w]``); None for a pixel model."""
+        if self.autoencoder is None:
+            self.sample_hw: tuple[int, int] = unet_hw
+            self.channels: int = int(cfg.in_channels)
+        else:
+            self.autoencoder.to(self.device)
+            self.latent_chw = (int(cfg.in_channels), *unet_hw)
+            f = self.autoencoder.downsample
+            self.sample_hw = (unet_hw[0] * f, unet_hw[1] * f)
+            self.channels = self.autoencoder.image_channels
         self.sample_size: int = self.sample_hw[0]
-        self.channels: int = int(cfg.in_channels)
         if channels_last is None:
             channels_last = self.device.type == "cuda"
         unet = model.unet.to(device=self.device, dtype=self.dtype)
@@ -207,10 +223,14 @@ class PositivesGenerator:
     ) -> ModelInfo:
         """What ``GET /v1/model`` reports: this model, and the request limits
         (``max_k``, ``max_anchors``) and default ``sampling`` of the service that serves it."""
+        latent = self.latent_chw
         return ModelInfo(
             fingerprint=self.fingerprint,
             sample_size=self.sample_size,
             channels=self.channels,
+            latent_size=None if latent is None else latent[1],
+            latent_channels=None if latent is None else latent[0],
+            autoencoder=None if self.autoencoder is None else self.autoencoder.kind,
             scheduler=public_config(self.scheduler_config),
             device=str(self.device),
             dtype=str(self.dtype).removeprefix("torch."),
@@ -249,8 +269,21 @@ class PositivesGenerator:
             self._plans[key] = plan
         return plan
 
-    def check_anchors(self, anchors: np.ndarray) -> None:
-        """Refuse anchors whose layout does not fit the model: ``[M, C, H, W]``."""
+    def check_anchors(self, anchors: np.ndarray, space: AnchorSpace = "image") -> None:
+        """Refuse anchors whose layout does not fit the model: ``[M, C, H, W]`` pictures,
+        or a latent model's ``[M, c, h, w]`` latents."""
+        if space == "latent":
+            if self.latent_chw is None:
+                raise GeneratorInputError(
+                    "this model samples pixels and has no latent space: send pictures"
+                )
+            c, h, w = self.latent_chw
+            if anchors.ndim != 4 or tuple(anchors.shape[1:]) != self.latent_chw:
+                raise GeneratorInputError(
+                    f"latent anchors must be float [N, {c}, {h}, {w}] (this model's latents); "
+                    f"got shape {tuple(anchors.shape)}"
+                )
+            return
         want = (self.channels, *self.sample_hw)
         if anchors.ndim != 4 or tuple(anchors.shape[1:]) != want:
             raise GeneratorInputError(
@@ -272,16 +305,22 @@ class PositivesGenerator:
         interpolate: Interpolate = "bottleneck",
         anchor_seeds: np.ndarray | None = None,
         anchor_refresh: int = 1,
+        anchor_space: AnchorSpace = "image",
+        output: Output = "images",
     ) -> np.ndarray:
         """Positives uint8 ``[M, H, W, C]`` for float32 anchors ``[M, C, H, W]`` in [-1, 1],
         int64 seeds ``[M]`` and interpolation weights ``[M]`` in [0, 1].
 
         ``anchor_seeds`` (int64 ``[M]``) and ``anchor_refresh`` are the sampler's
-        reuse options (``CLSPSampler``); None noises each anchor by its candidate's seed."""
+        reuse options (``CLSPSampler``); None noises each anchor by its candidate's seed.
+        A latent model also takes ``anchor_space="latent"`` anchors (``[M, c, h, w]``
+        latents) and, with ``output="latents"``, returns float32 ``[M, c, h, w]`` latents."""
         anchors = np.asarray(anchors)
         if anchors.dtype != np.float32:
             raise GeneratorInputError(f"anchors must be float32, got {anchors.dtype}")
-        self.check_anchors(anchors)
+        self.check_anchors(anchors, anchor_space)
+        if output == "latents" and self.latent_chw is None:
+            raise GeneratorInputError("output latents needs a latent model; ask for images")
         m = anchors.shape[0]
         seeds = np.asarray(seeds)
         interpolation_weights = np.asarray(interpolation_weights)
@@ -304,6 +343,8 @@ class PositivesGenerator:
         plan = self.plan(steps=steps, eta=eta, method=method, sampling=sampling)
         h, w = self.sample_hw
         if m == 0:
+            if output == "latents":
+                return np.zeros((0, *self.latent_chw), dtype=np.float32)  # type: ignore[misc]
             return np.zeros((0, h, w, self.channels), dtype=np.uint8)
         anchors_t = torch.from_numpy(np.ascontiguousarray(anchors))
         seeds_t = torch.from_numpy(np.ascontiguousarray(seeds))
@@ -322,6 +363,8 @@ class PositivesGenerator:
                     anchor_seeds_t = torch.cat([anchor_seeds_t, anchor_seeds_t[:1].expand(pad)])
         path = (sampler_path(weights_t), len(weights_t) if self.compiled else None)
         with self._lock:
+            if self.autoencoder is not None and anchor_space == "image":
+                anchors_t = self._encode_unique(anchors_t)
             x = self._sampler(
                 plan,
                 anchors_t,
@@ -330,10 +373,46 @@ class PositivesGenerator:
                 interpolate=interpolate,
                 anchor_seeds=anchor_seeds_t,
                 anchor_refresh=anchor_refresh,
-            )
-            images = x[:m].permute(0, 2, 3, 1).cpu().numpy()
+                clamp=self.autoencoder is None,
+            )[:m]
+            if output == "latents":
+                self.paths_run.add(path)
+                return x.cpu().numpy()
+            if self.autoencoder is not None:
+                x = self.autoencoder.decode(x).clamp(-1.0, 1.0)
+            images = x.permute(0, 2, 3, 1).cpu().numpy()
             self.paths_run.add(path)
         return unit_to_uint8(images)
+
+    def _encode_unique(self, anchors: torch.Tensor) -> torch.Tensor:
+        """Latents of picture anchors, each distinct picture encoded once: a request
+        with k candidates repeats its anchor k times in a batch."""
+        flat = anchors.reshape(len(anchors), -1)
+        unique, inverse = torch.unique(flat, dim=0, return_inverse=True)
+        latents = self.autoencoder.encode(unique.reshape(-1, *anchors.shape[1:]))  # type: ignore[union-attr]
+        return latents[inverse].to("cpu")
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """A latent model's latents float32 ``[N, c, h, w]`` of pictures (uint8
+        ``[N, H, W, C]`` or float ``[N, C, H, W]`` in [-1, 1]): what the service
+        samples from when it gets pictures."""
+        if self.autoencoder is None:
+            raise GeneratorInputError("this model samples pixels and has no latent space")
+        canon = canonical_anchors(np.asarray(images))
+        self.check_anchors(canon)
+        with self._lock:
+            return self.autoencoder.encode(torch.from_numpy(canon)).cpu().numpy()
+
+    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, H, W, C]`` pictures of a latent model's latents ``[N, c, h, w]``,
+        decoded and rounded as the service does for its positives."""
+        if self.autoencoder is None:
+            raise GeneratorInputError("this model samples pixels and has no latent space")
+        canon = canonical_latents(np.asarray(latents))
+        self.check_anchors(canon, "latent")
+        with self._lock:
+            x = self.autoencoder.decode(torch.from_numpy(canon)).clamp(-1.0, 1.0)
+            return unit_to_uint8(x.permute(0, 2, 3, 1).cpu().numpy())
 
     def sample_keyed(
         self,
@@ -348,6 +427,8 @@ class PositivesGenerator:
         interpolate: Interpolate = "bottleneck",
         share_anchor: bool = False,
         anchor_refresh: int = 1,
+        output: Output = "images",
+        anchor_space: AnchorSpace = "image",
     ) -> np.ndarray:
         """``sample`` with each item's seed derived from its key (``seed_from_key``)
         and, with ``share_anchor``, its anchor's seed from the anchor (``anchor_seed``).
@@ -372,39 +453,59 @@ class PositivesGenerator:
             interpolate=interpolate,
             anchor_seeds=anchor_seeds,
             anchor_refresh=anchor_refresh,
+            anchor_space=anchor_space,
+            output=output,
         )
+
+    def _canonical(self, anchors: np.ndarray, space: AnchorSpace) -> np.ndarray:
+        anchors = np.asarray(anchors)
+        canon = canonical_latents(anchors) if space == "latent" else canonical_anchors(anchors)
+        self.check_anchors(canon, space)
+        return canon
 
     def keys(
         self,
         anchors: np.ndarray,
         candidates: np.ndarray | None,
         params: GenerationParams,
+        *,
+        anchor_space: AnchorSpace = "image",
     ) -> list[bytes]:
         """Cache keys of ``(anchor, candidate)`` pairs under this model (``proto.keys``)."""
-        canon = canonical_anchors(np.asarray(anchors))
-        self.check_anchors(canon)
-        return positive_keys(self.fingerprint, params, canon, self._candidates(candidates, canon))
+        canon = self._canonical(anchors, anchor_space)
+        cands = self._candidates(candidates, canon)
+        return positive_keys(self.fingerprint, params, canon, cands, anchor_space)
 
     def positives(
         self,
         anchors: np.ndarray,
         candidates: np.ndarray | None,
         params: GenerationParams,
+        *,
+        anchor_space: AnchorSpace = "image",
     ) -> np.ndarray:
-        """One positive per anchor, uint8 ``[N, H, W, C]``.
+        """One positive per anchor, uint8 ``[N, H, W, C]`` (float32 ``[N, c, h, w]``
+        latents with ``params.output`` latents).
 
-        ``anchors``: uint8 ``[N, H, W, C]`` or float ``[N, C, H, W]`` in [-1, 1];
+        ``anchors``: uint8 ``[N, H, W, C]`` or float ``[N, C, H, W]`` in [-1, 1], or with
+        ``anchor_space="latent"`` a latent model's float ``[N, c, h, w]`` latents;
         ``candidates``: int64 ``[N]`` candidate index per anchor, None for all 0.
         ``params.k`` is not expanded here: repeat anchors with candidates 0..k-1.
         ``params.sampling`` None is ``DEFAULT_SAMPLING``, as in a service left at its
         default: keys and images are then exactly those that service caches.
         """
         params = params.resolved(DEFAULT_SAMPLING)
-        canon = canonical_anchors(np.asarray(anchors))
-        self.check_anchors(canon)
-        keys = positive_keys(self.fingerprint, params, canon, self._candidates(candidates, canon))
+        canon = self._canonical(anchors, anchor_space)
+        cands = self._candidates(candidates, canon)
+        keys = positive_keys(self.fingerprint, params, canon, cands, anchor_space)
         interpolation_weights = np.full(len(canon), params.interpolation_weight, np.float32)
-        return self.sample_keyed(canon, keys, interpolation_weights, **params.group()._asdict())
+        return self.sample_keyed(
+            canon,
+            keys,
+            interpolation_weights,
+            anchor_space=anchor_space,
+            **params.group()._asdict(),
+        )
 
     def warmup(
         self,

@@ -2,8 +2,9 @@
 
 The fingerprint enters every cache key (docs/design.md §2), so it must change
 whenever the generated images could: it hashes the UNet's effective config,
-the scheduler config and every weight, and nothing that cannot matter
-(diffusers version, file paths, the device or dtype it is loaded on).
+the scheduler config and every weight, and those of a latent model's
+autoencoder, and nothing that cannot matter (diffusers version, file paths, the
+device or dtype it is loaded on).
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
+from clsp_positives.service.sampling.autoencoder import (
+    AUTOENCODER_CLASSES,
+    AUTOENCODER_DIRS,
+    Autoencoder,
+    autoencoder_class,
+)
 from clsp_positives.service.sampling.schedule import (
     UnsupportedSchedulerError,
     check_scheduler_config,
@@ -26,7 +33,7 @@ from clsp_positives.service.sampling.unet_split import UnsupportedUNetError, che
 FINGERPRINT_CHARS = 16
 """Hex characters of the public fingerprint (64 bits: no accidental collisions)."""
 
-_UNET_CONFIG = "config.json"
+_CONFIG = "config.json"
 _SCHEDULER_CONFIG = "scheduler_config.json"
 
 
@@ -36,12 +43,14 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A UNet on the CPU in float32 with what identifies it."""
+    """A UNet on the CPU in float32 with what identifies it; a latent model
+    also has its autoencoder (docs/latent.md)."""
 
     unet: UNet2DModel
     scheduler_config: dict[str, Any]
     fingerprint: str
     source: str
+    autoencoder: Autoencoder | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -63,16 +72,16 @@ def resolve_layout(model_dir: Path) -> tuple[Path, Path]:
         )
     if not model_dir.is_dir():
         raise ModelLoadError(f"{model_dir} is a file; pass the model directory")
-    if (model_dir / "unet" / _UNET_CONFIG).is_file():
+    if (model_dir / "unet" / _CONFIG).is_file():
         unet_dir = model_dir / "unet"
         candidates = [model_dir / "scheduler" / _SCHEDULER_CONFIG, model_dir / _SCHEDULER_CONFIG]
-    elif (model_dir / _UNET_CONFIG).is_file():
+    elif (model_dir / _CONFIG).is_file():
         unet_dir = model_dir
         candidates = [model_dir / _SCHEDULER_CONFIG, model_dir / "scheduler" / _SCHEDULER_CONFIG]
     else:
         raise ModelLoadError(
-            f"{model_dir} holds no UNet config: expected {model_dir / 'unet' / _UNET_CONFIG} "
-            f"(pipeline layout) or {model_dir / _UNET_CONFIG} (flat layout)"
+            f"{model_dir} holds no UNet config: expected {model_dir / 'unet' / _CONFIG} "
+            f"(pipeline layout) or {model_dir / _CONFIG} (flat layout)"
         )
     for path in candidates:
         if path.is_file():
@@ -109,23 +118,68 @@ def public_config(config: Any) -> dict[str, Any]:
     }
 
 
-def fingerprint(unet: torch.nn.Module, scheduler_config: dict[str, Any]) -> str:
-    """sha256 over the canonical UNet config, the scheduler config and the weights.
+def fingerprint(
+    unet: torch.nn.Module,
+    scheduler_config: dict[str, Any],
+    autoencoder: torch.nn.Module | None = None,
+) -> str:
+    """sha256 over the canonical UNet config, the scheduler config and the weights,
+    then, for a latent model, the autoencoder's class, config and weights.
 
     Weights are hashed as float32 in sorted state_dict order with their names
     and shapes, so the hash does not depend on the storage format or on the
-    device and dtype the model later runs in.
+    device and dtype the model later runs in. A pixel model hashes exactly as
+    before latent models existed, so its cached positives stay valid.
     """
     h = hashlib.sha256(b"clsp-positives/model/v1")
     unet_cfg = public_config(getattr(unet, "config", {}))
     for part in (unet_cfg, public_config(scheduler_config)):
         h.update(json.dumps(part, sort_keys=True, separators=(",", ":")).encode() + b"|")
-    state = unet.state_dict()
+    _hash_weights(h, unet)
+    if autoencoder is not None:
+        config = public_config(getattr(autoencoder, "config", {}))
+        h.update(b"autoencoder|" + type(autoencoder).__name__.encode() + b"|")
+        h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode() + b"|")
+        _hash_weights(h, autoencoder)
+    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def _hash_weights(h: Any, module: torch.nn.Module) -> None:
+    state = module.state_dict()
     for name in sorted(state):
         t = state[name].detach().to("cpu", torch.float32).contiguous()
         h.update(f"{name}:{tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes())
-    return h.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def _load_autoencoder(model_dir: Path) -> Autoencoder | None:
+    """The ``vqvae/`` or ``vae/`` folder of a pipeline layout, if it has one."""
+    found = [
+        model_dir / sub
+        for sub in AUTOENCODER_DIRS.values()
+        if (model_dir / sub / _CONFIG).is_file()
+    ]
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ModelLoadError(
+            f"{model_dir} holds both {found[0].name}/ and {found[1].name}/; a latent model "
+            "has one autoencoder"
+        )
+    where = found[0]
+    cls = _read_json(where / _CONFIG).get("_class_name")
+    if cls not in AUTOENCODER_CLASSES:
+        raise ModelLoadError(
+            f"{where / _CONFIG} describes a {cls}; a latent model's autoencoder must "
+            f"be one of {', '.join(AUTOENCODER_CLASSES)}"
+        )
+    try:
+        model = autoencoder_class(AUTOENCODER_CLASSES[cls]).from_pretrained(
+            where, torch_dtype=torch.float32, low_cpu_mem_usage=False
+        )
+    except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError...
+        raise ModelLoadError(f"cannot load the autoencoder from {where}: {exc}") from None
+    return Autoencoder(model)
 
 
 def _from_hub(model_id: str) -> tuple[UNet2DModel, dict[str, Any]]:
@@ -161,10 +215,12 @@ def load_model(model: str | Path) -> LoadedModel:
     )
     if looks_like_hub_id:
         unet, scheduler_config = _from_hub(str(model))
+        autoencoder = None
         source = str(model)
     else:
         unet_dir, scheduler_path = resolve_layout(path)
-        _check_unet_config(_read_json(unet_dir / _UNET_CONFIG), unet_dir / _UNET_CONFIG)
+        autoencoder = _load_autoencoder(path) if unet_dir != path else None
+        _check_unet_config(_read_json(unet_dir / _CONFIG), unet_dir / _CONFIG)
         scheduler_config = _read_json(scheduler_path)
         try:
             unet = UNet2DModel.from_pretrained(
@@ -184,6 +240,18 @@ def load_model(model: str | Path) -> LoadedModel:
             f"{unet.config.out_channels}; a noise/sample predictor must output as many "
             "channels as it takes (learned-variance models are not supported)"
         )
+    if autoencoder is not None and autoencoder.latent_channels != unet.config.in_channels:
+        raise ModelLoadError(
+            f"{source}: the autoencoder's latents have {autoencoder.latent_channels} channels "
+            f"but the UNet takes {unet.config.in_channels}"
+        )
     unet.eval().requires_grad_(False)
     scheduler_config = dict(scheduler_config)
-    return LoadedModel(unet, scheduler_config, fingerprint(unet, scheduler_config), source)
+    ae_module = None if autoencoder is None else autoencoder.model
+    return LoadedModel(
+        unet,
+        scheduler_config,
+        fingerprint(unet, scheduler_config, ae_module),
+        source,
+        autoencoder,
+    )

@@ -133,8 +133,10 @@ class CLSPSampler:
         interpolate: Interpolate = "bottleneck",
         anchor_seeds: torch.Tensor | None = None,
         anchor_refresh: int = 1,
+        clamp: bool = True,
     ) -> torch.Tensor:
-        """Positives ``[N, C, H, W]`` float32 in [-1, 1].
+        """Positives ``[N, C, H, W]`` float32, clamped to [-1, 1] unless ``clamp`` is
+        False (a latent model's latents, which are not bounded; docs/latent.md).
 
         ``anchors`` float32 ``[N, C, H, W]`` in [-1, 1]; ``seeds`` int64 ``[N]``;
         ``interpolation_weights`` float ``[N]`` (1 = plain sampling, 0 = only the
@@ -209,4 +211,5 @@ class CLSPSampler:
                     x, x0 = ops.scheduler_update_with_x0(*args, x0_prev=x0)
                 else:
                     x = ops.scheduler_update(*args)
-            return x.float().clamp_(-1.0, 1.0)
+            x = x.float()
+            return x.clamp_(-1.0, 1.0) if clamp else x

@@ -22,6 +22,7 @@ from clsp_positives.proto import (
     SAFETENSORS_MEDIA_TYPE,
     SUPPORTED_DTYPES,
     GenerationParams,
+    ModelShapes,
     ProtocolError,
     ResponseArrays,
     decode_request,
@@ -238,7 +239,7 @@ def test_media_type_strips_parameters_and_case() -> None:
 
 def test_limits_are_applied_from_the_arguments() -> None:
     body, ctype = encode_request(anchors_u8(n=3, h=8, w=8, c=1))
-    assert decode_request(body, ctype, expected_chw=(1, 8, 8), max_anchors=3).num_anchors == 3
+    assert decode_request(body, ctype, model=ModelShapes((1, 8, 8)), max_anchors=3).num_anchors == 3
     body, ctype = encode_request(anchors_u8(n=1), np.array([9]))
     assert decode_request(body, ctype, max_k=10).candidates.tolist() == [9]
     expect_error(decode_request, body, ctype, max_k=9, status=400, words=("[0, 8]",))
@@ -348,7 +349,7 @@ MALFORMED_SAFETENSORS = {
         400,
         ("unknown tensors", "extra"),
     ),
-    "no anchors": (_st_request(candidates=np.zeros(2, np.int64)), 400, ("no 'anchors'",)),
+    "no anchors": (_st_request(candidates=np.zeros(2, np.int64)), 400, ("neither 'anchors'",)),
     "rank 3 anchors": (_st_request(anchors=GOOD_ANCHORS[0]), 400, ("rank 4", "[4, 4, 3]")),
     "zero anchors": (_st_request(anchors=GOOD_ANCHORS[:0]), 400, ("empty", "at least one")),
     "empty image": (
@@ -456,7 +457,7 @@ def test_too_many_anchors_and_wrong_model_shape() -> None:
         decode_request,
         body,
         ctype,
-        expected_chw=(3, 8, 8),
+        model=ModelShapes((3, 8, 8)),
         status=400,
         words=("1 channels of 8x8", "3 channels of 8x8", "[N, 8, 8, 3] uint8"),
         code="wrong_shape",
@@ -466,7 +467,7 @@ def test_too_many_anchors_and_wrong_model_shape() -> None:
         decode_request,
         body,
         ctype,
-        expected_chw=(1, 8, 8),
+        model=ModelShapes((1, 8, 8)),
         status=400,
         words=("1 channels of 8x6", "[N, 1, 8, 8] float"),
         code="wrong_shape",
@@ -487,7 +488,7 @@ MALFORMED_JSON = {
     "deep nesting": (b"[" * 100000 + b"]" * 100000, 400, ("not valid json",)),
     "not an object": (b"[1, 2]", 400, ("json object",)),
     "unknown field": (_good_json(extra=1), 400, ("unknown fields", "extra")),
-    "missing anchors": (_good_json(anchors=...), 400, ("no 'anchors'",)),
+    "missing anchors": (_good_json(anchors=...), 400, ("neither 'anchors'",)),
     "bad base64": (
         _good_json(anchors={**tensor_json(GOOD_ANCHORS), "data": "!!!!"}),
         400,
@@ -778,4 +779,6 @@ def mutated_requests(draw: st.DrawFn) -> tuple[bytes, str]:
 @given(req=mutated_requests())
 def test_fuzz_mutated_valid_requests(req: tuple[bytes, str]) -> None:
     body, encoding = req
-    only_protocol_errors(decode_request, body, encoding, expected_chw=(3, 4, 4), max_anchors=8)
+    only_protocol_errors(
+        decode_request, body, encoding, model=ModelShapes((3, 4, 4)), max_anchors=8
+    )

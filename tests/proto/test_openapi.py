@@ -123,9 +123,15 @@ def test_component_schemas_are_the_models() -> None:
     assert schemas["GenerationParams"]["additionalProperties"] is False
     assert schemas["PositivesRequest"]["additionalProperties"] is False
     assert schemas["Tensor"]["properties"]["data"]["pattern"] == BASE64_PATTERN
-    anchors = schemas["PositivesRequest"]["properties"]["anchors"]["allOf"]
-    assert anchors[0] == {"$ref": "#/components/schemas/Tensor"}
-    assert anchors[1]["properties"]["dtype"]["enum"] == ["uint8", "float16", "float32"]
+    request = schemas["PositivesRequest"]["properties"]
+    for name, dtypes in (
+        ("anchors", ["uint8", "float16", "float32"]),
+        ("anchor_latents", ["float16", "float32"]),
+    ):
+        tensor = request[name]  # sent or left out, never null: exactly one of the two
+        assert "anyOf" not in tensor
+        assert tensor["allOf"][0] == {"$ref": "#/components/schemas/Tensor"}
+        assert tensor["allOf"][1]["properties"]["dtype"]["enum"] == dtypes
     # every $ref in the document points at a schema that exists
     refs = {ref for ref in _walk(DOC, "$ref")}
     assert refs == {f"#/components/schemas/{name}" for name in schemas}

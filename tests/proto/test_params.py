@@ -14,7 +14,7 @@ from clsp_positives.proto import DEFAULT_MAX_K, GenerationParams, ProtocolError,
 
 ALLOWED = (
     "anchor_refresh, cache, eta, expect_model, interpolate, interpolation_weight, k, method, "
-    "sampling, share_anchor, steps"
+    "output, sampling, share_anchor, steps"
 )
 
 
@@ -164,7 +164,10 @@ def test_canonical_and_group() -> None:
         "steps": 50,
         "eta": 0.3,
     }
-    assert ddim.group() == (50, 0.3, "ddim", "authors", "bottleneck", False, 1)
+    assert ddim.group() == (50, 0.3, "ddim", "authors", "bottleneck", False, 1, "images")
+    # the output form splits sampler calls but not keys' canonical params
+    latents = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5, output="latents")
+    assert latents.canonical() == ddim.canonical() and latents.group().output == "latents"
     # the weight may differ within one sampler call; ddpm ignores eta
     assert GenerationParams(steps=50, eta=0.3, interpolation_weight=0.9).group() == ddim.group()
     assert GenerationParams(method="ddpm", eta=0.7).group() == (
@@ -175,18 +178,19 @@ def test_canonical_and_group() -> None:
         "bottleneck",
         False,
         1,
+        "images",
     )
     assert "eta" not in json.loads(GenerationParams(method="ddpm").canonical())
     # dpmpp-2m is deterministic: eta enters neither its key nor its group
     dpmpp = GenerationParams(method="dpmpp-2m", eta=0.7)
     assert dpmpp.sampler_eta is None and "eta" not in json.loads(dpmpp.canonical())
     assert json.loads(dpmpp.canonical())["method"] == "dpmpp-2m"
-    assert dpmpp.group() == (100, 0.0, "dpmpp-2m", "authors", "bottleneck", False, 1)
+    assert dpmpp.group() == (100, 0.0, "dpmpp-2m", "authors", "bottleneck", False, 1, "images")
     assert dpmpp.group() == GenerationParams(method="dpmpp-2m", eta=0.0).group()
     # the sampling mode: None counts as the default, and always enters key and group
     model = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5, sampling="model")
     assert json.loads(model.canonical())["sampling"] == "model"
-    assert model.group() == (50, 0.3, "ddim", "model", "bottleneck", False, 1)
+    assert model.group() == (50, 0.3, "ddim", "model", "bottleneck", False, 1, "images")
     assert ddim.resolved("model") == model and model.resolved("authors") is model
     with pytest.raises(ValidationError):
         GenerationParams(sampling="diffusers")
@@ -212,7 +216,7 @@ def test_canonical_and_group() -> None:
         "share_anchor": True,
         "anchor_refresh": 4,
     }
-    assert shared.group()[-2:] == (True, 4) and ddim.group()[-2:] == (False, 1)
+    assert shared.group()[-3:-1] == (True, 4) and ddim.group()[-3:-1] == (False, 1)
     assert parse_params({"anchor_refresh": 2.0}).anchor_refresh == 2
     for bad in ({"anchor_refresh": 0}, {"anchor_refresh": 1.5}, {"share_anchor": "yes"}):
         with pytest.raises(ProtocolError, match=next(iter(bad))):

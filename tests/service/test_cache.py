@@ -111,9 +111,23 @@ def test_the_secret_comes_from_the_variable_then_the_token_then_chance():
     assert by_secret.key.hex() not in repr(by_secret)  # never the key in a log line
 
 
-def test_only_uint8_is_cached():
-    with pytest.raises(TypeError, match="uint8"):
-        encode_value(np.zeros((2, 2), np.float32), NAME, MAC_KEY)
+def test_only_uint8_images_and_float32_latents_are_cached():
+    for dtype in (np.float64, np.float16, np.int64):
+        with pytest.raises(TypeError, match="uint8 images and float32 latents"):
+            encode_value(np.zeros((2, 2), dtype), NAME, MAC_KEY)
+
+
+def test_latent_values_round_trip_and_say_what_they_are():
+    latents = np.random.default_rng(0).normal(size=(4, 8, 8)).astype(np.float32)
+    blob = encode_value(latents, NAME, MAC_KEY)
+    back = decode_value(blob, NAME, MAC_KEY)
+    assert back.dtype == np.float32 and np.array_equal(back, latents)
+    # the kind is part of the MACed header: relabelling float bytes as pixels fails
+    relabelled = b"CLSP\x02" + blob[5:]
+    with pytest.raises(CorruptValue):
+        decode_value(relabelled, NAME, MAC_KEY)
+    image = np.zeros((4, 8, 8), np.uint8)
+    assert decode_value(encode_value(image, NAME, MAC_KEY), NAME, MAC_KEY).dtype == np.uint8
 
 
 def test_entry_names_are_namespaced_per_model():

@@ -62,3 +62,52 @@ def random_model_dir(
         torch.manual_seed(seed)
         unet = UNet2DModel(**cfg)
     return presets.save_model(unet, presets.default_scheduler_config(), out_dir)
+
+
+def tiny_autoencoder(kind: str, seed: int = 0, *, channels: int = 3, latent_channels: int = 4):
+    """A seeded random AutoencoderKL ("kl") or VQModel ("vq") that downsamples 4x
+    (three encoder blocks): 64x64 pictures <-> 16x16 latents, ~0.1 M parameters."""
+    from diffusers import AutoencoderKL, VQModel
+
+    common = dict(
+        in_channels=channels,
+        out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "kl":
+            model = AutoencoderKL(**common, scaling_factor=0.5)
+        else:
+            model = VQModel(**common, num_vq_embeddings=32, vq_embed_dim=latent_channels)
+    return model.eval().requires_grad_(False)
+
+
+def latent_model_dir(
+    out_dir: str | Path,
+    kind: str = "kl",
+    *,
+    latent_size: int = 16,
+    latent_channels: int = 4,
+    seed: int = 0,
+    output_scale: float = 1.0,
+    scheduler: dict[str, Any] | None = None,
+) -> Path:
+    """A latent model in the diffusers pipeline layout: ``unet/``, ``scheduler/`` and
+    ``vae/`` (an AutoencoderKL, kind "kl") or ``vqvae/`` (a VQModel, as
+    ``LDMPipeline`` saves it), all seeded random; ``scheduler`` replaces the
+    default scheduler config."""
+    unet = tiny_unet(
+        seed, channels=latent_channels, sample_size=latent_size, output_scale=output_scale
+    )
+    config = scheduler if scheduler is not None else presets.default_scheduler_config()
+    out = presets.save_model(unet, config, out_dir)
+    ae = tiny_autoencoder(kind, seed + 1, latent_channels=latent_channels)
+    ae.save_pretrained(out / ("vae" if kind == "kl" else "vqvae"))
+    return out

@@ -101,8 +101,11 @@ def post_positives(
     candidates: np.ndarray | None = None,
     path: str = "/v1/positives",
     accept: str | None = None,
+    latents: bool = False,
 ) -> tuple[httpx.Response, ResponseArrays | None]:
-    body, ctype = encode_request(anchors, candidates, dict(params), encoding=encoding)
+    body, ctype = encode_request(
+        anchors, candidates, dict(params), encoding=encoding, latents=latents
+    )
     headers = {"Content-Type": ctype, **auth(token)}
     if accept:
         headers["Accept"] = accept
