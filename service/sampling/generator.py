@@ -401,7 +401,7 @@ class PositivesGenerator:
         canon = canonical_anchors(np.asarray(images))
         self.check_anchors(canon)
         with self._lock:
-            return self.autoencoder.encode(torch.from_numpy(canon)).cpu().numpy()
+            return self.autoencoder.encode(torch.from_numpy(canon.copy())).cpu().numpy()
 
     def decode_latents(self, latents: np.ndarray) -> np.ndarray:
         """uint8 ``[N, H, W, C]`` pictures of a latent model's latents ``[N, c, h, w]``,
@@ -411,7 +411,7 @@ class PositivesGenerator:
         canon = canonical_latents(np.asarray(latents))
         self.check_anchors(canon, "latent")
         with self._lock:
-            x = self.autoencoder.decode(torch.from_numpy(canon)).clamp(-1.0, 1.0)
+            x = self.autoencoder.decode(torch.from_numpy(canon.copy())).clamp(-1.0, 1.0)
             return unit_to_uint8(x.permute(0, 2, 3, 1).cpu().numpy())
 
     def sample_keyed(

@@ -782,3 +782,30 @@ def test_fuzz_mutated_valid_requests(req: tuple[bytes, str]) -> None:
     only_protocol_errors(
         decode_request, body, encoding, model=ModelShapes((3, 4, 4)), max_anchors=8
     )
+
+
+@pytest.mark.parametrize("encoding", [SAFETENSORS_MEDIA_TYPE, JSON_MEDIA_TYPE])
+def test_anchor_latents_round_trip_and_answers_carry_latents(encoding: str) -> None:
+    latents = np.random.default_rng(3).normal(size=(2, 4, 8, 8)).astype(np.float16)
+    shapes = ModelShapes((3, 32, 32), (4, 8, 8))
+    body, ctype = encode_request(
+        latents, params={"k": 2, "output": "latents"}, encoding=encoding, latents=True
+    )
+    req = decode_request(body, ctype, model=shapes)
+    assert req.anchor_space == "latent" and req.anchors.dtype == np.float16
+    assert np.array_equal(req.anchors, latents) and req.candidates.tolist() == [0, 1, 0, 1]
+    out = np.zeros((2, 2, 4, 8, 8), np.float32)
+    reply = ResponseArrays(out, np.zeros((2, 2), np.uint8), "fp", req.params)
+    back = decode_response(*encode_response(reply, encoding=encoding))
+    assert back.positives.dtype == np.float32 and back.positives.shape == out.shape
+    # an answer whose kind does not match params.output is malformed
+    wrong = ResponseArrays(out.astype(np.uint8), reply.cache_hit, "fp", req.params)
+    expect_error(
+        decode_response,
+        *encode_response(wrong, encoding=encoding),
+        status=400,
+        words=("float32 [N, k, c, h, w]",),
+    )
+    # picture anchors on the same model are still pictures
+    body, ctype = encode_request(np.zeros((1, 32, 32, 3), np.uint8), encoding=encoding)
+    assert decode_request(body, ctype, model=shapes).anchor_space == "image"

@@ -203,3 +203,21 @@ def test_seeds_follow_keys() -> None:
     assert len(set(seeds)) == 64
     assert seed_from_key(b"\xff" * 32) == 2**63 - 1
     assert seed_from_key(bytes(32)) == 0
+
+
+def test_latent_anchors_and_latent_outputs_key_apart_but_seed_alike() -> None:
+    """A latent anchor never shares a key with a picture of the same bytes; latents
+    out change the key's tail but not its seed (docs/design.md §2)."""
+    from clsp_positives.proto.keys import positive_key, seed_from_key
+    from clsp_positives.proto.params import GenerationParams
+
+    anchor = np.random.default_rng(5).uniform(-1, 1, (3, 4, 4)).astype(np.float32)
+    images, latents = GenerationParams(), GenerationParams(output="latents")
+    picture_key = positive_key("fp", images, anchor, 0)
+    latent_key = positive_key("fp", images, anchor, 0, "latent")
+    assert picture_key != latent_key
+    assert positive_key("fp", images, anchor, 0, "image") == picture_key  # the default
+    out_key = positive_key("fp", latents, anchor, 0)
+    assert out_key != picture_key and out_key[:8] == picture_key[:8]
+    assert seed_from_key(out_key) == seed_from_key(picture_key)
+    assert positive_key("fp", latents, anchor, 1)[:8] != out_key[:8]
