@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import re
 import shutil
 import subprocess
 import sys
@@ -20,23 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.examples import DOCUMENTED_URL, doc_example
 from tests.support.servers import ServerProcess, free_port
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-DOCUMENTED_URL = "http://localhost:8000"
 
 
 def readme_example(name: str) -> str:
     """The body of the fenced block marked ``# readme-example: NAME``."""
-    text = README.read_text()
-    found = [
-        body
-        for body in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)
-        if re.search(rf"^# readme-example: {re.escape(name)}$", body, flags=re.M)
-    ]
-    assert len(found) == 1, f"README.md needs exactly one block marked '# readme-example: {name}'"
-    assert DOCUMENTED_URL in found[0], f"the {name} example should talk to {DOCUMENTED_URL}"
-    return found[0]
+    return doc_example(README, name, "readme-example")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,22 @@
+"""Runnable examples in the docs: fenced blocks marked ``# <marker>: NAME``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DOCUMENTED_URL = "http://localhost:8000"
+"""Where the examples say the service is; a test points them at its own."""
+
+
+def doc_example(path: Path, name: str, marker: str) -> str:
+    """The body of the one fenced block of ``path`` marked ``# {marker}: {name}``."""
+    text = path.read_text()
+    found = [
+        body
+        for body in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M)
+        if re.search(rf"^# {re.escape(marker)}: {re.escape(name)}$", body, flags=re.M)
+    ]
+    assert len(found) == 1, f"{path.name} needs exactly one block marked '# {marker}: {name}'"
+    assert DOCUMENTED_URL in found[0], f"the {name} example should talk to {DOCUMENTED_URL}"
+    return found[0]
