@@ -166,7 +166,28 @@ def _load_autoencoder(model_dir: Path) -> Autoencoder | None:
             f"{model_dir} holds both {found[0].name}/ and {found[1].name}/; a latent model "
             "has one autoencoder"
         )
-    where = found[0]
+    return _autoencoder_at(found[0])
+
+
+def load_autoencoder(path: str | Path) -> Autoencoder:
+    """An autoencoder directory (``config.json`` of an AutoencoderKL or VQModel), or a
+    pipeline directory holding one in ``vae/`` or ``vqvae/``: what ``clsp diffusion
+    train --vae`` takes."""
+    where = Path(path)
+    if (where / _CONFIG).is_file():
+        return _autoencoder_at(where)
+    if not where.is_dir():
+        raise ModelLoadError(f"autoencoder directory {where} does not exist")
+    found = _load_autoencoder(where)
+    if found is None:
+        raise ModelLoadError(
+            f"{where} holds no autoencoder: expected {where / _CONFIG} (an AutoencoderKL or "
+            f"VQModel) or a pipeline's {where / 'vae'} or {where / 'vqvae'}"
+        )
+    return found
+
+
+def _autoencoder_at(where: Path) -> Autoencoder:
     cls = _read_json(where / _CONFIG).get("_class_name")
     if cls not in AUTOENCODER_CLASSES:
         raise ModelLoadError(

@@ -204,3 +204,75 @@ def test_trains_on_digits_photos_in_colour(tmp_path: Path) -> None:
     assert config["in_channels"] == 3 and config["sample_size"] == 16
     with Image.open(out / "samples.png") as grid:
         assert grid.mode == "RGB" and grid.size == (2 * 16, 2 * 16)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["kl", "vq"])
+def test_vae_trains_a_latent_model_that_serves(tmp_path: Path, kind: str) -> None:
+    """``--vae``: the UNet trains on the autoencoder's latents (mirrored pictures encoded
+    too), and ``--out`` is a latent model that loads and samples pictures."""
+    from clsp_positives.proto.params import GenerationParams
+    from clsp_positives.service.sampling.generator import PositivesGenerator
+    from tests.support.models import tiny_autoencoder
+
+    ae_dir = tmp_path / "ae"
+    tiny_autoencoder(kind).save_pretrained(ae_dir)
+    out = tmp_path / "latent"
+    data = ["--dataset", "digits-photos", "--image-size", "64", "--channels", "3", "--flip"]
+    _run("--out", str(out), "--steps", "2", "--vae", str(ae_dir), *data, *TINY)
+    unet = json.loads((out / "unet" / "config.json").read_text())
+    assert (unet["in_channels"], unet["sample_size"]) == (4, 16)  # the latents' shape
+    sub = "vae" if kind == "kl" else "vqvae"
+    assert (out / sub / "config.json").is_file()
+    with Image.open(out / "samples.png") as grid:
+        assert grid.size == (2 * 64, 2 * 64)  # decoded pictures, not latents
+    g = PositivesGenerator.from_dir(out)
+    assert g.latent_chw == (4, 16, 16) and g.autoencoder.kind == kind
+    pictures = np.zeros((2, 64, 64, 3), np.uint8)
+    assert g.positives(pictures, None, GenerationParams(steps=2)).shape == (2, 64, 64, 3)
+    # resumes on the same latents; another autoencoder's latents are refused
+    assert "trained to step 3" in _run(
+        "--out", str(out), "--steps", "3", "--vae", str(ae_dir), *data, *TINY
+    )
+    result = CliRunner().invoke(
+        app, ["diffusion", "train", "--out", str(out), "--steps", "4", *data, *TINY]
+    )
+    assert result.exit_code == 2 and "latent" in result.output
+
+
+def test_vae_names_what_does_not_fit(tmp_path: Path) -> None:
+    from tests.support.models import tiny_autoencoder
+
+    ae_dir = tmp_path / "ae"
+    tiny_autoencoder("kl").save_pretrained(ae_dir)
+    runner = CliRunner()
+    grey = runner.invoke(
+        app,
+        [
+            "diffusion",
+            "train",
+            "--out",
+            str(tmp_path / "o"),
+            "--steps",
+            "1",
+            "--vae",
+            str(ae_dir),
+            *TINY,
+        ],
+    )
+    assert grey.exit_code == 2 and "--channels 3" in grey.output
+    missing = runner.invoke(
+        app,
+        [
+            "diffusion",
+            "train",
+            "--out",
+            str(tmp_path / "o"),
+            "--steps",
+            "1",
+            "--vae",
+            str(tmp_path / "none"),
+            *TINY,
+        ],
+    )
+    assert missing.exit_code == 2 and "does not exist" in missing.output
