@@ -34,8 +34,18 @@ def grid_size(
 
 def write_grid(anchors: Any, candidates: Any, path: Path) -> tuple[int, int]:
     """Each row: an anchor, a grey gap, then its candidates; uint8 NHWC in, PNG out."""
-    import numpy as np
     from PIL import Image
+
+    image = grid_image(anchors, candidates)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return image.shape[1], image.shape[0]
+
+
+def grid_image(anchors: Any, candidates: Any) -> Any:
+    """The grid as a uint8 array, ``[H, W]`` for one channel or ``[H, W, 3]``: what
+    ``write_grid`` saves, and what ``clsp train --tensorboard`` logs."""
+    import numpy as np
 
     rows, k = candidates.shape[:2]
     tile, channels = anchors.shape[1], anchors.shape[3]
@@ -52,10 +62,7 @@ def write_grid(anchors: Any, candidates: Any, path: Path) -> tuple[int, int]:
         put(anchors[r], r, 0)
         for j in range(k):
             put(candidates[r, j], r, side + GRID_GAP + j * (side + GRID_SEP))
-    image = canvas[..., 0] if channels == 1 else canvas
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
-    return width, height
+    return canvas[..., 0] if channels == 1 else canvas
 
 
 def grid_anchors(labels: Any, rows: int) -> Any:

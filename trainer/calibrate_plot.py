@@ -8,31 +8,16 @@ rest, and the probe's accuracy on real images is the ceiling no positive can pas
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from clsp_positives.curves import ticks
 from clsp_positives.trainer.calibrate import Row, Setting
 
 WIDTH, HEIGHT = 720, 520
 LEFT, RIGHT, TOP, BOTTOM = 70, 30, 50, 60
 GREY, TARGET, CEILING, PICK = (70, 70, 70), (200, 60, 40), (60, 110, 200), (200, 60, 40)
 LEADER = (190, 190, 190)
-
-
-def ticks(low: float, high: float, count: int = 6) -> list[float]:
-    """Round tick values covering [low, high] (steps of 1, 2, 2.5 or 5 times a power of ten)."""
-    span = max(high - low, 1e-9)
-    raw = span / max(count - 1, 1)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.ceil(low / step - 1e-9) * step
-    out = []
-    value = first
-    while value <= high + step * 1e-6:
-        out.append(round(value, 10))
-        value += step
-    return out
 
 
 def label_box(

@@ -214,8 +214,22 @@ class TrainConfig(BaseModel):
     linear_epochs: int = Field(100, ge=1, description="Linear probe epochs.")
     knn_k: int = Field(200, ge=1, description="Neighbours of the weighted kNN evaluation.")
     knn_tau: float = Field(0.1, gt=0, description="Temperature of the weighted kNN evaluation.")
-    out: str | None = Field(None, description="Directory for checkpoint.pt and metrics.jsonl.")
+    out: str | None = Field(
+        None, description="Directory for checkpoint.pt, metrics.jsonl and curves.png."
+    )
     resume: bool = Field(False, description="Continue the run in --out.")
+    tensorboard: bool = Field(
+        False,
+        description="Write TensorBoard event files to --out DIR/tensorboard (needs the "
+        "tracking extra).",
+    )
+    log_every: int = Field(20, ge=1, description="Steps between --tensorboard's step scalars.")
+    log_images_every: int = Field(
+        1,
+        ge=0,
+        description="Epochs between --tensorboard's grids of anchors beside their positives "
+        "(0: none).",
+    )
     seed: int = Field(0, description="Seed of data order, candidates, views and init.")
     device: str | None = Field(
         None, description="cpu, cuda or cuda:N.", json_schema_extra=_shown("auto")

@@ -45,6 +45,7 @@ from clsp_positives.trainer.epochs import (
 )
 from clsp_positives.trainer.evaluation import EvalResult, evaluate_backbone
 from clsp_positives.trainer.methods import ContrastiveMethod, MethodConfig, build_method
+from clsp_positives.trainer.tracking import TrainTracker, check_tracking, write_train_curves
 
 if TYPE_CHECKING:  # the positives path (httpx) is imported only when a run uses it
     from clsp_positives.trainer.positives.pending import PositivesBatch
@@ -302,6 +303,7 @@ def train(config: TrainConfig, *, echo: Any = print) -> TrainResult:
 
 def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResult:
     dev = ctx.device
+    check_tracking(config)  # before the data: a run that cannot log fails at once
     _seed_everything(config.seed + ctx.rank)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -356,6 +358,11 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
             echo(f"--resume: no checkpoint in {out_dir}, starting from scratch")
 
     feed = _open_positives(config, train_set.images, sampler)
+    tracker = None
+    if ctx.is_main:
+        tracker = TrainTracker.open(
+            config, out_dir, steps_per_epoch=sampler.steps_per_epoch, start_epoch=start_epoch
+        )
     show = config.progress if config.progress is not None else sys.stderr.isatty()
     history: list[dict[str, Any]] = []
     final: EvalResult | None = None
@@ -390,6 +397,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
                 channels,
                 autocast,
                 show and ctx.is_main,
+                tracker,
             )
             evaluate_now = epoch == config.epochs - 1 or (
                 config.eval_every > 0 and (epoch + 1) % config.eval_every == 0
@@ -401,8 +409,11 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
             if ctx.is_main:
                 metrics.write(record)
                 history.append(record)
+                if tracker is not None:
+                    tracker.epoch(record, final.as_dict() if evaluate_now and final else None)
                 if out_dir is not None:
                     _save(out_dir, config, method, optimizer, schedule, epoch, ctx)
+                    write_train_curves(out_dir, METRICS_NAME)
             elif out_dir is not None:
                 gather_objects(ckpt.rng_state())
             barrier()
@@ -428,6 +439,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
     finally:
         if feed is not None:
             feed.close()
+        if tracker is not None:
+            tracker.close()
     if ctx.is_main and final is not None:
         summary = {"event": "summary", "epochs": config.epochs, **final.as_dict()}
         metrics.write(summary)
@@ -536,6 +549,7 @@ def _run_epoch(
     channels: int,
     autocast: bool,
     show: bool,
+    tracker: TrainTracker | None = None,
 ) -> dict[str, Any]:
     dev = ctx.device
     plan = sampler.plan(epoch)
@@ -548,12 +562,14 @@ def _run_epoch(
     started = time.perf_counter()
     with _progress(show, f"epoch {epoch + 1}/{config.epochs}", len(plan)) as tick:
         for step, indices in enumerate(plan.batches):
-            v3 = present = None
+            v3 = present = positives = None
             if feed is not None:
+                positives = feed.take(epoch, step)
                 v3, present = positive_view(
-                    feed.take(epoch, step), augment, channels, keep_empty=ctx.distributed
+                    positives, augment, channels, keep_empty=ctx.distributed
                 )
-            images = torch.from_numpy(data.batch(indices).images)
+            anchors = data.batch(indices).images
+            images = torch.from_numpy(anchors)
             v1, v2 = augment(images, view=0), augment(images, view=1)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(v1, v2, v3, present)
@@ -571,6 +587,9 @@ def _run_epoch(
                     *_spread_sums(out.z_std, out.z_std_positives, dev),
                 ]
             )
+            if tracker is not None:
+                lr = float(schedule.get_last_lr()[0])
+                tracker.step(epoch * len(plan) + step + 1, out, lr, feed, anchors, positives)
             if tick is not None:
                 tick(f"loss {out.loss.item():.3f}")
     sums = all_reduce_sum(sums)

@@ -52,6 +52,12 @@ def train(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
     device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    tensorboard: bool = typer.Option(
+        False,
+        "--tensorboard",
+        help="TensorBoard events in --out/tensorboard: loss, learning rate, images/s and "
+        "sample grids (needs the tracking extra).",
+    ),
 ) -> None:
     """Train an unconditional DDPM (EMA weights saved in the diffusers pipeline layout)."""
     from pydantic import ValidationError
@@ -85,6 +91,7 @@ def train(
             threads=threads,
             device=device,
             progress=progress,
+            tensorboard=tensorboard,
         )
     except ValidationError as exc:
         problems = "; ".join(

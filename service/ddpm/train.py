@@ -7,7 +7,9 @@ the raw weights after a short run.
 
 ``--out`` holds the DDPM pipeline layout (``unet/`` with the EMA weights, ``scheduler/``), the
 training state (``train_state.pt``: raw weights, EMA, optimizer, step, data order, RNG) so that
-a second run with the same ``--out`` resumes where the first stopped, and ``samples.png``.
+a second run with the same ``--out`` resumes where the first stopped, ``samples.png``, and the
+run's log: ``metrics.jsonl``, ``curves.png`` and with ``--tensorboard`` ``tensorboard/``
+(service/ddpm/tracking.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from clsp_positives.images import DIGIT_SETS
 from clsp_positives.proto.keys import unit_to_uint8
+from clsp_positives.service.ddpm.tracking import DiffusionLog, check_tracking
 
 STATE_FILE = "train_state.pt"
 SAMPLES_FILE = "samples.png"
@@ -70,6 +73,11 @@ class DiffusionTrainConfig(BaseModel):
     threads: int | None = Field(None, ge=1)
     device: str = "cpu"
     progress: bool = True
+    tensorboard: bool = Field(
+        False,
+        description="TensorBoard events in --out/tensorboard: the window scalars, and a sample "
+        "grid at every checkpoint (needs the tracking extra)",
+    )
 
     @model_validator(mode="after")
     def _needs_a_budget(self) -> DiffusionTrainConfig:
@@ -353,14 +361,20 @@ class DiffusionTrainer:
             x = scheduler.step(eps, t, x).prev_sample
         return unit_to_uint8(x.clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy())
 
-    def write_samples(self) -> Path | None:
+    def sample_grid(self) -> np.ndarray | None:
+        """``samples.png``'s grid (``sample_count`` seeded samples), or None for none."""
         if self.config.sample_count == 0:
+            return None
+        return image_grid(
+            self.sample(self.config.sample_count, self.config.sample_steps, self.config.seed)
+        )
+
+    def write_samples(self, grid: np.ndarray | None = None) -> Path | None:
+        grid = self.sample_grid() if grid is None else grid
+        if grid is None:
             return None
         from PIL import Image
 
-        grid = image_grid(
-            self.sample(self.config.sample_count, self.config.sample_steps, self.config.seed)
-        )
         path = self.out / SAMPLES_FILE
         Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid).save(path)
         return path
@@ -391,7 +405,9 @@ def train(
     ``clock`` measures the ``minutes`` budget (wall time by default); a benchmark on a shared
     machine can pass process CPU time instead so that other load does not shrink its budget.
     """
+    check_tracking(config.tensorboard)
     trainer = DiffusionTrainer(config)
+    run_log = DiffusionLog(trainer.out, tensorboard=config.tensorboard, start_step=trainer.step)
     budget_s = config.minutes * 60.0 if config.minutes is not None else math.inf
     t0 = clock()
     window_loss: list[torch.Tensor] = []
@@ -416,19 +432,31 @@ def train(
                 last_loss = float(torch.stack(window_loss).mean())
                 ips = window_n / max(now - window_t, 1e-9)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
+                run_log.window(trainer.step, last_loss, _lr(trainer), ips)
                 window_t, window_n, window_loss = now, 0, []
             bar.update(1)
             if trainer.step % config.save_every == 0:
                 trainer.save()
+                if run_log.wants_samples:
+                    run_log.samples(trainer.step, trainer.sample_grid())
+    except BaseException:
+        run_log.close()
+        raise
     finally:
         bar.close()
     if window_loss:
         last_loss = float(torch.stack(window_loss).mean())
+        run_log.window(
+            trainer.step, last_loss, _lr(trainer), window_n / max(clock() - window_t, 1e-9)
+        )
     seconds = clock() - t0
     if ips == 0.0 and seconds > 0:
         ips = (trainer.step - trainer.start_step) * trainer.order.batch_size / seconds
     trainer.save()
-    trainer.write_samples()
+    grid = trainer.sample_grid()
+    trainer.write_samples(grid)
+    run_log.samples(trainer.step, grid)
+    run_log.close()
     return TrainResult(
         out=trainer.out,
         step=trainer.step,
@@ -438,6 +466,10 @@ def train(
         seconds=seconds,
         parameters=trainer.parameters,
     )
+
+
+def _lr(trainer: DiffusionTrainer) -> float:
+    return float(trainer.optimizer.param_groups[0]["lr"])
 
 
 def _steps_until(

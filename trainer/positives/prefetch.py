@@ -136,6 +136,15 @@ class Prefetcher:
         self._hits += batch.cache_hits
         return batch
 
+    def running_stats(self) -> dict[str, float]:
+        """This epoch's rates and waiting so far, without resetting them: the figures
+        ``epoch_stats`` ends the epoch with, for a log that looks every few steps."""
+        return {
+            "positive_fraction": self._arrived / self._anchors if self._anchors else 0.0,
+            "cache_hit_rate": self._hits / self._arrived if self._arrived else 0.0,
+            "wait_seconds": self._wait_s,
+        }
+
     def epoch_stats(self) -> dict[str, Any]:
         """This epoch's figures; resets them (and the once-per-epoch warning)."""
         now = dict(self.source.stats())
@@ -145,9 +154,7 @@ class Prefetcher:
         }
         self._source_base = now
         stats = {
-            "positive_fraction": self._arrived / self._anchors if self._anchors else 0.0,
-            "cache_hit_rate": self._hits / self._arrived if self._arrived else 0.0,
-            "wait_seconds": self._wait_s,
+            **self.running_stats(),
             "missing": self._anchors - self._arrived,
             "anchors": self._anchors,
             **delta,
@@ -294,6 +301,9 @@ class PositivesFeed:
 
     def epoch_stats(self) -> dict[str, Any]:
         return self.prefetcher.epoch_stats()
+
+    def running_stats(self) -> dict[str, float]:
+        return self.prefetcher.running_stats()
 
     def close(self) -> None:
         self.prefetcher.close()

@@ -74,7 +74,10 @@ def test_offline_positives_flow_through_and_stats_reset(tmp_path: Path) -> None:
             assert got.mask.all()
             rows = np.arange(B) + B * b
             assert got.images[:, 0, 0, 0].tolist() == (rows * 4 + np.arange(B) % 4).tolist()
+        running = pf.running_stats()  # what a log every few steps reads
+        assert pf.running_stats() == running, "looking must not reset the epoch's figures"
         stats = pf.epoch_stats()
+        assert {key: stats[key] for key in running} == running
         assert stats["positive_fraction"] == 1.0 and stats["missing"] == 0
         assert stats["anchors"] == 3 * B
         assert pf.epoch_stats()["anchors"] == 0
