@@ -34,12 +34,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from clsp_positives.grid import GRID_SCALE, grid_anchors, write_grid
 from clsp_positives.proto.params import GenerationParams, Interpolate, Sampling
+
+if TYPE_CHECKING:
+    from clsp_positives.service.ddpm.train import DiffusionTrainConfig
+    from clsp_positives.trainer.config import TrainConfig
 
 RESULTS_NAME = "results.json"
 GRID_NAME = "positives-grid.png"
@@ -362,6 +366,35 @@ class ModelStage:
     preset: str
 
 
+def ddpm_config(
+    model_dir: Path, budget: Budget, *, seed: int, device: str, threads: int, progress: bool
+) -> DiffusionTrainConfig:
+    """The ``DiffusionTrainConfig`` of the demo's DDPM (recipes/digits-ddpm.yaml is the
+    same run for ``clsp diffusion train --config``; a test keeps the two equal)."""
+    from clsp_positives.service.ddpm.train import DiffusionTrainConfig
+
+    return DiffusionTrainConfig(
+        out=str(model_dir),
+        dataset="digits",
+        image_size=16,
+        channels=1,
+        preset=budget.ddpm_preset,
+        steps=budget.ddpm_steps,
+        minutes=budget.ddpm_minutes,
+        batch_size=budget.ddpm_batch,
+        lr=budget.ddpm_lr,
+        lr_warmup=100,
+        seed=seed,
+        save_every=max(100, budget.ddpm_steps // 4),
+        sample_count=budget.ddpm_sample_count,
+        sample_steps=budget.ddpm_sample_steps,
+        threads=threads,
+        progress=progress,
+        # Older DiffusionTrainConfig versions train on the CPU only and have no device field.
+        **({"device": device} if "device" in DiffusionTrainConfig.model_fields else {}),
+    )
+
+
 def ensure_model(
     cache_dir: Path,
     budget: Budget,
@@ -375,7 +408,7 @@ def ensure_model(
 ) -> ModelStage:
     """The cached DDPM when it has had at least this budget's steps; else train (resuming
     the cached run's state, so a quick run's model is continued, not thrown away)."""
-    from clsp_positives.service.ddpm.train import DiffusionTrainConfig, train
+    from clsp_positives.service.ddpm.train import train
 
     model_dir = cache_dir / "demo-model"
     marker = model_dir / MODEL_MARKER
@@ -406,25 +439,8 @@ def ensure_model(
             "train a new one)"
         )
         return ModelStage(model_dir, int(done["step"]), 0.0, True, budget.ddpm_preset)
-    config = DiffusionTrainConfig(
-        out=str(model_dir),
-        dataset="digits",
-        image_size=16,
-        channels=1,
-        preset=budget.ddpm_preset,
-        steps=budget.ddpm_steps,
-        minutes=budget.ddpm_minutes,
-        batch_size=budget.ddpm_batch,
-        lr=budget.ddpm_lr,
-        lr_warmup=100,
-        seed=seed,
-        save_every=max(100, budget.ddpm_steps // 4),
-        sample_count=budget.ddpm_sample_count,
-        sample_steps=budget.ddpm_sample_steps,
-        threads=threads,
-        progress=progress,
-        # Older DiffusionTrainConfig versions train on the CPU only and have no device field.
-        **({"device": device} if "device" in DiffusionTrainConfig.model_fields else {}),
+    config = ddpm_config(
+        model_dir, budget, seed=seed, device=device, threads=threads, progress=progress
     )
     say(
         f"training a {budget.ddpm_preset!r} DDPM on digits 16x16 for up to "
@@ -567,22 +583,16 @@ class ArmResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def train_arm(
-    name: str,
-    budget: Budget,
-    *,
-    seed: int,
-    device: str,
-    url: str | None,
-    progress: bool,
-    say: Callable[[str], None],
-) -> ArmResult:
-    """One ``clsp train`` run, in-process; ``url`` given means the CLSP arm."""
+def arm_config(
+    budget: Budget, *, seed: int, device: str, url: str | None, progress: bool
+) -> TrainConfig:
+    """The ``TrainConfig`` of one arm; ``url`` given means the CLSP arm
+    (recipes/digits-demo-simclr-clsp.yaml is the CLSP arm of the full demo for
+    ``clsp train --config``; a test keeps the two equal)."""
     from clsp_positives.trainer.config import TrainConfig
-    from clsp_positives.trainer.train_loop import train
 
     clsp = url is not None
-    config = TrainConfig(
+    return TrainConfig(
         dataset="digits",
         method=budget.method,
         backbone=budget.backbone,
@@ -608,6 +618,23 @@ def train_arm(
         gen_sampling=budget.sampling,
         gen_interpolate=budget.interpolate,
     )
+
+
+def train_arm(
+    name: str,
+    budget: Budget,
+    *,
+    seed: int,
+    device: str,
+    url: str | None,
+    progress: bool,
+    say: Callable[[str], None],
+) -> ArmResult:
+    """One ``clsp train`` run, in-process; ``url`` given means the CLSP arm."""
+    from clsp_positives.trainer.train_loop import train
+
+    clsp = url is not None
+    config = arm_config(budget, seed=seed, device=device, url=url, progress=progress)
     t0 = time.perf_counter()
     result = train(config, echo=lambda line: say(f"[{name}] {line}"))
     seconds = time.perf_counter() - t0

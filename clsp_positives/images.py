@@ -15,6 +15,9 @@ import numpy as np
 from PIL import Image
 
 SPLITS = ("train", "test")
+STL10_UNLABELED_SPLITS = ("unlabeled", "train+unlabeled")
+"""STL-10's extra splits: its 100,000 unlabeled 96x96 images (label -1), alone or after the
+5,000 labelled training images, the set contrastive pre-training on STL-10 uses."""
 TORCHVISION_SETS = ("cifar10", "cifar100", "stl10")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 DIGITS_TEST_FRACTION = 0.2
@@ -82,8 +85,11 @@ def load_images(
     digits-photos);
     ``channels`` is 1 (luminance) or 3 (RGB; grey images are repeated).
     """
-    if split not in SPLITS and not (name == "stl10" and split == "unlabeled"):
-        raise ValueError(f"split must be one of {SPLITS} (or 'unlabeled' for stl10), got {split!r}")
+    if split not in SPLITS and not (name.lower() == "stl10" and split in STL10_UNLABELED_SPLITS):
+        raise ValueError(
+            f"split must be one of {SPLITS} (for stl10 also {' or '.join(STL10_UNLABELED_SPLITS)}"
+            f"), got {split!r}"
+        )
     if size is not None and size < 1:
         raise ValueError(f"size must be positive, got {size}")
     if channels not in (None, 1, 3):

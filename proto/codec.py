@@ -64,6 +64,7 @@ SUPPORTED_DTYPES = tuple(_JSON_TO_NP)
 
 _REQUEST_TENSORS = {"anchors", "anchor_latents", "candidates"}
 _RESPONSE_TENSORS = {"positives", "cache_hit"}
+_OPTIONAL_RESPONSE_TENSORS = {"expired"}
 _MAX_TENSOR_BYTES = 1 << 48
 """Bound on the bytes a declared shape may describe, so that even an empty
 tensor with absurd dimensions is refused before numpy is asked to build it."""
@@ -588,6 +589,8 @@ def encode_request(
 def encode_response(result: ResponseArrays, *, encoding: str) -> tuple[bytes, str]:
     """Server side: (body, content type) of a positives answer."""
     tensors = {"positives": result.positives, "cache_hit": result.cache_hit}
+    if result.expired is not None:
+        tensors["expired"] = result.expired
     meta = {"model": result.model, "params": result.params.model_dump(mode="json")}
     return _encode(tensors, meta, encoding)
 
@@ -630,7 +633,9 @@ def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
                 "malformed answer: " + describe_validation_error(exc), code="invalid_body"
             ) from None
         tensors = {
-            name: tensor_from_json(name, getattr(reply, name)) for name in sorted(_RESPONSE_TENSORS)
+            name: tensor_from_json(name, getattr(reply, name))
+            for name in sorted(_RESPONSE_TENSORS | _OPTIONAL_RESPONSE_TENSORS)
+            if getattr(reply, name) is not None
         }
         raw_params, model = reply.params.model_dump(), reply.model
     else:
@@ -644,8 +649,15 @@ def decode_response(body: bytes, content_type: str | None) -> ResponseArrays:
         raise _error(f"answer lacks tensors {sorted(missing)}", code="invalid_body")
     params = parse_params(raw_params, max_k=_NO_LIMIT)
     positives, cache_hit = tensors["positives"], tensors["cache_hit"]
+    expired = tensors.get("expired")
     _check_answer(positives, cache_hit, params)
-    return ResponseArrays(positives, cache_hit, model, params)
+    if expired is not None and (expired.dtype != np.uint8 or expired.shape != cache_hit.shape):
+        raise _error(
+            f"malformed answer: expired must be uint8 {list(cache_hit.shape)} like cache_hit, "
+            f"got {expired.dtype.name} {list(expired.shape)}",
+            code="invalid_body",
+        )
+    return ResponseArrays(positives, cache_hit, model, params, expired)
 
 
 def _check_answer(positives: np.ndarray, cache_hit: np.ndarray, params: GenerationParams) -> None:

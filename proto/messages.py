@@ -136,6 +136,12 @@ class PositivesResponse(BaseModel):
         description="uint8 [N] or [N, k]: 1 where the positive came from the cache.",
         json_schema_extra=_narrowed(["uint8"], min_rank=1, max_rank=2),
     )
+    expired: Tensor | None = Field(
+        None,
+        description="uint8 [N] or [N, k], only when some positive's params.deadline_ms "
+        "passed: 1 where it did (that positive is all zeros; ask again).",
+        json_schema_extra=_narrowed(["uint8"], min_rank=1, max_rank=2),
+    )
     model: str = Field(description="Fingerprint of the model that generated the positives.")
     params: GenerationParams = Field(description="The parameters as applied, defaults filled in.")
 
@@ -209,9 +215,11 @@ class RequestArrays:
 
 @dataclass(frozen=True)
 class ResponseArrays:
-    """A decoded positives answer."""
+    """A decoded positives answer; ``expired`` (shaped as ``cache_hit``) marks the
+    positives whose deadline passed, None when none did."""
 
     positives: np.ndarray
     cache_hit: np.ndarray
     model: str
     params: GenerationParams
+    expired: np.ndarray | None = None

@@ -122,6 +122,23 @@ class GenerationParams(BaseModel):
         description="The model fingerprint the caller expects (GET /v1/model): a generator "
         "serving another model answers 409 model_mismatch instead of its positives.",
     )
+    deadline_ms: float | None = Field(
+        None,
+        gt=0,
+        le=3_600_000,
+        allow_inf_nan=False,
+        description="Milliseconds from when the service has read the request until its "
+        "positives are no use: items no sampler call has taken by then are dropped "
+        "(never generated, never cached). None answered: 504 deadline_exceeded; some: the "
+        "`expired` mask beside the positives. Null: no deadline.",
+    )
+    priority: int = Field(
+        0,
+        ge=0,
+        le=1,
+        description="0: a training step needs these now; 1: look-ahead, generated after "
+        "every waiting priority-0 item.",
+    )
     k: int | None = Field(
         None,
         ge=1,
@@ -133,7 +150,7 @@ class GenerationParams(BaseModel):
         "overwrite; bypass: neither read nor write.",
     )
 
-    _integral = field_validator("steps", "anchor_refresh", "k", mode="before")(
+    _integral = field_validator("steps", "anchor_refresh", "priority", "k", mode="before")(
         integral_floats_to_int
     )
 
@@ -175,8 +192,9 @@ class GenerationParams(BaseModel):
     def canonical(self) -> bytes:
         """The bytes that enter a positive's cache key.
 
-        Only what changes the generated sample takes part: ``k``, ``cache`` and
-        ``expect_model`` select, route and check, they do not change a positive (the
+        Only what changes the generated sample takes part: ``k``, ``cache``,
+        ``expect_model``, ``deadline_ms`` and ``priority`` select, route, check and
+        schedule, they do not change a positive (the
         model enters every key as its fingerprint), and eta enters as
         ``sampler_eta``. The sampling mode always enters, so positives made
         under the model's own scheduler config are never served for the

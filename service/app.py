@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,14 @@ from clsp_positives.proto.messages import (
 )
 from clsp_positives.proto.openapi import build_openapi
 from clsp_positives.proto.params import AnchorSpace, Output, SamplerGroup
-from clsp_positives.service.batcher import Batcher, BatcherClosed, BatchStats, Item, QueueFull
+from clsp_positives.service.batcher import (
+    Batcher,
+    BatcherClosed,
+    BatchStats,
+    DeadlineExceeded,
+    Item,
+    QueueFull,
+)
 from clsp_positives.service.cache import PositivesCache, build_cache, cache_secret
 from clsp_positives.service.metrics import ServiceMetrics, route_label
 from clsp_positives.service.settings import ServiceSettings
@@ -63,6 +71,7 @@ _STATUS_CODES = {
     422: "invalid_request",
     429: "queue_full",
     503: "unavailable",
+    504: "deadline_exceeded",
 }
 
 
@@ -84,6 +93,7 @@ class PreparedRequest:
     request: RequestArrays
     canonical: np.ndarray  # float32 [N, C, H, W] pictures, or [N, c, h, w] latents
     keys: list[bytes]
+    deadline: float = math.inf  # time.monotonic() of params.deadline_ms, inf for none
 
 
 class BatchGroup(NamedTuple):
@@ -187,6 +197,7 @@ class PositivesService:
             max_queue=settings.max_queue,
             executor=self.executor,
             on_batch=self._on_batch,
+            on_expired=metrics.expired_dropped.inc,
         )
         self.ready = False
         self.not_ready_reason = "the model is warming up"
@@ -304,6 +315,7 @@ class PositivesService:
         mode the positives were made with (docs/design.md §2).
         """
         s = self.settings
+        received = time.monotonic()
         req = decode_request(
             body,
             content_type,
@@ -358,7 +370,8 @@ class PositivesService:
             positive_key(self.fingerprint, req.params, canon[a], int(c), space)
             for a, c in zip(req.anchor_index, req.candidates, strict=True)
         ]
-        return PreparedRequest(req, canon, keys)
+        ms = req.params.deadline_ms
+        return PreparedRequest(req, canon, keys, received + ms / 1000 if ms else math.inf)
 
     async def prepare_async(self, body: bytes, content_type: str | None) -> PreparedRequest:
         # Large bodies decode and hash in a helper thread so the loop keeps serving.
@@ -372,8 +385,11 @@ class PositivesService:
         """Cache lookup, batched generation of the misses, cache write.
 
         Returns None when the client went away before its positives were ready.
+        Positives whose deadline passed first come back as zeros, marked in
+        ``expired``, and are neither cached nor counted as served; a request with
+        none to give is a 504.
         """
-        req, canon, keys = prepared.request, prepared.canonical, prepared.keys
+        req, keys = prepared.request, prepared.keys
         params = req.params
         m = len(keys)
         images: list[np.ndarray | None] = [None] * m
@@ -386,24 +402,45 @@ class PositivesService:
                     images[i] = image
                     hit[i] = 1
         missing = [i for i in range(m) if images[i] is None]
+        expired = np.zeros(m, np.uint8)
         if missing:
-            generated = await self._generate(req, canon, keys, missing, disconnected)
+            generated = await self._generate(prepared, missing, disconnected)
             if generated is None:
                 return None
+            made = []
             for i, image in zip(missing, generated, strict=True):
-                images[i] = image
-            if params.cache != "bypass":
+                if image is None:
+                    expired[i] = 1
+                else:
+                    images[i] = image
+                    made.append(i)
+            if params.cache != "bypass" and made:
                 await self.cache.set_many(
                     self.fingerprint,
-                    [(keys[i], images[i]) for i in missing],
+                    [(keys[i], images[i]) for i in made],
                     self.settings.cache_ttl,
                 )
+        late = int(expired.sum())
+        if late:
+            self.metrics.expired.inc(late)
+            if late == m:
+                raise ProtocolError(
+                    f"params.deadline_ms ({params.deadline_ms:g} ms) passed before any of the "
+                    f"{m} positives could be generated: the generators are busier than that; "
+                    "allow more time, or ask again",
+                    code="deadline_exceeded",
+                    status=504,
+                )
+            shape, dtype = self._value_layout(params.output)
+            for i in np.flatnonzero(expired):
+                images[i] = np.zeros(shape, dtype)
         positives = np.stack(images)  # type: ignore[arg-type]
         if params.k is not None:
             positives = positives.reshape(req.num_anchors, params.k, *positives.shape[1:])
             hit = hit.reshape(req.num_anchors, params.k)
-        self.metrics.served.inc(m)
-        return ResponseArrays(positives, hit, self.fingerprint, params)
+            expired = expired.reshape(req.num_anchors, params.k)
+        self.metrics.served.inc(m - late)
+        return ResponseArrays(positives, hit, self.fingerprint, params, expired if late else None)
 
     def _value_layout(self, output: Output) -> tuple[tuple[int, ...], np.dtype]:
         """Shape and dtype of one positive as generated, so as cached: a value of
@@ -415,16 +452,24 @@ class PositivesService:
 
     async def _generate(
         self,
-        req: RequestArrays,
-        canon: np.ndarray,
-        keys: list[bytes],
+        prepared: PreparedRequest,
         missing: list[int],
         disconnected: Callable[[], Awaitable[Any]],
-    ) -> list[np.ndarray] | None:
+    ) -> list[np.ndarray | None] | None:
+        """The positives of items ``missing``, None for each whose deadline passed
+        first; None in all when the client went away."""
+        req, canon, keys = prepared.request, prepared.canonical, prepared.keys
         params = req.params
         group = BatchGroup(params.group(), req.anchor_space)
         items = [
-            Item(keys[i], canon[req.anchor_index[i]], float(params.interpolation_weight), group)
+            Item(
+                keys[i],
+                canon[req.anchor_index[i]],
+                float(params.interpolation_weight),
+                group,
+                deadline=prepared.deadline,
+                priority=params.priority,
+            )
             for i in missing
         ]
         try:
@@ -436,18 +481,38 @@ class PositivesService:
             self.metrics.deduplicated.inc(ticket.deduplicated)
         waiting = asyncio.ensure_future(asyncio.wait(set(ticket.futures)))
         hangup = asyncio.ensure_future(disconnected())
+        # Past its deadline a request stops waiting, also for items it shares with a
+        # request that has more time (the batcher keeps those for the latter).
+        timeout = prepared.deadline - time.monotonic()
         try:
-            await asyncio.wait({waiting, hangup}, return_when=asyncio.FIRST_COMPLETED)
-            if not waiting.done():
+            await asyncio.wait(
+                {waiting, hangup},
+                timeout=None if math.isinf(timeout) else max(timeout, 0.0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if hangup.done():
                 return None
-            return [f.result() for f in ticket.futures]
+            return [_result_or_expired(f) for f in ticket.futures]
         finally:
             for task in (waiting, hangup):
                 task.cancel()
             dropped = self.batcher.release(ticket)
-            if dropped:
+            if dropped and hangup.done():
                 self.metrics.dropped.inc(dropped)
                 log.info("client went away: %d queued items dropped", dropped)
+            elif dropped:  # this request's deadline passed while they waited
+                self.metrics.expired_dropped.inc(dropped)
+
+
+def _result_or_expired(future: asyncio.Future) -> np.ndarray | None:
+    """A finished item's positive, None when its deadline passed (in the queue, or
+    while this request waited); a sampler failure raises."""
+    if not future.done():
+        return None
+    try:
+        return future.result()
+    except DeadlineExceeded:
+        return None
 
 
 def response_encoding(accept: str | None, content_type: str | None) -> str:

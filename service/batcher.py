@@ -14,6 +14,14 @@ Identical keys in flight are generated once: a second submission of a key that
 is queued or running shares the first one's future. Each request holds a
 ``Ticket``; releasing it (the client went away) drops its items that have not
 started, unless another ticket still wants them.
+
+Items may carry a deadline and a priority (0: a training step needs it now, 1:
+look-ahead). The next call serves the group of the most urgent item (lowest
+priority, then earliest deadline, then oldest) and fills its batch in that
+order, earliest-deadline-first within a priority. Before every launch, items
+whose deadline has passed are dropped with ``DeadlineExceeded``: an expired item
+is never generated (nobody waits for it any more) and never cached; an item that
+started runs to the end (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -52,14 +60,21 @@ class BatcherClosed(Exception):
     """The batcher is shutting down and takes no new work."""
 
 
+class DeadlineExceeded(Exception):
+    """The item's deadline passed before a sampler call could take it."""
+
+
 @dataclass(frozen=True)
 class Item:
-    """One positive to generate: its key, canonical anchor and interpolation weight."""
+    """One positive to generate: its key, canonical anchor and interpolation weight,
+    and when (``time.monotonic()``; inf: never) and how urgently (0 first) it is needed."""
 
     key: bytes
     anchor: np.ndarray  # float32 [C, H, W] in [-1, 1]
     interpolation_weight: float
     group: Hashable
+    deadline: float = math.inf
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,8 +92,14 @@ class _Entry:
     item: Item
     future: asyncio.Future
     enqueued: float
+    deadline: float
+    priority: int
     holders: int = 1
     started: bool = False
+
+    def urgency(self) -> tuple[int, float, float]:
+        """The scheduling order: priority, then deadline, then arrival."""
+        return (self.priority, self.deadline, self.enqueued)
 
 
 @dataclass(eq=False)
@@ -103,6 +124,7 @@ class Batcher:
         max_queue: int = 4096,
         executor: ThreadPoolExecutor | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_expired: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_wait_ms >= 0")
@@ -113,6 +135,7 @@ class Batcher:
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="clsp-sampler")
         self._on_batch = on_batch
+        self._on_expired = on_expired
         self._groups: dict[Hashable, OrderedDict[bytes, _Entry]] = {}
         self._entries: dict[bytes, _Entry] = {}  # queued or running, by key
         self._pending = 0
@@ -182,12 +205,16 @@ class Batcher:
         for it in items:
             entry = self._entries.get(it.key)
             if entry is None:
-                entry = _Entry(it, loop.create_future(), now)
+                entry = _Entry(it, loop.create_future(), now, it.deadline, it.priority)
                 self._entries[it.key] = entry
                 self._groups.setdefault(it.group, OrderedDict())[it.key] = entry
                 self._pending += 1
             else:
+                # a shared item runs at its most urgent holder's priority and is kept
+                # until its last holder's deadline: an earlier one still wants it
                 entry.holders += 1
+                entry.deadline = max(entry.deadline, it.deadline)
+                entry.priority = min(entry.priority, it.priority)
                 shared += 1
             futures.append(entry.future)
         self._kick()
@@ -225,11 +252,40 @@ class Batcher:
         if self._wakeup is not None:
             self._wakeup.set()
 
-    def _oldest_group(self) -> tuple[Hashable, float]:
-        group, entries = min(
-            self._groups.items(), key=lambda kv: next(iter(kv[1].values())).enqueued
+    def _most_urgent_group(self) -> tuple[Hashable, float]:
+        """The group of the most urgent entry, and when that group must launch: its
+        oldest entry's arrival plus ``max_wait``, or ``max_wait`` before its earliest
+        deadline, so that waiting for company never expires an item."""
+        group, _ = min(
+            ((g, e) for g, entries in self._groups.items() for e in entries.values()),
+            key=lambda ge: ge[1].urgency(),
         )
-        return group, next(iter(entries.values())).enqueued
+        entries = self._groups[group].values()
+        oldest = next(iter(entries)).enqueued
+        earliest = min(e.deadline for e in entries)
+        return group, min(oldest + self.max_wait, earliest - self.max_wait)
+
+    def _drop_expired(self, now: float) -> int:
+        """Fail every queued entry whose deadline has passed (``DeadlineExceeded``)."""
+        expired = [
+            (g, key, e)
+            for g, entries in self._groups.items()
+            for key, e in entries.items()
+            if e.deadline <= now
+        ]
+        for group, key, entry in expired:
+            entries = self._groups[group]
+            del entries[key]
+            if not entries:
+                del self._groups[group]
+            del self._entries[key]
+            self._pending -= 1
+            if not entry.future.done():
+                entry.future.set_exception(DeadlineExceeded("the deadline passed in the queue"))
+                entry.future.exception()  # marks it retrieved: waiters still see it
+        if expired and self._on_expired is not None:
+            self._on_expired(len(expired))
+        return len(expired)
 
     async def _schedule(self) -> None:
         assert self._wakeup is not None
@@ -241,9 +297,10 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            group, oldest = self._oldest_group()
-            deadline = oldest + self.max_wait
-            wait = deadline - time.monotonic()
+            if self._drop_expired(time.monotonic()):
+                continue  # re-evaluate: groups may have emptied
+            group, launch_by = self._most_urgent_group()
+            wait = launch_by - time.monotonic()
             if wait > 0 and len(self._groups[group]) < self.max_batch and not self._closing:
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
@@ -253,10 +310,13 @@ class Batcher:
             await self._run(loop, group, batch)
 
     def _take(self, group: Hashable) -> list[_Entry]:
+        """The group's ``max_batch`` most urgent entries, earliest deadline first within
+        a priority; the rest keep their arrival order."""
         entries = self._groups[group]
+        chosen = sorted(entries.items(), key=lambda kv: kv[1].urgency())[: self.max_batch]
         batch: list[_Entry] = []
-        while entries and len(batch) < self.max_batch:
-            _, entry = entries.popitem(last=False)
+        for key, entry in chosen:
+            del entries[key]
             entry.started = True
             batch.append(entry)
         if not entries:

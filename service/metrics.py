@@ -126,6 +126,18 @@ class ServiceMetrics:
         self.dropped = Counter(
             "clsp_dropped_items", "Queued items dropped because their client went away.", registry=r
         )
+        self.expired = Counter(
+            "clsp_deadline_expired_items",
+            "Positives answered as expired: their request's deadline_ms passed before a "
+            "sampler call took them (never generated for that request, never cached).",
+            registry=r,
+        )
+        self.expired_dropped = Counter(
+            "clsp_deadline_dropped_items",
+            "Queued items dropped unrun because every request wanting them had passed its "
+            "deadline: sampler work saved.",
+            registry=r,
+        )
         self.rejected = Counter(
             "clsp_rejected_requests",
             "Requests refused with 429 because the queue was full.",

@@ -89,6 +89,12 @@ class TrainConfig(BaseModel):
     subset: int | None = Field(
         None, ge=1, description="Train on the first N images only.", json_schema_extra=_shown("all")
     )
+    train_split: Literal["train", "train+unlabeled"] = Field(
+        "train",
+        description="Images the contrastive loss trains on: train, or for stl10 "
+        "train+unlabeled (its 100k unlabeled images too); the evaluation keeps the labelled "
+        "train and test splits.",
+    )
     method: MethodName = Field("simclr", description="Contrastive method: simclr, moco or nnclr.")
     backbone: str = Field("resnet18", description="resnet18, resnet50 or resnet-tiny.")
     epochs: int = Field(100, ge=1, description="Training epochs.")

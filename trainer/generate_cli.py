@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
 
-from clsp_positives.options import describe_errors, with_model_options
+from clsp_positives.config_file import CONFIG_HELP
+from clsp_positives.options import DEFAULT_TEXT, describe_errors, with_model_options
 from clsp_positives.proto.auth import TOKEN_ENV
+from clsp_positives.proto.params import GenerationParams, Interpolate, Method, Sampling
 from clsp_positives.trainer.config import TrainConfig
 from clsp_positives.trainer.positives.offline import (
     OfflineNpySource,
+    config_path,
     fill,
     finish,
     open_output,
@@ -28,65 +33,118 @@ from clsp_positives.trainer.positives.offline import (
     rows_done,
 )
 
+COMMAND = "clsp generate"
+
 SHARED = ("data_root", "download", "token", "k")
 SHARED += ("interpolation_weight", "gen_steps", "gen_eta", "gen_method", "gen_sampling")
 SHARED += ("gen_interpolate", "gen_share_anchor", "gen_anchor_refresh")
-"""``TrainConfig`` fields that are ``clsp generate`` options too."""
+"""``TrainConfig`` fields that are ``clsp generate`` options too (``GenerateConfig`` copies
+them, so the two commands take one definition)."""
 
 
-@with_model_options(TrainConfig, SHARED, envvars={"token": TOKEN_ENV})
-def generate(
-    dataset: str = typer.Option(
-        ..., "--dataset", help="digits, digits-photos, cifar10, cifar100, stl10 or an image folder."
-    ),
-    out: Path = typer.Option(..., "--out", help="Output .npy ([N, K, H, W, C] uint8)."),
-    positives: str = typer.Option(
-        ..., "--positives", help="Generation pool: URL[,URL...] or dns+http://HOST:PORT."
-    ),
-    split: str = typer.Option("train", "--split"),
-    image_size: Optional[int] = typer.Option(
-        None, "--image-size", "--size", help="Image side (default: the model's sample size)."
-    ),
-    channels: Optional[int] = typer.Option(
-        None, "--channels", help="1 or 3 (default: the model's)."
-    ),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Images per request."),
-    in_flight: int = typer.Option(4, "--in-flight", min=1, help="Requests in flight."),
-    timeout_s: float = typer.Option(600.0, "--timeout-s", help="Longest wait for one request."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-    grid: Optional[Path] = typer.Option(
+def _shared(name: str) -> Any:
+    """A copy of ``TrainConfig``'s field (default, bounds, help and old names), so both
+    commands name the option alike and take one default (docs/design.md §8)."""
+    return FieldInfo.merge_field_infos(TrainConfig.model_fields[name])
+
+
+class GenerateConfig(BaseModel):
+    """Every option of ``clsp generate``: the command's options are generated from it,
+    ``--config FILE`` is validated against it, and ``<bank>.config.yaml`` keeps it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        description="digits, digits-photos, cifar10, cifar100, stl10 or an image folder."
+    )
+    out: Path = Field(description="Output .npy ([N, K, H, W, C] uint8).")
+    positives: str = Field(description="Generation pool: URL[,URL...] or dns+http://HOST:PORT.")
+    split: str = Field(
+        "train",
+        description="train or test; for stl10 also unlabeled, or train+unlabeled (the images "
+        "clsp train --train-split train+unlabeled trains on).",
+    )
+    image_size: int | None = Field(
         None,
-        "--grid",
-        help="Also write a PNG of anchors beside their k candidates (one anchor per class).",
+        ge=1,
+        validation_alias=AliasChoices("image_size", "size"),
+        description="Image side.",
+        json_schema_extra={DEFAULT_TEXT: "the model's sample size"},
+    )
+    channels: Literal[1, 3] | None = Field(
+        None, description="1 or 3.", json_schema_extra={DEFAULT_TEXT: "the model's"}
+    )
+    batch_size: int = Field(64, ge=1, description="Images per request.")
+    in_flight: int = Field(4, ge=1, description="Requests in flight.")
+    timeout_s: float = Field(600.0, gt=0, description="Longest wait for one request.")
+    progress: bool = Field(True, description="Progress bar.")
+    grid: Path | None = Field(
+        None,
+        description="Also write a PNG of anchors beside their k candidates (one anchor per class).",
+    )
+    grid_rows: int = Field(10, ge=1, description="Anchors in the --grid PNG.")
+    data_root: str | None = _shared("data_root")
+    download: bool = _shared("download")
+    token: str | None = _shared("token")
+    k: int = _shared("k")
+    interpolation_weight: float = _shared("interpolation_weight")
+    gen_steps: int = _shared("gen_steps")
+    gen_eta: float = _shared("gen_eta")
+    gen_method: Method = _shared("gen_method")
+    gen_sampling: Sampling | None = _shared("gen_sampling")
+    gen_interpolate: Interpolate = _shared("gen_interpolate")
+    gen_share_anchor: bool = _shared("gen_share_anchor")
+    gen_anchor_refresh: int = _shared("gen_anchor_refresh")
+
+    def generation_params(self) -> GenerationParams:
+        """The generation params asked of the pool: ``TrainConfig``'s own mapping."""
+        shared = TrainConfig.model_validate({n: getattr(self, n) for n in SHARED})
+        return shared.generation_params(k=self.k)
+
+    def stored(self) -> dict[str, Any]:
+        """What ``<bank>.config.yaml`` keeps: every option, never the bearer token."""
+        return self.model_dump(mode="json", exclude={"token"})
+
+
+@with_model_options(GenerateConfig, GenerateConfig.model_fields, envvars={"token": TOKEN_ENV})
+def generate(
+    config_file: Optional[Path] = typer.Option(
+        None, "--config", help=CONFIG_HELP, show_default=False
     ),
-    grid_rows: int = typer.Option(10, "--grid-rows", min=1, help="Anchors in the --grid PNG."),
     *,
     given: dict[str, Any],
 ) -> None:
     """Generate k synthetic positives per image into a resumable .npy (the paper's layout)."""
-    from pydantic import ValidationError
     from tqdm import tqdm
 
     from clsp_positives.client import PoolClient, PoolError
+    from clsp_positives.config_file import (
+        OptionsError,
+        announcement,
+        resolve_options,
+        write_config_file,
+    )
     from clsp_positives.images import load_images
 
     try:
-        config = TrainConfig.model_validate(given)
-        params = config.generation_params(k=config.k)
-    except ValidationError as exc:
-        raise typer.BadParameter(describe_errors(exc)) from None
-    k = config.k
+        config = resolve_options(GenerateConfig, config_file, given, command=COMMAND)
+        params = config.generation_params()
+    except (OptionsError, ValidationError) as exc:
+        message = describe_errors(exc) if isinstance(exc, ValidationError) else str(exc)
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2) from None
+    out, k = config.out, config.k
     try:
-        client = PoolClient(positives, token=config.token, timeout_s=timeout_s)
+        client = PoolClient(config.positives, token=config.token, timeout_s=config.timeout_s)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--positives") from None
     try:
         info = client.model_info()
         data = load_images(
-            dataset,
-            split=split,
-            size=image_size or int(info["sample_size"]),
-            channels=channels or int(info["channels"]),
+            config.dataset,
+            split=config.split,
+            size=config.image_size or int(info["sample_size"]),
+            channels=config.channels or int(info["channels"]),
             root=config.data_root,
             download=config.download,
         )
@@ -98,22 +156,32 @@ def generate(
         # pool refuse these requests and the client sends them elsewhere.
         params = params.model_copy(update={"expect_model": info.get("fingerprint")})
         meta = {
-            "dataset": dataset,
-            "split": split,
+            "dataset": config.dataset,
+            "split": config.split,
             "shape": [len(images), k, *images.shape[1:]],
             "params": json.loads(params.canonical()),
             "model": info.get("fingerprint"),
         }
         array, done = open_output(out, (len(images), k, *images.shape[1:]), meta)
+        # Only once the bank accepted these options: a refused rerun keeps the file's.
+        resolved = config.model_copy(
+            update={
+                "image_size": data.size,
+                "channels": data.channels,
+                "gen_sampling": params.sampling,
+            }
+        )
+        path = write_config_file(config_path(out), resolved.stored(), command=COMMAND)
+        typer.echo(announcement(resolved.stored(), command=COMMAND, path=path))
         if array is None:
             typer.echo(f"{out} is already complete ({len(images)} x {k})")
-            _write_grid(grid, out, data, grid_rows)
+            _write_grid(config.grid, out, data, config.grid_rows)
             return
         with tqdm(
             total=len(done),
             initial=int(done.sum()),
             unit="img",
-            disable=not progress,
+            disable=not config.progress,
             desc="generate",
         ) as bar:
             totals = fill(
@@ -121,8 +189,8 @@ def generate(
                 done,
                 images,
                 lambda a: client.submit(a, None, params),
-                batch_size=batch_size,
-                in_flight=in_flight,
+                batch_size=config.batch_size,
+                in_flight=config.in_flight,
                 progress_file=progress_path(out),
                 advance=lambda rows, hits: bar.update(rows),
             )
@@ -134,7 +202,7 @@ def generate(
             f"({totals['rows']} rows this run, {totals['cache_hits']} cache hits, "
             f"{stats.failovers} failovers, {stats.errors} errors)"
         )
-        _write_grid(grid, out, data, grid_rows)
+        _write_grid(config.grid, out, data, config.grid_rows)
     except (PoolError, ValueError, FileNotFoundError) as exc:
         progress = rows_done(out)
         done_note = (

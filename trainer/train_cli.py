@@ -10,12 +10,14 @@ it fills what the flags leave out from a YAML or JSON file (``config_file.py``).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
 import typer
 
-from clsp_positives.options import describe_errors, flag, with_model_options
+from clsp_positives.config_file import CONFIG_HELP
+from clsp_positives.options import with_model_options
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.trainer.config import TrainConfig
 
@@ -28,37 +30,23 @@ def _fail(message: str) -> NoReturn:
 @with_model_options(TrainConfig, TrainConfig.model_fields, envvars={"token": TOKEN_ENV})
 def train_command(
     config_file: Optional[Path] = typer.Option(
-        None,
-        "--config",
-        help="YAML or JSON file of options (field names as keys, e.g. a recipe in recipes/ "
-        "or a run's DIR/config.yaml); flags given here override it.",
-        show_default=False,
+        None, "--config", help=CONFIG_HELP, show_default=False
     ),
     *,
     given: dict[str, Any],
 ) -> None:
     """Train a contrastive model, optionally with synthetic positives from a pool."""
-    from pydantic import ValidationError
-
-    from clsp_positives.trainer.config_file import ConfigFileError, merged, read_config_file
+    from clsp_positives.config_file import OptionsError, announcement, resolve_options
+    from clsp_positives.trainer.config_file import COMMAND, CONFIG_NAME
     from clsp_positives.trainer.train_loop import train
 
-    from_file: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            from_file = read_config_file(config_file)
-        except ConfigFileError as exc:
-            _fail(str(exc))
-
-    def name_of(field: str) -> str:
-        if field in from_file and field not in given:
-            return f"{field} (in {config_file})"
-        return flag(field)
-
     try:
-        config = TrainConfig.model_validate(merged(from_file, given))
-    except ValidationError as exc:
-        _fail(describe_errors(exc, name_of))
+        config = resolve_options(TrainConfig, config_file, given, command=COMMAND)
+    except OptionsError as exc:
+        _fail(str(exc))
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun: rank 0 writes the file too
+        path = Path(config.out) / CONFIG_NAME if config.out else None
+        typer.echo(announcement(config.stored(), command=COMMAND, path=path))
     try:
         result = train(config, echo=typer.echo)
     except (ValueError, FileNotFoundError) as exc:

@@ -279,14 +279,33 @@ def load_datasets(config: TrainConfig, ctx: DistributedContext) -> tuple[Any, An
             load("train"), load("test")
         barrier()
     train_set, test_set = load("train"), load("test")
-    if config.subset is not None and config.subset < len(train_set.labels):
-        train_set = ImageSet(
-            images=train_set.images[: config.subset],
-            labels=train_set.labels[: config.subset],
-            classes=train_set.classes,
-            name=train_set.name,
-        )
-    return train_set, test_set
+    return _first(train_set, config.subset), test_set
+
+
+def load_pretraining_set(config: TrainConfig, ctx: DistributedContext, train_set: Any) -> Any:
+    """The images the contrastive loss trains on: the labelled ``train_set``, or with
+    ``--train-split train+unlabeled`` STL-10's training images followed by its unlabeled
+    ones (the evaluation keeps ``train_set``). Loaded after ``load_datasets``, whose
+    download fetched every split, so no rank downloads here."""
+    if config.train_split == "train":
+        return train_set
+    from clsp_positives.images import load_images
+
+    images = load_images(
+        config.dataset, split=config.train_split, size=config.image_size, root=config.data_root
+    )
+    return _first(images, config.subset)
+
+
+def _first(images: Any, n: int | None) -> Any:
+    """The first ``n`` images of a set (``--subset``); all of them for None."""
+    from clsp_positives.images import ImageSet
+
+    if n is None or n >= len(images.labels):
+        return images
+    return ImageSet(
+        images=images.images[:n], labels=images.labels[:n], classes=images.classes, name=images.name
+    )
 
 
 def train(config: TrainConfig, *, echo: Any = print) -> TrainResult:
@@ -310,9 +329,10 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
     if config.backbone not in BACKBONES:
         raise ValueError(f"unknown --backbone {config.backbone!r}; choose one of {BACKBONES}")
     train_set, test_set = load_datasets(config, ctx)
-    n, size, _, channels = train_set.images.shape
-    mean, std = channel_stats(train_set.images)
-    data = IndexedImages(train_set)
+    pretrain_set = load_pretraining_set(config, ctx, train_set)
+    n, size, _, channels = pretrain_set.images.shape
+    mean, std = channel_stats(pretrain_set.images)
+    data = IndexedImages(pretrain_set)
     sampler = ShardedBatchSampler(
         n, config.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=config.seed
     )
@@ -357,7 +377,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
         elif ctx.is_main:
             echo(f"--resume: no checkpoint in {out_dir}, starting from scratch")
 
-    feed = _open_positives(config, train_set.images, sampler)
+    feed = _open_positives(config, pretrain_set.images, sampler)
     tracker = None
     if ctx.is_main:
         tracker = TrainTracker.open(
@@ -640,10 +660,12 @@ def evaluate_checkpoint(
     config = TrainConfig(**{**state["config"], **changes, "download": False})
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=dev)
     train_set, test_set = load_datasets(config, ctx)
-    n, size, _, channels = train_set.images.shape
+    # The run's normalisation and queue size came from the images it trained on.
+    pretrain_set = load_pretraining_set(config, ctx, train_set)
+    n, size, _, channels = pretrain_set.images.shape
     backbone, feature_dim = build_backbone(config.backbone, in_channels=channels, image_size=size)
     method = build_method(MethodConfig.from_train_config(config), backbone, feature_dim, n).to(dev)
     method.load_state_dict(state["model"])
-    mean, std = channel_stats(train_set.images)
+    mean, std = channel_stats(pretrain_set.images)
     preprocess = BatchAugment(size, mean, std, device=dev, seed=config.seed)
     return evaluate_method(method, config, train_set, test_set, preprocess)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import typer
+
+from clsp_positives.config_file import CONFIG_HELP
 
 diffusion_app = typer.Typer(
     help="Train and inspect the diffusion models the service samples from.", no_args_is_help=True
@@ -13,7 +16,16 @@ diffusion_app = typer.Typer(
 
 @diffusion_app.command("train")
 def train(
-    out: str = typer.Option(..., "--out", help="Model directory; resumes when it holds a state."),
+    ctx: typer.Context,
+    config_file: Optional[Path] = typer.Option(
+        None, "--config", help=CONFIG_HELP, show_default=False
+    ),
+    out: Optional[str] = typer.Option(
+        None,
+        "--out",
+        help="Model directory; resumes when it holds a state (required, here or in --config).",
+        show_default=False,
+    ),
     dataset: str = typer.Option(
         "digits",
         "--dataset",
@@ -60,49 +72,28 @@ def train(
     ),
 ) -> None:
     """Train an unconditional DDPM (EMA weights saved in the diffusers pipeline layout)."""
-    from pydantic import ValidationError
-
-    from clsp_positives.service.ddpm.train import DiffusionTrainConfig
+    from clsp_positives.config_file import (
+        OptionsError,
+        announcement,
+        given_on_command_line,
+        resolve_options,
+    )
+    from clsp_positives.service.ddpm.train import COMMAND, DiffusionTrainConfig
     from clsp_positives.service.ddpm.train import train as run_training
 
+    # Every option but --config is a DiffusionTrainConfig field of the same name.
+    given = given_on_command_line(ctx, [n for n in ctx.params if n != "config_file"])
     try:
-        config = DiffusionTrainConfig(
-            out=out,
-            dataset=dataset,
-            data_root=data_root,
-            download=download,
-            image_size=image_size,
-            channels=channels,
-            preset=preset,
-            steps=steps,
-            minutes=minutes,
-            batch_size=batch_size,
-            lr=lr,
-            lr_warmup=lr_warmup,
-            lr_schedule=lr_schedule,
-            weight_decay=weight_decay,
-            grad_clip=grad_clip,
-            ema_decay=ema_decay,
-            flip=flip,
-            seed=seed,
-            save_every=save_every,
-            sample_count=sample_count,
-            sample_steps=sample_steps,
-            threads=threads,
-            device=device,
-            progress=progress,
-            tensorboard=tensorboard,
-        )
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}"
-            if e["loc"]
-            else e["msg"]
-            for e in exc.errors()
-        )
-        raise typer.BadParameter(problems) from None
+        config = resolve_options(DiffusionTrainConfig, config_file, given, command=COMMAND)
+    except OptionsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+    def show(resolved: DiffusionTrainConfig, path: Path) -> None:
+        typer.echo(announcement(resolved.model_dump(mode="json"), command=COMMAND, path=path))
+
     try:
-        result = run_training(config)
+        result = run_training(config, on_start=show)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -28,12 +28,14 @@ import numpy as np
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from clsp_positives.config_file import RUN_CONFIG_NAME, write_config_file
 from clsp_positives.images import DIGIT_SETS
 from clsp_positives.proto.keys import unit_to_uint8
 from clsp_positives.service.ddpm.tracking import DiffusionLog, check_tracking
 
 STATE_FILE = "train_state.pt"
 SAMPLES_FILE = "samples.png"
+COMMAND = "clsp diffusion train"
 STATE_VERSION = 1
 
 
@@ -89,6 +91,14 @@ class DiffusionTrainConfig(BaseModel):
     def use_flip(self) -> bool:
         # Mirrored digits are not digits; natural images are symmetric enough.
         return self.flip if self.flip is not None else self.dataset.lower() not in DIGIT_SETS
+
+    def resolved(self, image_size: int, channels: int) -> DiffusionTrainConfig:
+        """This config with the defaults the data decides (the image side and channels
+        of the loaded set, whether to flip) set to their values: what ``DIR/config.yaml``
+        keeps, so ``--config DIR/config.yaml`` repeats the run (docs/design.md §8)."""
+        return self.model_copy(
+            update={"image_size": image_size, "channels": channels, "flip": self.use_flip}
+        )
 
 
 @dataclass(frozen=True)
@@ -398,15 +408,24 @@ def train(
     config: DiffusionTrainConfig,
     *,
     on_step: Callable[[int, float], None] | None = None,
+    on_start: Callable[[DiffusionTrainConfig, Path], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> TrainResult:
     """Train until ``steps`` (total) or ``minutes`` (this run), whichever comes first.
 
     ``clock`` measures the ``minutes`` budget (wall time by default); a benchmark on a shared
     machine can pass process CPU time instead so that other load does not shrink its budget.
+    Before the first step the resolved configuration goes to ``--out``'s ``config.yaml``
+    and, with the file's path, to ``on_start`` (the command prints it).
     """
     check_tracking(config.tensorboard)
     trainer = DiffusionTrainer(config)
+    resolved = config.resolved(trainer.sample_size, trainer.channels)
+    written = write_config_file(
+        trainer.out / RUN_CONFIG_NAME, resolved.model_dump(mode="json"), command=COMMAND
+    )
+    if on_start is not None:
+        on_start(resolved, written)
     run_log = DiffusionLog(trainer.out, tensorboard=config.tensorboard, start_step=trainer.step)
     budget_s = config.minutes * 60.0 if config.minutes is not None else math.inf
     t0 = clock()

@@ -555,7 +555,7 @@ MALFORMED_JSON = {
     "unknown params field": (
         _good_json(params={"steps": 5, "seed": 1}),
         422,
-        ("seed", "unknown field", "allowed fields are anchor_refresh, cache, eta"),
+        ("seed", "unknown field", "allowed fields are anchor_refresh, cache, deadline_ms, eta"),
     ),
     "steps as a string": (_good_json(params={"steps": "5"}), 422, ("steps", "integer")),
     "steps as a boolean": (_good_json(params={"steps": True}), 422, ("steps", "integer")),
@@ -809,3 +809,25 @@ def test_anchor_latents_round_trip_and_answers_carry_latents(encoding: str) -> N
     # picture anchors on the same model are still pictures
     body, ctype = encode_request(np.zeros((1, 32, 32, 3), np.uint8), encoding=encoding)
     assert decode_request(body, ctype, model=shapes).anchor_space == "image"
+
+
+@pytest.mark.parametrize("encoding", [SAFETENSORS_MEDIA_TYPE, JSON_MEDIA_TYPE])
+def test_the_expired_mask_travels_only_when_set(encoding: str) -> None:
+    params = GenerationParams(k=2, deadline_ms=100)
+    positives = np.zeros((3, 2, 4, 4, 1), np.uint8)
+    hit = np.zeros((3, 2), np.uint8)
+    mask = np.array([[0, 1], [0, 0], [1, 1]], np.uint8)
+    back = decode_response(
+        *encode_response(ResponseArrays(positives, hit, "fp", params, mask), encoding=encoding)
+    )
+    assert back.expired is not None and np.array_equal(back.expired, mask)
+    assert (
+        decode_response(
+            *encode_response(ResponseArrays(positives, hit, "fp", params), encoding=encoding)
+        ).expired
+        is None
+    )
+    wrong = ResponseArrays(positives, hit, "fp", params, mask[:, :1])
+    expect_error(
+        decode_response, *encode_response(wrong, encoding=encoding), status=400, words=("expired",)
+    )

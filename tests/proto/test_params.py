@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from clsp_positives.proto import DEFAULT_MAX_K, GenerationParams, ProtocolError, parse_params
 
 ALLOWED = (
-    "anchor_refresh, cache, eta, expect_model, interpolate, interpolation_weight, k, method, "
-    "output, sampling, share_anchor, steps"
+    "anchor_refresh, cache, deadline_ms, eta, expect_model, interpolate, interpolation_weight, k, "
+    "method, output, priority, sampling, share_anchor, steps"
 )
 
 
@@ -221,3 +221,13 @@ def test_canonical_and_group() -> None:
     for bad in ({"anchor_refresh": 0}, {"anchor_refresh": 1.5}, {"share_anchor": "yes"}):
         with pytest.raises(ProtocolError, match=next(iter(bad))):
             parse_params(bad)
+
+
+def test_deadline_and_priority_schedule_but_never_key() -> None:
+    plain = GenerationParams(steps=7)
+    timed = GenerationParams(steps=7, deadline_ms=250, priority=1)
+    assert timed.canonical() == plain.canonical() and timed.group() == plain.group()
+    assert GenerationParams.model_validate({"priority": 1.0}).priority == 1
+    refused({"priority": 2}, "priority:")
+    refused({"deadline_ms": 0}, "deadline_ms:")
+    refused({"deadline_ms": 4e6}, "deadline_ms:")

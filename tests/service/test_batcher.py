@@ -8,12 +8,20 @@ traced to its item.
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from clsp_positives.service.batcher import Batcher, BatcherClosed, Item, QueueFull
+from clsp_positives.service.batcher import (
+    Batcher,
+    BatcherClosed,
+    DeadlineExceeded,
+    Item,
+    QueueFull,
+)
 
 
 class RecordingSampler:
@@ -40,12 +48,21 @@ class RecordingSampler:
         return np.stack([np.full((2, 2, 1), s % 251, np.uint8) for s in seeds])
 
 
-def item(seed: int, group=("g", 1), weight: float = 0.1) -> Item:
+def item(
+    seed: int,
+    group=("g", 1),
+    weight: float = 0.1,
+    *,
+    deadline: float = math.inf,
+    priority: int = 0,
+) -> Item:
     return Item(
         key=seed.to_bytes(8, "little"),
         anchor=np.zeros((1, 2, 2), np.float32),
         interpolation_weight=weight,
         group=group,
+        deadline=deadline,
+        priority=priority,
     )
 
 
@@ -204,3 +221,78 @@ def test_close_drains_queued_work_then_refuses_more():
 
     t = run(main())
     assert [f.result()[0, 0, 0] for f in t.futures] == [0, 1, 2, 3, 4]
+
+
+def test_priority_then_earliest_deadline_fill_the_next_batch():
+    """While the worker is busy, look-ahead (priority 1) arrives first, then items a
+    step needs now (priority 0) with various deadlines: the next call takes the
+    priority 0 items, earliest deadline first, whichever group and order they came in."""
+
+    async def main():
+        sampler = RecordingSampler(block_first=True)
+        b = Batcher(sampler, max_batch=3, max_wait_ms=1, max_queue=100)
+        b.start()
+        first = b.submit([item(1)])
+        await wait_started(sampler)
+        now = time.monotonic()
+        later = b.submit([item(10 + i, group="look", priority=1) for i in range(3)])
+        urgent = b.submit([item(20 + i, group="now", deadline=now + 30 - i) for i in range(4)])
+        sampler.gate.set()
+        await asyncio.wait(first.futures + later.futures + urgent.futures)
+        await b.close()
+        return sampler
+
+    sampler = run(main())
+    groups = [(g, seeds) for g, seeds, _, _ in sampler.calls[1:]]
+    assert groups[0] == ("now", [23, 22, 21])  # deadlines now+27, +28, +29
+    assert groups[1] == ("now", [20])
+    assert groups[2] == ("look", [10, 11, 12])
+
+
+def test_items_past_their_deadline_are_dropped_before_launch_and_counted():
+    async def main():
+        sampler = RecordingSampler(block_first=True)
+        expired: list[int] = []
+        b = Batcher(sampler, max_batch=8, max_wait_ms=1, max_queue=100, on_expired=expired.append)
+        b.start()
+        first = b.submit([item(1, deadline=time.monotonic() + 0.05)])
+        await wait_started(sampler)  # started: it runs to the end whatever its deadline
+        soon = time.monotonic() + 0.05
+        mixed = b.submit([item(2, deadline=soon), item(3), item(4, deadline=soon)])
+        await asyncio.sleep(0.1)  # both deadlines pass while the worker is busy
+        sampler.gate.set()
+        await asyncio.wait(first.futures + mixed.futures)
+        assert b.queued == 0 and b.in_flight == 0
+        await b.close()
+        return sampler, first, mixed, expired
+
+    sampler, first, mixed, expired = run(main())
+    assert first.futures[0].result()[0, 0, 0] == 1
+    for i in (0, 2):
+        with pytest.raises(DeadlineExceeded):
+            mixed.futures[i].result()
+    assert mixed.futures[1].result()[0, 0, 0] == 3
+    assert [seeds for _, seeds, _, _ in sampler.calls] == [[1], [3]]  # never generated
+    assert sum(expired) == 2
+
+
+def test_a_shared_item_waits_for_its_last_holder_at_its_most_urgent_priority():
+    async def main():
+        sampler = RecordingSampler(block_first=True)
+        b = Batcher(sampler, max_batch=1, max_wait_ms=1, max_queue=100)
+        b.start()
+        first = b.submit([item(1)])
+        await wait_started(sampler)
+        other = b.submit([item(5)])
+        short = b.submit([item(7, priority=1, deadline=time.monotonic() + 0.05)])
+        long = b.submit([item(7, priority=0, deadline=time.monotonic() + 30)])
+        await asyncio.sleep(0.1)  # the first holder's deadline passes
+        sampler.gate.set()
+        await asyncio.wait(first.futures + other.futures + short.futures + long.futures)
+        await b.close()
+        return sampler, long
+
+    sampler, long = run(main())
+    assert long.futures[0].result()[0, 0, 0] == 7
+    # priority 0 from the second holder: before item 5, which arrived earlier
+    assert [seeds for _, seeds, _, _ in sampler.calls] == [[1], [7], [5]]

@@ -1,5 +1,5 @@
 """The recipes in ``recipes/``, ``clsp train --config FILE`` and the run's
-``DIR/config.yaml`` (docs/training.md, "Recipes"; docs/design.md §8)."""
+``DIR/config.yaml`` (recipes/README.md; docs/training.md, "Recipes"; docs/design.md §8)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from pydantic import BaseModel
 from typer.testing import CliRunner
 
+from clsp_positives import config_file as generic
 from clsp_positives.cli import app
 from clsp_positives.images import load_images
 from clsp_positives.trainer.config import METHOD_DEFAULTS, TrainConfig
@@ -24,6 +26,7 @@ from clsp_positives.trainer.config_file import (
     read_config_file,
     write_run_config,
 )
+from clsp_positives.trainer.generate_cli import GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -35,6 +38,26 @@ PINNED = (
     "weight_decay", "temperature", "proj_hidden_dim", "proj_dim", "clsp_weight",
     "clsp_mode", "interpolation_weight", "gen_steps", "gen_eta", "gen_method",
 )  # fmt: skip
+# What a baseline of solo-learn's must pin: the same without the CLSP term's options.
+BASELINE_PINNED = (
+    "dataset", "method", "backbone", "epochs", "batch_size", "optimizer", "lr", "schedule",
+    "warmup_epochs", "weight_decay", "temperature", "proj_hidden_dim", "proj_dim",
+    "view1_blur", "view2_blur", "clsp_weight",
+)  # fmt: skip
+# Paths and secrets a recipe never holds: the user adds them for their machine.
+NEVER = ("token", "out", "positives", "positives_npy", "data_root", "device")
+
+
+def recipe_command(path: Path) -> tuple[str, type[BaseModel], dict[str, Any]]:
+    """The command a recipe is for (recipes/README.md: by the end of its name), its
+    options' model, and the options every run of it adds on the command line."""
+    if path.name.endswith("-ddpm.yaml"):
+        from clsp_positives.service.ddpm.train import DiffusionTrainConfig
+
+        return "clsp diffusion train", DiffusionTrainConfig, {"out": "models/x"}
+    if path.name.endswith("-generate.yaml"):
+        return "clsp generate", GenerateConfig, {"out": "x.npy", "positives": "http://h:1"}
+    return "clsp train", TrainConfig, {}
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -54,23 +77,39 @@ def test_the_recipes_are_there() -> None:
     for dataset in ("cifar10", "cifar100"):
         for method in ("simclr", "moco"):
             assert f"{dataset}-{method}-clsp.yaml" in names
+    for dataset in ("cifar10", "cifar100", "stl10"):
+        for method in ("simclr", "moco", "nnclr"):
+            assert f"{dataset}-{method}.yaml" in names
     assert DIGITS.name in names
+    for name in ("digits-ddpm", "digits-generate", "digits-demo-simclr-clsp", "cifar10-ddpm"):
+        assert f"{name}.yaml" in names
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_recipe_is_a_valid_train_config(path: Path) -> None:
-    options = read_config_file(path)
-    config = TrainConfig.model_validate(options)
-    assert config.clsp_weight > 0  # a CLSP recipe, not the baseline
+def test_every_recipe_is_valid_for_its_command(path: Path) -> None:
+    """Every file validates against its command's model, through the reader the
+    command uses, with only what its opening comment says to add."""
+    command, model, added = recipe_command(path)
+    options = generic.read_config_file(path, model, command=command)
+    config = model.model_validate({**options, **added})
     text = path.read_text()
     assert text.startswith("#"), "a recipe opens with a comment saying what run it is"
     comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
-    assert "--positives" in comments and "--out" in comments, "it says what a user must add"
-    assert "token" not in options and "out" not in options and "positives" not in options
+    assert f"{command} --config recipes/{path.name}" in comments, "it shows its command"
+    assert "--out" in comments, "it says what a user must add"
+    assert not [name for name in NEVER if name in options], "no paths or secrets"
+    if model is TrainConfig:
+        assert isinstance(config, TrainConfig)
+        if config.clsp_weight > 0:
+            assert path.stem.endswith("-clsp") and "--positives" in comments
+        else:
+            assert not path.stem.endswith("-clsp")
 
 
 @pytest.mark.parametrize(
-    "path", [p for p in RECIPES if p.name.startswith("cifar")], ids=lambda p: p.stem
+    "path",
+    [p for p in RECIPES if p.name.startswith("cifar") and p.stem.endswith("-clsp")],
+    ids=lambda p: p.stem,
 )
 def test_the_authors_recipes_pin_what_their_runs_depend_on(path: Path) -> None:
     options = read_config_file(path)
@@ -86,6 +125,91 @@ def test_the_authors_recipes_pin_what_their_runs_depend_on(path: Path) -> None:
     assert (config.interpolation_weight, config.gen_steps, config.gen_eta) == (0.1, 100, 0.1)
     if not simclr:
         assert config.queue_size == 32768 and config.moco_momentum == 0.99
+
+
+# solo-learn's pretrain configs (scripts/pretrain/cifar and, for STL-10, which they do
+# not run, scripts/pretrain/imagenet-100), as the recipes must hold them:
+# lr, weight decay, projector hidden/out, queue, blur per view, solarisation per view.
+SOLO_LEARN = {
+    ("cifar", "simclr"): (0.4, 1e-4, 2048, 256, None, (0.5, 0.5), (0.0, 0.0)),
+    ("cifar", "moco"): (0.3, 1e-4, 2048, 256, 32768, (0.5, 0.5), (0.0, 0.0)),
+    ("cifar", "nnclr"): (0.4, 1e-5, 2048, 256, 65536, (0.0, 0.0), (0.0, 0.2)),
+    ("stl", "simclr"): (0.3, 1e-4, 4096, 512, None, (0.5, 0.5), (0.0, 0.0)),
+    ("stl", "moco"): (0.3, 1e-4, 2048, 256, 65536, (0.5, 0.5), (0.0, 0.0)),
+    ("stl", "nnclr"): (0.4, 1e-5, 2048, 256, 65536, (1.0, 0.1), (0.0, 0.2)),
+}
+BASELINES = [
+    ROOT / "recipes" / f"{dataset}-{method}.yaml"
+    for dataset in ("cifar10", "cifar100", "stl10")
+    for method in ("simclr", "moco", "nnclr")
+]
+
+
+@pytest.mark.parametrize("path", BASELINES, ids=lambda p: p.stem)
+def test_the_baselines_hold_solo_learns_values(path: Path) -> None:
+    options = read_config_file(path)
+    missing = [name for name in BASELINE_PINNED if name not in options]
+    assert not missing, f"{path.name} leaves {missing} to the defaults"
+    config = TrainConfig.model_validate(options)
+    assert config.resolved() == config  # no default left for the run to decide
+    assert config.clsp_weight == 0 and "solo-learn's pretrain configs" in path.read_text()
+    stl = config.dataset == "stl10"
+    lr, wd, hidden, out, queue, blur, solarize = SOLO_LEARN[
+        ("stl" if stl else "cifar"), config.method
+    ]
+    assert (config.lr, config.weight_decay, config.temperature) == (lr, wd, 0.2)
+    assert (config.proj_hidden_dim, config.proj_dim, config.queue_size) == (hidden, out, queue)
+    assert (config.view1_blur, config.view2_blur) == blur
+    assert (config.view1_solarize, config.view2_solarize) == solarize
+    assert (config.epochs, config.batch_size, config.warmup_epochs) == (
+        400 if stl else 1000,
+        256,
+        10,
+    )
+    assert (config.backbone, config.optimizer, config.schedule) == ("resnet18", "sgd", "cosine")
+    # STL-10 pre-trains on its unlabeled images too; the evaluation keeps the labels.
+    assert config.train_split == ("train+unlabeled" if stl else "train")
+    if config.method == "moco":
+        assert (config.moco_momentum, config.moco_momentum_end) == (0.99, 0.999)
+    if config.method == "nnclr":
+        assert config.pred_hidden_dim == 4096
+    # LARS is not ours: the recipe says so rather than hiding it.
+    assert ("LARS" in path.read_text()) is (config.method != "moco")
+
+
+def test_the_demo_recipes_are_the_demos_runs(tmp_path: Path) -> None:
+    """recipes/digits-{ddpm,generate,demo-simclr-clsp}.yaml are `clsp demo`'s full run;
+    the demo builds its configs in code (it runs from an installed wheel, which has no
+    recipes/), so this keeps the two from drifting apart."""
+    from clsp_positives import demo
+    from clsp_positives.service.ddpm.train import DiffusionTrainConfig
+
+    budget = demo.BUDGETS["full"]
+    run = {"seed": 0, "device": "cpu", "progress": False}
+    arm = demo.arm_config(budget, url="http://h:1", **run)
+    recipe = read_config_file(ROOT / "recipes" / "digits-demo-simclr-clsp.yaml")
+    mine = TrainConfig.model_validate({**recipe, "positives": "http://h:1", **run})
+    # Field by field but the evaluation's epochs, which follow the demo's time budget
+    # (--quick shortens them) rather than the run.
+    evaluation = {"linear_epochs", "probe_epochs"}
+    assert mine.model_dump(exclude=evaluation) == arm.model_dump(exclude=evaluation)
+
+    ddpm = demo.ddpm_config(tmp_path, budget, threads=1, **run)
+    recipe = generic.read_config_file(
+        ROOT / "recipes" / "digits-ddpm.yaml", DiffusionTrainConfig, command="clsp"
+    )
+    # The demo's time cap is its own (the recipe says so); everything else is the run.
+    mine = DiffusionTrainConfig.model_validate(
+        {**recipe, "out": str(tmp_path), "minutes": budget.ddpm_minutes, "threads": 1, **run}
+    )
+    assert mine == ddpm
+
+    recipe = generic.read_config_file(
+        ROOT / "recipes" / "digits-generate.yaml", GenerateConfig, command="clsp"
+    )
+    bank = GenerateConfig.model_validate({**recipe, "out": "x.npy", "positives": "http://h:1"})
+    assert bank.k == budget.k
+    assert bank.generation_params() == budget.positives_params(k=budget.k)
 
 
 def test_the_defaults_are_the_authors() -> None:

@@ -37,6 +37,12 @@ def meta_path(out: str | Path) -> Path:
     return Path(str(out) + ".meta.json")
 
 
+def config_path(out: str | Path) -> Path:
+    """The resolved ``clsp generate`` options a .npy was last run with
+    (``clsp generate --config`` takes it back)."""
+    return Path(str(out) + ".config.yaml")
+
+
 def rows_done(npy: str | Path) -> tuple[int, int] | None:
     """(rows done, rows) of an incomplete .npy; None when it has no progress sidecar."""
     progress = progress_path(npy)
