@@ -300,7 +300,8 @@ class BatchAugment:
         boxes = crop_boxes(n, h, w, cfg, gen, self.device)
         flip = torch.rand(n, generator=gen, device=self.device) < cfg.flip_p
         x = crop_flip(x, boxes, flip, self.size)
-        x = color_jitter(x, cfg, gen)
+        if cfg.jitter_p > 0:  # off only in crop-and-flip views (the linear protocol's)
+            x = color_jitter(x, cfg, gen)
         x = random_grayscale(x, cfg.grayscale_p, gen)
         if cfg.blur_p > 0 or cfg.solarize_p > 0:
             x = random_solarize(random_blur(x, cfg, gen), cfg.solarize_p, gen)

@@ -217,7 +217,19 @@ class TrainConfig(BaseModel):
         "healthy, 0 collapsed) falls below this (0: never).",
     )
     eval_every: int = Field(0, ge=0, description="Evaluate every N epochs (0: only at the end).")
-    linear_epochs: int = Field(100, ge=1, description="Linear probe epochs.")
+    linear_epochs: int = Field(
+        100,
+        ge=0,
+        description="Epochs of the standard linear protocol (solo-learn's: SGD on features "
+        "of re-augmented images) at the final evaluation, its linear_acc comparable with "
+        "published tables (0: skip).",
+    )
+    probe_epochs: int = Field(
+        100,
+        ge=1,
+        description="Epochs of the fast linear probe (Adam on features of un-augmented "
+        "images) at every evaluation, its probe_acc a cheap proxy.",
+    )
     knn_k: int = Field(200, ge=1, description="Neighbours of the weighted kNN evaluation.")
     knn_tau: float = Field(0.1, gt=0, description="Temperature of the weighted kNN evaluation.")
     out: str | None = Field(

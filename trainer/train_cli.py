@@ -53,32 +53,52 @@ def train_command(
         _fail(str(exc))
     if result.final is not None:
         f = result.final
-        typer.echo(
-            f"final: linear accuracy {f.linear_acc:.2%}, kNN accuracy {f.knn_acc:.2%} "
-            f"({f.train_size} train / {f.test_size} test images)"
-        )
+        typer.echo(f"final: {accuracies(f)} ({f.train_size} train / {f.test_size} test images)")
+
+
+def accuracies(result: Any) -> str:
+    """An ``EvalResult`` in words: the standard protocol's linear accuracy (when it ran),
+    then the fast probe's and kNN's."""
+    parts = [] if result.linear_acc is None else [f"linear accuracy {result.linear_acc:.2%}"]
+    parts += [f"probe accuracy {result.probe_acc:.2%}", f"kNN accuracy {result.knn_acc:.2%}"]
+    return ", ".join(parts)
 
 
 def eval_command(
     checkpoint: str = typer.Argument(..., help="checkpoint.pt or the run's --out directory."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, cuda:N (default: auto)."),
     data_root: Optional[str] = typer.Option(None, help="Override the run's --data-root."),
-    linear_epochs: Optional[int] = typer.Option(None, help="Linear probe epochs."),
+    linear_epochs: Optional[int] = typer.Option(
+        None,
+        min=0,
+        help="Epochs of the standard linear protocol (default: the run's; 0: skip it).",
+    ),
+    probe_epochs: Optional[int] = typer.Option(
+        None, min=1, help="Epochs of the fast probe (default: the run's)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """Linear probe and weighted kNN accuracy of a checkpoint's frozen backbone."""
+    """Linear accuracy (the standard protocol), fast-probe and weighted kNN accuracy of a
+    checkpoint's frozen backbone."""
+    import sys
+
     from clsp_positives.trainer.train_loop import evaluate_checkpoint
 
     try:
         result = evaluate_checkpoint(
-            checkpoint, device=device, data_root=data_root, linear_epochs=linear_epochs
+            checkpoint,
+            device=device,
+            data_root=data_root,
+            linear_epochs=linear_epochs,
+            probe_epochs=probe_epochs,
+            progress=sys.stderr.isatty(),  # tqdm writes to stderr: --json stays clean
         )
     except (ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     if as_json:
         typer.echo(json.dumps(result.as_dict()))
     else:
-        typer.echo(f"linear accuracy {result.linear_acc:.2%}, kNN accuracy {result.knn_acc:.2%}")
+        typer.echo(accuracies(result))
 
 
 def register(app: typer.Typer) -> None:

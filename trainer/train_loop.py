@@ -246,7 +246,13 @@ def evaluate_method(
     train_data: Any,
     test_data: Any,
     preprocess: BatchAugment,
+    *,
+    final: bool = False,
+    progress: bool = False,
 ) -> EvalResult:
+    """kNN and the fast probe; at the ``final`` evaluation also the standard linear
+    protocol (``config.linear_epochs`` epochs, 0: none), which costs a forward pass over
+    the training set per epoch (docs/training.md, "Evaluation")."""
     return evaluate_backbone(
         method.backbone,
         train_data.images,
@@ -257,8 +263,11 @@ def evaluate_method(
         preprocess,
         k=config.knn_k,
         tau=config.knn_tau,
-        linear_epochs=config.linear_epochs,
+        probe_epochs=config.probe_epochs,
+        linear_epochs=config.linear_epochs if final else 0,
+        seed=config.seed,
         autocast=config.amp and preprocess.device.type == "cuda",
+        progress=progress,
     )
 
 
@@ -423,7 +432,15 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
                 config.eval_every > 0 and (epoch + 1) % config.eval_every == 0
             )
             if evaluate_now and ctx.is_main:
-                final = evaluate_method(method, config, train_set, test_set, augment)
+                final = evaluate_method(
+                    method,
+                    config,
+                    train_set,
+                    test_set,
+                    augment,
+                    final=epoch == config.epochs - 1,
+                    progress=show,
+                )
                 record.update(final.as_dict())
                 metrics.write({"event": "eval", "epoch": epoch, **final.as_dict()})
             if ctx.is_main:
@@ -504,7 +521,9 @@ def _epoch_line(r: dict[str, Any]) -> str:
     if "wait_seconds" in r:
         parts.append(f"wait {r['wait_seconds']:.2f}s")
     if "linear_acc" in r:
-        parts.append(f"linear {r['linear_acc']:.2%} kNN {r['knn_acc']:.2%}")
+        parts.append(f"linear {r['linear_acc']:.2%}")
+    if "probe_acc" in r:
+        parts.append(f"probe {r['probe_acc']:.2%} kNN {r['knn_acc']:.2%}")
     parts.append(f"{r['epoch_seconds']:.1f}s")
     return " | ".join(parts)
 
@@ -645,9 +664,12 @@ def evaluate_checkpoint(
     device: str | None = None,
     data_root: str | None = None,
     linear_epochs: int | None = None,
+    probe_epochs: int | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """``clsp eval``: rebuild the run's backbone from the checkpoint's config
-    and evaluate it on the run's data set."""
+    and evaluate it on the run's data set, as a run's final evaluation (the standard
+    linear protocol included unless ``linear_epochs`` is 0)."""
     from clsp_positives.trainer.distributed import resolve_device
 
     dev = resolve_device(device)
@@ -657,6 +679,8 @@ def evaluate_checkpoint(
         changes["data_root"] = data_root
     if linear_epochs is not None:
         changes["linear_epochs"] = linear_epochs
+    if probe_epochs is not None:
+        changes["probe_epochs"] = probe_epochs
     config = TrainConfig(**{**state["config"], **changes, "download": False})
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=dev)
     train_set, test_set = load_datasets(config, ctx)
@@ -668,4 +692,6 @@ def evaluate_checkpoint(
     method.load_state_dict(state["model"])
     mean, std = channel_stats(pretrain_set.images)
     preprocess = BatchAugment(size, mean, std, device=dev, seed=config.seed)
-    return evaluate_method(method, config, train_set, test_set, preprocess)
+    return evaluate_method(
+        method, config, train_set, test_set, preprocess, final=True, progress=progress
+    )

@@ -120,7 +120,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1, the same for every arm")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--linear-epochs", type=int, default=None, help="default: TrainConfig's")
+    p.add_argument(
+        "--linear-epochs",
+        type=int,
+        default=None,
+        help="epochs of the standard linear protocol (default: TrainConfig's)",
+    )
     p.add_argument("--k", type=int, default=4, help="candidates per training image in a bank")
     p.add_argument("--gen-steps", type=int, default=50, help="DDIM steps (the authors use 100)")
     p.add_argument("--interpolation-weight", type=float, default=0.1)
@@ -451,7 +456,9 @@ def train_run(config: Any, log_path: Path) -> dict[str, Any]:
     history = result.history
     z = [r["z_std"] for r in history if "z_std" in r]
     return {
-        "linear_acc": float(result.final.linear_acc),
+        # The standard protocol's (None with --linear-epochs 0) and the fast probe's.
+        "linear_acc": result.final.linear_acc,
+        "probe_acc": float(result.final.probe_acc),
         "knn_acc": float(result.final.knn_acc),
         "z_std": float(z[-1]) if z else None,
         # The check the loop itself warns with (its "collapse" metrics event).
@@ -489,8 +496,9 @@ def run_all(
         took = "reused" if run.get("reused") else f"{run['seconds']:.0f} s"
         collapsed = " COLLAPSED" if run["collapsed"] else ""
         say(
-            f"[{i}/{len(plan)}] {arm.name:<24} seed {seed}: linear {run['linear_acc']:.3f} "
-            f"kNN {run['knn_acc']:.3f} z_std {_fmt(run['z_std'])}{collapsed} ({took}); "
+            f"[{i}/{len(plan)}] {arm.name:<24} seed {seed}: linear {_fmt(run['linear_acc'])} "
+            f"probe {_fmt(run.get('probe_acc'))} kNN {run['knn_acc']:.3f} "
+            f"z_std {_fmt(run['z_std'])}{collapsed} ({took}); "
             f"ETA {eta / 60:.1f} min"
         )
     return runs

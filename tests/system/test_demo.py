@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 QUICK = BUDGETS["quick"]
 COLUMNS = (
     "linear acc",
+    "probe acc",
     "kNN acc",
     "positives generated",
     "cache-hit rate",
@@ -112,9 +113,9 @@ def test_prints_the_results_table(quick_run: QuickRun) -> None:
         for arm in ("baseline", "clsp")
     }
     assert all(rows.values()), quick_run.stdout
-    # Each row shows its two accuracies as percentages, and the CLSP row its positives.
+    # Each row shows its three accuracies as percentages, and the CLSP row its positives.
     for line in rows.values():
-        assert len(re.findall(r"\d+\.\d%", line)) >= 2, line
+        assert len(re.findall(r"\d+\.\d%", line)) >= 3, line
     assert str(quick_run.results["arms"]["clsp"]["positives_generated"]) in rows["clsp"]
 
 
@@ -124,9 +125,9 @@ def test_results_json_is_sane(quick_run: QuickRun) -> None:
     for name, weight in (("baseline", 0.0), ("clsp", 1.0)):
         arm = r["arms"][name]
         assert arm["clsp_weight"] == weight
-        assert 0.0 <= arm["linear_acc"] <= 1.0 and 0.0 <= arm["knn_acc"] <= 1.0
+        assert all(0.0 <= arm[key] <= 1.0 for key in ("linear_acc", "probe_acc", "knn_acc"))
         # Ten classes: a backbone that learnt nothing sits near 0.1; these learn something.
-        assert arm["linear_acc"] > 0.3, arm
+        assert arm["linear_acc"] > 0.3 and arm["probe_acc"] > 0.3, arm
         assert arm["epochs"] == QUICK.epochs and len(arm["history"]) == QUICK.epochs
         assert arm["seconds"] > 0
     gen = r["generation"]

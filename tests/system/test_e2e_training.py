@@ -77,7 +77,7 @@ def test_generate_warms_the_pool_then_train_takes_positives_from_it(service, tmp
     fingerprint = httpx.get(service.url + "/v1/model", timeout=10).json()["fingerprint"]
     assert [e["model"] for e in epochs] == [fingerprint, fingerprint]
     assert all(e["loss_clsp"] > 0 for e in epochs)
-    for name in ("linear", "knn"):
+    for name in ("linear", "probe", "knn"):
         assert 0.0 <= summary[f"{name}_acc"] <= 1.0, summary
         assert name in output.lower()
     # The warm cache answered the trainer: the service generated nothing new.
