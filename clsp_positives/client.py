@@ -504,9 +504,14 @@ class PoolClient:
                 breaker=False,
                 retry_after=_retry_after(resp.headers.get("retry-after")),
             )
+        code, detail = _error_body(resp)
+        if resp.status_code == 504 and code == "deadline_exceeded":
+            # Alive and answering; the request's own params.deadline_ms passed, so
+            # another attempt, here or elsewhere, would be later still.
+            self._succeeded(ep)
+            raise PoolRequestRejected(resp.status_code, code, detail, ep.url)
         if resp.status_code >= 500 or resp.status_code in (404, 408, 502, 503, 504):
             raise _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
-        code, detail = _error_body(resp)
         if resp.status_code == 409 and code == "model_mismatch":
             # Another model's generator (a rolling update, a mixed pool): unavailable to
             # this request, not a refusal of it; the others may serve the right model.

@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from clsp_positives.trainer.positives.pending import PendingPositives, answered, check_batch
+from clsp_positives.trainer.positives.pending import (
+    PendingPositives,
+    Urgency,
+    answered,
+    check_batch,
+)
 
 # ----------------------------------------------------------- file and sidecars
 
@@ -203,8 +208,10 @@ class OfflineNpySource:
         candidates: np.ndarray,
         *,
         retry_for_s: float | None = None,
+        urgency: Urgency | None = None,
     ) -> PendingPositives:
-        """The rows at once; ``retry_for_s`` is moot (a file has nothing to retry)."""
+        """The rows at once; ``retry_for_s`` and ``urgency`` are moot (a file has nothing
+        to retry and answers at once)."""
         check_batch(anchors, indices, candidates)
         n, k = self.array.shape[:2]
         indices = np.asarray(indices, dtype=np.int64)
@@ -226,7 +233,9 @@ class OfflineNpySource:
                 f"holds k={k}: pass --k {k} or fewer"
             )
         images = np.asarray(self.array[indices, candidates])
-        return PendingPositives(anchors.shape, [(slice(0, len(anchors)), answered((images, 0)))])
+        return PendingPositives(
+            anchors.shape, [(slice(0, len(anchors)), answered((images, 0, None)))]
+        )
 
     def available(self) -> bool:
         return True

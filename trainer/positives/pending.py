@@ -16,6 +16,16 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 
+@dataclass(frozen=True)
+class Urgency:
+    """When a batch's positives are no use any more, and whether a step needs them now
+    (priority 0) or they are look-ahead (1): the pool schedules by it and drops what
+    would arrive too late (docs/design.md §5). Other sources answer at once and ignore it."""
+
+    deadline_ms: float | None = None
+    priority: int = 0
+
+
 @dataclass
 class PositivesBatch:
     """Positives of one batch; ``images`` is zero where ``mask`` is False."""
@@ -25,14 +35,17 @@ class PositivesBatch:
     cache_hits: int
 
 
-Part = tuple[slice, "concurrent.futures.Future[tuple[np.ndarray, int]]"]
+PartAnswer = tuple[np.ndarray, int, "np.ndarray | None"]
+"""A part's answer: images uint8 ``[n, H, W, C]``, cache hits, and which rows arrived
+(bool ``[n]``; None: all; the pool marks those whose deadline passed)."""
+Part = tuple[slice, "concurrent.futures.Future[PartAnswer]"]
 
 
 class PendingPositives:
     """A batch in flight: parts (a slice of the batch and its future), assembled on demand.
 
-    A part's future holds ``(images uint8 [n, H, W, C], cache hits)``. Retrying a
-    failed part is the pool client's business (docs/design.md §5), not this class's.
+    A part's future holds a ``PartAnswer``. Retrying a failed part is the pool
+    client's business (docs/design.md §5), not this class's.
     """
 
     def __init__(self, shape: tuple[int, ...], parts: list[Part]) -> None:
@@ -58,9 +71,9 @@ class PendingPositives:
             if exc is not None:
                 errors.append(exc)
                 continue
-            part, part_hits = fut.result()
+            part, part_hits, arrived = fut.result()
             images[where] = part
-            mask[where] = True
+            mask[where] = True if arrived is None else arrived
             hits += part_hits
         return PositivesBatch(images, mask, hits), errors
 
@@ -83,9 +96,11 @@ class PositivesSource(Protocol):
         candidates: np.ndarray,
         *,
         retry_for_s: float | None = None,
+        urgency: Urgency | None = None,
     ) -> PendingPositives:
         """Start fetching; ``retry_for_s`` asks a source that can fail now and succeed
-        later (the pool) to keep trying that long, for the strict wait."""
+        later (the pool) to keep trying that long, for the strict wait; ``urgency``
+        says when and how urgently they are needed."""
         ...
 
     def available(self) -> bool:

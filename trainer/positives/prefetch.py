@@ -8,6 +8,13 @@ no slower than the baseline. ``strict`` waits for every positive instead; it
 only waits, since a strict batch's requests are retried by the pool client
 itself until the strict timeout (the one retry policy, docs/design.md §5).
 
+Each request tells the pool when its positives stop being of use (the step that
+takes them is ``steps ahead x`` the measured step time away, plus the take's own
+wait) and whether a step needs them now (priority 0: the next step) or they are
+look-ahead (priority 1). A pool slower than training then drops what would come
+too late instead of serving every batch late, so the positive fraction stays at
+what the pool can deliver rather than falling to zero (docs/design.md §5).
+
 The deadline alone would still cost a full deadline on every step while the
 pool is hopelessly behind (a cold cache, a slow generator), so waiting is also
 rationed by a token bucket: it holds at most one deadline and refills at
@@ -31,12 +38,16 @@ from clsp_positives.trainer.positives.pending import (
     PendingPositives,
     PositivesBatch,
     PositivesSource,
+    Urgency,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WAIT_SHARE = 0.05
 """Most of the training's wall time that waiting for late positives may take in the long run."""
+
+STEP_TIME_SMOOTHING = 0.2
+"""Weight of the newest interval between two takes in the step time estimate."""
 
 STRICT_CHECK_S = 1.0
 """How often a strict wait looks whether the pool is down, to say so once per epoch."""
@@ -92,6 +103,8 @@ class Prefetcher:
         )
         self._pending: dict[int, PendingPositives] = {}
         self._closed = False
+        self._step_s: float | None = None  # smoothed interval between takes
+        self._last_take: float | None = None
         self._reset()
         self._source_base = dict(source.stats())
 
@@ -102,19 +115,42 @@ class Prefetcher:
         self._wait_s = 0.0
         self._warned = False
 
+    def urgency(self, steps_ahead: int) -> Urgency | None:
+        """When the batch ``steps_ahead`` steps from the current one is taken, plus the
+        take's wait, and its priority; None while the step time is unknown (the first
+        steps) and when strict (a strict batch waits for all its positives)."""
+        if self.strict or self._step_s is None:
+            return None
+        seconds = max(steps_ahead, 0) * self._step_s + self.deadline_s
+        return Urgency(
+            deadline_ms=min(max(seconds * 1000.0, 1.0), 3_600_000.0),
+            priority=0 if steps_ahead <= 1 else 1,
+        )
+
     # ------------------------------------------------------------------ API
 
     def submit(
-        self, batch_id: int, anchors: np.ndarray, indices: np.ndarray, candidates: np.ndarray
+        self,
+        batch_id: int,
+        anchors: np.ndarray,
+        indices: np.ndarray,
+        candidates: np.ndarray,
+        *,
+        steps_ahead: int = 0,
     ) -> None:
-        """Start fetching a batch's positives (returns at once)."""
+        """Start fetching a batch's positives (returns at once); the step that takes it
+        is ``steps_ahead`` steps after the current one."""
         if self._closed:
             raise RuntimeError("Prefetcher is closed")
         if batch_id in self._pending:
             return
         retry_for_s = self.strict_timeout_s if self.strict else None
         self._pending[batch_id] = self.source.submit(
-            anchors, indices, candidates, retry_for_s=retry_for_s
+            anchors,
+            indices,
+            candidates,
+            retry_for_s=retry_for_s,
+            urgency=self.urgency(steps_ahead),
         )
 
     def take(self, batch_id: int) -> PositivesBatch:
@@ -126,6 +162,14 @@ class Prefetcher:
         if pending is None:
             raise KeyError(f"batch {batch_id} was never submitted to the prefetcher")
         start = time.monotonic()
+        if self._last_take is not None:
+            interval = start - self._last_take
+            self._step_s = (
+                interval
+                if self._step_s is None
+                else (1 - STEP_TIME_SMOOTHING) * self._step_s + STEP_TIME_SMOOTHING * interval
+            )
+        self._last_take = start
         try:
             batch = self._take_strict(pending) if self.strict else self._take_deadline(pending)
         finally:
@@ -223,8 +267,11 @@ class Prefetcher:
 
     @staticmethod
     def _raise_rejected(errors: list[BaseException]) -> None:
-        """A refused request is a configuration error (size, token): fail loudly."""
+        """A refused request is a configuration error (size, token): fail loudly. A
+        request whose deadline passed in the pool is only late: its anchors are missing."""
         for exc in errors:
+            if isinstance(exc, PoolRequestRejected) and exc.code == "deadline_exceeded":
+                continue
             if isinstance(exc, (PoolRequestRejected, ValueError)):
                 raise exc
 
@@ -292,7 +339,7 @@ class PositivesFeed:
             e, b = divmod(g, spe)
             plan, cands = self._plan(e)
             idx = plan.batches[b]
-            self.prefetcher.submit(g, self.images[idx], idx, cands[idx])
+            self.prefetcher.submit(g, self.images[idx], idx, cands[idx], steps_ahead=g - current)
         self.submitted = max(self.submitted, last)
 
     def take(self, epoch: int, step: int) -> PositivesBatch:

@@ -21,8 +21,10 @@ from clsp_positives.proto.messages import ResponseArrays
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.positives.offline import OfflineNpySource
 from clsp_positives.trainer.positives.pending import (
+    PartAnswer,
     PendingPositives,
     PositivesSource,
+    Urgency,
     check_batch,
 )
 
@@ -86,17 +88,24 @@ class PoolSource:
         candidates: np.ndarray,
         *,
         retry_for_s: float | None = None,
+        urgency: Urgency | None = None,
     ) -> PendingPositives:
         """One request per ``chunk`` anchors; the pool client retries each by itself
-        (for ``retry_for_s`` when given, docs/design.md §5)."""
+        (for ``retry_for_s`` when given, docs/design.md §5). ``urgency`` becomes the
+        requests' ``deadline_ms`` and ``priority``."""
         check_batch(anchors, indices, candidates)
         anchors = np.ascontiguousarray(anchors)
         candidates = np.asarray(candidates, dtype=np.int64)
         expected = anchors.shape[1:]
+        params = self.params
+        if urgency is not None:
+            params = params.model_copy(
+                update={"deadline_ms": urgency.deadline_ms, "priority": urgency.priority}
+            )
 
-        def send(where: slice) -> concurrent.futures.Future[tuple[np.ndarray, int]]:
+        def send(where: slice) -> concurrent.futures.Future[PartAnswer]:
             answer = self.client.submit(
-                anchors[where], candidates[where], self.params, retry_for_s=retry_for_s
+                anchors[where], candidates[where], params, retry_for_s=retry_for_s
             )
             return _chain(answer, lambda r: self._unpack(r, len(anchors[where]), expected))
 
@@ -114,14 +123,12 @@ class PoolSource:
     def close(self) -> None:
         self.client.close()
 
-    def _unpack(
-        self, answer: ResponseArrays, n: int, hwc: tuple[int, ...]
-    ) -> tuple[np.ndarray, int]:
+    def _unpack(self, answer: ResponseArrays, n: int, hwc: tuple[int, ...]) -> PartAnswer:
         self._check_model(answer.model)
         return _unpack(answer, n, hwc)
 
 
-def _unpack(answer: ResponseArrays, n: int, hwc: tuple[int, ...]) -> tuple[np.ndarray, int]:
+def _unpack(answer: ResponseArrays, n: int, hwc: tuple[int, ...]) -> PartAnswer:
     if answer.positives.shape != (n, *hwc) or answer.positives.dtype != np.uint8:
         raise ValueError(
             f"the pool answered positives {answer.positives.dtype} "
@@ -129,7 +136,8 @@ def _unpack(answer: ResponseArrays, n: int, hwc: tuple[int, ...]) -> tuple[np.nd
             f"{', '.join(map(str, hwc))}]: the generator's model does not match "
             "the data (check --image-size/--channels against GET /v1/model)"
         )
-    return answer.positives, int(np.count_nonzero(answer.cache_hit))
+    arrived = None if answer.expired is None else answer.expired == 0
+    return answer.positives, int(np.count_nonzero(answer.cache_hit)), arrived
 
 
 def _chain(
@@ -175,6 +183,7 @@ class NoSource:
         candidates: np.ndarray,
         *,
         retry_for_s: float | None = None,
+        urgency: Urgency | None = None,
     ) -> PendingPositives:
         check_batch(anchors, indices, candidates)
         return PendingPositives(anchors.shape, [])

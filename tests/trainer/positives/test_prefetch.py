@@ -356,3 +356,26 @@ def test_real_service_positives_flow_then_come_from_its_cache(tiny_model_dir) ->
     for c, w in zip(cold, warm, strict=True):
         np.testing.assert_array_equal(c.images, w.images)  # the cache returns what was made
     assert not np.array_equal(cold[0].images, cold[1].images)
+
+
+def test_requests_carry_when_their_step_needs_them() -> None:
+    """Once the step time is measured, a batch L steps ahead asks the pool to drop it
+    after about L steps plus the take's own wait, as look-ahead (priority 1); the next
+    step's batch is priority 0. Strict runs wait for everything: no deadline."""
+    source = build_source(None, offline_npy=None, token=None, params=PARAMS)
+    with Prefetcher(source, lookahead=3, deadline_ms=100, strict=False) as pf:
+        assert pf.urgency(3) is None  # no step time yet
+        for b in range(4):
+            submit(pf, b)
+            pf.take(b)
+            time.sleep(0.05)
+        ahead, next_step = pf.urgency(3), pf.urgency(1)
+        assert ahead is not None and next_step is not None
+        assert ahead.priority == 1 and next_step.priority == 0
+        assert 3 * 50 + 100 <= ahead.deadline_ms <= 3 * 200 + 100
+        assert next_step.deadline_ms < ahead.deadline_ms
+    with Prefetcher(source, lookahead=3, deadline_ms=100, strict=True) as strict:
+        for b in range(3):
+            submit(strict, b)
+            strict.take(b)
+        assert strict.urgency(3) is None

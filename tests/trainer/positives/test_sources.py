@@ -77,12 +77,21 @@ def test_pool_answer_of_another_size_is_a_clear_error() -> None:
     answer = ResponseArrays(np.zeros((2, 32, 32, 3), np.uint8), np.zeros(2, np.uint8), "m", PARAMS)
     with pytest.raises(ValueError, match="GET /v1/model"):
         _unpack(answer, 2, (16, 16, 1))
-    images, hits = _unpack(
+    images, hits, arrived = _unpack(
         ResponseArrays(np.zeros((2, 16, 16, 1), np.uint8), np.array([1, 0], np.uint8), "m", PARAMS),
         2,
         (16, 16, 1),
     )
-    assert images.shape == (2, 16, 16, 1) and hits == 1
+    assert images.shape == (2, 16, 16, 1) and hits == 1 and arrived is None
+    # rows whose deadline passed in the pool did not arrive
+    late = ResponseArrays(
+        np.zeros((2, 16, 16, 1), np.uint8),
+        np.zeros(2, np.uint8),
+        "m",
+        PARAMS,
+        expired=np.array([0, 1], np.uint8),
+    )
+    assert _unpack(late, 2, (16, 16, 1))[2].tolist() == [True, False]
 
 
 @pytest.mark.parametrize("pin_model", [True, False])
