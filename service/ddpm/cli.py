@@ -70,6 +70,13 @@ def train(
         help="TensorBoard events in --out/tensorboard: loss, learning rate, images/s and "
         "sample grids (needs the tracking extra).",
     ),
+    vae: Optional[str] = typer.Option(
+        None,
+        "--vae",
+        help="Autoencoder directory (AutoencoderKL or VQModel, or a pipeline with vae/ or "
+        "vqvae/): train the UNet on its latents and save a latent model (docs/latent.md).",
+        show_default=False,
+    ),
 ) -> None:
     """Train an unconditional DDPM (EMA weights saved in the diffusers pipeline layout)."""
     from clsp_positives.config_file import (

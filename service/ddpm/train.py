@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from clsp_positives.config_file import RUN_CONFIG_NAME, write_config_file
 from clsp_positives.images import DIGIT_SETS
 from clsp_positives.proto.keys import unit_to_uint8
 from clsp_positives.service.ddpm.tracking import DiffusionLog, check_tracking
+
+if TYPE_CHECKING:
+    from clsp_positives.service.ddpm.latents import LatentData
 
 STATE_FILE = "train_state.pt"
 SAMPLES_FILE = "samples.png"
@@ -79,6 +82,11 @@ class DiffusionTrainConfig(BaseModel):
         False,
         description="TensorBoard events in --out/tensorboard: the window scalars, and a sample "
         "grid at every checkpoint (needs the tracking extra)",
+    )
+    vae: str | None = Field(
+        None,
+        description="an autoencoder directory (AutoencoderKL or VQModel, or a pipeline with "
+        "vae/ or vqvae/): train on its latents and save a latent model (docs/latent.md)",
     )
 
     @model_validator(mode="after")
@@ -232,7 +240,20 @@ class DiffusionTrainer:
         self.device = torch.device(config.device)
         images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8
         self.images = images.to(self.device)
+        self.image_size, self.image_channels = data.size, data.channels
+        # What the UNet sees: the pictures, or with --vae their latents (docs/latent.md).
         self.sample_size, self.channels = data.size, data.channels
+        self.autoencoder = None
+        self.latents: LatentData | None = None
+        if config.vae:
+            from clsp_positives.service.ddpm.latents import encode_data_set
+            from clsp_positives.service.sampling.model import load_autoencoder
+
+            self.autoencoder = load_autoencoder(config.vae).to(self.device)
+            self.latents = encode_data_set(
+                self.autoencoder, self.images, flips=config.use_flip, progress=config.progress
+            )
+            self.channels, self.sample_size = self.latents.chw[0], self.latents.chw[1]
 
         state = self._load_state()
         if state is not None:
@@ -287,12 +308,24 @@ class DiffusionTrainer:
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         saved = state["data"]
-        here = {"dataset": self.data_name, "size": self.sample_size, "channels": self.channels}
+        here = self._data_identity()
         if saved != here:
             raise ValueError(
                 f"--out {str(self.out)!r} holds a run on {saved}, not {here}: use the same "
                 "--dataset/--image-size/--channels to resume, or a new --out"
             )
+
+    def _data_identity(self) -> dict[str, Any]:
+        """What a resumed run must train on again: the set, its pictures' size and
+        channels, and with ``--vae`` the latents' shape and the autoencoder's kind."""
+        data: dict[str, Any] = {
+            "dataset": self.data_name,
+            "size": self.image_size,
+            "channels": self.image_channels,
+        }
+        if self.autoencoder is not None and self.latents is not None:
+            data["latent"] = [*self.latents.chw, self.autoencoder.kind]
+        return data
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -306,11 +339,7 @@ class DiffusionTrainer:
             "order": self.order.state_dict(),
             "unet_config": self.unet_config,
             "scheduler_config": self.scheduler_config,
-            "data": {
-                "dataset": self.data_name,
-                "size": self.sample_size,
-                "channels": self.channels,
-            },
+            "data": self._data_identity(),
             "batch_size": self.config.batch_size,
             "seed": self.config.seed,
         }
@@ -321,6 +350,12 @@ class DiffusionTrainer:
 
         self.out.mkdir(parents=True, exist_ok=True)
         presets.save_model(self.ema, self.scheduler_config, self.out)
+        if self.autoencoder is not None:
+            from clsp_positives.service.sampling.autoencoder import AUTOENCODER_DIRS
+
+            where = self.out / AUTOENCODER_DIRS[self.autoencoder.kind]
+            if not (where / "config.json").is_file():
+                self.autoencoder.model.save_pretrained(where)
         tmp = self.out / (STATE_FILE + ".tmp")
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, self.out / STATE_FILE)
@@ -329,6 +364,8 @@ class DiffusionTrainer:
 
     def batch(self) -> torch.Tensor:
         idx = self.order.next().to(self.device)
+        if self.latents is not None:
+            return self.latents.batch(idx, self.generator if self.config.use_flip else None)
         x = self.images[idx].to(torch.float32).div_(127.5).sub_(1.0)
         if self.config.use_flip:
             flip = (torch.rand(len(x), generator=self.generator) < 0.5).to(self.device)
@@ -369,6 +406,8 @@ class DiffusionTrainer:
         for t in scheduler.timesteps:
             eps = self.ema(x, t).sample
             x = scheduler.step(eps, t, x).prev_sample
+        if self.autoencoder is not None:
+            x = self.autoencoder.decode(x)
         return unit_to_uint8(x.clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy())
 
     def sample_grid(self) -> np.ndarray | None:
@@ -420,7 +459,7 @@ def train(
     """
     check_tracking(config.tensorboard)
     trainer = DiffusionTrainer(config)
-    resolved = config.resolved(trainer.sample_size, trainer.channels)
+    resolved = config.resolved(trainer.image_size, trainer.image_channels)
     written = write_config_file(
         trainer.out / RUN_CONFIG_NAME, resolved.model_dump(mode="json"), command=COMMAND
     )
