@@ -72,11 +72,13 @@ def _save_progress(path: Path, done: np.ndarray) -> None:
 
 
 def open_output(
-    out: Path, shape: tuple[int, ...], meta: dict[str, Any]
+    out: Path, shape: tuple[int, ...], meta: dict[str, Any], dtype: np.dtype | type = np.uint8
 ) -> tuple[np.memmap | None, np.ndarray]:
     """The output memmap and its done-rows array; ``None`` when ``out`` is already complete.
+    ``dtype`` is uint8 for pictures, float16 for a latent model's latents (docs/latent.md).
 
     Refuses to touch a file made with other options (naming the difference)."""
+    dtype = np.dtype(dtype)
     progress, meta_file = progress_path(out), meta_path(out)
     if out.exists():
         old = json.loads(meta_file.read_text()) if meta_file.exists() else None
@@ -97,17 +99,17 @@ def open_output(
         if not progress.exists():
             return None, np.ones(shape[0], bool)
         array = np.lib.format.open_memmap(out, mode="r+")
-        if array.shape != shape or array.dtype != np.uint8:
+        if array.shape != shape or array.dtype != dtype:
             raise ValueError(
                 f"{str(out)!r} holds {array.dtype} {list(array.shape)}, expected "
-                f"uint8 {list(shape)}: delete it and its sidecars to start over"
+                f"{dtype.name} {list(shape)}: delete it and its sidecars to start over"
             )
         done = np.load(progress)
         if done.shape != (shape[0],):
             raise ValueError(f"{progress.name} does not match {str(out)!r}: delete both")
         return array, done
     out.parent.mkdir(parents=True, exist_ok=True)
-    array = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=shape)
+    array = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=shape)
     done = np.zeros(shape[0], bool)
     _save_progress(progress, done)
     meta_file.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
@@ -194,6 +196,12 @@ class OfflineNpySource:
             raise ValueError(
                 f"offline positives must be uint8 [N, K, H, W, C], got "
                 f"{self.array.dtype} {list(self.array.shape)} in {str(path)!r}"
+                + (
+                    " (a latents bank of `clsp generate --output latents`: train from "
+                    "pictures, or decode it with the model's autoencoder first)"
+                    if self.array.dtype == np.float16
+                    else ""
+                )
             )
         self.path = path
 
