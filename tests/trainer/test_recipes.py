@@ -259,6 +259,9 @@ def test_the_digits_recipe_runs_end_to_end_through_clsp_train(tmp_path: Path) ->
         env={"CLSP_API_TOKEN": "recipe-secret"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    # The resolved configuration is printed at the start, without the token.
+    assert f"clsp train: resolved configuration (written to {out / CONFIG_NAME})" in done.stdout
+    assert "recipe-secret" not in done.stdout + done.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["event"] == "epoch"]
     assert len(epochs) == 1  # --epochs 1 over the recipe's 2
