@@ -1,14 +1,30 @@
 """The service's Prometheus metrics (``GET /metrics``, docs/design.md §6), without a server:
-label values stay bounded, each app has its own registry, and the cache and queue
-numbers are read at scrape time."""
+label values stay bounded, each app has its own registry, and the cache, queue,
+process and GPU numbers are read at scrape time."""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
 import pytest
+import torch
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
 from clsp_positives.service.cache import CacheStats
-from clsp_positives.service.metrics import ROUTES, ServiceMetrics, route_label
+from clsp_positives.service.metrics import (
+    ROUTES,
+    CudaFigures,
+    ServiceMetrics,
+    cuda_reader,
+    route_label,
+)
 
 
 def scrape(metrics: ServiceMetrics) -> dict[str, float]:
@@ -119,3 +135,100 @@ def test_histograms_count_their_observations_in_buckets() -> None:
     assert now["clsp_batch_size_bucket{le=512.0}"] == 4
     assert now["clsp_request_seconds_bucket{le=0.1,route=/v1/positives}"] == 0
     assert now["clsp_request_seconds_bucket{le=0.25,route=/v1/positives}"] == 1
+
+
+# --- the process and the GPU ------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process_* reads /proc")
+def test_the_process_is_exported_and_read_at_every_scrape() -> None:
+    metrics = ServiceMetrics()
+    before = scrape(metrics)
+    assert before["process_resident_memory_bytes"] > 0
+    assert before["process_cpu_seconds_total"] > 0
+    assert before["process_max_fds"] >= before["process_open_fds"] > 0
+    assert any(name.startswith("python_info{") for name in before)
+    with ExitStack() as stack:
+        for _ in range(8):
+            stack.enter_context(tempfile.TemporaryFile())
+        assert scrape(metrics)["process_open_fds"] >= before["process_open_fds"] + 8
+
+
+def test_a_registry_that_has_the_process_collectors_keeps_its_own() -> None:
+    """A registry passed in (the global one, say) may carry them already: no clash."""
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    metrics = ServiceMetrics(registry)
+    assert "process_cpu_seconds_total" in scrape(metrics)
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_a_cpu_generator_exports_no_gpu_series(device: object) -> None:
+    metrics = ServiceMetrics()
+    assert metrics.watch_device(device, read=lambda: CudaFigures(1, 2, 0.5)) is False
+    assert not [name for name in scrape(metrics) if name.startswith("clsp_gpu_")]
+
+
+def test_gpu_figures_are_read_at_every_scrape() -> None:
+    """The reading is injected: the collector's path runs without a GPU."""
+    reading = {"now": CudaFigures(allocated_bytes=1000, reserved_bytes=4096, utilization=0.25)}
+    metrics = ServiceMetrics()
+    assert metrics.watch_device(torch.device("cuda", 1), read=lambda: reading["now"]) is True
+    first = scrape(metrics)
+    assert first["clsp_gpu_memory_allocated_bytes{device=cuda:1}"] == 1000
+    assert first["clsp_gpu_memory_reserved_bytes{device=cuda:1}"] == 4096
+    assert first["clsp_gpu_utilization_ratio{device=cuda:1}"] == 0.25
+    reading["now"] = CudaFigures(allocated_bytes=3000, reserved_bytes=8192, utilization=None)
+    now = scrape(metrics)
+    assert now["clsp_gpu_memory_allocated_bytes{device=cuda:1}"] == 3000
+    assert now["clsp_gpu_memory_reserved_bytes{device=cuda:1}"] == 8192
+    # NVML unreadable: no utilisation series (not a made-up 0), memory still there.
+    assert not [name for name in now if name.startswith("clsp_gpu_utilization")]
+    body, _ = metrics.render()
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["clsp_gpu_memory_reserved_bytes"].type == "gauge"
+    assert families["clsp_gpu_memory_reserved_bytes"].documentation
+
+
+def test_a_failing_gpu_reading_leaves_the_rest_of_the_scrape(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The autoscaler's queue depth comes in the same response as the GPU's figures."""
+
+    def broken() -> CudaFigures:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    metrics = ServiceMetrics()
+    metrics.watch_queue(lambda: 7, lambda: 9)
+    metrics.watch_device("cuda", read=broken)
+    with caplog.at_level(logging.WARNING, logger="clsp_positives.service.metrics"):
+        for _ in range(3):
+            now = scrape(metrics)
+            assert now["clsp_queue_depth"] == 7
+            assert not [name for name in now if name.startswith("clsp_gpu_")]
+    assert len([r for r in caplog.records if "cannot read cuda" in r.getMessage()]) == 1
+
+
+def test_the_torch_reading_skips_what_it_cannot_read() -> None:
+    """The real reader: memory from torch, utilisation only where NVML answers
+    (without a GPU, or without nvidia-ml-py, it is None and the series is skipped)."""
+    figures = cuda_reader("cuda")()
+    assert 0 <= figures.allocated_bytes <= figures.reserved_bytes
+    if not torch.cuda.is_available():
+        assert figures == CudaFigures(0, 0, None)
+    elif figures.utilization is not None:
+        assert 0.0 <= figures.utilization <= 1.0
+
+
+def test_importing_the_metrics_does_not_import_torch() -> None:
+    """The GPU reader imports torch when it reads; the module itself stays torch-free."""
+    code = (
+        "import sys, clsp_positives.service.metrics as m; "
+        "m.ServiceMetrics().watch_device('cuda', read=None); "
+        "sys.exit('torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr or "torch was imported"

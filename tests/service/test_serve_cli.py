@@ -152,15 +152,20 @@ def test_metrics_port_serves_metrics_without_the_token_and_nothing_else(
     tiny_model_dir: Path,
 ) -> None:
     """``--metrics-port``: a scraper reads /metrics there without the token, the API
-    stays behind it, and SIGTERM stops both ports."""
+    stays behind it, and SIGTERM stops both ports. The process's own series come
+    with the service's; a CPU generator exports no GPU series."""
     metrics_port = free_port()
     env = {"CLSP_WARMUP_STEPS": "1", "CLSP_API_TOKEN": "s3cret"}
-    server = serve(tiny_model_dir, env, "--metrics-port", str(metrics_port))
+    server = serve(tiny_model_dir, env, "--device", "cpu", "--metrics-port", str(metrics_port))
     with server:
         scrape = f"http://127.0.0.1:{metrics_port}"
         assert httpx.get(server.url + "/metrics", timeout=10).status_code == 401
         r = httpx.get(scrape + "/metrics", timeout=10)
         assert r.status_code == 200 and "clsp_queue_depth" in r.text
+        series = {line.split("{")[0].split()[0] for line in r.text.splitlines() if line[:1] != "#"}
+        assert {"process_cpu_seconds_total", "process_resident_memory_bytes"} <= series
+        assert {"process_open_fds", "python_info"} <= series
+        assert not [name for name in series if name.startswith("clsp_gpu_")]
         assert httpx.get(scrape + "/v1/model", timeout=10).status_code == 404
         assert resolved(server)["metrics_port"] == metrics_port
     # the process ended on SIGTERM (uvicorn re-raises it once shut down), metrics port too
