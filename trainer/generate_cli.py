@@ -1,5 +1,6 @@
 """``clsp generate``: K candidates for every image of a data set, through the pool,
-into the paper's offline layout ``[N, K, H, W, C]`` uint8 (docs/design.md §5).
+into the paper's offline layout ``[N, K, H, W, C]`` uint8 (docs/design.md §5), or with
+``--output latents`` a latent model's ``[N, K, c, h, w]`` float16 latents (docs/latent.md).
 
 The file format, its sidecars and the resumable writing are in
 ``trainer/positives/offline.py``, beside the reader; this module is the command.
@@ -15,13 +16,20 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import typer
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from clsp_positives.config_file import CONFIG_HELP
 from clsp_positives.options import DEFAULT_TEXT, describe_errors, with_model_options
 from clsp_positives.proto.auth import TOKEN_ENV
-from clsp_positives.proto.params import GenerationParams, Interpolate, Method, Sampling
+from clsp_positives.proto.params import GenerationParams, Interpolate, Method, Output, Sampling
 from clsp_positives.trainer.config import TrainConfig
 from clsp_positives.trainer.positives.offline import (
     OfflineNpySource,
@@ -83,6 +91,12 @@ class GenerateConfig(BaseModel):
         description="Also write a PNG of anchors beside their k candidates (one anchor per class).",
     )
     grid_rows: int = Field(10, ge=1, description="Anchors in the --grid PNG.")
+    output: Output = Field(
+        "images",
+        description="images: uint8 pictures; latents: a latent model's float16 [N, K, c, h, w] "
+        "latents, a quarter of the pictures' bytes for 4x16x16 against 64x64x3 (for "
+        "trainers that decode themselves; docs/latent.md).",
+    )
     data_root: str | None = _shared("data_root")
     download: bool = _shared("download")
     token: str | None = _shared("token")
@@ -96,10 +110,16 @@ class GenerateConfig(BaseModel):
     gen_share_anchor: bool = _shared("gen_share_anchor")
     gen_anchor_refresh: int = _shared("gen_anchor_refresh")
 
+    @model_validator(mode="after")
+    def _grid_draws_pictures(self) -> GenerateConfig:
+        if self.grid is not None and self.output != "images":
+            raise ValueError("--grid draws pictures: drop it, or generate --output images")
+        return self
+
     def generation_params(self) -> GenerationParams:
         """The generation params asked of the pool: ``TrainConfig``'s own mapping."""
         shared = TrainConfig.model_validate({n: getattr(self, n) for n in SHARED})
-        return shared.generation_params(k=self.k)
+        return shared.generation_params(k=self.k).model_copy(update={"output": self.output})
 
     def stored(self) -> dict[str, Any]:
         """What ``<bank>.config.yaml`` keeps: every option, never the bearer token."""
@@ -155,14 +175,17 @@ def generate(
         # Every row from the model the file names: generators of another model in the
         # pool refuse these requests and the client sends them elsewhere.
         params = params.model_copy(update={"expect_model": info.get("fingerprint")})
+        item_shape, dtype = _bank_item(config.output, images.shape[1:], info)
         meta = {
             "dataset": config.dataset,
             "split": config.split,
-            "shape": [len(images), k, *images.shape[1:]],
+            "shape": [len(images), k, *item_shape],
             "params": json.loads(params.canonical()),
             "model": info.get("fingerprint"),
         }
-        array, done = open_output(out, (len(images), k, *images.shape[1:]), meta)
+        if config.output != "images":  # banks of pictures keep the sidecar they always had
+            meta["output"] = config.output
+        array, done = open_output(out, (len(images), k, *item_shape), meta, dtype)
         # Only once the bank accepted these options: a refused rerun keeps the file's.
         resolved = config.model_copy(
             update={
@@ -214,6 +237,24 @@ def generate(
         raise typer.Exit(1) from None
     finally:
         client.close()
+
+
+def _bank_item(
+    output: str, image_shape: tuple[int, ...], info: dict[str, Any]
+) -> tuple[tuple[int, ...], Any]:
+    """One positive's shape and dtype in the bank: the picture's, or a latent model's
+    ``[c, h, w]`` latents in float16 (``GET /v1/model``'s latent fields)."""
+    import numpy as np
+
+    if output == "images":
+        return tuple(image_shape), np.uint8
+    if info.get("latent_channels") is None:
+        raise ValueError(
+            f"--output latents needs a latent model, but the pool serves "
+            f"{info.get('fingerprint')}, a pixel model: drop --output latents"
+        )
+    size = int(info["latent_size"])
+    return (int(info["latent_channels"]), size, size), np.float16
 
 
 def _write_grid(grid: Path | None, out: Path, data: Any, rows: int) -> None:
