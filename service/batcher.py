@@ -19,9 +19,13 @@ Items may carry a deadline and a priority (0: a training step needs it now, 1:
 look-ahead). The next call serves the group of the most urgent item (lowest
 priority, then earliest deadline, then oldest) and fills its batch in that
 order, earliest-deadline-first within a priority. Before every launch, items
-whose deadline has passed are dropped with ``DeadlineExceeded``: an expired item
-is never generated (nobody waits for it any more) and never cached; an item that
-started runs to the end (docs/design.md §4).
+whose deadline will have passed when that call ends (now plus the call's
+expected duration, from the measured seconds per item) are dropped with
+``DeadlineExceeded``: such an item is late whatever happens, so it is never
+generated and never cached, and the sampler's time goes to items that can still
+make it. Plain earliest-deadline-first without this is known to collapse under
+overload, every call finishing just too late for its items. An item that started
+runs to the end (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -263,10 +267,16 @@ class Batcher:
         entries = self._groups[group].values()
         oldest = next(iter(entries)).enqueued
         earliest = min(e.deadline for e in entries)
-        return group, min(oldest + self.max_wait, earliest - self.max_wait)
+        slack = self.max_wait + self._expected_seconds(group)
+        return group, min(oldest + self.max_wait, earliest - slack)
+
+    def _expected_seconds(self, group: Hashable) -> float:
+        """How long the next call of ``group`` should take: its batch size times the
+        measured seconds per item (0 before the first call)."""
+        return min(len(self._groups[group]), self.max_batch) * self._seconds_per_item
 
     def _drop_expired(self, now: float) -> int:
-        """Fail every queued entry whose deadline has passed (``DeadlineExceeded``)."""
+        """Fail every queued entry whose deadline is not after ``now`` (``DeadlineExceeded``)."""
         expired = [
             (g, key, e)
             for g, entries in self._groups.items()
@@ -297,8 +307,6 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self._drop_expired(time.monotonic()):
-                continue  # re-evaluate: groups may have emptied
             group, launch_by = self._most_urgent_group()
             wait = launch_by - time.monotonic()
             if wait > 0 and len(self._groups[group]) < self.max_batch and not self._closing:
@@ -306,6 +314,8 @@ class Batcher:
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), wait)
                 continue  # re-evaluate: the group may have filled, emptied or changed
+            if self._drop_expired(time.monotonic() + self._expected_seconds(group)):
+                continue  # re-evaluate: groups may have emptied
             batch = self._take(group)
             await self._run(loop, group, batch)
 

@@ -296,3 +296,31 @@ def test_a_shared_item_waits_for_its_last_holder_at_its_most_urgent_priority():
     assert long.futures[0].result()[0, 0, 0] == 7
     # priority 0 from the second holder: before item 5, which arrived earlier
     assert [seeds for _, seeds, _, _ in sampler.calls] == [[1], [7], [5]]
+
+
+def test_items_that_would_finish_late_are_not_started():
+    """After a call that measured 0.2 s per item, an item due in 0.1 s cannot make it:
+    it is dropped unrun, while one due later is generated."""
+
+    class Slow(RecordingSampler):
+        def __call__(self, group, anchors, keys, interpolation_weights):
+            time.sleep(0.2 * len(keys))
+            return super().__call__(group, anchors, keys, interpolation_weights)
+
+    async def main():
+        sampler = Slow()
+        b = Batcher(sampler, max_batch=1, max_wait_ms=1, max_queue=100)
+        b.start()
+        await asyncio.wait(b.submit([item(1)]).futures)  # measures 0.2 s per item
+        now = time.monotonic()
+        tight = b.submit([item(2, deadline=now + 0.1)])
+        loose = b.submit([item(3, deadline=now + 5)])
+        await asyncio.wait(tight.futures + loose.futures)
+        await b.close()
+        return sampler, tight, loose
+
+    sampler, tight, loose = run(main())
+    with pytest.raises(DeadlineExceeded):
+        tight.futures[0].result()
+    assert loose.futures[0].result()[0, 0, 0] == 3
+    assert [seeds for _, seeds, _, _ in sampler.calls] == [[1], [3]]
