@@ -84,6 +84,7 @@ class Prefetcher:
         strict: bool,
         strict_timeout_s: float = 600.0,
         wait_share: float | None = DEFAULT_WAIT_SHARE,
+        pool_deadlines: bool = True,
     ) -> None:
         if lookahead < 0:
             raise ValueError(f"--prefetch must be >= 0, got {lookahead}")
@@ -103,6 +104,7 @@ class Prefetcher:
         )
         self._pending: dict[int, PendingPositives] = {}
         self._closed = False
+        self.pool_deadlines = pool_deadlines
         self._step_s: float | None = None  # smoothed interval between takes
         self._last_take: float | None = None
         self._reset()
@@ -118,8 +120,9 @@ class Prefetcher:
     def urgency(self, steps_ahead: int) -> Urgency | None:
         """When the batch ``steps_ahead`` steps from the current one is taken, plus the
         take's wait, and its priority; None while the step time is unknown (the first
-        steps) and when strict (a strict batch waits for all its positives)."""
-        if self.strict or self._step_s is None:
+        steps), when strict (a strict batch waits for all its positives) and when
+        ``pool_deadlines`` is off."""
+        if self.strict or self._step_s is None or not self.pool_deadlines:
             return None
         seconds = max(steps_ahead, 0) * self._step_s + self.deadline_s
         return Urgency(
