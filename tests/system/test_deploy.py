@@ -33,7 +33,7 @@ COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/job", "overlays/pytorchjob"]
+KUSTOMIZATIONS = ["base", "overlays/job", "overlays/pytorchjob", "overlays/autoscaling"]
 # The oldest Kubernetes we claim to run on, and the newest schemas we have.
 K8S_VERSIONS = ["1.27.0", "latest"]
 
@@ -343,7 +343,18 @@ def test_each_image_imports_its_component_without_the_other_extra(image: str, ot
 
 # --- Kubernetes -----------------------------------------------------------------
 
-_KUSTOMIZE_FIELDS = {"apiVersion", "kind", "resources", "namespace", "labels", "images"}
+_KUSTOMIZE_FIELDS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "components",
+    "patches",
+    "namespace",
+    "labels",
+    "images",
+}
+_COMPONENT_FIELDS = {"apiVersion", "kind", "resources", "patches"}
+_PATCH_TARGET_FIELDS = {"kind", "name", "namespace", "group", "version"}
 _CLUSTER_SCOPED = {
     "Namespace",
     "PersistentVolume",
@@ -359,26 +370,23 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
     """Expand a kustomization the way `kustomize build` does, for the fields we use.
 
     No kustomize binary ships with Debian, so the manifests keep to what this
-    renders: `resources` (files or directories, recursively), `namespace`,
-    `labels` with plain `pairs`, and `images` (how users point the manifests at
-    their registry). Anything else fails here, loudly, rather than being
-    silently ignored.
+    renders: `resources` (files or directories, recursively), `components`
+    (with their own `resources` and `patches`), `patches` in JSON 6902 form
+    with a `target`, `namespace`, `labels` with plain `pairs`, and `images`
+    (how users point the manifests at their registry), applied in kustomize's
+    order. Anything else fails here, loudly, rather than being silently ignored.
     """
     path = directory / "kustomization.yaml"
-    spec = yaml.safe_load(path.read_text())
-    unknown = set(spec) - _KUSTOMIZE_FIELDS
-    if unknown:
-        raise ValueError(
-            f"{path}: fields {sorted(unknown)} are not supported by the test's "
-            f"renderer; keep to {sorted(_KUSTOMIZE_FIELDS)} or extend it"
+    spec = _kustomization(path, "Kustomization", _KUSTOMIZE_FIELDS)
+    docs = _resources(directory, spec)
+    for entry in spec.get("components", []):
+        component = (directory / entry).resolve()
+        component_spec = _kustomization(
+            component / "kustomization.yaml", "Component", _COMPONENT_FIELDS
         )
-    docs: list[dict[str, Any]] = []
-    for entry in spec.get("resources", []):
-        target = (directory / entry).resolve()
-        if target.is_dir():
-            docs += render_kustomization(target)
-        else:
-            docs += [d for d in yaml.safe_load_all(target.read_text()) if d]
+        docs += _resources(component, component_spec)
+        _apply_patches(component, component_spec, docs)
+    _apply_patches(directory, spec, docs)
     namespace = spec.get("namespace")
     for doc in docs:
         meta = doc.setdefault("metadata", {})
@@ -397,6 +405,93 @@ def render_kustomization(directory: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: {ident} is defined twice")
         seen.add(ident)
     return docs
+
+
+def _kustomization(path: Path, kind: str, fields: set[str]) -> dict[str, Any]:
+    spec = yaml.safe_load(path.read_text())
+    if spec.get("kind", "Kustomization") != kind:
+        raise ValueError(f"{path}: a {spec.get('kind')} where a {kind} belongs")
+    unknown = set(spec) - fields
+    if unknown:
+        raise ValueError(
+            f"{path}: fields {sorted(unknown)} are not supported by the test's "
+            f"renderer; keep to {sorted(fields)} or extend it"
+        )
+    return spec
+
+
+def _resources(directory: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for entry in spec.get("resources", []):
+        target = (directory / entry).resolve()
+        if target.is_dir():
+            docs += render_kustomization(target)
+        else:
+            docs += [d for d in yaml.safe_load_all(target.read_text()) if d]
+    return docs
+
+
+def _apply_patches(directory: Path, spec: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    """kustomize's `patches` in their JSON 6902 form: a list of operations and the
+    `target` they apply to. A patch that matches nothing fails (kustomize would
+    skip it, leaving the manifests silently unpatched)."""
+    path = directory / "kustomization.yaml"
+    for entry in spec.get("patches", []):
+        if set(entry) - {"path", "patch", "target"} or ("path" in entry) == ("patch" in entry):
+            raise ValueError(f"{path}: a patch takes `path` or `patch`, and `target`: {entry}")
+        text = (directory / entry["path"]).read_text() if "path" in entry else entry["patch"]
+        ops = yaml.safe_load(text)
+        target = entry.get("target", {})
+        if not isinstance(ops, list) or not target or set(target) - _PATCH_TARGET_FIELDS:
+            raise ValueError(
+                f"{path}: only JSON 6902 patches (a list of operations) with a `target` "
+                f"of {sorted(_PATCH_TARGET_FIELDS)} are supported by the test's renderer"
+            )
+        matched = [d for d in docs if _is_target(d, target)]
+        if not matched:
+            raise ValueError(f"{path}: the patch's target {target} matches no resource")
+        for doc in matched:
+            for op in ops:
+                _json6902(doc, op)
+
+
+def _is_target(doc: dict[str, Any], target: dict[str, str]) -> bool:
+    group, _, version = doc["apiVersion"].rpartition("/")
+    have = {
+        "kind": doc["kind"],
+        "name": doc["metadata"]["name"],
+        "namespace": doc["metadata"].get("namespace", ""),
+        "group": group,
+        "version": version,
+    }
+    return all(have[key] == value for key, value in target.items())
+
+
+def _json6902(doc: dict[str, Any], op: dict[str, Any]) -> None:
+    """One RFC 6902 operation: add, replace or remove (what the manifests use)."""
+    if op.get("op") not in ("add", "replace", "remove"):
+        raise ValueError(f"JSON 6902 operation {op.get('op')!r} is not supported: {op}")
+    keys = [k.replace("~1", "/").replace("~0", "~") for k in op["path"].split("/")[1:]]
+    if not keys:
+        raise ValueError(f"a patch of the whole document is not supported: {op}")
+    parent: Any = doc
+    for key in keys[:-1]:
+        parent = parent[int(key)] if isinstance(parent, list) else parent[key]
+    last = keys[-1]
+    if isinstance(parent, list):
+        if op["op"] == "add":
+            parent.insert(len(parent) if last == "-" else int(last), op["value"])
+        elif op["op"] == "replace":
+            parent[int(last)] = op["value"]
+        else:
+            del parent[int(last)]
+        return
+    if op["op"] != "add" and last not in parent:
+        raise ValueError(f"{op['op']} of {op['path']}, which does not exist")
+    if op["op"] == "remove":
+        del parent[last]
+    else:
+        parent[last] = op["value"]
 
 
 def _split_image(ref: str) -> tuple[str, str]:
@@ -525,6 +620,12 @@ def test_kubernetes_names_agree_across_manifests(
         )
     for hpa in _by_kind(docs, "HorizontalPodAutoscaler").values():
         assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
+    for pdb in _by_kind(docs, "PodDisruptionBudget").values():
+        selector = pdb["spec"]["selector"]["matchLabels"]
+        assert any(
+            selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            for d in deployments.values()
+        ), f"{pdb['metadata']['name']} selects no pods"
 
     secrets = _by_kind(docs, "Secret")
     claims = _by_kind(docs, "PersistentVolumeClaim")
@@ -583,6 +684,156 @@ def test_kubernetes_generator_pool(rendered: tuple[str, list[dict[str, Any]]]) -
     assert headless.get("publishNotReadyAddresses", False) is False
     hpa = _by_kind(docs, "HorizontalPodAutoscaler")["clsp-generator"]["spec"]
     assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+
+    # Prometheus finds the tokenless metrics port through the pod's annotations.
+    annotations = _by_kind(docs, "Deployment")["clsp-generator"]["spec"]["template"]["metadata"][
+        "annotations"
+    ]
+    metrics_port = int(_flag_value(argv, "--metrics-port"))
+    assert int(annotations["prometheus.io/port"]) == metrics_port
+    assert {"name": "metrics", "containerPort": metrics_port} in container["ports"]
+
+
+def _uvicorn_graceful_timeout_s() -> int:
+    """How long `clsp serve` waits for its requests in flight after SIGTERM."""
+    source = (ROOT / "service" / "serve_cli.py").read_text()
+    found = re.findall(r"timeout_graceful_shutdown=(\d+)", source)
+    assert len(found) == 1, "clsp serve's uvicorn.run no longer sets timeout_graceful_shutdown"
+    return int(found[0])
+
+
+def test_kubernetes_generators_leave_gracefully(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    """A generator that is scaled down or evicted first leaves the endpoints while it
+    still serves (preStop), then finishes what it has within the grace period; drains
+    take one generator at a time without blocking on a pool of one."""
+    _, docs = rendered
+    pod = _generator(docs)
+    (container,) = pod["containers"]
+    sleep = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and int(sleep[1]) >= 1
+    # The grace period counts from the preStop hook: it must also cover uvicorn's wait
+    # for the requests in flight, and leave time for the batcher's drain after it.
+    grace = pod["terminationGracePeriodSeconds"]
+    assert grace >= int(sleep[1]) + _uvicorn_graceful_timeout_s() + 10, grace
+
+    (pdb,) = _by_kind(docs, "PodDisruptionBudget").values()
+    labels = _by_kind(docs, "Deployment")["clsp-generator"]["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["spec"]["maxUnavailable"] == 1 and "minAvailable" not in pdb["spec"]
+
+
+# --- autoscaling on the queue depth -------------------------------------------------
+
+AUTOSCALING = K8S / "overlays" / "autoscaling"
+
+
+def _adapter_rules() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    (config_map,) = yaml.safe_load_all((AUTOSCALING / "prometheus-adapter-rules.yaml").read_text())
+    return config_map, yaml.safe_load(config_map["data"]["config.yaml"])["rules"]
+
+
+def test_kubernetes_autoscaling_scales_on_the_queue_depth() -> None:
+    """The overlay's HPA reads one Pods metric: the gauge the service exports as the
+    sampler's queue, averaged per pod; the rest of the base's HPA stays."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from clsp_positives.service.metrics import ServiceMetrics
+
+    base = _by_kind(render_kustomization(K8S / "base"), "HorizontalPodAutoscaler")
+    docs = render_kustomization(AUTOSCALING)
+    hpa = _by_kind(docs, "HorizontalPodAutoscaler")["clsp-generator"]["spec"]
+    (metric,) = hpa["metrics"]
+    assert metric["type"] == "Pods"
+    name = metric["pods"]["metric"]["name"]
+    target = metric["pods"]["target"]
+    assert target["type"] == "AverageValue"
+    exported = {
+        f.name: f for f in text_string_to_metric_families(ServiceMetrics().render()[0].decode())
+    }
+    assert exported[name].type == "gauge"
+    assert "waiting for the sampler" in exported[name].documentation
+    # Scale out while the queue still fits in the next sampler call (the patch's comment).
+    (container,) = _generator(docs)["containers"]
+    assert 0 < int(target["averageValue"]) < int(_flag_value(container["command"], "--max-batch"))
+    base_hpa = base["clsp-generator"]["spec"]
+    for field in ("scaleTargetRef", "minReplicas", "maxReplicas"):
+        assert hpa[field] == base_hpa[field]
+    assert hpa["behavior"]["scaleDown"] == base_hpa["behavior"]["scaleDown"]
+    assert hpa["behavior"]["scaleUp"]["policies"]
+
+
+def test_kubernetes_adapter_rule_serves_the_hpa_metric() -> None:
+    kv = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate comes with the dev extra"
+    )
+    from kubernetes_validate.utils import latest_version
+
+    config_map, rules = _adapter_rules()
+    for version in K8S_VERSIONS:
+        version = latest_version() if version == "latest" else version
+        kv.validate(copy.deepcopy(config_map), version, strict=True)
+    hpa = _by_kind(render_kustomization(AUTOSCALING), "HorizontalPodAutoscaler")
+    name = hpa["clsp-generator"]["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    (rule,) = rules
+    assert rule["seriesQuery"].startswith(name + "{")
+    assert re.fullmatch(rule["name"]["matches"], name) and rule["name"]["as"] == name
+    # Series become per-pod values only through the pod's namespace and name labels.
+    assert rule["resources"]["overrides"] == {
+        "namespace": {"resource": "namespace"},
+        "pod": {"resource": "pod"},
+    }
+    for placeholder in ("<<.Series>>", "<<.LabelMatchers>>", "<<.GroupBy>>"):
+        assert placeholder in rule["metricsQuery"]
+    assert config_map["metadata"]["namespace"] != "clsp", "it belongs to the adapter"
+
+
+def test_queue_autoscaling_composes_with_a_trainer_overlay(tmp_path: Path) -> None:
+    """The `components:` line docs/deployment.md shows turns the job overlay's HPA
+    into the queue-depth one, as kustomize renders it."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    overlay = tmp_path / "k8s" / "overlays" / "job" / "kustomization.yaml"
+    spec = yaml.safe_load(overlay.read_text())
+    spec["components"] = ["../../components/queue-autoscaling"]
+    overlay.write_text(yaml.safe_dump(spec))
+    docs = render_kustomization(overlay.parent)
+    hpa = _by_kind(docs, "HorizontalPodAutoscaler")["clsp-generator"]["spec"]
+    autoscaling = render_kustomization(AUTOSCALING)
+    assert hpa == _by_kind(autoscaling, "HorizontalPodAutoscaler")["clsp-generator"]["spec"]
+    assert "clsp-trainer" in _by_kind(docs, "Job")
+    kubectl = _kubectl_with_kustomize_v5()
+    if kubectl is None:
+        return
+    proc = subprocess.run(
+        [kubectl, "kustomize", str(overlay.parent)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    theirs = sorted((d for d in yaml.safe_load_all(proc.stdout) if d), key=_ident)
+    assert sorted(docs, key=_ident) == theirs
+
+
+def test_kubernetes_pod_monitor_scrapes_the_metrics_port() -> None:
+    """kubernetes-validate has no schema for the Prometheus Operator's CRD: its shape here."""
+    (monitor,) = [
+        d for d in yaml.safe_load_all((AUTOSCALING / "pod-monitor.yaml").read_text()) if d
+    ]
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "PodMonitor")
+    deployment = _by_kind(render_kustomization(AUTOSCALING), "Deployment")["clsp-generator"]
+    template = deployment["spec"]["template"]
+    assert monitor["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    )
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (container,) = template["spec"]["containers"]
+    port = next(p for p in container["ports"] if p["name"] == endpoint["port"])
+    assert port["containerPort"] == int(_flag_value(container["command"], "--metrics-port"))
+    assert endpoint["path"] == template["metadata"]["annotations"]["prometheus.io/path"]
 
 
 def _positives_url_resolves(
@@ -671,8 +922,53 @@ def test_renderer_matches_kubectl_kustomize(rendered: tuple[str, list[dict[str, 
 
 
 def test_renderer_rejects_what_it_cannot_render(tmp_path: Path) -> None:
-    (tmp_path / "kustomization.yaml").write_text("resources: []\npatches:\n  - path: p.yaml\n")
-    with pytest.raises(ValueError, match="patches"):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nreplicas:\n  - name: a\n")
+    with pytest.raises(ValueError, match="replicas"):
+        render_kustomization(tmp_path)
+    # A strategic-merge patch (a partial manifest) is not rendered: JSON 6902 only.
+    (tmp_path / "p.yaml").write_text("apiVersion: v1\nkind: Service\nmetadata: {name: a}\n")
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: []\npatches:\n  - path: p.yaml\n    target: {kind: Service}\n"
+    )
+    with pytest.raises(ValueError, match="JSON 6902"):
+        render_kustomization(tmp_path)
+
+
+def test_renderer_patches_as_kustomize_does(tmp_path: Path) -> None:
+    """JSON 6902 add, replace and remove, on the targets only; an unmatched target fails."""
+    (tmp_path / "cm.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\ndata: {x: '1', y: '2'}\n"
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\ndata: {x: '1'}\n"
+    )
+    ops = [
+        {"op": "replace", "path": "/data/x", "value": "3"},
+        {"op": "remove", "path": "/data/y"},
+        {"op": "add", "path": "/metadata/annotations", "value": {"a/b": "c"}},
+        {"op": "add", "path": "/metadata/annotations/d~1e", "value": "f"},
+    ]
+    spec = {
+        "resources": ["cm.yaml"],
+        "patches": [{"patch": yaml.safe_dump(ops), "target": {"kind": "ConfigMap", "name": "a"}}],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+    docs = _by_kind(render_kustomization(tmp_path), "ConfigMap")
+    assert docs["a"]["data"] == {"x": "3"}
+    assert docs["a"]["metadata"]["annotations"] == {"a/b": "c", "d/e": "f"}
+    assert docs["b"]["data"] == {"x": "1"}
+    kubectl = _kubectl_with_kustomize_v5()
+    if kubectl is not None:
+        proc = subprocess.run(
+            [kubectl, "kustomize", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert _by_kind(list(yaml.safe_load_all(proc.stdout)), "ConfigMap") == docs
+    spec["patches"][0]["target"]["name"] = "c"
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="matches no resource"):
         render_kustomization(tmp_path)
 
 
