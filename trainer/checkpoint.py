@@ -1,7 +1,7 @@
 """Training checkpoints: everything ``--resume`` needs to continue as if the
 run had never stopped (model with its queue or support set, optimizer, LR
-schedule, epoch, RNG states) plus the run's config, so ``clsp eval`` can
-rebuild the backbone from the file alone.
+schedule, epoch, RNG states, the model fingerprint its positives were pinned to)
+plus the run's config, so ``clsp eval`` can rebuild the backbone from the file alone.
 
 Runs are shared between people, so loading one must never run code: a
 checkpoint holds only tensors and plain containers (the RNG states as lists
@@ -28,6 +28,11 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT_VERSION = 2
 OLD_FORMAT_VERSION = 1
+PINNED_MODEL = "positives_model"
+"""The key of the model fingerprint the run's positives came from (the pool's pinned
+model, an offline bank's; None: not known). A resumed run pins it again, so it never
+trains on positives of two models (docs/reliability.md, "Model pinning"); files written
+before the key existed load without it and pin at their first positives."""
 
 
 class UnsafeCheckpoint(ValueError):

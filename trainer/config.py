@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from pydantic.fields import FieldInfo
 
 from clsp_positives.options import DEFAULT_TEXT
@@ -199,6 +199,15 @@ class TrainConfig(BaseModel):
         description="Take positives from whichever model the pool serves (by default the "
         "run pins the model of its first positives and skips generators of another).",
     )
+    expect_model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="Model fingerprint (GET /v1/model, or a bank's .meta.json) every "
+        "positive must come from: generators of another model are skipped, a "
+        "--positives-npy bank of another is refused.",
+        json_schema_extra=_shown("the first positives'; on --resume the checkpoint's"),
+    )
     positives_timeout_s: float = Field(
         30.0, gt=0, description="Longest wait for one request to the pool."
     )
@@ -256,6 +265,16 @@ class TrainConfig(BaseModel):
     progress: bool | None = Field(
         None, description="Progress bar.", json_schema_extra=_shown("on a terminal")
     )
+
+    @model_validator(mode="after")
+    def _one_model_rule(self) -> TrainConfig:
+        """One model or any model: the two options contradict each other."""
+        if self.expect_model is not None and self.allow_model_change:
+            raise ValueError(
+                "--expect-model takes positives of one model only, --allow-model-change "
+                "of any: give one of them"
+            )
+        return self
 
     def resolved_lr(self) -> float:
         if self.lr is not None:
@@ -315,6 +334,7 @@ class TrainConfig(BaseModel):
             share_anchor=self.gen_share_anchor,
             anchor_refresh=self.gen_anchor_refresh,
             k=k,
+            expect_model=self.expect_model,
         )
 
     def stored(self) -> dict[str, Any]:

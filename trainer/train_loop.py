@@ -48,6 +48,7 @@ from clsp_positives.trainer.methods import ContrastiveMethod, MethodConfig, buil
 from clsp_positives.trainer.tracking import TrainTracker, check_tracking, write_train_curves
 
 if TYPE_CHECKING:  # the positives path (httpx) is imported only when a run uses it
+    from clsp_positives.proto.params import GenerationParams
     from clsp_positives.trainer.positives.pending import PositivesBatch
     from clsp_positives.trainer.positives.prefetch import PositivesFeed
 
@@ -149,9 +150,14 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Any]:
 
 
 def _open_positives(
-    config: TrainConfig, images: np.ndarray, sampler: ShardedBatchSampler
+    config: TrainConfig,
+    images: np.ndarray,
+    sampler: ShardedBatchSampler,
+    pinned: str | None = None,
 ) -> PositivesFeed | None:
-    """The feed of positives the options ask for, or None for the baseline."""
+    """The feed of positives the options ask for, or None for the baseline. ``pinned``,
+    the model a resumed run's checkpoint kept, binds as ``--expect-model`` does (which
+    wins) unless ``--allow-model-change`` (docs/reliability.md, "Model pinning")."""
     if config.clsp_weight <= 0:
         if config.positives or config.positives_npy:
             log.warning("--clsp-weight is 0 (the baseline): the positives source is not used")
@@ -168,7 +174,7 @@ def _open_positives(
         config.positives,
         offline_npy=config.positives_npy,
         token=config.token,
-        params=config.generation_params(),
+        params=_pinned_params(config, pinned),
         timeout_s=config.positives_timeout_s,
         pin_model=not config.allow_model_change,
     )
@@ -186,6 +192,22 @@ def _open_positives(
         k=config.k,
         epochs=config.epochs,
     )
+
+
+def _pinned_params(config: TrainConfig, pinned: str | None) -> GenerationParams:
+    """The generation params, with a resumed run's pinned model as ``expect_model``."""
+    params = config.generation_params()
+    if params.expect_model is None and pinned is not None and not config.allow_model_change:
+        return params.model_copy(update={"expect_model": pinned})
+    return params
+
+
+def _pinned_model(feed: PositivesFeed | None, resumed: str | None) -> str | None:
+    """The model a checkpoint keeps: the source's (the pool's pinned model, a bank's),
+    or, for a run without positives, what its own checkpoint had."""
+    if feed is None:
+        return resumed
+    return getattr(feed.prefetcher.source, "model", None)
 
 
 def _sum_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -370,6 +392,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
     out_dir = Path(config.out) if config.out else None
     metrics = MetricsLog(out_dir / METRICS_NAME if out_dir and ctx.is_main else None)
     start_epoch = 0
+    pinned: str | None = None  # the positives' model a resumed run keeps
     if config.resume:
         if out_dir is None:
             raise ValueError("--resume needs --out DIR (the run to continue)")
@@ -381,12 +404,20 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
             schedule.load_state_dict(state["schedule"])
             start_epoch = int(state["epoch"]) + 1
             ckpt.restore_rng_state(state["rng"][min(ctx.rank, len(state["rng"]) - 1)])
+            pinned = state.get(ckpt.PINNED_MODEL)  # absent from older checkpoints: no pin
             if ctx.is_main:
                 echo(f"resumed from {path} at epoch {start_epoch}")
+                if pinned and config.clsp_weight > 0 and config.expect_model is None:
+                    echo(
+                        f"positives pinned to model {pinned}, as before the resume: a "
+                        "source of another model is not used (--allow-model-change takes any)"
+                        if not config.allow_model_change
+                        else f"--allow-model-change: positives of any model, not only {pinned}"
+                    )
         elif ctx.is_main:
             echo(f"--resume: no checkpoint in {out_dir}, starting from scratch")
 
-    feed = _open_positives(config, pretrain_set.images, sampler)
+    feed = _open_positives(config, pretrain_set.images, sampler, pinned)
     tracker = None
     if ctx.is_main:
         tracker = TrainTracker.open(
@@ -449,7 +480,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
                 if tracker is not None:
                     tracker.epoch(record, final.as_dict() if evaluate_now and final else None)
                 if out_dir is not None:
-                    _save(out_dir, config, method, optimizer, schedule, epoch, ctx)
+                    pinned = _pinned_model(feed, pinned)
+                    _save(out_dir, config, method, optimizer, schedule, epoch, ctx, pinned)
                     write_train_curves(out_dir, METRICS_NAME)
             elif out_dir is not None:
                 gather_objects(ckpt.rng_state())
@@ -492,6 +524,7 @@ def _save(
     schedule: Any,
     epoch: int,
     ctx: DistributedContext,
+    pinned: str | None = None,
 ) -> None:
     rngs = gather_objects(ckpt.rng_state())
     ckpt.save_checkpoint(
@@ -504,6 +537,7 @@ def _save(
             "rng": rngs,
             "config": config.stored(),
             "world_size": ctx.world_size,
+            ckpt.PINNED_MODEL: pinned,
         },
     )
 

@@ -8,13 +8,16 @@ kill, a pool outage) continues where it stopped when rerun with the same
 options. The data rows are flushed before the sidecar marks them, so a row is
 never marked done without its images on disk; the reader refuses a file whose
 sidecar still exists. A second sidecar, ``.meta.json``, records the options a
-file was made with, so a rerun with other options cannot mix two kinds of rows.
+file was made with, so a rerun with other options cannot mix two kinds of rows,
+and the model fingerprint, which the reader checks against the model the run
+expects (docs/reliability.md, "Model pinning").
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,8 @@ from clsp_positives.trainer.positives.pending import (
     answered,
     check_batch,
 )
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------- file and sidecars
 
@@ -172,13 +177,46 @@ def fill(
 # ----------------------------------------------- reading: --positives-npy
 
 
+def bank_model(npy: str | Path) -> str | None:
+    """The model fingerprint a bank's ``.meta.json`` names; None for a bank without
+    the sidecar or with no model in it (made before banks recorded one)."""
+    meta = meta_path(npy)
+    if not meta.is_file():
+        return None
+    model = json.loads(meta.read_text()).get("model")
+    return str(model) if model else None
+
+
+def check_bank_model(npy: str | Path, model: str | None, expected: str | None) -> str | None:
+    """A bank's model against the one the run expects (``--expect-model``, or the model a
+    resumed run's checkpoint pinned): positives of another model never reach training,
+    as with the pool (docs/reliability.md, "Model pinning"). Returns the bank's model."""
+    if expected is None or model == expected:
+        return model
+    if model is None:
+        log.warning(
+            'offline positives %r do not name the model that made them (no "model" in '
+            "%s): they cannot be checked against the expected model %s",
+            str(npy),
+            meta_path(npy).name,
+            expected,
+        )
+        return None
+    raise ValueError(
+        f"offline positives {str(npy)!r} were made by model {model}, but this run expects "
+        f"model {expected} (--expect-model, or the model its checkpoint pinned): use a bank "
+        f"of model {expected}, or drop --expect-model / pass --allow-model-change to train "
+        f"on this one"
+    )
+
+
 class OfflineNpySource:
     """The paper's pre-generated positives: ``[N, K, H, W, C]`` uint8, memory-mapped and
     indexed by data set index and candidate index."""
 
     enabled = True
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, expect_model: str | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -204,6 +242,10 @@ class OfflineNpySource:
                 )
             )
         self.path = path
+        self.model = check_bank_model(path, bank_model(path), expect_model)
+        """The fingerprint of the model that made the bank (its ``.meta.json``), or None
+        when the file does not say; epoch records and checkpoints carry it, as the pool
+        source's pinned model."""
 
     @property
     def k(self) -> int:

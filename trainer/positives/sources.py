@@ -222,5 +222,5 @@ def build_source(
         client = PoolClient(positives, token=token, timeout_s=timeout_s, **(client_options or {}))
         return PoolSource(client, params, chunk=chunk, pin_model=pin_model)
     if offline_npy:
-        return OfflineNpySource(offline_npy)
+        return OfflineNpySource(offline_npy, expect_model=params.expect_model)
     return NoSource()

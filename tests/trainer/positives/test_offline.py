@@ -173,3 +173,29 @@ def test_writer_refuses_a_file_made_with_other_options(tmp_path: Path) -> None:
     meta_path(out).unlink()
     with pytest.raises(ValueError, match=r"it has no pos\.npy\.meta\.json"):
         open_output(out, (10, 2, 4, 4, 1), META)
+
+
+# ---------------------------------------------------------------- its model
+
+
+def test_offline_source_checks_the_model_its_bank_names(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bank made by another model than the run expects is refused, naming both and the
+    way out; one that does not say is taken with one warning; none expected, none checked."""
+    path = tmp_path / "pos.npy"
+    np.save(path, paper_array())
+    with caplog.at_level("WARNING"):
+        assert OfflineNpySource(path, expect_model="model-a").model is None
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "do not name the model" in warning and "model-a" in warning
+    caplog.clear()
+
+    meta_path(path).write_text(json.dumps({**META, "model": "model-a"}))
+    with caplog.at_level("WARNING"):
+        assert OfflineNpySource(path).model == "model-a"
+        assert OfflineNpySource(path, expect_model="model-a").model == "model-a"
+    assert caplog.records == []
+    with pytest.raises(ValueError, match=r"made by model model-a.*expects model model-b") as e:
+        OfflineNpySource(path, expect_model="model-b")
+    assert "--allow-model-change" in str(e.value) and "--expect-model" in str(e.value)
