@@ -481,9 +481,12 @@ class PositivesService:
             self.metrics.deduplicated.inc(ticket.deduplicated)
         waiting = asyncio.ensure_future(asyncio.wait(set(ticket.futures)))
         hangup = asyncio.ensure_future(disconnected())
-        # Past its deadline a request stops waiting, also for items it shares with a
-        # request that has more time (the batcher keeps those for the latter).
-        timeout = prepared.deadline - time.monotonic()
+        # A request answers with what is done once the rest cannot make its deadline any
+        # more (one item's sampler time before it: nothing that starts later ends in
+        # time), so the answer reaches the caller by the deadline, not after it. It stops
+        # waiting also for items it shares with a request that has more time (the
+        # batcher keeps those for the latter).
+        timeout = prepared.deadline - time.monotonic() - self.batcher.seconds_per_item
         try:
             await asyncio.wait(
                 {waiting, hangup},

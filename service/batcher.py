@@ -18,12 +18,14 @@ started, unless another ticket still wants them.
 Items may carry a deadline and a priority (0: a training step needs it now, 1:
 look-ahead). The next call serves the group of the most urgent item (lowest
 priority, then earliest deadline, then oldest) and fills its batch in that
-order, earliest-deadline-first within a priority. Before every launch, items
-whose deadline will have passed when that call ends (now plus the call's
-expected duration, from the measured seconds per item) are dropped with
+order, earliest-deadline-first within a priority. A call's duration grows with
+its size (the measured seconds per item), so a batch only grows while it would
+still end before the earliest deadline in it: under tight deadlines calls get
+smaller and finish in time, rather than full and late. Before every launch,
+items that could not finish even in a call of their own are dropped with
 ``DeadlineExceeded``: such an item is late whatever happens, so it is never
 generated and never cached, and the sampler's time goes to items that can still
-make it. Plain earliest-deadline-first without this is known to collapse under
+make it. Plain earliest-deadline-first without both is known to collapse under
 overload, every call finishing just too late for its items. An item that started
 runs to the end (docs/design.md §4).
 """
@@ -188,6 +190,11 @@ class Batcher:
         """Items queued or running."""
         return len(self._entries)
 
+    @property
+    def seconds_per_item(self) -> float:
+        """Measured sampler seconds per item (moving average; 0 before the first call)."""
+        return self._seconds_per_item
+
     def retry_after(self) -> int:
         """Whole seconds until the queue has likely drained enough to take work."""
         return max(1, math.ceil(self._pending * self._seconds_per_item))
@@ -267,13 +274,8 @@ class Batcher:
         entries = self._groups[group].values()
         oldest = next(iter(entries)).enqueued
         earliest = min(e.deadline for e in entries)
-        slack = self.max_wait + self._expected_seconds(group)
+        slack = self.max_wait + self._seconds_per_item  # time for a call of one, at least
         return group, min(oldest + self.max_wait, earliest - slack)
-
-    def _expected_seconds(self, group: Hashable) -> float:
-        """How long the next call of ``group`` should take: its batch size times the
-        measured seconds per item (0 before the first call)."""
-        return min(len(self._groups[group]), self.max_batch) * self._seconds_per_item
 
     def _drop_expired(self, now: float) -> int:
         """Fail every queued entry whose deadline is not after ``now`` (``DeadlineExceeded``)."""
@@ -314,18 +316,26 @@ class Batcher:
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), wait)
                 continue  # re-evaluate: the group may have filled, emptied or changed
-            if self._drop_expired(time.monotonic() + self._expected_seconds(group)):
+            if self._drop_expired(time.monotonic() + self._seconds_per_item):
                 continue  # re-evaluate: groups may have emptied
-            batch = self._take(group)
+            batch = self._take(group, time.monotonic())
             await self._run(loop, group, batch)
 
-    def _take(self, group: Hashable) -> list[_Entry]:
-        """The group's ``max_batch`` most urgent entries, earliest deadline first within
-        a priority; the rest keep their arrival order."""
+    def _take(self, group: Hashable, now: float) -> list[_Entry]:
+        """Up to ``max_batch`` of the group's entries, most urgent first (earliest deadline
+        first within a priority), each taken only if the call, one item longer, would
+        still end before every taken item's deadline; the rest keep their order. The
+        most urgent entry is always taken (``_drop_expired`` made sure it can finish)."""
         entries = self._groups[group]
-        chosen = sorted(entries.items(), key=lambda kv: kv[1].urgency())[: self.max_batch]
         batch: list[_Entry] = []
-        for key, entry in chosen:
+        due = math.inf
+        for key, entry in sorted(entries.items(), key=lambda kv: kv[1].urgency()):
+            if len(batch) == self.max_batch:
+                break
+            ends = now + (len(batch) + 1) * self._seconds_per_item
+            if batch and ends > min(due, entry.deadline):
+                continue
+            due = min(due, entry.deadline)
             del entries[key]
             entry.started = True
             batch.append(entry)

@@ -8,9 +8,10 @@ no slower than the baseline. ``strict`` waits for every positive instead; it
 only waits, since a strict batch's requests are retried by the pool client
 itself until the strict timeout (the one retry policy, docs/design.md §5).
 
-Each request tells the pool when its positives stop being of use (the step that
-takes them is ``steps ahead x`` the measured step time away, plus the take's own
-wait) and whether a step needs them now (priority 0: the next step) or they are
+Each request tells the pool when its positives stop being of use (when the step
+that takes them starts: ``steps ahead x`` the measured step time away; the pool
+answers with what is done by then, so the answer is there when the take looks)
+and whether a step needs them now (priority 0: the next step) or they are
 look-ahead (priority 1). A pool slower than training then drops what would come
 too late instead of serving every batch late, so the positive fraction stays at
 what the pool can deliver rather than falling to zero (docs/design.md §5).
@@ -118,13 +119,15 @@ class Prefetcher:
         self._warned = False
 
     def urgency(self, steps_ahead: int) -> Urgency | None:
-        """When the batch ``steps_ahead`` steps from the current one is taken, plus the
-        take's wait, and its priority; None while the step time is unknown (the first
-        steps), when strict (a strict batch waits for all its positives) and when
-        ``pool_deadlines`` is off."""
+        """When the batch ``steps_ahead`` steps from the current one is taken, and its
+        priority; None while the step time is unknown (the first steps), when strict
+        (a strict batch waits for all its positives) and when ``pool_deadlines`` is off.
+
+        Not the take plus its wait: the take's wait is rationed (``WaitBucket``) and
+        often near zero, so an answer due after the take starts mostly comes too late."""
         if self.strict or self._step_s is None or not self.pool_deadlines:
             return None
-        seconds = max(steps_ahead, 0) * self._step_s + self.deadline_s
+        seconds = max(steps_ahead, 0) * self._step_s
         return Urgency(
             deadline_ms=min(max(seconds * 1000.0, 1.0), 3_600_000.0),
             priority=0 if steps_ahead <= 1 else 1,
