@@ -203,6 +203,9 @@ class PositivesService:
         self.not_ready_reason = "the model is warming up"
         metrics.watch_cache(lambda: cache.stats)
         metrics.watch_queue(lambda: self.batcher.queued, lambda: self.batcher.in_flight)
+        # The GPU's memory and utilisation join /metrics when the generator's device
+        # (resolved, so `auto` counts) is CUDA; a CPU generator exports none.
+        metrics.watch_device(generator.device)
 
     # ---------------------------------------------------------- worker side
 

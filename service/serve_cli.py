@@ -41,9 +41,6 @@ def serve(given: dict[str, Any]) -> None:
     except (ValueError, OSError) as exc:  # a model that cannot load: say why, no traceback
         typer.echo(f"clsp serve: {exc}", err=True)
         raise typer.Exit(2) from None
-    # The GPU's memory and utilisation join /metrics when the generator's device
-    # (resolved, so `auto` counts) is CUDA; a CPU generator exports none.
-    app.state.metrics.watch_device(app.state.service.generator.device)
     scraper = None
     if settings.metrics_port is not None:
         scraper = uvicorn.Server(
