@@ -94,6 +94,7 @@ class PreparedRequest:
     canonical: np.ndarray  # float32 [N, C, H, W] pictures, or [N, c, h, w] latents
     keys: list[bytes]
     deadline: float = math.inf  # time.monotonic() of params.deadline_ms, inf for none
+    cost: int = 0  # request_cost: sampler item-steps, autoencoder passes included
 
 
 class BatchGroup(NamedTuple):
@@ -249,7 +250,7 @@ class PositivesService:
         so that no request pays for a first call and ready means 'can serve now'."""
         t0 = time.perf_counter()
         try:
-            await asyncio.get_running_loop().run_in_executor(
+            warm_call_s = await asyncio.get_running_loop().run_in_executor(
                 self.executor,
                 lambda: self.generator.warmup(
                     steps=self.settings.warmup_steps,
@@ -261,6 +262,9 @@ class PositivesService:
             self.not_ready_reason = f"warm-up batch failed: {exc!r}"
             log.exception("warm-up batch failed; /readyz stays 503")
             return
+        # the call-time model's first point, until real calls measure their own
+        cost = max(self.warmup_batch_sizes) * self.settings.warmup_steps
+        self.batcher.call_times.add(cost, warm_call_s)
         self.ready = True
         log.info("ready: model %s warmed up in %.2f s", self.fingerprint, time.perf_counter() - t0)
 
@@ -374,7 +378,8 @@ class PositivesService:
             for a, c in zip(req.anchor_index, req.candidates, strict=True)
         ]
         ms = req.params.deadline_ms
-        return PreparedRequest(req, canon, keys, received + ms / 1000 if ms else math.inf)
+        deadline = received + ms / 1000 if ms else math.inf
+        return PreparedRequest(req, canon, keys, deadline, cost)
 
     async def prepare_async(self, body: bytes, content_type: str | None) -> PreparedRequest:
         # Large bodies decode and hash in a helper thread so the loop keeps serving.
@@ -464,6 +469,7 @@ class PositivesService:
         req, canon, keys = prepared.request, prepared.canonical, prepared.keys
         params = req.params
         group = BatchGroup(params.group(), req.anchor_space)
+        cost = prepared.cost / len(keys)  # item-steps, as ServiceSettings.max_cost counts
         items = [
             Item(
                 keys[i],
@@ -472,6 +478,7 @@ class PositivesService:
                 group,
                 deadline=prepared.deadline,
                 priority=params.priority,
+                cost=cost,
             )
             for i in missing
         ]
@@ -484,12 +491,10 @@ class PositivesService:
             self.metrics.deduplicated.inc(ticket.deduplicated)
         waiting = asyncio.ensure_future(asyncio.wait(set(ticket.futures)))
         hangup = asyncio.ensure_future(disconnected())
-        # A request answers with what is done once the rest cannot make its deadline any
-        # more (one item's sampler time before it: nothing that starts later ends in
-        # time), so the answer reaches the caller by the deadline, not after it. It stops
-        # waiting also for items it shares with a request that has more time (the
-        # batcher keeps those for the latter).
-        timeout = prepared.deadline - time.monotonic() - self.batcher.seconds_per_item
+        # At its deadline a request answers with what is done (the batcher sized its
+        # calls to end by then); it stops waiting also for items it shares with a request
+        # that has more time (the batcher keeps those for the latter).
+        timeout = prepared.deadline - time.monotonic()
         try:
             await asyncio.wait(
                 {waiting, hangup},

@@ -19,8 +19,9 @@ Items may carry a deadline and a priority (0: a training step needs it now, 1:
 look-ahead). The next call serves the group of the most urgent item (lowest
 priority, then earliest deadline, then oldest) and fills its batch in that
 order, earliest-deadline-first within a priority. A call's duration grows with
-its size (the measured seconds per item), so a batch only grows while it would
-still end before the earliest deadline in it: under tight deadlines calls get
+its size (``CallTimes``: a fixed part plus a part per item-step, fitted to the
+last calls), so a batch only grows while it would still end before the earliest
+deadline in it: under tight deadlines calls get
 smaller and finish in time, rather than full and late. Before every launch,
 items that could not finish even in a call of their own are dropped with
 ``DeadlineExceeded``: such an item is late whatever happens, so it is never
@@ -33,6 +34,7 @@ runs to the end (docs/design.md §4).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import math
 import time
@@ -47,6 +49,52 @@ RunBatch = Callable[[Hashable, np.ndarray, list[bytes], np.ndarray], np.ndarray]
 """``run_batch(group, anchors [M,C,H,W] float32, keys [M], interpolation_weights [M]
 float32) -> uint8 [M, ...]``: one sampler call, run in the worker thread. It gets the
 keys, not seeds: the generator alone turns a key into a seed (docs/design.md §2)."""
+
+
+CALL_TIME_WINDOW = 32
+"""Recent sampler calls the call-time model is fitted to."""
+
+
+class CallTimes:
+    """How long a sampler call of a given cost (item-steps) takes: ``fixed + per_cost *
+    cost``, least squares over the last ``CALL_TIME_WINDOW`` calls.
+
+    A fixed part matters: a call of one item costs far more than 1/64 of a call of 64
+    on a CPU (and nearly as much as all 64 on a GPU), and a proportional model would
+    shrink batches under tight deadlines into calls that still end late. Until the
+    calls differ in cost the fit is proportional.
+    """
+
+    def __init__(self) -> None:
+        self._calls: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=CALL_TIME_WINDOW
+        )
+        self.fixed = 0.0
+        self.per_cost = 0.0
+
+    def add(self, cost: float, seconds: float) -> None:
+        self._calls.append((cost, seconds))
+        self.fixed, self.per_cost = fit_call_times(list(self._calls))
+
+    def __call__(self, cost: float) -> float:
+        return self.fixed + self.per_cost * cost
+
+
+def fit_call_times(calls: list[tuple[float, float]]) -> tuple[float, float]:
+    """``(fixed, per_cost)`` of calls ``(cost, seconds)``, both >= 0."""
+    costs = np.array([c for c, _ in calls], dtype=np.float64)
+    seconds = np.array([s for _, s in calls], dtype=np.float64)
+    if len(calls) == 0 or costs.sum() <= 0:
+        return 0.0, 0.0
+    proportional = (0.0, float(seconds.sum() / costs.sum()))
+    if np.ptp(costs) <= 1e-9 * costs.max():
+        return proportional
+    per_cost, fixed = np.polyfit(costs, seconds, 1)
+    if per_cost <= 0:
+        return proportional
+    if fixed < 0:  # through the origin instead
+        return 0.0, float((costs * seconds).sum() / (costs * costs).sum())
+    return float(fixed), float(per_cost)
 
 
 class QueueFull(Exception):
@@ -73,7 +121,9 @@ class DeadlineExceeded(Exception):
 @dataclass(frozen=True)
 class Item:
     """One positive to generate: its key, canonical anchor and interpolation weight,
-    and when (``time.monotonic()``; inf: never) and how urgently (0 first) it is needed."""
+    and when (``time.monotonic()``; inf: never) and how urgently (0 first) it is needed;
+    ``cost`` is its sampler work in item-steps (``ServiceSettings.max_cost``'s unit), which
+    scales the measured time per unit into the time its call will take."""
 
     key: bytes
     anchor: np.ndarray  # float32 [C, H, W] in [-1, 1]
@@ -81,6 +131,7 @@ class Item:
     group: Hashable
     deadline: float = math.inf
     priority: int = 0
+    cost: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -149,6 +200,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._closing = False
         self._seconds_per_item = 0.0  # moving estimate, for Retry-After
+        self.call_times = CallTimes()  # for deadlines
 
     # ------------------------------------------------------------- lifecycle
 
@@ -189,11 +241,6 @@ class Batcher:
     def in_flight(self) -> int:
         """Items queued or running."""
         return len(self._entries)
-
-    @property
-    def seconds_per_item(self) -> float:
-        """Measured sampler seconds per item (moving average; 0 before the first call)."""
-        return self._seconds_per_item
 
     def retry_after(self) -> int:
         """Whole seconds until the queue has likely drained enough to take work."""
@@ -274,16 +321,20 @@ class Batcher:
         entries = self._groups[group].values()
         oldest = next(iter(entries)).enqueued
         earliest = min(e.deadline for e in entries)
-        slack = self.max_wait + self._seconds_per_item  # time for a call of one, at least
+        # time for a call of the most costly one alone, at least
+        slack = self.max_wait + self.call_times(max(e.item.cost for e in entries))
         return group, min(oldest + self.max_wait, earliest - slack)
 
-    def _drop_expired(self, now: float) -> int:
-        """Fail every queued entry whose deadline is not after ``now`` (``DeadlineExceeded``)."""
+    def _drop_expired(
+        self, now: float, call_time: Callable[[float], float] = lambda cost: 0.0
+    ) -> int:
+        """Fail every queued entry that could not end by its deadline even in a call of
+        its own starting ``now`` (``DeadlineExceeded``)."""
         expired = [
             (g, key, e)
             for g, entries in self._groups.items()
             for key, e in entries.items()
-            if e.deadline <= now
+            if e.deadline <= now + call_time(e.item.cost)
         ]
         for group, key, entry in expired:
             entries = self._groups[group]
@@ -316,7 +367,7 @@ class Batcher:
                 with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), wait)
                 continue  # re-evaluate: the group may have filled, emptied or changed
-            if self._drop_expired(time.monotonic() + self._seconds_per_item):
+            if self._drop_expired(time.monotonic(), self.call_times):
                 continue  # re-evaluate: groups may have emptied
             batch = self._take(group, time.monotonic())
             await self._run(loop, group, batch)
@@ -328,14 +379,14 @@ class Batcher:
         most urgent entry is always taken (``_drop_expired`` made sure it can finish)."""
         entries = self._groups[group]
         batch: list[_Entry] = []
-        due = math.inf
+        due, cost = math.inf, 0.0
         for key, entry in sorted(entries.items(), key=lambda kv: kv[1].urgency()):
             if len(batch) == self.max_batch:
                 break
-            ends = now + (len(batch) + 1) * self._seconds_per_item
+            ends = now + self.call_times(cost + entry.item.cost)
             if batch and ends > min(due, entry.deadline):
                 continue
-            due = min(due, entry.deadline)
+            due, cost = min(due, entry.deadline), cost + entry.item.cost
             del entries[key]
             entry.started = True
             batch.append(entry)
@@ -371,6 +422,7 @@ class Batcher:
             if self._seconds_per_item == 0.0
             else 0.8 * self._seconds_per_item + 0.2 * per_item
         )
+        self.call_times.add(sum(e.item.cost for e in batch), seconds)
         for i, entry in enumerate(batch):
             self._entries.pop(entry.item.key, None)
             if entry.future.done():

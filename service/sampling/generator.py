@@ -16,6 +16,7 @@ both inside the same call, so the batcher's batches cover them too.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -513,8 +514,10 @@ class PositivesGenerator:
         steps: int = 2,
         batch_sizes: tuple[int, ...] = (1,),
         sampling: Sampling = DEFAULT_SAMPLING,
-    ) -> None:
-        """Run every sampler path once per batch size, so no request pays a first call.
+    ) -> float:
+        """Run every sampler path once per batch size, so no request pays a first call;
+        return the seconds of one more, warm, anchor-path call of the largest batch at
+        ``steps`` steps: the batcher's first measure of what a call takes.
 
         A first call pays for lazy initialisation and, on CUDA, for the Triton
         compile of each kernel it launches (and, compiled, for the batch bucket).
@@ -562,6 +565,18 @@ class PositivesGenerator:
                     method="dpmpp-2m",
                     sampling=sampling,
                 )
+        b = max(batch_sizes)
+        started = time.perf_counter()
+        self.sample(
+            np.zeros((b, self.channels, h, w), dtype=np.float32),
+            np.arange(b, dtype=np.int64),
+            np.full(b, WARMUP_INTERPOLATION_WEIGHT, dtype=np.float32),
+            steps=steps,
+            eta=0.1,
+            method="ddim",
+            sampling=sampling,
+        )
+        return time.perf_counter() - started
 
     @staticmethod
     def _candidates(candidates: np.ndarray | None, canon: np.ndarray) -> np.ndarray:

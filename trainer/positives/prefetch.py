@@ -47,6 +47,16 @@ log = logging.getLogger(__name__)
 DEFAULT_WAIT_SHARE = 0.05
 """Most of the training's wall time that waiting for late positives may take in the long run."""
 
+ANSWER_MARGIN_STEPS = 0.25
+"""How long before its take a batch's answer is due, in steps: the pool answers at
+the deadline with what is done, and the answer must still travel and be decoded."""
+
+FIRST_STEP_GUESS_S = 1.0
+"""The step time assumed until two takes have measured it. The first L batches go out
+at once, before any step ran: a guess too short has the pool drop them all, one too
+long has it work at most L guesses on batches that may come late. A second is a
+training step of a large model, or a few of a small one (docs/performance.md)."""
+
 STEP_TIME_SMOOTHING = 0.2
 """Weight of the newest interval between two takes in the step time estimate."""
 
@@ -120,14 +130,18 @@ class Prefetcher:
 
     def urgency(self, steps_ahead: int) -> Urgency | None:
         """When the batch ``steps_ahead`` steps from the current one is taken, and its
-        priority; None while the step time is unknown (the first steps), when strict
-        (a strict batch waits for all its positives) and when ``pool_deadlines`` is off.
+        priority; None when strict (a strict batch waits for all its positives) and when
+        ``pool_deadlines`` is off.
 
-        Not the take plus its wait: the take's wait is rationed (``WaitBucket``) and
-        often near zero, so an answer due after the take starts mostly comes too late."""
-        if self.strict or self._step_s is None or not self.pool_deadlines:
+        A quarter step before the take (``ANSWER_MARGIN_STEPS``), not the take plus its
+        wait: the take's wait is rationed (``WaitBucket``) and often near zero, so an
+        answer due after the take starts mostly comes too late.
+        Until two takes have measured the step time, a step counts as
+        ``FIRST_STEP_GUESS_S``."""
+        if self.strict or not self.pool_deadlines:
             return None
-        seconds = max(steps_ahead, 0) * self._step_s
+        step_s = self._step_s if self._step_s is not None else FIRST_STEP_GUESS_S
+        seconds = (max(steps_ahead, 0) - ANSWER_MARGIN_STEPS) * step_s
         return Urgency(
             deadline_ms=min(max(seconds * 1000.0, 1.0), 3_600_000.0),
             priority=0 if steps_ahead <= 1 else 1,
@@ -311,7 +325,7 @@ class PositivesFeed:
     def __init__(
         self,
         prefetcher: Prefetcher,
-        images: np.ndarray,
+        images: Any,
         sampler: ShardedBatchSampler,
         *,
         seed: int,
@@ -319,7 +333,10 @@ class PositivesFeed:
         epochs: int,
     ) -> None:
         self.prefetcher = prefetcher
-        self.images = images  # uint8 [N, H, W, C], the whole training set
+        # uint8 [N, H, W, C], the whole training set, or a set that gives a batch's
+        # images by ``anchors(indices)`` (in memory or streamed: trainer/streamed.py)
+        self.images = images
+        self._anchors = getattr(images, "anchors", None) or images.__getitem__
         self.sampler = sampler
         self.seed = seed
         self.k = k
@@ -345,7 +362,8 @@ class PositivesFeed:
             e, b = divmod(g, spe)
             plan, cands = self._plan(e)
             idx = plan.batches[b]
-            self.prefetcher.submit(g, self.images[idx], idx, cands[idx], steps_ahead=g - current)
+            anchors = self._anchors(idx)
+            self.prefetcher.submit(g, anchors, idx, cands[idx], steps_ahead=g - current)
         self.submitted = max(self.submitted, last)
 
     def take(self, epoch: int, step: int) -> PositivesBatch:

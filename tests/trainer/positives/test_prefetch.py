@@ -364,7 +364,8 @@ def test_requests_carry_when_their_step_needs_them() -> None:
     step's batch is priority 0. Strict runs wait for everything: no deadline."""
     source = build_source(None, offline_npy=None, token=None, params=PARAMS)
     with Prefetcher(source, lookahead=3, deadline_ms=100, strict=False) as pf:
-        assert pf.urgency(3) is None  # no step time yet
+        first = pf.urgency(3)  # no step time yet: a step counts as a second
+        assert first is not None and first.deadline_ms == 2750 and first.priority == 1
         for b in range(4):
             submit(pf, b)
             pf.take(b)
@@ -372,7 +373,7 @@ def test_requests_carry_when_their_step_needs_them() -> None:
         ahead, next_step = pf.urgency(3), pf.urgency(1)
         assert ahead is not None and next_step is not None
         assert ahead.priority == 1 and next_step.priority == 0
-        assert 3 * 50 <= ahead.deadline_ms <= 3 * 200
+        assert 2.75 * 50 <= ahead.deadline_ms <= 2.75 * 200
         assert next_step.deadline_ms < ahead.deadline_ms
     with Prefetcher(source, lookahead=3, deadline_ms=100, strict=True) as strict:
         for b in range(3):
