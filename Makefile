@@ -103,6 +103,7 @@ bench: install system-tools $(BENCH_MODEL)/unet/config.json
 	$(PY) tests/bench/generation.py --batches 1,8,64 --steps 3 --threads 1 --compile
 	$(PY) tests/bench/service.py
 	$(PY) tests/bench/trainer.py
+	$(PY) tests/bench/slow_pool.py --epochs 3 --gen-steps 30 --backbone resnet18 --json runs/slow-pool.json
 	$(PY) tests/bench/load.py --seconds 60 --clients 32
 	$(PY) tests/bench/speed_quality.py --model $(BENCH_MODEL) --out runs/speed-quality
 
