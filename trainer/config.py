@@ -194,6 +194,13 @@ class TrainConfig(BaseModel):
     positives_strict: bool = Field(
         False, description="Wait for every positive instead of the deadline."
     )
+    pool_deadlines: bool = Field(
+        True,
+        description="Tell the pool when each batch's positives are needed (deadline_ms from "
+        "the step time, priority 0 for the next step, 1 for look-ahead), so that a pool "
+        "slower than training drops what would come too late (off: every request is served "
+        "however late; docs/performance.md).",
+    )
     allow_model_change: bool = Field(
         False,
         description="Take positives from whichever model the pool serves (by default the "

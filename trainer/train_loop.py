@@ -183,6 +183,7 @@ def _open_positives(
         lookahead=config.prefetch,
         deadline_ms=config.positives_deadline_ms,
         strict=config.positives_strict,
+        pool_deadlines=config.pool_deadlines,
     )
     return PositivesFeed(
         prefetcher,
