@@ -324,3 +324,29 @@ def test_items_that_would_finish_late_are_not_started():
         tight.futures[0].result()
     assert loose.futures[0].result()[0, 0, 0] == 3
     assert [seeds for _, seeds, _, _ in sampler.calls] == [[1], [3]]
+
+
+def test_batches_shrink_to_end_before_their_deadlines():
+    """At 0.2 s per item, four items due in 0.5 s fit two to a call: the call takes two,
+    the other two cannot make it any more and are dropped; items due later go next."""
+
+    class Slow(RecordingSampler):
+        def __call__(self, group, anchors, keys, interpolation_weights):
+            time.sleep(0.2 * len(keys))
+            return super().__call__(group, anchors, keys, interpolation_weights)
+
+    async def main():
+        sampler = Slow()
+        b = Batcher(sampler, max_batch=8, max_wait_ms=1, max_queue=100)
+        b.start()
+        await asyncio.wait(b.submit([item(1)]).futures)  # measures 0.2 s per item
+        now = time.monotonic()
+        tight = b.submit([item(10 + i, deadline=now + 0.5) for i in range(4)])
+        loose = b.submit([item(20 + i, deadline=now + 10) for i in range(2)])
+        await asyncio.wait(tight.futures + loose.futures)
+        await b.close()
+        return sampler, tight
+
+    sampler, tight = run(main())
+    assert [seeds for _, seeds, _, _ in sampler.calls] == [[1], [10, 11], [20, 21]]
+    assert [f.exception() is None for f in tight.futures] == [True, True, False, False]
