@@ -350,3 +350,20 @@ def test_batches_shrink_to_end_before_their_deadlines():
     sampler, tight = run(main())
     assert [seeds for _, seeds, _, _ in sampler.calls] == [[1], [10, 11], [20, 21]]
     assert [f.exception() is None for f in tight.futures] == [True, True, False, False]
+
+
+def test_call_times_fit_a_fixed_part_and_a_part_per_item_step():
+    from clsp_positives.service.batcher import CallTimes, fit_call_times
+
+    assert fit_call_times([]) == (0.0, 0.0)
+    # one cost only: proportional
+    assert fit_call_times([(10, 1.0), (10, 3.0)]) == (0.0, 0.2)
+    fixed, per_cost = fit_call_times([(c, 0.5 + 0.01 * c) for c in (10, 40, 100)])
+    assert abs(fixed - 0.5) < 1e-9 and abs(per_cost - 0.01) < 1e-9
+    # a negative intercept is not a time: through the origin instead
+    fixed, per_cost = fit_call_times([(10, 0.05), (100, 1.0)])
+    assert fixed == 0.0 and per_cost > 0
+    times = CallTimes()
+    for c in (8, 64):
+        times.add(c, 0.2 + 0.05 * c)
+    assert abs(times(32) - (0.2 + 0.05 * 32)) < 1e-9
