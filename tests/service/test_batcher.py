@@ -48,6 +48,14 @@ class RecordingSampler:
         return np.stack([np.full((2, 2, 1), s % 251, np.uint8) for s in seeds])
 
 
+class SlowSampler(RecordingSampler):
+    """0.2 s per item, as a CPU sampler's time grows with its batch."""
+
+    def __call__(self, group, anchors, keys, interpolation_weights):
+        time.sleep(0.2 * len(keys))
+        return super().__call__(group, anchors, keys, interpolation_weights)
+
+
 def item(
     seed: int,
     group=("g", 1),
@@ -302,13 +310,8 @@ def test_items_that_would_finish_late_are_not_started():
     """After a call that measured 0.2 s per item, an item due in 0.1 s cannot make it:
     it is dropped unrun, while one due later is generated."""
 
-    class Slow(RecordingSampler):
-        def __call__(self, group, anchors, keys, interpolation_weights):
-            time.sleep(0.2 * len(keys))
-            return super().__call__(group, anchors, keys, interpolation_weights)
-
     async def main():
-        sampler = Slow()
+        sampler = SlowSampler()
         b = Batcher(sampler, max_batch=1, max_wait_ms=1, max_queue=100)
         b.start()
         await asyncio.wait(b.submit([item(1)]).futures)  # measures 0.2 s per item
@@ -330,13 +333,8 @@ def test_batches_shrink_to_end_before_their_deadlines():
     """At 0.2 s per item, four items due in 0.5 s fit two to a call: the call takes two,
     the other two cannot make it any more and are dropped; items due later go next."""
 
-    class Slow(RecordingSampler):
-        def __call__(self, group, anchors, keys, interpolation_weights):
-            time.sleep(0.2 * len(keys))
-            return super().__call__(group, anchors, keys, interpolation_weights)
-
     async def main():
-        sampler = Slow()
+        sampler = SlowSampler()
         b = Batcher(sampler, max_batch=8, max_wait_ms=1, max_queue=100)
         b.start()
         await asyncio.wait(b.submit([item(1)]).futures)  # measures 0.2 s per item

@@ -20,3 +20,16 @@ def doc_example(path: Path, name: str, marker: str) -> str:
     assert len(found) == 1, f"{path.name} needs exactly one block marked '# {marker}: {name}'"
     assert DOCUMENTED_URL in found[0], f"the {name} example should talk to {DOCUMENTED_URL}"
     return found[0]
+
+
+def run_example(script: str, url: str, cwd: Path, *, shell: bool = False) -> str:
+    """Run an example (Python, or bash with ``shell``) against the service at ``url``;
+    its stdout, after asserting it succeeded."""
+    import subprocess
+    import sys
+
+    script = script.replace(DOCUMENTED_URL, url)
+    cmd = ["bash", "-euo", "pipefail", "-c", script] if shell else [sys.executable, "-c", script]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done.stdout

@@ -4,14 +4,12 @@ model (64x64x3 pictures, 4x16x16 latents, an AutoencoderKL)."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.examples import DOCUMENTED_URL, doc_example
+from tests.support.examples import doc_example, run_example
 from tests.support.models import latent_model_dir
 from tests.support.servers import ServerProcess
 from tests.support.service import clsp_serve
@@ -32,27 +30,14 @@ def test_curl_example(service: ServerProcess, tmp_path: Path) -> None:
     if shutil.which("curl") is None:
         pytest.fail("curl is not installed: docs/latent.md's example needs it")
     script = doc_example(LATENT_DOC, "latent-curl", "doc-example")
-    done = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script.replace(DOCUMENTED_URL, service.url)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    lines = done.stdout.splitlines()
+    lines = run_example(script, service.url, tmp_path, shell=True).splitlines()
     assert "latents float32 [1, 2, 4, 16, 16]" in lines
     assert "pictures uint8 [2, 64, 64, 3]" in lines
 
 
 def test_python_example(service: ServerProcess, tmp_path: Path) -> None:
     script = doc_example(LATENT_DOC, "latent-python", "doc-example")
-    done = subprocess.run(
-        [sys.executable, "-c", script.replace(DOCUMENTED_URL, service.url)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-    assert done.stdout.splitlines() == ["(8, 2, 4, 16, 16) float32", "(8, 64, 64, 3) uint8"]
+    assert run_example(script, service.url, tmp_path).splitlines() == [
+        "(8, 2, 4, 16, 16) float32",
+        "(8, 64, 64, 3) uint8",
+    ]
