@@ -78,3 +78,24 @@ def test_generate_output_latents_writes_the_compact_form(service, tmp_path: Path
         OfflineNpySource(out)
     refused = generate(service.url, tmp_path / "x.npy", "--output", "latents", "--grid", "g.png")
     assert refused.exit_code == 2 and "--grid draws pictures" in refused.output
+
+
+def test_clsp_train_takes_positives_from_a_latent_pool(service, tmp_path: Path) -> None:
+    """The trainer sends pictures and gets pictures, as from a pixel model (of the
+    pictures' size, which GET /v1/model's sample_size reports)."""
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train", "--dataset", "digits-photos", "--image-size", "64", "--channels", "3",
+            "--subset", "64",
+            "--backbone", "resnet-tiny", "--proj-hidden-dim", "32", "--epochs", "1",
+            "--batch-size", "32", "--clsp-weight", "1", "--positives", service.url, "--k", "1",
+            "--gen-steps", "1", "--positives-strict", "--linear-epochs", "0",
+            "--probe-epochs", "1", "--device", "cpu", "--no-progress", "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r.get("event") == "epoch"]
+    assert epochs and epochs[-1].get("positive_fraction") == 1.0, epochs
