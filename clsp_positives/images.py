@@ -1,8 +1,11 @@
 """Image data sets as plain numpy arrays (uint8 NHWC), shared by the DDPM trainer and the
 contrastive trainer.
 
-Everything is loaded into memory: the data sets this project targets (digits, CIFAR, STL-10 at
-small sizes) fit, and whole-array batches make augmentation on the training device cheap.
+Everything here is loaded into memory: the data sets this project targets (digits, CIFAR,
+STL-10 at small sizes) fit, and whole-array batches make augmentation on the training device
+cheap. An image folder larger than memory is streamed instead by the trainer
+(``clsp_positives.trainer.streamed``, docs/training.md "Large data sets"), which reads it
+through ``scan_image_folder`` and ``read_rgb`` so that both paths see the same images.
 """
 
 from __future__ import annotations
@@ -64,6 +67,11 @@ class ImageSet:
     def size(self) -> int:
         return int(self.images.shape[1])
 
+    def anchors(self, indices: np.ndarray) -> np.ndarray:
+        """The images at ``indices`` (uint8 [B, H, W, C], a copy): what the positives
+        feed sends the pool, asked of the in-memory and the streamed set alike."""
+        return self.images[np.asarray(indices, dtype=np.int64)]
+
     @property
     def channels(self) -> int:
         return int(self.images.shape[3])
@@ -113,7 +121,7 @@ def load_images(
         images, labels, classes = _image_folder(folder, split, size)
         key = str(folder)
     images = _resize(images, size)
-    images = _to_channels(images, channels)
+    images = to_channels(images, channels)
     return ImageSet(np.ascontiguousarray(images), labels.astype(np.int64), classes, key)
 
 
@@ -233,31 +241,66 @@ def _torchvision_set(
     return images, labels, classes
 
 
-def _image_folder(folder: Path, split: str, size: int | None) -> tuple[np.ndarray, np.ndarray, int]:
-    """ImageFolder layout; ``folder/train`` and ``folder/test`` are used when both exist."""
+@dataclass(frozen=True)
+class FolderIndex:
+    """The images of an image folder, without their pixels: ``root/names[i]`` is image
+    ``i`` and ``labels[i]`` its class (the sorted sub-folders' order). Both the in-memory
+    load and the streamed set (``clsp_positives.trainer.streamed``) read a folder through
+    it, so they number its images the same way."""
+
+    root: Path
+    names: list[str]  # "CLASS/FILE", relative to root
+    labels: np.ndarray  # int64 [N]
+    classes: int
+
+
+def scan_image_folder(folder: Path, split: str) -> FolderIndex:
+    """ImageFolder layout (DIR/CLASS/*.png); ``folder/train`` and ``folder/test`` are used
+    when both exist. Files are taken in sorted order, class by class."""
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         folder = folder / split
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir())
     if not class_dirs:
         raise ValueError(f"image folder {str(folder)!r} has no class sub-folders (DIR/CLASS/*.png)")
-    images: list[np.ndarray] = []
+    names: list[str] = []
     labels: list[int] = []
-    target: tuple[int, int] | None = (size, size) if size else None
     for label, class_dir in enumerate(class_dirs):
         for path in sorted(class_dir.iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")
-            # The first image fixes the size when none is asked for, so the array is regular.
-            target = target or rgb.size
-            if rgb.size != target:
-                rgb = rgb.resize(target, Image.Resampling.BICUBIC)
-            images.append(np.asarray(rgb, dtype=np.uint8))
-            labels.append(label)
-    if not images:
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                names.append(f"{class_dir.name}/{path.name}")
+                labels.append(label)
+    if not names:
         raise ValueError(f"image folder {str(folder)!r} holds no images ({sorted(IMAGE_SUFFIXES)})")
-    return np.stack(images), np.asarray(labels, dtype=np.int64), len(class_dirs)
+    return FolderIndex(folder, names, np.asarray(labels, dtype=np.int64), len(class_dirs))
+
+
+def read_rgb(
+    path: Path | str, target: tuple[int, int] | None = None, *, draft: bool = False
+) -> Image.Image:
+    """An image file as RGB, bicubically resized to ``target`` (width, height) when given
+    and different. ``draft`` lets a JPEG decode at the smallest of its 1/2, 1/4, 1/8
+    scales that still covers ``target`` (several times faster for a photo much larger
+    than the training size; the pixels differ slightly from a full decode)."""
+    with Image.open(path) as img:
+        if draft and target is not None:
+            img.draft("RGB", target)  # a no-op for formats other than JPEG
+        rgb = img.convert("RGB")
+    if target is not None and rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.BICUBIC)
+    return rgb
+
+
+def _image_folder(folder: Path, split: str, size: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every image of an image folder (``scan_image_folder``) in memory."""
+    found = scan_image_folder(folder, split)
+    images: list[np.ndarray] = []
+    target: tuple[int, int] | None = (size, size) if size else None
+    for name in found.names:
+        rgb = read_rgb(found.root / name, target)
+        # The first image fixes the size when none is asked for, so the array is regular.
+        target = target or rgb.size
+        images.append(np.asarray(rgb, dtype=np.uint8))
+    return np.stack(images), found.labels, found.classes
 
 
 def _resize(images: np.ndarray, size: int | None) -> np.ndarray:
@@ -272,7 +315,9 @@ def _resize(images: np.ndarray, size: int | None) -> np.ndarray:
     return out
 
 
-def _to_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
+def to_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
+    """uint8 NHWC images with ``channels`` channels (None: as they are): grey repeated
+    to RGB, RGB to luminance."""
     have = images.shape[3]
     if channels is None or channels == have:
         return images

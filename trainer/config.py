@@ -86,6 +86,20 @@ class TrainConfig(BaseModel):
     image_size: int | None = Field(
         None, ge=4, description="Resize images to this side.", json_schema_extra=_shown("the set's")
     )
+    channels: Literal[1, 3] | None = Field(
+        None,
+        description="Image channels: 1 (luminance) or 3 (RGB; grey repeated); an image "
+        "folder reads as RGB.",
+        json_schema_extra=_shown("the set's"),
+    )
+    data_workers: int = Field(
+        0,
+        ge=0,
+        description="Stream an image folder from disk, decoded and resized in this many "
+        "DataLoader worker processes, for folders larger than memory (needs --image-size; "
+        "0: load the data set in memory, as the named sets always are; docs/training.md, "
+        "Large data sets).",
+    )
     subset: int | None = Field(
         None, ge=1, description="Train on the first N images only.", json_schema_extra=_shown("all")
     )

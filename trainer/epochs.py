@@ -37,6 +37,11 @@ class IndexedImages(Dataset):
     def __getitems__(self, indices: list[int]) -> list[tuple[int, torch.Tensor, int]]:
         return [self[i] for i in indices]
 
+    def anchors(self, indices: np.ndarray) -> np.ndarray:
+        """The images at ``indices``, for the positives feed (as a streamed set's
+        ``StreamedBatches.anchors``)."""
+        return self.data.anchors(indices)
+
     def batch(self, indices: np.ndarray) -> Batch:
         idx = np.asarray(indices, dtype=np.int64)
         return Batch(

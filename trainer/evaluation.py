@@ -12,6 +12,7 @@ pass over the training set per epoch, so a run computes it at its final evaluati
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,7 +45,7 @@ class EvalResult:
 
 def extract_features(
     backbone: nn.Module,
-    images: np.ndarray,
+    images: Any,
     preprocess: BatchAugment,
     *,
     batch_size: int = 512,
@@ -126,9 +127,9 @@ def linear_probe(
 
 def evaluate_backbone(
     backbone: nn.Module,
-    train_images: np.ndarray,
+    train_images: Any,
     train_labels: np.ndarray,
-    test_images: np.ndarray,
+    test_images: Any,
     test_labels: np.ndarray,
     classes: int,
     preprocess: BatchAugment,
@@ -143,9 +144,12 @@ def evaluate_backbone(
 ) -> EvalResult:
     """kNN and fast-probe top-1 accuracy of a frozen backbone, and with
     ``linear_epochs > 0`` the standard linear protocol's. Unlabelled training images
-    (label -1, STL-10's extra split) are left out."""
+    (label -1, STL-10's extra split) are left out. The images are uint8 ``[N, H, W, C]``
+    arrays or streamed sets, whose features are extracted batch by batch without
+    holding their pixels (``linear_protocol.uint8_batches``)."""
     keep = train_labels >= 0
-    train_images, train_labels = train_images[keep], train_labels[keep]
+    if not keep.all():  # a streamed folder has no unlabelled rows: it is never indexed
+        train_images, train_labels = train_images[keep], train_labels[keep]
     if len(train_labels) == 0 or len(test_labels) == 0:
         raise ValueError("evaluation needs labelled train and test images")
     dev = preprocess.device

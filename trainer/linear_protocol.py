@@ -27,7 +27,7 @@ only (no crop) and its SGD has no momentum, with learning rate 1.0 in their exam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,25 +88,37 @@ def crop_flip_augment(
     )
 
 
+def uint8_batches(images: Any, batch_size: int) -> Iterator[Tensor]:
+    """uint8 ``[B, H, W, C]`` batches of every image in order: slices of an array, or
+    a streamed set's own batches (``chunks``: decoded by its DataLoader workers, so a
+    folder larger than memory is evaluated without loading it; docs/training.md,
+    "Large data sets")."""
+    chunks = getattr(images, "chunks", None)
+    if chunks is not None:
+        yield from chunks(batch_size)
+        return
+    for start in range(0, len(images), batch_size):
+        yield torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
+
+
 @torch.no_grad()
 def frozen_features(
     backbone: nn.Module,
-    images: np.ndarray,
+    images: Any,
     transform: Callable[[Tensor], Tensor],
     *,
     batch_size: int = 512,
     autocast: bool = False,
 ) -> Tensor:
     """Backbone features ``[N, F]`` (float32) of ``transform(uint8 batch)``, in eval mode
-    and without gradients; the backbone's mode is restored afterwards."""
+    and without gradients; the backbone's mode is restored afterwards. ``images`` is a
+    uint8 ``[N, H, W, C]`` array or a streamed set (``uint8_batches``)."""
     was_training = backbone.training
     backbone.eval()
     out = []
     try:
-        for start in range(0, len(images), batch_size):
-            x = transform(
-                torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
-            )
+        for batch in uint8_batches(images, batch_size):
+            x = transform(batch)
             with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=autocast):
                 out.append(backbone(x).float())
     finally:
@@ -133,9 +145,9 @@ def _linear_head(dim: int, classes: int, gen: torch.Generator) -> nn.Linear:
 
 def linear_protocol(
     backbone: nn.Module,
-    train_images: np.ndarray,
+    train_images: Any,
     train_labels: np.ndarray,
-    test_images: np.ndarray,
+    test_images: Any,
     test_labels: np.ndarray,
     classes: int,
     preprocess: BatchAugment,
@@ -150,7 +162,8 @@ def linear_protocol(
     """Train a linear classifier on the frozen ``backbone`` (solo-learn's linear config,
     see the module docstring) and return its test accuracy.
 
-    ``train_images`` / ``test_images`` are uint8 ``[N, H, W, C]`` with labelled rows only;
+    ``train_images`` / ``test_images`` are uint8 ``[N, H, W, C]`` with labelled rows only
+    (arrays, or streamed sets read batch by batch: ``uint8_batches``);
     ``preprocess`` gives the size, normalisation and device (its own generator is not
     used). Everything random (views, batch order, initialisation) comes from ``seed``.
     ``on_epoch(epoch, features)`` sees each epoch's training features in data set order.

@@ -38,13 +38,10 @@ from clsp_positives.trainer.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from clsp_positives.trainer.epochs import (
-    IndexedImages,
-    ShardedBatchSampler,
-    channel_stats,
-)
+from clsp_positives.trainer.epochs import IndexedImages, ShardedBatchSampler
 from clsp_positives.trainer.evaluation import EvalResult, evaluate_backbone
 from clsp_positives.trainer.methods import ContrastiveMethod, MethodConfig, build_method
+from clsp_positives.trainer.streamed import StreamedBatches, StreamedImages, pixel_stats
 from clsp_positives.trainer.tracking import TrainTracker, check_tracking, write_train_curves
 
 if TYPE_CHECKING:  # the positives path (httpx) is imported only when a run uses it
@@ -151,7 +148,7 @@ def _progress(enabled: bool, description: str, total: int) -> Iterator[Any]:
 
 def _open_positives(
     config: TrainConfig,
-    images: np.ndarray,
+    images: IndexedImages | StreamedBatches | np.ndarray,
     sampler: ShardedBatchSampler,
     pinned: str | None = None,
 ) -> PositivesFeed | None:
@@ -276,11 +273,13 @@ def evaluate_method(
     """kNN and the fast probe; at the ``final`` evaluation also the standard linear
     protocol (``config.linear_epochs`` epochs, 0: none), which costs a forward pass over
     the training set per epoch (docs/training.md, "Evaluation")."""
+    from clsp_positives.trainer.streamed import pixels
+
     return evaluate_backbone(
         method.backbone,
-        train_data.images,
+        pixels(train_data),
         train_data.labels,
-        test_data.images,
+        pixels(test_data),
         test_data.labels,
         train_data.classes,
         preprocess,
@@ -295,6 +294,23 @@ def evaluate_method(
 
 
 def load_datasets(config: TrainConfig, ctx: DistributedContext) -> tuple[Any, Any]:
+    """The labelled train and test splits: in memory (``ImageSet``), or with
+    ``--data-workers N`` an image folder's streamed sets (``StreamedImages``, nothing
+    decoded yet; docs/training.md, "Large data sets")."""
+    if config.data_workers > 0:
+        from clsp_positives.trainer.streamed import open_streamed
+
+        def stream(split: str) -> Any:
+            return open_streamed(
+                config.dataset,
+                split=split,
+                size=config.image_size,
+                channels=config.channels,
+                workers=config.data_workers,
+                pin_memory=ctx.device.type == "cuda",
+            )
+
+        return _first(stream("train"), config.subset), stream("test")
     from clsp_positives.images import ImageSet, load_images
 
     def load(split: str) -> ImageSet:
@@ -302,6 +318,7 @@ def load_datasets(config: TrainConfig, ctx: DistributedContext) -> tuple[Any, An
             config.dataset,
             split=split,
             size=config.image_size,
+            channels=config.channels,
             root=config.data_root,
             download=config.download and ctx.is_main,
         )
@@ -324,7 +341,11 @@ def load_pretraining_set(config: TrainConfig, ctx: DistributedContext, train_set
     from clsp_positives.images import load_images
 
     images = load_images(
-        config.dataset, split=config.train_split, size=config.image_size, root=config.data_root
+        config.dataset,
+        split=config.train_split,
+        size=config.image_size,
+        channels=config.channels,
+        root=config.data_root,
     )
     return _first(images, config.subset)
 
@@ -335,9 +356,21 @@ def _first(images: Any, n: int | None) -> Any:
 
     if n is None or n >= len(images.labels):
         return images
+    if not isinstance(images, ImageSet):
+        return images.first(n)  # a streamed set
     return ImageSet(
         images=images.images[:n], labels=images.labels[:n], classes=images.classes, name=images.name
     )
+
+
+def _training_batches(
+    config: TrainConfig, data: Any, sampler: ShardedBatchSampler, epochs: range
+) -> IndexedImages | StreamedBatches:
+    """Where the steps get their batches, and the feed its anchors (``anchors``): the
+    in-memory set itself, or a streamed set's loader, ``--prefetch`` batches ahead."""
+    if isinstance(data, StreamedImages):
+        return StreamedBatches(data, sampler, epochs=epochs, lookahead=config.prefetch)
+    return IndexedImages(data)
 
 
 def train(config: TrainConfig, *, echo: Any = print) -> TrainResult:
@@ -362,9 +395,7 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
         raise ValueError(f"unknown --backbone {config.backbone!r}; choose one of {BACKBONES}")
     train_set, test_set = load_datasets(config, ctx)
     pretrain_set = load_pretraining_set(config, ctx, train_set)
-    n, size, _, channels = pretrain_set.images.shape
-    mean, std = channel_stats(pretrain_set.images)
-    data = IndexedImages(pretrain_set)
+    (n, size, _, channels), mean, std = pixel_stats(pretrain_set)
     sampler = ShardedBatchSampler(
         n, config.batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=config.seed
     )
@@ -418,7 +449,10 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
         elif ctx.is_main:
             echo(f"--resume: no checkpoint in {out_dir}, starting from scratch")
 
-    feed = _open_positives(config, pretrain_set.images, sampler, pinned)
+    # Before the positives feed: a streamed set's loader forks its workers here,
+    # before the pool client starts its threads.
+    data = _training_batches(config, pretrain_set, sampler, range(start_epoch, config.epochs))
+    feed = _open_positives(config, data, sampler, pinned)
     tracker = None
     if ctx.is_main:
         tracker = TrainTracker.open(
@@ -509,6 +543,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
     finally:
         if feed is not None:
             feed.close()
+        if isinstance(data, StreamedBatches):
+            data.close()
         if tracker is not None:
             tracker.close()
     if ctx.is_main and final is not None:
@@ -617,7 +653,7 @@ def _run_epoch(
     optimizer: torch.optim.Optimizer,
     schedule: Any,
     augment: BatchAugment,
-    data: IndexedImages,
+    data: IndexedImages | StreamedBatches,
     sampler: ShardedBatchSampler,
     feed: PositivesFeed | None,
     channels: int,
@@ -636,13 +672,15 @@ def _run_epoch(
     started = time.perf_counter()
     with _progress(show, f"epoch {epoch + 1}/{config.epochs}", len(plan)) as tick:
         for step, indices in enumerate(plan.batches):
+            # The batch first: a streamed set's loader then holds batch step + L,
+            # whose anchors the feed sends the pool now.
+            anchors = data.batch(indices).images
             v3 = present = positives = None
             if feed is not None:
                 positives = feed.take(epoch, step)
                 v3, present = positive_view(
                     positives, augment, channels, keep_empty=ctx.distributed
                 )
-            anchors = data.batch(indices).images
             images = torch.from_numpy(anchors)
             v1, v2 = augment(images, view=0), augment(images, view=1)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
@@ -721,11 +759,10 @@ def evaluate_checkpoint(
     train_set, test_set = load_datasets(config, ctx)
     # The run's normalisation and queue size came from the images it trained on.
     pretrain_set = load_pretraining_set(config, ctx, train_set)
-    n, size, _, channels = pretrain_set.images.shape
+    (n, size, _, channels), mean, std = pixel_stats(pretrain_set)
     backbone, feature_dim = build_backbone(config.backbone, in_channels=channels, image_size=size)
     method = build_method(MethodConfig.from_train_config(config), backbone, feature_dim, n).to(dev)
     method.load_state_dict(state["model"])
-    mean, std = channel_stats(pretrain_set.images)
     preprocess = BatchAugment(size, mean, std, device=dev, seed=config.seed)
     return evaluate_method(
         method, config, train_set, test_set, preprocess, final=True, progress=progress
