@@ -141,7 +141,11 @@ class Prefetcher:
         if self.strict or not self.pool_deadlines:
             return None
         step_s = self._step_s if self._step_s is not None else FIRST_STEP_GUESS_S
-        seconds = (max(steps_ahead, 0) - ANSWER_MARGIN_STEPS) * step_s
+        # the batch taken now is still waited for, up to the take's deadline
+        seconds = max(
+            (steps_ahead - ANSWER_MARGIN_STEPS) * step_s,
+            (1 - ANSWER_MARGIN_STEPS) * self.deadline_s,
+        )
         return Urgency(
             deadline_ms=min(max(seconds * 1000.0, 1.0), 3_600_000.0),
             priority=0 if steps_ahead <= 1 else 1,
@@ -156,10 +160,10 @@ class Prefetcher:
         indices: np.ndarray,
         candidates: np.ndarray,
         *,
-        steps_ahead: int = 0,
+        steps_ahead: int | None = None,
     ) -> None:
         """Start fetching a batch's positives (returns at once); the step that takes it
-        is ``steps_ahead`` steps after the current one."""
+        is ``steps_ahead`` steps after the current one (None: unknown, no deadline)."""
         if self._closed:
             raise RuntimeError("Prefetcher is closed")
         if batch_id in self._pending:
@@ -170,7 +174,7 @@ class Prefetcher:
             indices,
             candidates,
             retry_for_s=retry_for_s,
-            urgency=self.urgency(steps_ahead),
+            urgency=None if steps_ahead is None else self.urgency(steps_ahead),
         )
 
     def take(self, batch_id: int) -> PositivesBatch:
