@@ -805,15 +805,7 @@ def test_queue_autoscaling_composes_with_a_trainer_overlay(tmp_path: Path) -> No
     kubectl = _kubectl_with_kustomize_v5()
     if kubectl is None:
         return
-    proc = subprocess.run(
-        [kubectl, "kustomize", str(overlay.parent)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    theirs = sorted((d for d in yaml.safe_load_all(proc.stdout) if d), key=_ident)
+    theirs = sorted(_kubectl_kustomize(kubectl, overlay.parent), key=_ident)
     assert sorted(docs, key=_ident) == theirs
 
 
@@ -903,21 +895,26 @@ def _kubectl_with_kustomize_v5() -> str | None:
     return kubectl if match and int(match.group(1)) >= 5 else None
 
 
-def test_renderer_matches_kubectl_kustomize(rendered: tuple[str, list[dict[str, Any]]]) -> None:
-    """Where kubectl exists, the test's renderer must agree with real kustomize."""
-    kubectl = _kubectl_with_kustomize_v5()
-    if kubectl is None:
-        pytest.skip("no kubectl with kustomize >= 5; the Python renderer is checked on its own")
-    name, docs = rendered
+def _kubectl_kustomize(kubectl: str, folder: Path) -> list[dict[str, Any]]:
+    """What real kustomize renders for ``folder`` (its documents, empty ones dropped)."""
     proc = subprocess.run(
-        [kubectl, "kustomize", str(K8S / name)],
+        [kubectl, "kustomize", str(folder)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    theirs = sorted((d for d in yaml.safe_load_all(proc.stdout) if d), key=_ident)
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def test_renderer_matches_kubectl_kustomize(rendered: tuple[str, list[dict[str, Any]]]) -> None:
+    """Where kubectl exists, the test's renderer must agree with real kustomize."""
+    kubectl = _kubectl_with_kustomize_v5()
+    if kubectl is None:
+        pytest.skip("no kubectl with kustomize >= 5; the Python renderer is checked on its own")
+    name, docs = rendered
+    theirs = sorted(_kubectl_kustomize(kubectl, K8S / name), key=_ident)
     assert sorted(docs, key=_ident) == theirs
 
 
@@ -957,15 +954,7 @@ def test_renderer_patches_as_kustomize_does(tmp_path: Path) -> None:
     assert docs["b"]["data"] == {"x": "1"}
     kubectl = _kubectl_with_kustomize_v5()
     if kubectl is not None:
-        proc = subprocess.run(
-            [kubectl, "kustomize", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert proc.returncode == 0, proc.stderr
-        assert _by_kind(list(yaml.safe_load_all(proc.stdout)), "ConfigMap") == docs
+        assert _by_kind(_kubectl_kustomize(kubectl, tmp_path), "ConfigMap") == docs
     spec["patches"][0]["target"]["name"] = "c"
     (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ValueError, match="matches no resource"):
@@ -997,15 +986,7 @@ def test_images_point_the_manifests_at_a_registry(tmp_path: Path) -> None:
     kubectl = _kubectl_with_kustomize_v5()
     if kubectl is None:
         return
-    proc = subprocess.run(
-        [kubectl, "kustomize", str(overlay.parent)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    theirs = sorted((d for d in yaml.safe_load_all(proc.stdout) if d), key=_ident)
+    theirs = sorted(_kubectl_kustomize(kubectl, overlay.parent), key=_ident)
     assert sorted(docs, key=_ident) == theirs
 
 
