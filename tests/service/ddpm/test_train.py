@@ -245,34 +245,12 @@ def test_vae_names_what_does_not_fit(tmp_path: Path) -> None:
 
     ae_dir = tmp_path / "ae"
     tiny_autoencoder("kl").save_pretrained(ae_dir)
-    runner = CliRunner()
-    grey = runner.invoke(
-        app,
-        [
-            "diffusion",
-            "train",
-            "--out",
-            str(tmp_path / "o"),
-            "--steps",
-            "1",
-            "--vae",
-            str(ae_dir),
-            *TINY,
-        ],
-    )
+
+    def train_with(vae: Path):
+        args = ["--out", str(tmp_path / "o"), "--steps", "1", "--vae", str(vae), *TINY]
+        return CliRunner().invoke(app, ["diffusion", "train", *args])
+
+    grey = train_with(ae_dir)
     assert grey.exit_code == 2 and "--channels 3" in grey.output
-    missing = runner.invoke(
-        app,
-        [
-            "diffusion",
-            "train",
-            "--out",
-            str(tmp_path / "o"),
-            "--steps",
-            "1",
-            "--vae",
-            str(tmp_path / "none"),
-            *TINY,
-        ],
-    )
+    missing = train_with(tmp_path / "none")
     assert missing.exit_code == 2 and "does not exist" in missing.output
