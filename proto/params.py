@@ -34,8 +34,9 @@ def integral_floats_to_int(value: Any) -> Any:
 
 
 Method = Literal["ddim", "ddpm", "dpmpp-2m"]
-"""Step rules (docs/design.md §1): DDIM, DDPM ancestral, DPM-Solver++ (2M). Everything
-that lists methods (the sampler's plans, the OpenAPI document, the CLI) derives from here."""
+"""Step rules (docs/design.md §1): DDIM, DDPM ancestral, DPM-Solver++ (2M); the wire's
+``method``, the code's solver (``SamplerGroup.solver``). Everything that lists them (the
+sampler's plans, the OpenAPI document, the CLI) derives from here."""
 ETA_METHODS: tuple[Method, ...] = ("ddim",)
 """The step rules that take ``eta``: for the others it changes nothing, so it enters
 neither their keys nor their sampler groups (``GenerationParams.sampler_eta``)."""
@@ -77,7 +78,8 @@ class GenerationParams(BaseModel):
     )
     method: Method = Field(
         "ddim",
-        description=f"Step rule: {', '.join(get_args(Method)[:-1])} or "
+        description=f"Step rule, called the solver in the code: "
+        f"{', '.join(get_args(Method)[:-1])} or "
         f"{get_args(Method)[-1]} (DPM-Solver++ 2M, deterministic).",
     )
     sampling: Sampling | None = Field(
@@ -223,33 +225,48 @@ class GenerationParams(BaseModel):
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def group(self) -> SamplerGroup:
-        """The settings of the sampler call: items may share one call only when these
-        are equal (the interpolation weight may differ per item)."""
+        """The settings of the sampler call, built once per request and passed whole down
+        to the sampling loop: items may share one call only when these are equal (the
+        interpolation weight may differ per item).
+
+        Each ``SamplerGroup`` field is read from the params field of its name
+        (``SAMPLER_WIRE_NAMES`` for the two the code renames); only eta and the sampling
+        mode go through their ``sampler_`` properties, so that requests which sample
+        alike share a group.
+        """
+        wire = {
+            name: getattr(self, SAMPLER_WIRE_NAMES.get(name, name)) for name in SamplerGroup._fields
+        }
         eta = self.sampler_eta
         return SamplerGroup(
-            steps=self.steps,
-            eta=0.0 if eta is None else eta,
-            method=self.method,
-            sampling=self.sampler_sampling,
-            interpolate=self.interpolate,
-            share_anchor=self.share_anchor,
-            anchor_refresh=self.anchor_refresh,
-            output=self.output,
+            **wire | {"eta": 0.0 if eta is None else eta, "sampling": self.sampler_sampling}
         )
 
 
 class SamplerGroup(NamedTuple):
-    """``GenerationParams.group()``: the keyword arguments of one sampler call
-    (``PositivesGenerator.sample(..., **group._asdict())``)."""
+    """``GenerationParams.group()``: the settings of one sampler call, one hashable value
+    from the request through the batcher's group to ``CLSPSampler`` (docs/design.md §4).
 
-    steps: int
+    A NamedTuple: immutable and hashable, as a batcher group must be. Two fields are
+    named as the code names them, not as the wire does (``SAMPLER_WIRE_NAMES``):
+    ``sampling_steps`` is the wire's ``steps`` and ``solver`` the wire's ``method`` (the
+    step rule). A new generation param that changes the sampler is one field in
+    ``GenerationParams``, the same field here, and its use in the sampler.
+    """
+
+    sampling_steps: int
     eta: float
-    method: Method
+    solver: Method
     sampling: Sampling
     interpolate: Interpolate
     share_anchor: bool
     anchor_refresh: int
     output: Output
+
+
+SAMPLER_WIRE_NAMES: dict[str, str] = {"sampling_steps": "steps", "solver": "method"}
+"""``SamplerGroup`` fields whose ``GenerationParams`` field has another name; every
+other field has its wire field's name."""
 
 
 def parse_params(raw: Any, *, max_k: int = DEFAULT_MAX_K) -> GenerationParams:
