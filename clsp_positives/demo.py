@@ -549,8 +549,8 @@ def generate_positives(
 def positives_quality(images: Any, labels: Any, positives: Any) -> dict[str, Any]:
     """Do the positives keep their anchor's class, and how far are they from it: a logistic
     regression fit on the training digits' pixels reads each positive's class, as
-    ``clsp calibrate`` and the benchmarks do (trainer/positive_quality.py)."""
-    from clsp_positives.trainer.positive_quality import (
+    ``clsp calibrate`` and the benchmarks do (trainer/positive_tools/quality.py)."""
+    from clsp_positives.trainer.positive_tools.quality import (
         between_candidates,
         class_kept,
         fit_probe,

@@ -7,7 +7,8 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from clsp_positives.trainer import calibrate_cli, checkpoint_cli, generate_cli, train_cli
+    from clsp_positives.trainer import checkpoint_cli, train_cli
+    from clsp_positives.trainer.positive_tools import calibrate_cli, generate_cli
 
     train_cli.register(app)
     generate_cli.register(app)

@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 from clsp_positives.trainer import checkpoint as ckpt
-from clsp_positives.trainer.augment import AugmentConfig, BatchAugment
 from clsp_positives.trainer.backbones import BACKBONES, build_backbone
 from clsp_positives.trainer.config import TrainConfig
 from clsp_positives.trainer.config_file import write_run_config
+from clsp_positives.trainer.data.augment import AugmentConfig, BatchAugment
+from clsp_positives.trainer.data.epochs import IndexedImages, ShardedBatchSampler
+from clsp_positives.trainer.data.streamed import StreamedBatches, StreamedImages, pixel_stats
 from clsp_positives.trainer.distributed import (
     DistributedContext,
     all_reduce_sum,
@@ -38,10 +40,8 @@ from clsp_positives.trainer.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from clsp_positives.trainer.epochs import IndexedImages, ShardedBatchSampler
-from clsp_positives.trainer.evaluation import EvalResult, evaluate_backbone
+from clsp_positives.trainer.eval.evaluation import EvalResult, evaluate_backbone
 from clsp_positives.trainer.methods import ContrastiveMethod, MethodConfig, build_method
-from clsp_positives.trainer.streamed import StreamedBatches, StreamedImages, pixel_stats
 from clsp_positives.trainer.tracking import TrainTracker, check_tracking, write_train_curves
 
 if TYPE_CHECKING:  # the positives path (httpx) is imported only when a run uses it
@@ -273,7 +273,7 @@ def evaluate_method(
     """kNN and the fast probe; at the ``final`` evaluation also the standard linear
     protocol (``config.linear_epochs`` epochs, 0: none), which costs a forward pass over
     the training set per epoch (docs/training.md, "Evaluation")."""
-    from clsp_positives.trainer.streamed import pixels
+    from clsp_positives.trainer.data.streamed import pixels
 
     return evaluate_backbone(
         method.backbone,
@@ -298,7 +298,7 @@ def load_datasets(config: TrainConfig, ctx: DistributedContext) -> tuple[Any, An
     ``--data-workers N`` an image folder's streamed sets (``StreamedImages``, nothing
     decoded yet; docs/training.md, "Large data sets")."""
     if config.data_workers > 0:
-        from clsp_positives.trainer.streamed import open_streamed
+        from clsp_positives.trainer.data.streamed import open_streamed
 
         def stream(split: str) -> Any:
             return open_streamed(

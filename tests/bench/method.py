@@ -389,9 +389,9 @@ def bank_report(
     bank: np.ndarray, images: np.ndarray, labels: np.ndarray, clfs: dict[str, Any]
 ) -> dict[str, Any]:
     """Class-kept rate per classifier (trained on the real training images) over every
-    candidate, and diversity on [0, 1] (trainer/positive_quality.py, as ``clsp calibrate``
+    candidate, and diversity on [0, 1] (trainer/positive_tools/quality.py, as ``clsp calibrate``
     and the quality benchmark measure them)."""
-    from clsp_positives.trainer.positive_quality import (
+    from clsp_positives.trainer.positive_tools.quality import (
         Probe,
         between_candidates,
         class_kept,

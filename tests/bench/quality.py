@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from clsp_positives.proto.params import Interpolate, Sampling
-from clsp_positives.trainer.positive_quality import (
+from clsp_positives.trainer.positive_tools.quality import (
     Probe,
     between_candidates,
     class_kept,
@@ -170,7 +170,7 @@ def train_model(
 
 def classifiers(train_x: np.ndarray, train_y: np.ndarray) -> dict[str, Any]:
     """Two classifiers on real digits; a positive 'keeps its class' per each of them.
-    The logistic regression is ``clsp calibrate``'s probe (trainer/positive_quality.py)."""
+    The logistic regression is ``clsp calibrate``'s probe (trainer/positive_tools/quality.py)."""
     from sklearn.svm import SVC
 
     return {

@@ -46,7 +46,7 @@ from clsp_positives.service.sampling.generator import PositivesGenerator, cpu_ha
 from clsp_positives.service.sampling.model import load_model  # noqa: E402
 from clsp_positives.service.sampling.schedule import sampling_config  # noqa: E402
 from clsp_positives.service.sampling.unet_split import UNetSplit  # noqa: E402
-from clsp_positives.trainer.calibrate_plot import label_box, ticks  # noqa: E402
+from clsp_positives.trainer.positive_tools.calibrate_plot import label_box, ticks  # noqa: E402
 from tests.bench.generation import reference_sample  # noqa: E402
 from tests.support.servers import ServerProcess, free_port  # noqa: E402
 
@@ -323,7 +323,8 @@ X_TICKS = (0.25, 0.5, 1, 2, 3, 5, 10, 20)
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Class kept against the speed ratio (log axis), one line per arm, points labelled
-    with their steps; drawn with PIL like ``calibration.png`` (trainer/calibrate_plot.py)."""
+    with their steps; drawn with PIL like ``calibration.png``
+    (trainer/positive_tools/calibrate_plot.py)."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height, left, right, top, bottom = 860, 560, 70, 200, 50, 60

@@ -28,7 +28,7 @@ from PIL import Image
 from clsp_positives.client import PoolClient
 from clsp_positives.images import load_images
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.positive_quality import class_kept, diversity, fit_probe
+from clsp_positives.trainer.positive_tools.quality import class_kept, diversity, fit_probe
 from tests.support.servers import RedisServer, ServerProcess, free_port
 from tests.support.service import clsp_serve, running
 from tests.system.test_readme import DOCUMENTED_URL, readme_example

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from clsp_positives.trainer import checkpoint as ckpt
-from clsp_positives.trainer.epochs import ShardedBatchSampler, epoch_candidates
+from clsp_positives.trainer.data.epochs import ShardedBatchSampler, epoch_candidates
 
 REPO = Path(__file__).resolve().parents[2]
 

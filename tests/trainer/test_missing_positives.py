@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from clsp_positives.trainer.augment import BatchAugment
 from clsp_positives.trainer.backbones import build_backbone
+from clsp_positives.trainer.data.augment import BatchAugment
 from clsp_positives.trainer.methods import MethodConfig, build_method
 from clsp_positives.trainer.positives.pending import PositivesBatch
 from clsp_positives.trainer.train_loop import positive_view

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from clsp_positives.trainer.config import TrainConfig
-from clsp_positives.trainer.epochs import ShardedBatchSampler
+from clsp_positives.trainer.data.epochs import ShardedBatchSampler
 from clsp_positives.trainer.train_loop import _open_positives
 
 

@@ -26,7 +26,7 @@ from clsp_positives.trainer.config_file import (
     read_config_file,
     write_run_config,
 )
-from clsp_positives.trainer.generate_cli import GenerateConfig
+from clsp_positives.trainer.positive_tools.generate_cli import GenerateConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

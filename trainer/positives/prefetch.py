@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from clsp_positives.client import PoolRequestRejected, PoolUnavailable
-from clsp_positives.trainer.epochs import EpochPlan, ShardedBatchSampler, epoch_candidates
+from clsp_positives.trainer.data.epochs import EpochPlan, ShardedBatchSampler, epoch_candidates
 from clsp_positives.trainer.positives.pending import (
     PendingPositives,
     PositivesBatch,
@@ -338,7 +338,7 @@ class PositivesFeed:
     ) -> None:
         self.prefetcher = prefetcher
         # uint8 [N, H, W, C], the whole training set, or a set that gives a batch's
-        # images by ``anchors(indices)`` (in memory or streamed: trainer/streamed.py)
+        # images by ``anchors(indices)`` (in memory or streamed: trainer/data/streamed.py)
         self.images = images
         self._anchors = getattr(images, "anchors", None) or images.__getitem__
         self.sampler = sampler

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.epochs import ShardedBatchSampler, epoch_candidates
+from clsp_positives.trainer.data.epochs import ShardedBatchSampler, epoch_candidates
 from clsp_positives.trainer.positives.prefetch import PositivesFeed, Prefetcher, WaitBucket
 from clsp_positives.trainer.positives.sources import build_source
 from tests.support.servers import ServerProcess, free_port

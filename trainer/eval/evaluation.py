@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clsp_positives.trainer.augment import BatchAugment
-from clsp_positives.trainer.linear_protocol import frozen_features, linear_protocol
+from clsp_positives.trainer.data.augment import BatchAugment
+from clsp_positives.trainer.eval.linear_protocol import frozen_features, linear_protocol
 
 
 @dataclass(frozen=True)

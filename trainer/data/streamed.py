@@ -34,7 +34,7 @@ from clsp_positives.images import (
     scan_image_folder,
     to_channels,
 )
-from clsp_positives.trainer.epochs import Batch, ShardedBatchSampler, channel_stats
+from clsp_positives.trainer.data.epochs import Batch, ShardedBatchSampler, channel_stats
 
 STATS_IMAGES = 4096
 """Images the normalisation's per-channel mean and std are measured on (all of a

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from clsp_positives.images import load_images
-from clsp_positives.trainer import calibrate as cal
-from clsp_positives.trainer.calibrate_plot import label_box, write_plot
-from clsp_positives.trainer.positive_quality import (
+from clsp_positives.trainer.positive_tools import calibrate as cal
+from clsp_positives.trainer.positive_tools.calibrate_plot import label_box, write_plot
+from clsp_positives.trainer.positive_tools.quality import (
     Probe,
     between_candidates,
     class_kept,

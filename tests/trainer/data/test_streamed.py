@@ -13,14 +13,14 @@ import pytest
 from PIL import Image
 
 from clsp_positives.images import load_images
-from clsp_positives.trainer.epochs import ShardedBatchSampler, channel_stats, epoch_candidates
-from clsp_positives.trainer.linear_protocol import frozen_features
-from clsp_positives.trainer.streamed import (
+from clsp_positives.trainer.data.epochs import ShardedBatchSampler, channel_stats, epoch_candidates
+from clsp_positives.trainer.data.streamed import (
     PathTable,
     StreamedBatches,
     StreamedImages,
     open_streamed,
 )
+from clsp_positives.trainer.eval.linear_protocol import frozen_features
 
 SIZE = 8
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clsp_positives.trainer.augment import AugmentConfig, BatchAugment
+from clsp_positives.trainer.data.augment import AugmentConfig, BatchAugment
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from clsp_positives.curves import ticks
-from clsp_positives.trainer.calibrate import Row, Setting
+from clsp_positives.trainer.positive_tools.calibrate import Row, Setting
 
 WIDTH, HEIGHT = 720, 520
 LEFT, RIGHT, TOP, BOTTOM = 70, 30, 50, 60

@@ -7,14 +7,14 @@ trajectory). Which w strikes the balance depends on the data set and the model, 
 wrong guess costs a whole training run to find out. Calibration measures the trade-off
 directly on held-out labelled images in minutes: for each setting (w, steps) of a grid
 it asks the pool for k candidates of every anchor, and measures class kept (a probe fit
-on the training split) and diversity (trainer/positive_quality.py).
+on the training split) and diversity (trainer/positive_tools/quality.py).
 
 The grid runs cheapest first (fewest steps first), so a time budget that runs out skips
 the expensive settings, not the cheap ones. The recommendation is the most diverse
 setting that keeps the class at least ``min_class_kept`` of the time.
 
-Everything here but ``pool_fetch`` is pure: the command (trainer/calibrate_cli.py) does
-the I/O. No torch.
+Everything here but ``pool_fetch`` is pure: the command
+(trainer/positive_tools/calibrate_cli.py) does the I/O. No torch.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.positive_quality import Probe, class_kept, diversity
+from clsp_positives.trainer.positive_tools.quality import Probe, class_kept, diversity
 
 RESULTS_NAME = "calibration.json"
 PLOT_NAME = "calibration.png"

@@ -1,4 +1,4 @@
-"""The standard linear protocol (trainer/linear_protocol.py): it learns a separable
+"""The standard linear protocol (trainer/eval/linear_protocol.py): it learns a separable
 problem, is a pure function of its seed, trains on views re-augmented every epoch and
 never changes the backbone; and ``clsp train`` / ``clsp eval`` report its ``linear_acc``
 beside the fast probe's ``probe_acc``."""
@@ -15,9 +15,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from clsp_positives.cli import app
-from clsp_positives.trainer.augment import BatchAugment
-from clsp_positives.trainer.epochs import channel_stats
-from clsp_positives.trainer.linear_protocol import (
+from clsp_positives.trainer.data.augment import BatchAugment
+from clsp_positives.trainer.data.epochs import channel_stats
+from clsp_positives.trainer.eval.linear_protocol import (
     SOLO_LEARN,
     ProtocolSettings,
     decay_epochs,

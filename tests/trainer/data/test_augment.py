@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from clsp_positives.trainer import augment as A
+from clsp_positives.trainer.data import augment as A
 
 
 def _images(n: int, size: int, channels: int, seed: int = 0) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """``clsp calibrate``: measure a grid of interpolation weights and step counts against a
 running pool on held-out labelled images, and recommend one, before a training run
-spends GPU-days on a guess (docs/design.md §1; the logic is trainer/calibrate.py).
+spends GPU-days on a guess (docs/design.md §1; the logic is trainer/positive_tools/calibrate.py).
 
 It talks to the pool exactly as ``clsp generate`` does (``--positives``, the token from
 ``CLSP_API_TOKEN``), and the generation options it shares with ``clsp train`` (the data
@@ -101,9 +101,9 @@ def calibrate(
     from tqdm import tqdm
 
     from clsp_positives.client import PoolClient, PoolError
-    from clsp_positives.trainer import calibrate as cal
-    from clsp_positives.trainer.calibrate_plot import write_plot
-    from clsp_positives.trainer.positive_quality import class_kept, fit_probe, load_features
+    from clsp_positives.trainer.positive_tools import calibrate as cal
+    from clsp_positives.trainer.positive_tools.calibrate_plot import write_plot
+    from clsp_positives.trainer.positive_tools.quality import class_kept, fit_probe, load_features
 
     try:
         config = TrainConfig.model_validate(given)
@@ -293,7 +293,7 @@ def _held_out(
     Raises typer.BadParameter naming the option to change.
     """
     from clsp_positives.images import load_images
-    from clsp_positives.trainer.calibrate import held_out_indices
+    from clsp_positives.trainer.positive_tools.calibrate import held_out_indices
 
     def load(split: str) -> Any:
         return load_images(

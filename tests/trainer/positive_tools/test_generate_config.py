@@ -15,12 +15,12 @@ from typer.testing import CliRunner
 from clsp_positives.cli import app
 from clsp_positives.images import load_images
 from clsp_positives.trainer.config import TrainConfig
-from clsp_positives.trainer.generate_cli import SHARED, GenerateConfig
+from clsp_positives.trainer.positive_tools.generate_cli import SHARED, GenerateConfig
 from clsp_positives.trainer.positives.offline import OfflineNpySource, config_path, meta_path
 from tests.support.servers import free_port
 from tests.support.stub_pool import counters, stub_positive, stub_server
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RECIPE = ROOT / "recipes" / "digits-generate.yaml"
 
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from clsp_positives.images import load_images
-from clsp_positives.trainer.augment import BatchAugment
-from clsp_positives.trainer.epochs import channel_stats
-from clsp_positives.trainer.evaluation import evaluate_backbone, knn_predict, linear_probe
+from clsp_positives.trainer.data.augment import BatchAugment
+from clsp_positives.trainer.data.epochs import channel_stats
+from clsp_positives.trainer.eval.evaluation import evaluate_backbone, knn_predict, linear_probe
 
 
 def test_knn_weighting_by_hand() -> None:
