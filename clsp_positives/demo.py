@@ -40,6 +40,7 @@ import typer
 
 from clsp_positives.grid import GRID_SCALE, grid_anchors, write_grid
 from clsp_positives.proto.params import GenerationParams, Interpolate, Sampling
+from clsp_positives.threads import resolve_threads
 
 if TYPE_CHECKING:
     from clsp_positives.service.ddpm.train import DiffusionTrainConfig
@@ -52,6 +53,8 @@ POSITIVES_NAME = "positives.npy"
 SERVICE_LOG = "service.log"
 MODEL_MARKER = "demo-model.json"
 CACHE_ENV = "CLSP_CACHE_DIR"
+MAX_THREADS = 8
+"""The most torch threads the demo takes when not told (clsp_positives/threads.py)."""
 
 
 class DemoError(RuntimeError):
@@ -149,21 +152,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "clsp-positives"
-
-
-def default_threads() -> int:
-    """The cores that are free now: all of them on an idle machine, fewer under load.
-
-    torch's thread pool synchronises after every small operation; on a machine whose cores
-    are busy with other work each of those waits costs a time slice, and a 16x16 model
-    runs ten times slower with two threads than with one. So count only idle cores.
-    """
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        busy = 0.0
-    return max(1, min(8, cores, round(cores - busy)))
 
 
 def _die_with_parent() -> Callable[[], None] | None:
@@ -732,7 +720,7 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
     started = time.perf_counter()
     stages: dict[str, float] = {}
     device = _resolve_device(options.device)
-    threads = options.threads or default_threads()
+    threads = resolve_threads(options.threads, at_most=MAX_THREADS)
     torch.set_num_threads(threads)
     out = options.out
     out.mkdir(parents=True, exist_ok=True)
@@ -953,7 +941,10 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of the DDPM and of both trainings."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     threads: Optional[int] = typer.Option(
-        None, "--threads", min=1, help="torch CPU threads (default: the idle cores, at most 8)."
+        None,
+        "--threads",
+        min=1,
+        help="torch CPU threads (default: OMP_NUM_THREADS, else the idle cores, at most 8).",
     ),
     epochs: Optional[int] = typer.Option(
         None, "--epochs", min=1, help="Override the contrastive epochs of both arms."

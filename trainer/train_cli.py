@@ -47,6 +47,7 @@ def train_command(
     if os.environ.get("RANK", "0") == "0":  # once under torchrun: rank 0 writes the file too
         path = Path(config.out) / CONFIG_NAME if config.out else None
         typer.echo(announcement(config.stored(), command=COMMAND, path=path))
+    _use_idle_cores()
     try:
         result = train(config, echo=typer.echo)
     except (ValueError, FileNotFoundError) as exc:
@@ -54,6 +55,18 @@ def train_command(
     if result.final is not None:
         f = result.final
         typer.echo(f"final: {accuracies(f)} ({f.train_size} train / {f.test_size} test images)")
+
+
+def _use_idle_cores() -> None:
+    """torch's CPU threads: ``OMP_NUM_THREADS`` when set (torchrun sets 1 per rank),
+    else the cores idle now, never more than torch's current count (its default in a
+    fresh process): threads on busy cores wait on each other (clsp_positives/threads.py;
+    docs/demo.md, "Budgets")."""
+    import torch
+
+    from clsp_positives.threads import resolve_threads
+
+    torch.set_num_threads(resolve_threads(None, at_most=torch.get_num_threads()))
 
 
 def accuracies(result: Any) -> str:

@@ -135,7 +135,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ddpm-minutes", type=float, default=10.0, help="DDPM budget (CPU minutes)")
     p.add_argument("--ddpm-threads", type=int, default=1, help="threads of the DDPM training")
     p.add_argument("--reuse", action="store_true", help="reuse the DDPM, banks and runs in --out")
-    p.add_argument("--threads", type=int, default=None, help="default: the idle cores")
+    p.add_argument(
+        "--threads", type=int, default=None, help="default: OMP_NUM_THREADS, else the idle cores"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--write-docs", action="store_true", help="(re)write --docs' results section")
@@ -749,8 +751,9 @@ def write_outputs(
 def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
-    from clsp_positives.demo import default_threads
+    from clsp_positives.demo import MAX_THREADS
     from clsp_positives.images import load_images
+    from clsp_positives.threads import resolve_threads
 
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -758,7 +761,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / RESULTS_NAME
     previous = load_previous(results_path, args.reuse)
-    threads = args.threads or default_threads()
+    threads = resolve_threads(args.threads, at_most=MAX_THREADS)
 
     def say(line: str) -> None:
         print(line, flush=True)
