@@ -3,8 +3,9 @@
 The batcher knows items, groups, deadlines and futures, not UNets: it merges
 the items of concurrent requests into one call of a ``run_batch`` function,
 up to ``max_batch`` items or until the oldest waiting item has waited
-``max_wait_ms``. Items can share a call only when their ``group`` is equal
-(steps, eta, method); the interpolation weight travels per item.
+``max_wait_ms``. Items can share a call only when their ``group`` is equal (the
+service's ``BatchGroup``: the request's ``SamplerGroup`` and anchor space); the
+interpolation weight travels per item.
 
 ``run_batch`` runs in ONE worker thread (one per device), so the event loop
 keeps answering health checks and cache hits while the sampler works, and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clsp_positives.service.app import response_encoding
+from clsp_positives.service.requests import response_encoding
 from clsp_positives.service.settings import ServiceSettings
 
 ST, JS = "application/x-safetensors", "application/json"
