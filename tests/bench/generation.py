@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # tests.support, when run as a script
     sys.path.insert(0, str(REPO))
 
+from clsp_positives.proto.params import GenerationParams  # noqa: E402
 from clsp_positives.service.sampling.generator import PositivesGenerator  # noqa: E402
 from clsp_positives.service.sampling.model import load_model  # noqa: E402
 from clsp_positives.service.sampling.unet_split import Encoded, UNetSplit  # noqa: E402
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         g = torch.Generator(device=device).manual_seed(0)
 
         def ours(a=anchors, s=seeds, w=weights) -> None:
-            gen.sample(a, s, w, steps=args.steps, eta=ETA, method="ddim")
+            gen.sample(a, s, w, GenerationParams(steps=args.steps, eta=ETA).group())
 
         def ref(a=anchors_t, g=g, b=batch) -> None:
             reference_sample(ref_split, scheduler, a, WEIGHT, args.steps, ETA, g).cpu()

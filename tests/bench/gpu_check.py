@@ -58,6 +58,7 @@ def sampler_vs_diffusers(model_dir: Path, steps: int = 20) -> dict[str, Any]:
     from diffusers import DDIMScheduler
 
     from clsp_positives.proto.keys import unit_to_uint8
+    from clsp_positives.proto.params import GenerationParams
     from clsp_positives.service.sampling.generator import PositivesGenerator
     from clsp_positives.service.sampling.noise import STREAM_INITIAL, normal
 
@@ -65,7 +66,8 @@ def sampler_vs_diffusers(model_dir: Path, steps: int = 20) -> dict[str, Any]:
     n, c, s = 16, gen.channels, gen.sample_size
     seeds = np.arange(1000, 1000 + n, dtype=np.int64)
     anchors = np.zeros((n, c, s, s), np.float32)
-    ours = gen.sample(anchors, seeds, np.ones(n, np.float32), steps=steps, eta=0.0, method="ddim")
+    group = GenerationParams(steps=steps, eta=0.0).group()
+    ours = gen.sample(anchors, seeds, np.ones(n, np.float32), group)
 
     from clsp_positives.service.sampling.model import load_model
 
@@ -89,6 +91,7 @@ def sampler_vs_diffusers(model_dir: Path, steps: int = 20) -> dict[str, Any]:
 
 def cpu_vs_gpu(model_dir: Path, steps: int = 20) -> dict[str, Any]:
     """Same keys on CPU and CUDA (fp32): close, not identical (docs/design.md §2)."""
+    from clsp_positives.proto.params import GenerationParams
     from clsp_positives.service.sampling.generator import PositivesGenerator
 
     rng = np.random.default_rng(0)
@@ -101,8 +104,9 @@ def cpu_vs_gpu(model_dir: Path, steps: int = 20) -> dict[str, Any]:
     anchors = rng.uniform(-1, 1, (8, c, s, s)).astype(np.float32)
     seeds = np.arange(8, dtype=np.int64) * 7919
     weights = np.full(8, 0.1, np.float32)
+    group = GenerationParams(steps=steps, eta=0.1).group()
     for d, g in gens.items():
-        out[d] = g.sample(anchors, seeds, weights, steps=steps, eta=0.1, method="ddim")
+        out[d] = g.sample(anchors, seeds, weights, group)
     diff = np.abs(out["cpu"].astype(np.int16) - out["cuda"].astype(np.int16))
     return {
         "steps": steps,

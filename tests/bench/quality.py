@@ -214,6 +214,9 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
         for cand in (0, 1)
     ]
     anchors01 = anchors_u8.astype(np.float32) / 255.0
+    group = params.model_copy(
+        update={"sampling": args.sampling, "interpolate": args.interpolate}
+    ).group()
     rows: dict[str, Any] = {}
     for w in WEIGHTS:
         t0 = time.perf_counter()
@@ -222,11 +225,7 @@ def evaluate(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
                 canon,
                 s,
                 np.full(n, w, dtype=np.float32),
-                steps=args.steps,
-                eta=args.eta,
-                method="ddim",
-                sampling=args.sampling,
-                interpolate=args.interpolate,
+                group,
             ).astype(np.float32)
             / 255.0
             for s in seeds

@@ -39,7 +39,9 @@ from tests.support.service import anchors_u8, start_service  # noqa: E402
 def _direct(generator, batch: int, steps: int, rounds: int, seed: int) -> float:
     """positives/s of ``PositivesGenerator.sample`` at ``batch``, best of ``rounds``."""
     from clsp_positives.proto.keys import canonical_anchors
+    from clsp_positives.proto.params import GenerationParams
 
+    group = GenerationParams(steps=steps, eta=0.1).group()
     c, s = generator.channels, generator.sample_size
     best = float("inf")
     for r in range(rounds):
@@ -47,7 +49,7 @@ def _direct(generator, batch: int, steps: int, rounds: int, seed: int) -> float:
         seeds = np.arange(r * batch, (r + 1) * batch, dtype=np.int64)
         weights = np.full(batch, 0.1, np.float32)
         t0 = time.perf_counter()
-        generator.sample(anchors, seeds, weights, steps=steps, eta=0.1, method="ddim")
+        generator.sample(anchors, seeds, weights, group)
         best = min(best, time.perf_counter() - t0)
     return batch / best
 
