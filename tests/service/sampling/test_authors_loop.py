@@ -50,7 +50,7 @@ def authors_loop(
     w: float,
     *,
     steps: int,
-    method: str,
+    solver: str,
     eta: float = 0.0,
     clip: bool = False,
 ) -> torch.Tensor:
@@ -80,7 +80,7 @@ def authors_loop(
             if clip:
                 x0 = x0.clamp(-1, 1)
             z = noise.normal(seeds, 2 + 2 * i, SHAPE)
-            if method == "ddim":
+            if solver == "ddim":
                 sigma = eta * math.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
                 x = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next - sigma**2) * eps + sigma * z
             else:  # DDPM, fixed_large: the posterior mean plus sqrt(beta_t) z
@@ -95,21 +95,21 @@ def authors_loop(
 
 
 @pytest.mark.parametrize("w", [0.1, 1.0])
-@pytest.mark.parametrize(("method", "eta"), [("ddim", 0.0), ("ddim", 0.1), ("ddpm", 0.0)])
+@pytest.mark.parametrize(("solver", "eta"), [("ddim", 0.0), ("ddim", 0.1), ("ddpm", 0.0)])
 def test_authors_sampling_equals_the_authors_loop(
-    split: UNetSplit, method: str, eta: float, w: float
+    split: UNetSplit, solver: str, eta: float, w: float
 ) -> None:
     g = torch.Generator().manual_seed(7)
     anchors = torch.rand((3, *SHAPE), generator=g) * 2 - 1
     seeds = torch.randint(0, 2**62, (3,), generator=g, dtype=torch.int64)
-    want = authors_loop(split, anchors, seeds, w, steps=STEPS, method=method, eta=eta)
+    want = authors_loop(split, anchors, seeds, w, steps=STEPS, solver=solver, eta=eta)
     sampler = CLSPSampler(split)
-    plan = sampling_plan(authors_config(MODEL_CONFIG), method=method, steps=STEPS, eta=eta)
+    plan = sampling_plan(authors_config(MODEL_CONFIG), solver=solver, steps=STEPS, eta=eta)
     got = sampler(plan, anchors, seeds, torch.full((3,), w))
     assert (got - want).abs().max().item() <= 1e-4
     # The model's own config samples something else: the override is what matters.
     as_model = sampler(
-        sampling_plan(MODEL_CONFIG, method=method, steps=STEPS, eta=eta),
+        sampling_plan(MODEL_CONFIG, solver=solver, steps=STEPS, eta=eta),
         anchors,
         seeds,
         torch.full((3,), w),
@@ -117,18 +117,18 @@ def test_authors_sampling_equals_the_authors_loop(
     assert (as_model - want).abs().max().item() > 1e-2
 
 
-@pytest.mark.parametrize(("method", "eta"), [("ddim", 0.1), ("ddpm", 0.0)])
+@pytest.mark.parametrize(("solver", "eta"), [("ddim", 0.1), ("ddpm", 0.0)])
 def test_authors_clipped_sampling_equals_the_loop_with_clipping(
-    split: UNetSplit, method: str, eta: float
+    split: UNetSplit, solver: str, eta: float
 ) -> None:
     g = torch.Generator().manual_seed(11)
     # Anchors beyond [-1, 1] push x0 out of range, so the clipping is exercised.
     anchors = (torch.rand((3, *SHAPE), generator=g) * 2 - 1) * 3
     seeds = torch.randint(0, 2**62, (3,), generator=g, dtype=torch.int64)
-    want = authors_loop(split, anchors, seeds, 0.1, steps=STEPS, method=method, eta=eta, clip=True)
-    unclipped = authors_loop(split, anchors, seeds, 0.1, steps=STEPS, method=method, eta=eta)
+    want = authors_loop(split, anchors, seeds, 0.1, steps=STEPS, solver=solver, eta=eta, clip=True)
+    unclipped = authors_loop(split, anchors, seeds, 0.1, steps=STEPS, solver=solver, eta=eta)
     plan = sampling_plan(
-        sampling_config(MODEL_CONFIG, "authors-clipped"), method=method, steps=STEPS, eta=eta
+        sampling_config(MODEL_CONFIG, "authors-clipped"), solver=solver, steps=STEPS, eta=eta
     )
     got = CLSPSampler(split)(plan, anchors, seeds, torch.full((3,), 0.1))
     assert (got - want).abs().max().item() <= 1e-4
@@ -136,12 +136,12 @@ def test_authors_clipped_sampling_equals_the_loop_with_clipping(
 
 
 def test_authors_plan_is_the_trailing_grid_ending_in_x0() -> None:
-    plan = sampling_plan(authors_config(MODEL_CONFIG), method="ddim", steps=100, eta=0.1)
+    plan = sampling_plan(authors_config(MODEL_CONFIG), solver="ddim", steps=100, eta=0.1)
     assert plan.timesteps == tuple(range(999, 0, -10))
     assert plan.clip_range is None
     last = plan.coefficients[-1]
     assert (last.coef_x0, last.coef_eps, last.sigma) == (1.0, 0.0, 0.0)
-    ddpm = sampling_plan(authors_config(MODEL_CONFIG), method="ddpm", steps=100)
+    ddpm = sampling_plan(authors_config(MODEL_CONFIG), solver="ddpm", steps=100)
     abar = _alpha_bar(MODEL_CONFIG)
     assert ddpm.coefficients[0].sigma == pytest.approx(math.sqrt(1 - abar[999] / abar[989]))
 
@@ -156,11 +156,11 @@ def model_gen(tmp_path_factory: pytest.TempPathFactory) -> PositivesGenerator:
 def test_generator_plans_the_override_by_default(model_gen: PositivesGenerator) -> None:
     cfg = model_gen.scheduler_config
     assert cfg["timestep_spacing"] == "leading" and cfg["clip_sample"]
-    assert model_gen.plan(steps=STEPS, eta=0.1, method="ddim") == sampling_plan(
-        authors_config(cfg), method="ddim", steps=STEPS, eta=0.1
+    assert model_gen.plan(GenerationParams(steps=STEPS, eta=0.1).group()) == sampling_plan(
+        authors_config(cfg), solver="ddim", steps=STEPS, eta=0.1
     )
-    assert model_gen.plan(steps=STEPS, eta=0.1, method="ddim", sampling="model") == (
-        sampling_plan(cfg, method="ddim", steps=STEPS, eta=0.1)
+    assert model_gen.plan(GenerationParams(steps=STEPS, eta=0.1, sampling="model").group()) == (
+        sampling_plan(cfg, solver="ddim", steps=STEPS, eta=0.1)
     )
 
 
