@@ -18,15 +18,13 @@ from clsp_positives.service.sampling.kernels import (
     normal,
     randint4x,
     scheduler_update,
-    scheduler_update_with_x0,
 )
 from clsp_positives.service.sampling.references import (
     bottleneck_lerp_reference,
     noise_anchor_reference,
     scheduler_update_reference,
-    scheduler_update_with_x0_reference,
 )
-from clsp_positives.service.sampling.schedule import StepCoefficients
+from clsp_positives.service.sampling.solvers import StepCoefficients
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -140,8 +138,8 @@ def self_check(device: str | torch.device, *, atol: float | None = None) -> dict
             for prediction_type, clip, coef_prev in _multistep_cases(full):
                 coefs = StepCoefficients(0.6, 0.8, 1.3, 0.0, 0.5, 0.0, coef_prev)
                 args = (seeds, 8, coefs, prediction_type, clip)
-                got, got_x0 = scheduler_update_with_x0(xl, mol, *args, x0_prev=x0pl)
-                ref, ref_x0 = scheduler_update_with_x0_reference(x, mo, *args, x0_prev=x0p)
+                got, got_x0 = scheduler_update(xl, mol, *args, x0_prev=x0pl, return_x0=True)
+                ref, ref_x0 = scheduler_update_reference(x, mo, *args, x0_prev=x0p, return_x0=True)
                 name = f"update_x0.{tag}.{layout}.{prediction_type}.clip{clip}.prev{coef_prev}"
                 record(name, got, ref)
                 record(name + ".x0", got_x0, ref_x0)

@@ -29,14 +29,13 @@ device (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import torch
 import triton
 import triton.language as tl
 
 from clsp_positives.service.sampling import noise
-from clsp_positives.service.sampling.schedule import StepCoefficients
+from clsp_positives.service.sampling.solvers import StepCoefficients
 
 BLOCK = 1024
 PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
@@ -316,43 +315,11 @@ def scheduler_update(
     clip_range: float | None,
     *,
     x0_prev: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Kernel of ``ops.scheduler_update`` (inputs validated there)."""
-    return _update(
-        x, model_output, seeds, stream, coefs, prediction_type, clip_range, x0_prev, False
-    )[0]
-
-
-def scheduler_update_with_x0(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    seeds: torch.Tensor,
-    stream: int,
-    coefs: StepCoefficients,
-    prediction_type: str,
-    clip_range: float | None,
-    *,
-    x0_prev: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel of ``ops.scheduler_update_with_x0`` (inputs validated there)."""
-    out, x0 = _update(
-        x, model_output, seeds, stream, coefs, prediction_type, clip_range, x0_prev, True
-    )
-    return out, cast(torch.Tensor, x0)
-
-
-def _update(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    seeds: torch.Tensor,
-    stream: int,
-    coefs: StepCoefficients,
-    prediction_type: str,
-    clip_range: float | None,
-    x0_prev: torch.Tensor | None,
-    keep_x0: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One launch of the update kernel: ``(x_prev, x0 if keep_x0 else None)``. The
+    return_x0: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Kernel of ``ops.scheduler_update`` (inputs validated there): one launch of the
+    update kernel. ``return_x0`` selects the variant that also stores x0
+    (``STORE_X0``), so a step whose x0 nobody reads writes x_prev alone. The
     pointers a variant does not touch (``X0_PREV``, ``STORE_X0`` off) get ``x``/``out``."""
     x, channels_last = _layout(x)
     mo = _like(model_output, channels_last)
@@ -361,7 +328,7 @@ def _update(
         raise ValueError("coef_x0_prev is not 0: the previous step's x0 must be given")
     x0p = _like(x0_prev.to(x.dtype), channels_last) if read_prev else x
     out = torch.empty_like(x)
-    x0 = torch.empty_like(x) if keep_x0 else None
+    x0 = torch.empty_like(x) if return_x0 else None
     m, c, hw = _chw(x)
     if out.numel():
         _scheduler_update_kernel[_grid(m, x.shape[0])](
@@ -372,7 +339,7 @@ def _update(
             float(coefs.coef_x0), float(coefs.coef_eps), float(coefs.coef_x),
             float(coefs.sigma), float(coefs.coef_x0_prev), float(clip_range or 0.0),
             PREDICTION=PREDICTION_CODES[prediction_type], CLIP=clip_range is not None,
-            NOISE=coefs.sigma != 0, X0_PREV=read_prev, STORE_X0=keep_x0,
+            NOISE=coefs.sigma != 0, X0_PREV=read_prev, STORE_X0=return_x0,
             CHANNELS_LAST=channels_last, BLOCK=BLOCK, **_LAUNCH,
         )  # fmt: skip
-    return out, x0
+    return out if x0 is None else (out, x0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 from types import ModuleType
+from typing import Literal, overload
 
 import torch
 
@@ -25,9 +26,10 @@ from clsp_positives.service.sampling import noise
 from clsp_positives.service.sampling.references import (
     bottleneck_lerp_reference,
     noise_anchor_reference,
-    scheduler_update_with_x0_reference,
+    scheduler_update_reference,
 )
-from clsp_positives.service.sampling.schedule import StepCoefficients, check_prediction_type
+from clsp_positives.service.sampling.schedule import check_prediction_type
+from clsp_positives.service.sampling.solvers import StepCoefficients
 
 KERNELS_ENV = "CLSP_KERNELS"
 
@@ -145,6 +147,7 @@ def bottleneck_lerp(
     return bottleneck_lerp_reference(h, h_anchor, interpolation_weights)
 
 
+@overload
 def scheduler_update(
     x: torch.Tensor,
     model_output: torch.Tensor,
@@ -155,17 +158,12 @@ def scheduler_update(
     clip_range: float | None,
     *,
     x0_prev: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One step from the model output (see ``StepCoefficients``); ``x0_prev``: the
-    previous step's x0, needed when ``coefs.coef_x0_prev`` is not 0."""
-    args = (x, model_output, seeds, stream, coefs, prediction_type, clip_range)
-    x0_prev = _check_update(*args, x0_prev)
-    if use_kernels(x):
-        return _kernels_module().scheduler_update(*args, x0_prev=x0_prev)
-    return scheduler_update_with_x0_reference(*args, x0_prev=x0_prev)[0]
+    return_x0: Literal[False] = False,
+) -> torch.Tensor: ...
 
 
-def scheduler_update_with_x0(
+@overload
+def scheduler_update(
     x: torch.Tensor,
     model_output: torch.Tensor,
     seeds: torch.Tensor,
@@ -175,15 +173,35 @@ def scheduler_update_with_x0(
     clip_range: float | None,
     *,
     x0_prev: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``scheduler_update`` that also returns this step's x0 (clipped as the step used
-    it): the ``x0_prev`` of a multistep solver's next step, written by the same pass
-    rather than recomputed from ``x`` and the model output."""
+    return_x0: Literal[True],
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def scheduler_update(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    seeds: torch.Tensor,
+    stream: int,
+    coefs: StepCoefficients,
+    prediction_type: str,
+    clip_range: float | None,
+    *,
+    x0_prev: torch.Tensor | None = None,
+    return_x0: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One step from the model output (see ``StepCoefficients``); ``x0_prev``: the
+    previous step's x0, needed when ``coefs.coef_x0_prev`` is not 0.
+
+    ``return_x0`` also returns this step's x0 (clipped as the step used it),
+    ``(x_prev, x0)``: the ``x0_prev`` of a multistep solver's next step, written by
+    the same pass rather than recomputed from ``x`` and the model output. Off, the
+    kernel stores x_prev alone (one write per element fewer for DDIM and DDPM).
+    """
     args = (x, model_output, seeds, stream, coefs, prediction_type, clip_range)
     x0_prev = _check_update(*args, x0_prev)
     if use_kernels(x):
-        return _kernels_module().scheduler_update_with_x0(*args, x0_prev=x0_prev)
-    return scheduler_update_with_x0_reference(*args, x0_prev=x0_prev)
+        return _kernels_module().scheduler_update(*args, x0_prev=x0_prev, return_x0=return_x0)
+    return scheduler_update_reference(*args, x0_prev=x0_prev, return_x0=return_x0)
 
 
 def _check_update(

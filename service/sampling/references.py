@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from clsp_positives.service.sampling import noise
-from clsp_positives.service.sampling.schedule import StepCoefficients, check_prediction_type
+from clsp_positives.service.sampling.schedule import check_prediction_type
+from clsp_positives.service.sampling.solvers import StepCoefficients
 
 
 def noise_anchor_reference(
@@ -51,27 +52,12 @@ def scheduler_update_reference(
     clip_range: float | None,
     *,
     x0_prev: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Torch reference of ``scheduler_update``, in the kernel's order of operations."""
-    return scheduler_update_with_x0_reference(
-        x, model_output, seeds, stream, coefs, prediction_type, clip_range, x0_prev=x0_prev
-    )[0]
-
-
-def scheduler_update_with_x0_reference(
-    x: torch.Tensor,
-    model_output: torch.Tensor,
-    seeds: torch.Tensor,
-    stream: int,
-    coefs: StepCoefficients,
-    prediction_type: str,
-    clip_range: float | None,
-    *,
-    x0_prev: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference of ``scheduler_update_with_x0``: ``(x_prev, x0)``, x0 as the
-    step used it (clipped), in ``x``'s dtype. ``x0_prev`` is read only when
-    ``coefs.coef_x0_prev`` is not 0, after the x0 term as in the kernel."""
+    return_x0: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of ``scheduler_update``, in the kernel's order of operations:
+    x_prev, or with ``return_x0`` ``(x_prev, x0)``, x0 as the step used it (clipped),
+    both in ``x``'s dtype. ``x0_prev`` is read only when ``coefs.coef_x0_prev`` is
+    not 0, after the x0 term as in the kernel."""
     dev = x.device
     s0 = float(coefs.sqrt_alpha_bar)
     s1 = float(coefs.sqrt_one_minus_alpha_bar)
@@ -100,4 +86,6 @@ def scheduler_update_with_x0_reference(
     if coefs.sigma != 0:
         z = noise.normal(seeds, stream, tuple(x.shape[1:]), device=dev)
         prev = prev + float(coefs.sigma) * z
-    return prev.to(x.dtype), x0.to(x.dtype)
+    if return_x0:
+        return prev.to(x.dtype), x0.to(x.dtype)
+    return prev.to(x.dtype)

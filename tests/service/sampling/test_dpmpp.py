@@ -18,7 +18,7 @@ from diffusers import DPMSolverMultistepScheduler
 
 from clsp_positives.service.ddpm import presets
 from clsp_positives.service.sampling import noise, ops
-from clsp_positives.service.sampling.sampler import CLSPSampler, mix_encodings, rows
+from clsp_positives.service.sampling.sampler import DEFAULT_GROUP, CLSPSampler, mix_encodings, rows
 from clsp_positives.service.sampling.schedule import (
     StepCoefficients,
     UnsupportedSchedulerError,
@@ -111,7 +111,7 @@ def test_w1_equals_diffusers_dpm_solver_in_model_mode(
 ) -> None:
     cfg = sampling_config(MODEL_CONFIGS[name], "model")
     anchors, seeds = _inputs(3)
-    plan = sampling_plan(cfg, method="dpmpp-2m", steps=steps)
+    plan = sampling_plan(cfg, solver="dpmpp-2m", steps=steps)
     ref = _reference(cfg, steps)
     assert plan.timesteps == tuple(int(t) for t in ref.timesteps)
     got = CLSPSampler(split)(plan, anchors, seeds, torch.ones(3))
@@ -123,14 +123,14 @@ def test_w1_equals_diffusers_dpm_solver_in_model_mode(
 def test_w1_equals_diffusers_dpm_solver_in_the_authors_modes(split: UNetSplit, mode: str) -> None:
     cfg = sampling_config(scheduler_config(), mode)  # the model says leading / clip_sample
     anchors, seeds = _inputs(3, seed=1)
-    plan = sampling_plan(cfg, method="dpmpp-2m", steps=20)
+    plan = sampling_plan(cfg, solver="dpmpp-2m", steps=20)
     assert plan.timesteps == tuple(range(999, 0, -50))  # the authors' trailing grid
     assert plan.clip_range == (1.0 if mode == "authors-clipped" else None)
     got = CLSPSampler(split)(plan, anchors, seeds, torch.ones(3))
     want = _diffusers_loop(split, _reference(cfg, 20), anchors, seeds, torch.ones(3))
     assert (got - want).abs().max().item() <= 1e-4
     if mode == "authors-clipped":  # the clipping is exercised, not a no-op
-        unclipped = sampling_plan(sampling_config(cfg, "authors"), method="dpmpp-2m", steps=20)
+        unclipped = sampling_plan(sampling_config(cfg, "authors"), solver="dpmpp-2m", steps=20)
         free = CLSPSampler(split)(unclipped, anchors, seeds, torch.ones(3))
         assert (free - got).abs().max().item() > 1e-3
 
@@ -140,8 +140,10 @@ def test_interpolation_at_every_evaluation(split: UNetSplit, interpolate: str) -
     cfg = sampling_config(scheduler_config(), "authors")
     anchors, seeds = _inputs(4, seed=2)
     w = torch.tensor([0.0, 0.1, 0.5, 1.0])
-    plan = sampling_plan(cfg, method="dpmpp-2m", steps=12)
-    got = CLSPSampler(split)(plan, anchors, seeds, w, interpolate=interpolate)
+    plan = sampling_plan(cfg, solver="dpmpp-2m", steps=12)
+    got = CLSPSampler(split)(
+        plan, anchors, seeds, w, DEFAULT_GROUP._replace(interpolate=interpolate)
+    )
     if interpolate == "bottleneck":
         want = _diffusers_loop(split, _reference(cfg, 12), anchors, seeds, w)
         assert (got - want).abs().max().item() <= 1e-4
@@ -158,7 +160,7 @@ def test_batch_independence(split: UNetSplit) -> None:
     anchors, seeds = _inputs(n, seed=3)
     anchors[10:20] = anchors[0]  # several candidates of one anchor
     weights = torch.tensor([0.1, 0.5, 1.0, 0.0] * 8)
-    plan = sampling_plan(scheduler_config(), method="dpmpp-2m", steps=6)
+    plan = sampling_plan(scheduler_config(), solver="dpmpp-2m", steps=6)
     assert plan.uses_previous_x0
     batch = sampler(plan, anchors, seeds, weights)
     for j in (0, 13, 26):  # w = 0.1, 0.5, 1.0 (alone: the anchor pass is skipped)
@@ -168,7 +170,7 @@ def test_batch_independence(split: UNetSplit) -> None:
 
 def test_plan_coefficients() -> None:
     cfg = sampling_config(scheduler_config(), "authors")
-    plan = sampling_plan(cfg, method="dpmpp-2m", steps=20)
+    plan = sampling_plan(cfg, solver="dpmpp-2m", steps=20)
     first, middle, last = plan.coefficients[0], plan.coefficients[1:-1], plan.coefficients[-1]
     assert all(c.sigma == 0 and c.coef_eps == 0 for c in plan.coefficients)  # deterministic
     assert first.coef_x0_prev == 0  # no previous x0 yet: first order
@@ -186,10 +188,10 @@ def test_plan_coefficients() -> None:
         assert c.coef_x0 + c.coef_x0_prev == pytest.approx(nxt.sqrt_alpha_bar * (1 - s_next / s))
         assert c.coef_x == pytest.approx(nxt.sqrt_one_minus_alpha_bar / c.sqrt_one_minus_alpha_bar)
     # eta has no part in it; two steps (first order, then the final one) keep no x0
-    assert sampling_plan(cfg, method="dpmpp-2m", steps=20, eta=0.9) == plan
-    assert not sampling_plan(cfg, method="dpmpp-2m", steps=2).uses_previous_x0
-    assert sampling_plan(cfg, method="dpmpp-2m", steps=3).uses_previous_x0
-    assert not sampling_plan(cfg, method="ddim", steps=20, eta=0.1).uses_previous_x0
+    assert sampling_plan(cfg, solver="dpmpp-2m", steps=20, eta=0.9) == plan
+    assert not sampling_plan(cfg, solver="dpmpp-2m", steps=2).uses_previous_x0
+    assert sampling_plan(cfg, solver="dpmpp-2m", steps=3).uses_previous_x0
+    assert not sampling_plan(cfg, solver="ddim", steps=20, eta=0.1).uses_previous_x0
 
 
 @pytest.mark.parametrize(
@@ -207,7 +209,7 @@ def test_plan_coefficients() -> None:
 )
 def test_configs_the_update_cannot_express_are_refused(overrides, steps, match) -> None:
     with pytest.raises(UnsupportedSchedulerError, match=match):
-        sampling_plan(scheduler_config(**overrides), method="dpmpp-2m", steps=steps)
+        sampling_plan(scheduler_config(**overrides), solver="dpmpp-2m", steps=steps)
 
 
 def test_the_update_needs_the_previous_x0_when_it_reads_it() -> None:
@@ -218,7 +220,9 @@ def test_the_update_needs_the_previous_x0_when_it_reads_it() -> None:
     with pytest.raises(ValueError, match="x0_prev must have the shape"):
         ops.scheduler_update(x, x, seeds, 2, coefs, "epsilon", None, x0_prev=x[:1])
     x0_prev = torch.randn_like(x)
-    got, x0 = ops.scheduler_update_with_x0(x, x, seeds, 2, coefs, "epsilon", None, x0_prev=x0_prev)
+    got, x0 = ops.scheduler_update(
+        x, x, seeds, 2, coefs, "epsilon", None, x0_prev=x0_prev, return_x0=True
+    )
     torch.testing.assert_close(x0, (x - 0.8 * x) / 0.6)
     torch.testing.assert_close(got, 1.3 * x0 - 0.4 * x0_prev + 0.5 * x)
     assert torch.equal(

@@ -22,7 +22,7 @@ import json
 import torch
 torch.set_num_threads(1)
 from clsp_positives.service.sampling import kernel_check, kernels, noise, ops, references
-from clsp_positives.service.sampling.schedule import StepCoefficients
+from clsp_positives.service.sampling.solvers import StepCoefficients
 
 report = kernel_check.self_check("cpu")
 
@@ -47,11 +47,13 @@ report["dispatch_update_err"] = float((got - ref).abs().max())
 # A DPM-Solver++ second-order step through the front door: x_prev and the kept x0.
 x0_prev = torch.randn(2, 1, 40, 41)
 coefs = StepCoefficients(0.2, 0.9797958971, 1.3, 0.0, 0.6, 0.0, -0.4)
-got, got_x0 = ops.scheduler_update_with_x0(
-    x, -x, seeds[:2], noise.step_stream(3), coefs, "epsilon", 1.0, x0_prev=x0_prev
+got, got_x0 = ops.scheduler_update(
+    x, -x, seeds[:2], noise.step_stream(3), coefs, "epsilon", 1.0, x0_prev=x0_prev,
+    return_x0=True,
 )
-ref, ref_x0 = references.scheduler_update_with_x0_reference(
-    x, -x, seeds[:2], noise.step_stream(3), coefs, "epsilon", 1.0, x0_prev=x0_prev
+ref, ref_x0 = references.scheduler_update_reference(
+    x, -x, seeds[:2], noise.step_stream(3), coefs, "epsilon", 1.0, x0_prev=x0_prev,
+    return_x0=True,
 )
 report["dispatch_multistep_err"] = float((got - ref).abs().max())
 report["dispatch_multistep_x0_err"] = float((got_x0 - ref_x0).abs().max())
