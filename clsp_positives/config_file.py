@@ -4,7 +4,9 @@ configuration a run writes beside its output.
 ``clsp train``, ``clsp generate`` and ``clsp diffusion train`` each validate their
 options into one pydantic model (``TrainConfig``, ``GenerateConfig``,
 ``DiffusionTrainConfig``). A config file is a mapping of that model's field names to
-values: a recipe in ``recipes/``, or the resolved configuration an earlier run wrote.
+values (a field's flag names, with underscores, are accepted as keys too: ``lr_schedule``
+for ``schedule``): a recipe in ``recipes/``, or the resolved configuration an earlier run
+wrote, which keeps the field names.
 One rule for the three commands (docs/design.md §8): a flag given on the command line
 wins over the file, the file over the model's default. The file is only a way to give
 options: its path is no field, so it never reaches a checkpoint or a bank's metadata.
@@ -24,7 +26,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from clsp_positives.options import describe_errors, field_names, flag
+from clsp_positives.options import describe_errors, field_names, primary_flag
 
 RUN_CONFIG_NAME = "config.yaml"
 """The resolved configuration of a run, in its output directory (``clsp train --out DIR``,
@@ -149,7 +151,7 @@ def resolve_options(
     def name_of(field: str) -> str:
         if field in from_file and field not in given:
             return f"{field} (in {config_file})"
-        return flag(field)
+        return primary_flag(model, field)
 
     try:
         return model.model_validate(merged(from_file, given))

@@ -1,15 +1,22 @@
 """Command-line options and reference tables generated from the pydantic models.
 
-Every default, bound and help text of ``clsp serve``, ``clsp train`` and
-``clsp generate`` is defined once, on ``ServiceSettings``, ``TrainConfig`` and
-``GenerationParams`` (docs/design.md §8). The commands take their options from
-those models here, and the README's reference tables are rendered from them, so
-adding a field is one edit and no copy can drift.
+Every default, bound and help text of a command (``clsp serve``, ``clsp train``,
+``clsp generate``, ``clsp calibrate``, ``clsp diffusion train``) is defined once, on
+the model its options validate into (docs/design.md §8). The commands take their
+options from those models here, and the reference tables in docs/cli.md are rendered
+from them, so adding a field is one edit and no copy can drift.
 
 A generated option defaults to ``None`` (not the model's default) so that the
 command can tell "not given" from "given the default value": only options given
 on the command line reach the model, and for ``clsp serve`` a ``CLSP_<FIELD>``
 variable can then fill what the command line left out.
+
+Names: one concept has one flag in every command (docs/design.md §8). A field's flag
+is its name, or, when its
+``validation_alias=AliasChoices(...)`` is given, the first of those choices; every
+other choice (the field's own name among them) is an alias: the same option, shown
+as "also ...", and a key a config file may use. So a flag can be renamed without
+renaming its field, and checkpoints, ``config.yaml`` files and recipes keep their keys.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import typer
@@ -35,17 +43,37 @@ def flag(name: str) -> str:
 
 
 def field_names(field: FieldInfo, name: str) -> list[str]:
-    """The field's name, then every other name it validates from (old names kept)."""
-    names = [name]
+    """The name the field goes by (the first of its ``AliasChoices``, else its own), then
+    every other name it validates from: its own and its old names, kept as aliases."""
     alias = field.validation_alias
     choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
-    names += [c for c in choices if isinstance(c, str) and c not in names]
+    strings = [c for c in choices if isinstance(c, str)]
+    names = [strings[0]] if isinstance(alias, AliasChoices) and strings else []
+    for other in [name, *strings]:
+        if other not in names:
+            names.append(other)
     return names
 
 
 def flags(model: type[BaseModel], name: str) -> list[str]:
-    """``--k``, ``--candidates``: the flag of a field, then one per old name."""
+    """``--k``, ``--candidates``: the flag of a field, then one per alias."""
     return [flag(n) for n in field_names(model.model_fields[name], name)]
+
+
+def primary_flag(model: type[BaseModel], key: str) -> str:
+    """The flag a message names for ``key``, a field's name or any of its aliases (as a
+    validation error's location gives it): the field's own flag, never an alias."""
+    for name, field in model.model_fields.items():
+        names = field_names(field, name)
+        if key in names:
+            return flag(names[0])
+    return flag(key)
+
+
+def all_flags(model: type[BaseModel], name: str) -> str:
+    """``--interpolation-weight/--weights``: every flag of a field, for a message about a
+    value that only the command checks, whichever of the names was typed."""
+    return "/".join(flags(model, name))
 
 
 def shown_default(field: FieldInfo) -> str:
@@ -90,7 +118,8 @@ def option_parameter(
     decls = [f"{n}/--no-{n[2:]}" for n in names] if is_bool(field) else names
     # Parentheses, not typer's "[default: ...]": rich would take brackets for markup.
     default = "required" if field.is_required() else f"default: {shown_default(field)}"
-    extra = "; ".join(p for p in (default, note) if p)
+    aliases = f"also {', '.join(names[1:])}" if len(names) > 1 else ""
+    extra = "; ".join(p for p in (default, aliases, note) if p)
     text = f"{(field.description or '').strip()} ({extra})".strip()
     option = typer.Option(None, *decls, help=text, show_default=False, envvar=envvar)
     return inspect.Parameter(
@@ -136,6 +165,80 @@ def with_model_options(
         return wrapper
 
     return decorate
+
+
+@dataclass(frozen=True)
+class MirroredFields:
+    """Fields of a ``source`` model declared again on an options model, under new names,
+    and the way back: ``clsp train``'s ``--gen-steps`` is ``GenerationParams.steps``.
+
+    The copies keep the source's types, defaults, bounds and descriptions, so a command
+    asks for what the source would take and shows the source's defaults; a field added
+    to the source reaches every options model that declares the mirror, with no edit.
+    Made by ``mirror_fields``.
+    """
+
+    source: type[BaseModel]
+    names: Mapping[str, str]
+    """The options model's field -> the source's field, in the source's order."""
+    note: str = ""
+    """Appended to every copied description (``asked of the pool``)."""
+
+    def field(self, name: str) -> tuple[Any, FieldInfo]:
+        """The annotation and the field the options model declares as ``name``."""
+        source = self.source.model_fields[self.names[name]]
+        described = source.description or ""
+        if self.note:
+            described = f"{described.rstrip('.')}; {self.note}."
+        return source.annotation, FieldInfo.merge_field_infos(source, description=described)
+
+    def declare(self, namespace: MutableMapping[str, Any]) -> None:
+        """Declare every copy in a class body being defined, where the call stands::
+
+            class TrainConfig(BaseModel):
+                ...
+                GENERATION_OPTIONS.declare(locals())
+
+        A class body's ``locals()`` is the namespace pydantic reads its fields from (an
+        annotation and a default per field), so the copies keep their place among the
+        hand-written fields: ``--help``, the tables and written configs keep their order.
+        """
+        annotations = namespace.setdefault("__annotations__", {})
+        for name in self.names:
+            annotations[name], namespace[name] = self.field(name)
+
+    def values(self, options: Any) -> dict[str, Any]:
+        """The source's field -> its value on ``options`` (an options model instance):
+        what to build the source from."""
+        return {source: getattr(options, name) for name, source in self.names.items()}
+
+    def without(self, *sources: str) -> MirroredFields:
+        """This mirror less the copies of ``sources`` (source field names): for a command
+        that takes those as options of its own kind (``clsp calibrate``'s grids)."""
+        names = {n: s for n, s in self.names.items() if s not in sources}
+        return MirroredFields(self.source, names, self.note)
+
+
+def mirror_fields(
+    source: type[BaseModel],
+    names: Iterable[str],
+    *,
+    prefix: str = "",
+    unprefixed: Collection[str] = (),
+    note: str = "",
+) -> MirroredFields:
+    """Copies of ``source``'s fields ``names`` (in ``source``'s order), each named
+    ``prefix + name`` except those in ``unprefixed``, with the way back to ``source``."""
+    wanted = set(names)
+    unknown = wanted - set(source.model_fields)
+    if unknown:
+        raise ValueError(f"{source.__name__} has no field {', '.join(sorted(unknown))}")
+    mapping = {
+        (name if name in unprefixed else prefix + name): name
+        for name in source.model_fields
+        if name in wanted
+    }
+    return MirroredFields(source, mapping, note)
 
 
 def describe_errors(exc: ValidationError, name_of: Callable[[str], str] = flag) -> str:

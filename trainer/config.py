@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import Any, Literal, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
-from pydantic.fields import FieldInfo
 
-from clsp_positives.options import DEFAULT_TEXT
+from clsp_positives.options import DEFAULT_TEXT, mirror_fields
 from clsp_positives.proto.auth import TOKEN_ENV
-from clsp_positives.proto.params import GenerationParams, Interpolate, Method, Sampling
+from clsp_positives.proto.params import GenerationParams
 
 
 def _shown(text: str) -> dict[str, Any]:
@@ -24,13 +23,25 @@ def _shown(text: str) -> dict[str, Any]:
     return {DEFAULT_TEXT: text}
 
 
-def _generation(name: str) -> Any:
-    """A copy of ``GenerationParams``'s field: its default and bounds, so that the
-    trainer asks the pool for the service's defaults and refuses what it would refuse."""
-    source = GenerationParams.model_fields[name]
-    return FieldInfo.merge_field_infos(
-        source, description=f"{(source.description or '').rstrip('.')}; asked of the pool."
-    )
+NOT_GENERATION_OPTIONS = frozenset(
+    {"k", "expect_model", "output", "deadline_ms", "priority", "cache"}
+)
+"""``GenerationParams`` fields that are no ``--gen-*`` option: ``k`` and ``expect_model``
+are options of their own (``--k``, ``--expect-model``), ``output`` is ``clsp generate``'s,
+``deadline_ms`` and ``priority`` are set per batch (``--pool-deadlines``), and ``cache``
+is the client's business. Every other field, a new one too, is an option of ``clsp
+train``, ``clsp generate`` and ``clsp calibrate`` with no edit there."""
+
+GENERATION_OPTIONS = mirror_fields(
+    GenerationParams,
+    set(GenerationParams.model_fields) - NOT_GENERATION_OPTIONS,
+    prefix="gen_",
+    unprefixed={"interpolation_weight"},  # the CLSP term's knob, named as in the paper
+    note="asked of the pool",
+)
+"""``--interpolation-weight`` and the ``--gen-*`` options: copies of ``GenerationParams``'s
+fields (default, bounds, help), so that the trainer asks the pool for the service's
+defaults and refuses what it would refuse; ``generation_params()`` maps them back."""
 
 
 MethodName = Literal["simclr", "moco", "nnclr"]
@@ -121,9 +132,18 @@ class TrainConfig(BaseModel):
     )
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="sgd or adamw.")
     schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="Learning-rate schedule after the warm-up: cosine or constant."
+        "cosine",
+        # --lr-schedule as in clsp diffusion train; the field keeps its name (checkpoints).
+        validation_alias=AliasChoices("lr_schedule", "schedule"),
+        description="Learning-rate schedule after the warm-up: cosine or constant.",
     )
-    warmup_epochs: float = Field(0.0, ge=0, description="Linear learning-rate warm-up, in epochs.")
+    warmup_epochs: float = Field(
+        0.0,
+        ge=0,
+        # --lr-warmup-epochs beside clsp diffusion train's --lr-warmup-steps: the unit named.
+        validation_alias=AliasChoices("lr_warmup_epochs", "warmup_epochs"),
+        description="Linear learning-rate warm-up, in epochs.",
+    )
     weight_decay: float | None = Field(
         None, ge=0, description="Weight decay.", json_schema_extra=_shown("SGD 1e-4, AdamW 1e-2")
     )
@@ -232,14 +252,7 @@ class TrainConfig(BaseModel):
     positives_timeout_s: float = Field(
         30.0, gt=0, description="Longest wait for one request to the pool."
     )
-    interpolation_weight: float = _generation("interpolation_weight")
-    gen_steps: int = _generation("steps")
-    gen_eta: float = _generation("eta")
-    gen_method: Method = _generation("method")
-    gen_sampling: Sampling | None = _generation("sampling")
-    gen_interpolate: Interpolate = _generation("interpolate")
-    gen_share_anchor: bool = _generation("share_anchor")
-    gen_anchor_refresh: int = _generation("anchor_refresh")
+    GENERATION_OPTIONS.declare(locals())  # interpolation_weight, gen_steps, gen_eta, ...
     collapse_z_std: float = Field(
         0.2,
         ge=0,
@@ -346,16 +359,7 @@ class TrainConfig(BaseModel):
     def generation_params(self, k: int | None = None) -> GenerationParams:
         """The generation params this config asks of the pool."""
         return GenerationParams(
-            interpolation_weight=self.interpolation_weight,
-            steps=self.gen_steps,
-            eta=self.gen_eta,
-            method=self.gen_method,
-            sampling=self.gen_sampling,
-            interpolate=self.gen_interpolate,
-            share_anchor=self.gen_share_anchor,
-            anchor_refresh=self.gen_anchor_refresh,
-            k=k,
-            expect_model=self.expect_model,
+            **GENERATION_OPTIONS.values(self), k=k, expect_model=self.expect_model
         )
 
     def stored(self) -> dict[str, Any]:

@@ -1,13 +1,22 @@
-"""``clsp diffusion ...``: train the diffusion models the service samples from."""
+"""``clsp diffusion ...``: train the diffusion models the service samples from.
+
+``clsp diffusion train``'s options are generated from ``DiffusionTrainConfig``
+(``service/ddpm/config.py``; one per field, its default and help included), so the
+model is the only place they are defined (docs/design.md §8). ``--config FILE`` is the
+command's own option, not a field: it fills what the flags leave out
+(``clsp_positives/config_file.py``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from clsp_positives.config_file import CONFIG_HELP
+from clsp_positives.options import with_model_options
+from clsp_positives.service.ddpm.config import COMMAND, DiffusionTrainConfig
 
 diffusion_app = typer.Typer(
     help="Train and inspect the diffusion models the service samples from.", no_args_is_help=True
@@ -15,81 +24,18 @@ diffusion_app = typer.Typer(
 
 
 @diffusion_app.command("train")
+@with_model_options(DiffusionTrainConfig, DiffusionTrainConfig.model_fields)
 def train(
-    ctx: typer.Context,
     config_file: Optional[Path] = typer.Option(
         None, "--config", help=CONFIG_HELP, show_default=False
     ),
-    out: Optional[str] = typer.Option(
-        None,
-        "--out",
-        help="Model directory; resumes when it holds a state (required, here or in --config).",
-        show_default=False,
-    ),
-    dataset: str = typer.Option(
-        "digits",
-        "--dataset",
-        help="digits, digits-photos, cifar10, cifar100, stl10, or an image-folder path.",
-    ),
-    data_root: Optional[str] = typer.Option(
-        None, "--data-root", help="Folder with torchvision's cifar10/cifar100/stl10 files."
-    ),
-    download: bool = typer.Option(False, "--download", help="Fetch the torchvision set to root."),
-    image_size: Optional[int] = typer.Option(
-        None,
-        "--image-size",
-        "--size",
-        help="Image side (default: the set's; digits 16, digits-photos 32).",
-    ),
-    channels: Optional[int] = typer.Option(None, "--channels", help="1 or 3."),
-    preset: str = typer.Option("small", "--preset", help="UNet preset, or a UNet config .json."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Total optimizer steps."),
-    minutes: Optional[float] = typer.Option(None, "--minutes", help="Time budget of this run."),
-    batch_size: int = typer.Option(64, "--batch-size"),
-    lr: float = typer.Option(2e-4, "--lr", help="Peak AdamW learning rate."),
-    lr_warmup: int = typer.Option(100, "--lr-warmup", help="Linear warm-up steps."),
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant or cosine."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm."),
-    ema_decay: float = typer.Option(0.999, "--ema-decay", help="EMA decay (with warm-up)."),
-    flip: Optional[bool] = typer.Option(
-        None,
-        "--flip/--no-flip",
-        help="Random horizontal flips (default: not for digits, digits-photos).",
-    ),
-    seed: int = typer.Option(0, "--seed"),
-    save_every: int = typer.Option(1000, "--save-every", help="Checkpoint every N steps."),
-    sample_count: int = typer.Option(64, "--sample-count", help="Images in samples.png (0: none)."),
-    sample_steps: int = typer.Option(50, "--sample-steps", help="DDIM steps for samples.png."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
-    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-    tensorboard: bool = typer.Option(
-        False,
-        "--tensorboard",
-        help="TensorBoard events in --out/tensorboard: loss, learning rate, images/s and "
-        "sample grids (needs the tracking extra).",
-    ),
-    vae: Optional[str] = typer.Option(
-        None,
-        "--vae",
-        help="Autoencoder directory (AutoencoderKL or VQModel, or a pipeline with vae/ or "
-        "vqvae/): train the UNet on its latents and save a latent model (docs/latent.md).",
-        show_default=False,
-    ),
+    *,
+    given: dict[str, Any],
 ) -> None:
     """Train an unconditional DDPM (EMA weights saved in the diffusers pipeline layout)."""
-    from clsp_positives.config_file import (
-        OptionsError,
-        announcement,
-        given_on_command_line,
-        resolve_options,
-    )
-    from clsp_positives.service.ddpm.train import COMMAND, DiffusionTrainConfig
-    from clsp_positives.service.ddpm.train import train as run_training
+    from clsp_positives.config_file import OptionsError, announcement, resolve_options
+    from clsp_positives.service.ddpm import train as training  # torch: not at --help
 
-    # Every option but --config is a DiffusionTrainConfig field of the same name.
-    given = given_on_command_line(ctx, [n for n in ctx.params if n != "config_file"])
     try:
         config = resolve_options(DiffusionTrainConfig, config_file, given, command=COMMAND)
     except OptionsError as exc:
@@ -100,7 +46,7 @@ def train(
         typer.echo(announcement(resolved.model_dump(mode="json"), command=COMMAND, path=path))
 
     try:
-        result = run_training(config, on_start=show)
+        result = training.train(config, on_start=show)
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None

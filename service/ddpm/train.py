@@ -22,15 +22,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from clsp_positives.config_file import RUN_CONFIG_NAME, write_config_file
-from clsp_positives.images import DIGIT_SETS
 from clsp_positives.proto.keys import unit_to_uint8
+from clsp_positives.service.ddpm.config import COMMAND, DiffusionTrainConfig
 from clsp_positives.service.ddpm.tracking import DiffusionLog, check_tracking
 
 if TYPE_CHECKING:
@@ -38,75 +37,7 @@ if TYPE_CHECKING:
 
 STATE_FILE = "train_state.pt"
 SAMPLES_FILE = "samples.png"
-COMMAND = "clsp diffusion train"
 STATE_VERSION = 1
-
-
-class DiffusionTrainConfig(BaseModel):
-    """Options of one ``clsp diffusion train`` run (validated once, at the edge)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    out: str
-    dataset: str = "digits"
-    data_root: str | None = None
-    download: bool = False
-    image_size: int | None = Field(
-        None,
-        ge=4,
-        validation_alias=AliasChoices("image_size", "size"),  # its name before clsp train's
-        description="image side; default: the set's native size",
-    )
-    channels: Literal[1, 3] | None = None
-    preset: str = Field("small", description="UNet preset name, or a JSON file of UNet config")
-    steps: int | None = Field(None, ge=1, description="total optimizer steps (across resumes)")
-    minutes: float | None = Field(None, gt=0, description="wall-clock budget of this run")
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-4, gt=0)
-    lr_warmup: int = Field(100, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, gt=0)
-    ema_decay: float = Field(0.999, ge=0, lt=1)
-    flip: bool | None = Field(
-        None, description="random horizontal flips; default: not for digits, digits-photos"
-    )
-    seed: int = 0
-    save_every: int = Field(1000, ge=1)
-    sample_count: int = Field(64, ge=0)
-    sample_steps: int = Field(50, ge=1)
-    threads: int | None = Field(None, ge=1)
-    device: str = "cpu"
-    progress: bool = True
-    tensorboard: bool = Field(
-        False,
-        description="TensorBoard events in --out/tensorboard: the window scalars, and a sample "
-        "grid at every checkpoint (needs the tracking extra)",
-    )
-    vae: str | None = Field(
-        None,
-        description="an autoencoder directory (AutoencoderKL or VQModel, or a pipeline with "
-        "vae/ or vqvae/): train on its latents and save a latent model (docs/latent.md)",
-    )
-
-    @model_validator(mode="after")
-    def _needs_a_budget(self) -> DiffusionTrainConfig:
-        if self.steps is None and self.minutes is None:
-            raise ValueError("give --steps or --minutes (or both: whichever comes first stops)")
-        return self
-
-    @property
-    def use_flip(self) -> bool:
-        # Mirrored digits are not digits; natural images are symmetric enough.
-        return self.flip if self.flip is not None else self.dataset.lower() not in DIGIT_SETS
-
-    def resolved(self, image_size: int, channels: int) -> DiffusionTrainConfig:
-        """This config with the defaults the data decides (the image side and channels
-        of the loaded set, whether to flip) set to their values: what ``DIR/config.yaml``
-        keeps, so ``--config DIR/config.yaml`` repeats the run (docs/design.md §8)."""
-        return self.model_copy(
-            update={"image_size": image_size, "channels": channels, "flip": self.use_flip}
-        )
 
 
 @dataclass(frozen=True)

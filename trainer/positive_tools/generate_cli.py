@@ -4,14 +4,16 @@ into the paper's offline layout ``[N, K, H, W, C]`` uint8 (docs/design.md §5), 
 
 The file format, its sidecars and the resumable writing are in
 ``trainer/positives/offline.py``, beside the reader; this module is the command.
-The options it shares with ``clsp train`` (the generation params, ``--k``, the
-token, the data set's folder) are generated from ``TrainConfig``, so both
-commands name them alike and take one set of defaults (docs/design.md §8).
+The options it shares with ``clsp train`` (``--k``, the token, the data set's folder)
+are copies of ``TrainConfig``'s fields, and its generation options are the same copies
+of ``GenerationParams``'s (``GENERATION_OPTIONS``), so both commands name them alike
+and take one set of defaults (docs/design.md §8).
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -27,10 +29,15 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from clsp_positives.config_file import CONFIG_HELP
-from clsp_positives.options import DEFAULT_TEXT, describe_errors, with_model_options
+from clsp_positives.options import (
+    DEFAULT_TEXT,
+    describe_errors,
+    primary_flag,
+    with_model_options,
+)
 from clsp_positives.proto.auth import TOKEN_ENV
-from clsp_positives.proto.params import GenerationParams, Interpolate, Method, Output, Sampling
-from clsp_positives.trainer.config import TrainConfig
+from clsp_positives.proto.params import GenerationParams, Output
+from clsp_positives.trainer.config import GENERATION_OPTIONS, TrainConfig
 from clsp_positives.trainer.positives.offline import (
     OfflineNpySource,
     config_path,
@@ -43,11 +50,10 @@ from clsp_positives.trainer.positives.offline import (
 
 COMMAND = "clsp generate"
 
-SHARED = ("data_root", "download", "token", "k")
-SHARED += ("interpolation_weight", "gen_steps", "gen_eta", "gen_method", "gen_sampling")
-SHARED += ("gen_interpolate", "gen_share_anchor", "gen_anchor_refresh")
+SHARED = ("data_root", "download", "token", "k", *GENERATION_OPTIONS.names)
 """``TrainConfig`` fields that are ``clsp generate`` options too (``GenerateConfig`` copies
-them, so the two commands take one definition)."""
+the first four and declares the same generation options, so the two commands take one
+definition)."""
 
 
 def _shared(name: str) -> Any:
@@ -84,7 +90,13 @@ class GenerateConfig(BaseModel):
     )
     batch_size: int = Field(64, ge=1, description="Images per request.")
     in_flight: int = Field(4, ge=1, description="Requests in flight.")
-    timeout_s: float = Field(600.0, gt=0, description="Longest wait for one request.")
+    timeout_s: float = Field(
+        600.0,
+        gt=0,
+        # Named as clsp train's --positives-timeout-s; the field keeps its name (bank configs).
+        validation_alias=AliasChoices("positives_timeout_s", "timeout_s"),
+        description="Longest wait for one request to the pool.",
+    )
     progress: bool = Field(True, description="Progress bar.")
     grid: Path | None = Field(
         None,
@@ -101,14 +113,7 @@ class GenerateConfig(BaseModel):
     download: bool = _shared("download")
     token: str | None = _shared("token")
     k: int = _shared("k")
-    interpolation_weight: float = _shared("interpolation_weight")
-    gen_steps: int = _shared("gen_steps")
-    gen_eta: float = _shared("gen_eta")
-    gen_method: Method = _shared("gen_method")
-    gen_sampling: Sampling | None = _shared("gen_sampling")
-    gen_interpolate: Interpolate = _shared("gen_interpolate")
-    gen_share_anchor: bool = _shared("gen_share_anchor")
-    gen_anchor_refresh: int = _shared("gen_anchor_refresh")
+    GENERATION_OPTIONS.declare(locals())  # interpolation_weight, gen_steps, gen_eta, ...
 
     @model_validator(mode="after")
     def _grid_draws_pictures(self) -> GenerateConfig:
@@ -117,9 +122,9 @@ class GenerateConfig(BaseModel):
         return self
 
     def generation_params(self) -> GenerationParams:
-        """The generation params asked of the pool: ``TrainConfig``'s own mapping."""
-        shared = TrainConfig.model_validate({n: getattr(self, n) for n in SHARED})
-        return shared.generation_params(k=self.k).model_copy(update={"output": self.output})
+        """The generation params asked of the pool: the mirror's way back, as ``clsp
+        train`` builds them, with this command's ``k`` and ``output``."""
+        return GenerationParams(**GENERATION_OPTIONS.values(self), k=self.k, output=self.output)
 
     def stored(self) -> dict[str, Any]:
         """What ``<bank>.config.yaml`` keeps: every option, never the bearer token."""
@@ -150,7 +155,8 @@ def generate(
         config = resolve_options(GenerateConfig, config_file, given, command=COMMAND)
         params = config.generation_params()
     except (OptionsError, ValidationError) as exc:
-        message = describe_errors(exc) if isinstance(exc, ValidationError) else str(exc)
+        named = partial(primary_flag, GenerateConfig)
+        message = describe_errors(exc, named) if isinstance(exc, ValidationError) else str(exc)
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2) from None
     out, k = config.out, config.k
