@@ -3,99 +3,126 @@ running pool on held-out labelled images, and recommend one, before a training r
 spends GPU-days on a guess (docs/design.md §1; the logic is trainer/positive_tools/calibrate.py).
 
 It talks to the pool exactly as ``clsp generate`` does (``--positives``, the token from
-``CLSP_API_TOKEN``), and the generation options it shares with ``clsp train`` (the data
-set's folder, the token, ``--gen-eta``, ``--gen-method``, ``--gen-sampling``) are generated
-from ``TrainConfig``, so their names, defaults and allowed values are
-``GenerationParams``'s own (docs/design.md §8). The recommendation is printed as the
-``clsp train`` flags to use.
+``CLSP_API_TOKEN``). Its options are generated from ``CalibrateConfig``, whose fields
+shared with ``clsp generate`` and ``clsp train`` are copies of theirs, and whose
+generation options (``--gen-eta``, ``--gen-method``, ``--gen-sampling``, ...) are the
+same copies of ``GenerationParams``'s as theirs, so names, defaults and allowed values
+agree (docs/design.md §8). The grid's two axes are named as ``clsp train`` names the one
+value it takes (``--interpolation-weight``, ``--gen-steps``), and the recommendation is
+printed as those ``clsp train`` flags.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal
 
 import numpy as np
 import typer
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
-from clsp_positives.options import describe_errors, flag, with_model_options
+from clsp_positives.options import (
+    DEFAULT_TEXT,
+    all_flags,
+    describe_errors,
+    flag,
+    primary_flag,
+    with_model_options,
+)
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.messages import ModelInfo
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.config import TrainConfig
+from clsp_positives.trainer.config import GENERATION_OPTIONS, TrainConfig
+from clsp_positives.trainer.positive_tools.generate_cli import GenerateConfig
 
-SHARED = ("data_root", "download", "token", "gen_eta", "gen_method", "gen_sampling")
-SHARED += ("gen_interpolate", "gen_share_anchor", "gen_anchor_refresh")
-"""``TrainConfig`` fields that are ``clsp calibrate`` options too."""
+CALIBRATED = GENERATION_OPTIONS.without("interpolation_weight", "steps")
+"""The generation options every setting of the grid shares: all of ``clsp train``'s but
+the grid's two axes."""
+
+NOT_ADVISED = ("eta", "method")
+"""``GenerationParams`` fields the recommendation leaves out of its ``clsp train`` flags
+even when given (as it always has); every other option of ``CALIBRATED`` given a value
+other than its default is repeated there."""
 
 
-@with_model_options(TrainConfig, SHARED, envvars={"token": TOKEN_ENV})
-def calibrate(
-    dataset: str = typer.Option(
-        ...,
-        "--dataset",
-        help="digits, digits-photos, cifar10, cifar100, stl10 or an image folder (class "
-        "sub-folders); its labels are needed.",
-    ),
-    positives: str = typer.Option(
-        ..., "--positives", help="Generation pool: URL[,URL...] or dns+http://HOST:PORT."
-    ),
-    out: Path = typer.Option(
-        ..., "--out", help="Directory for calibration.json and calibration.png."
-    ),
-    weights: str = typer.Option(
-        "0,0.1,0.2,0.3,0.5,1.0", "--weights", help="Interpolation weights to try, comma-separated."
-    ),
-    steps: str = typer.Option("25,50,100", "--steps", help="Step counts to try, comma-separated."),
-    anchors: int = typer.Option(
-        200,
-        "--anchors",
-        min=1,
-        help="Held-out labelled images (the test split) to make positives of.",
-    ),
-    k: int = typer.Option(
-        2, "--k", min=2, help="Candidates per anchor (2 or more: diversity compares them)."
-    ),
-    min_class_kept: float = typer.Option(
+def _copied(model: type[BaseModel], name: str) -> Any:
+    """A copy of ``model``'s field (default, bounds, help and old names): one definition
+    for the commands that share the option (docs/design.md §8)."""
+    return FieldInfo.merge_field_infos(model.model_fields[name])
+
+
+class CalibrateConfig(BaseModel):
+    """Every option of ``clsp calibrate``: the command's options are generated from it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        description="digits, digits-photos, cifar10, cifar100, stl10 or an image folder (class "
+        "sub-folders); its labels are needed."
+    )
+    positives: str = _copied(GenerateConfig, "positives")
+    out: Path = Field(description="Directory for calibration.json and calibration.png.")
+    interpolation_weight: str = Field(
+        "0,0.1,0.2,0.3,0.5,1.0",
+        validation_alias=AliasChoices("interpolation_weight", "weights"),
+        description="Interpolation weights to try, comma-separated (the grid's first axis).",
+    )
+    gen_steps: str = Field(
+        "25,50,100",
+        validation_alias=AliasChoices("gen_steps", "steps"),
+        description="Sampling steps to try, comma-separated (the grid's second axis).",
+    )
+    anchors: int = Field(
+        200, ge=1, description="Held-out labelled images (the test split) to make positives of."
+    )
+    k: int = Field(
+        2,
+        ge=2,
+        validation_alias=AliasChoices("k", "candidates"),  # as clsp train and clsp generate
+        description="Candidates per anchor (2 or more: diversity compares them).",
+    )
+    min_class_kept: float = Field(
         0.85,
-        "--min-class-kept",
-        min=0.0,
-        max=1.0,
-        help="The recommendation is the most diverse setting whose positives keep the anchor's "
-        "class at least this often.",
-    ),
-    budget: Optional[float] = typer.Option(
+        ge=0.0,
+        le=1.0,
+        description="The recommendation is the most diverse setting whose positives keep the "
+        "anchor's class at least this often.",
+    )
+    budget: float | None = Field(
         None,
-        "--budget",
-        min=0.0,
-        help="Seconds for the grid; it runs fewest steps first, and the settings left when the "
-        "budget is spent are skipped (default: no limit).",
-    ),
-    features: Optional[str] = typer.Option(
+        ge=0.0,
+        description="Seconds for the grid; it runs fewest steps first, and the settings left "
+        "when the budget is spent are skipped.",
+        json_schema_extra={DEFAULT_TEXT: "no limit"},
+    )
+    features: str | None = Field(
         None,
-        "--features",
-        help="module:function taking uint8 [N, H, W, C] images and returning [N, D] float "
-        "features; the class probe reads those instead of raw pixels.",
-    ),
-    probe_images: int = typer.Option(
+        description="module:function taking uint8 [N, H, W, C] images and returning [N, D] "
+        "float features; the class probe reads those instead of raw pixels.",
+        json_schema_extra={DEFAULT_TEXT: "raw pixels"},
+    )
+    probe_images: int = Field(
         5000,
-        "--probe-images",
-        min=2,
-        help="The probe is fit on at most this many training images (a fixed random sample).",
-    ),
-    image_size: Optional[int] = typer.Option(
-        None, "--image-size", "--size", help="Image side (default: the model's sample size)."
-    ),
-    channels: Optional[int] = typer.Option(
-        None, "--channels", help="1 or 3 (default: the model's)."
-    ),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Anchors per request."),
-    timeout_s: float = typer.Option(600.0, "--timeout-s", help="Longest wait for one request."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
-    *,
-    given: dict[str, Any],
-) -> None:
+        ge=2,
+        description="The probe is fit on at most this many training images (a fixed random "
+        "sample).",
+    )
+    image_size: int | None = _copied(GenerateConfig, "image_size")
+    channels: Literal[1, 3] | None = _copied(GenerateConfig, "channels")
+    batch_size: int = Field(64, ge=1, description="Anchors per request.")
+    timeout_s: float = _copied(GenerateConfig, "timeout_s")
+    progress: bool = _copied(GenerateConfig, "progress")
+    data_root: str | None = _copied(TrainConfig, "data_root")
+    download: bool = _copied(TrainConfig, "download")
+    token: str | None = _copied(TrainConfig, "token")
+    CALIBRATED.declare(locals())  # gen_eta, gen_method, gen_sampling, ...
+
+
+@with_model_options(CalibrateConfig, CalibrateConfig.model_fields, envvars={"token": TOKEN_ENV})
+def calibrate(*, given: dict[str, Any]) -> None:
     """Choose the interpolation weight and steps: class kept vs diversity over a grid."""
     from pydantic import ValidationError
     from tqdm import tqdm
@@ -106,27 +133,33 @@ def calibrate(
     from clsp_positives.trainer.positive_tools.quality import class_kept, fit_probe, load_features
 
     try:
-        config = TrainConfig.model_validate(given)
+        config = CalibrateConfig.model_validate(given)
     except ValidationError as exc:
-        raise typer.BadParameter(describe_errors(exc)) from None
+        named = partial(primary_flag, CalibrateConfig)
+        raise typer.BadParameter(describe_errors(exc, named)) from None
+    # The grid is checked here, its messages naming each option by all its names: the
+    # user may have typed the old one (--weights, --steps).
+    names = partial(all_flags, CalibrateConfig)
     try:
-        settings = cal.grid(cal.parse_weights(weights), cal.parse_steps(steps))
+        weights = cal.parse_weights(config.interpolation_weight, names("interpolation_weight"))
+        settings = cal.grid(weights, cal.parse_steps(config.gen_steps, names("gen_steps")))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None  # the message names the option
+    dataset, positives, k, features = config.dataset, config.positives, config.k, config.features
     try:
         extractor = load_features(features) if features else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--features") from None
 
     try:
-        client = PoolClient(positives, token=config.token, timeout_s=timeout_s)
+        client = PoolClient(positives, token=config.token, timeout_s=config.timeout_s)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--positives") from None
     try:
-        info = _pool_model(client, positives, image_size, channels)
+        info = _pool_model(client, positives, config.image_size, config.channels)
         model_shape = f"{info.sample_size}x{info.sample_size}x{info.channels}"
-        base = _base_params(config, k, info.max_k)
-        data = _held_out(dataset, anchors, probe_images, info.sample_size, info.channels, config)
+        base = _base_params(config, info.max_k)
+        data = _held_out(config, info.sample_size, info.channels)
         anchor_images, labels = data["anchors"], data["labels"]
         try:
             probe = fit_probe(data["probe_images"], data["probe_labels"], features=extractor)
@@ -144,15 +177,13 @@ def calibrate(
             "probe_images": len(data["probe_images"]),
             "probe": "features " + features if features else "raw pixels, logistic regression",
             "k": k,
-            "eta": base.eta,
-            "method": base.method,
-            "interpolate": base.interpolate,
-            "share_anchor": base.share_anchor,
-            "anchor_refresh": base.anchor_refresh,
+            # What every setting shared (eta, method, interpolate, ...); the sampling
+            # mode is the results' own entry, as the pool resolved it.
+            **{n: getattr(base, n) for n in CALIBRATED.names.values() if n != "sampling"},
             "weights": sorted({s.interpolation_weight for s in settings}),
             "steps": sorted({s.steps for s in settings}),
-            "budget_s": budget,
-            "min_class_kept": min_class_kept,
+            "budget_s": config.budget,
+            "min_class_kept": config.min_class_kept,
             "pool": positives,
         }
         typer.echo(
@@ -163,13 +194,14 @@ def calibrate(
         )
         # The options given that every setting shared, for the advice (a default left out).
         shared_flags = " ".join(
-            flag(f"gen_{name}") if value is True else f"{flag(f'gen_{name}')} {value}"
-            for name in ("sampling", "interpolate", "share_anchor", "anchor_refresh")
-            if (value := getattr(base, name)) != GenerationParams.model_fields[name].default
+            flag(option) if value is True else f"{flag(option)} {value}"
+            for option, name in CALIBRATED.names.items()
+            if name not in NOT_ADVISED
+            and (value := getattr(base, name)) != GenerationParams.model_fields[name].default
         )
 
         def save(rows: list[cal.Row], complete: bool) -> None:
-            chosen = cal.recommend(rows, min_class_kept, probe_accuracy, shared_flags)
+            chosen = cal.recommend(rows, config.min_class_kept, probe_accuracy, shared_flags)
             payload = cal.results(
                 rows=rows,
                 recommendation=chosen,
@@ -179,12 +211,12 @@ def calibrate(
                 run=run,
                 complete=complete,
             )
-            cal.write_results(out, payload)
+            cal.write_results(config.out, payload)
 
-        fetch = cal.pool_fetch(client, anchor_images, base, batch_size)
+        fetch = cal.pool_fetch(client, anchor_images, base, config.batch_size)
         done: list[cal.Row] = []
         with tqdm(
-            total=len(settings), unit="setting", disable=not progress, desc="calibrate"
+            total=len(settings), unit="setting", disable=not config.progress, desc="calibrate"
         ) as bar:
 
             def measure_one(setting: cal.Setting) -> cal.Row:
@@ -198,24 +230,29 @@ def calibrate(
 
             try:
                 rows = cal.run_grid(
-                    settings, measure_one, budget_s=budget, clock=time.monotonic, on_row=on_row
+                    settings,
+                    measure_one,
+                    budget_s=config.budget,
+                    clock=time.monotonic,
+                    on_row=on_row,
                 )
             except PoolError as exc:
                 hint = " (lower --batch-size)" if "cost_too_high" in str(exc) else ""
                 kept = (
-                    f"; the {len(done)} setting(s) done so far are in {out / cal.RESULTS_NAME}"
+                    f"; the {len(done)} setting(s) done so far are in "
+                    f"{config.out / cal.RESULTS_NAME}"
                     if done
                     else ""
                 )
                 typer.echo(f"clsp calibrate: {exc}{hint}{kept}", err=True)
                 raise typer.Exit(1) from None
-        chosen = cal.recommend(rows, min_class_kept, probe_accuracy, shared_flags)
+        chosen = cal.recommend(rows, config.min_class_kept, probe_accuracy, shared_flags)
         pick = None if chosen is None else chosen.setting
         save(rows, complete=True)
         png = write_plot(
             rows,
-            out / cal.PLOT_NAME,
-            min_class_kept=min_class_kept,
+            config.out / cal.PLOT_NAME,
+            min_class_kept=config.min_class_kept,
             probe_accuracy=probe_accuracy,
             recommended=pick,
             title=f"clsp calibrate: {dataset}, model {info.fingerprint}, k = {k}, {sampling}",
@@ -226,7 +263,7 @@ def calibrate(
             "the anchors would score as class kept)"
         )
         typer.echo(chosen.text if chosen else "no setting was measured")
-        typer.echo(f"wrote {out / cal.RESULTS_NAME} and {png}")
+        typer.echo(f"wrote {config.out / cal.RESULTS_NAME} and {png}")
     finally:
         client.close()
 
@@ -260,31 +297,26 @@ def _pool_model(
     return info
 
 
-def _base_params(config: TrainConfig, k: int, max_k: int) -> GenerationParams:
-    """The generation params every setting shares: the options' eta, method and sampling,
-    ``k`` candidates, and the cache bypassed, so that positives per second is what the
-    pool generates, and held-out images never fill a cache meant for training."""
+def _base_params(config: CalibrateConfig, max_k: int) -> GenerationParams:
+    """The generation params every setting shares: the options' eta, method, sampling and
+    the rest, ``k`` candidates, and the cache bypassed, so that positives per second is
+    what the pool generates, and held-out images never fill a cache meant for training.
+    The weight and steps are the params' defaults until each setting sets its own."""
     from pydantic import ValidationError
 
     try:
         return GenerationParams.model_validate(
-            {**config.generation_params(k=k).model_dump(), "cache": "bypass"},
+            {**CALIBRATED.values(config), "k": config.k, "cache": "bypass"},
             context={"max_k": max_k},
         )
-    except ValidationError:  # eta, method and sampling passed TrainConfig: only k is left
+    except ValidationError:  # the copies passed CalibrateConfig: only k is left
         raise typer.BadParameter(
-            f"{k} is above the pool's limit of {max_k} candidates per anchor", param_hint="--k"
+            f"{config.k} is above the pool's limit of {max_k} candidates per anchor",
+            param_hint="--k",
         ) from None
 
 
-def _held_out(
-    dataset: str,
-    anchors: int,
-    probe_images: int,
-    size: int,
-    channels: int,
-    config: TrainConfig,
-) -> dict[str, Any]:
+def _held_out(config: CalibrateConfig, size: int, channels: int) -> dict[str, Any]:
     """The probe's training images and the held-out anchors, as the model sees them.
 
     The anchors come from the test split and the probe learns from the train split, so
@@ -294,6 +326,8 @@ def _held_out(
     """
     from clsp_positives.images import load_images
     from clsp_positives.trainer.positive_tools.calibrate import held_out_indices
+
+    dataset, anchors, probe_images = config.dataset, config.anchors, config.probe_images
 
     def load(split: str) -> Any:
         return load_images(
