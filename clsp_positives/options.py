@@ -14,8 +14,8 @@ variable can then fill what the command line left out.
 Names: one concept has one flag in every command (docs/design.md §8). A field's flag
 is its name, or, when its
 ``validation_alias=AliasChoices(...)`` is given, the first of those choices; every
-other choice (the field's own name among them) is an alias: the same option, shown
-as "also ...", and a key a config file may use. So a flag can be renamed without
+other choice (the field's own name among them) is an alias: the same option (its help
+says "Alias: ..."), and a key a config file may use. So a flag can be renamed without
 renaming its field, and checkpoints, ``config.yaml`` files and recipes keep their keys.
 """
 
@@ -118,9 +118,10 @@ def option_parameter(
     decls = [f"{n}/--no-{n[2:]}" for n in names] if is_bool(field) else names
     # Parentheses, not typer's "[default: ...]": rich would take brackets for markup.
     default = "required" if field.is_required() else f"default: {shown_default(field)}"
-    aliases = f"also {', '.join(names[1:])}" if len(names) > 1 else ""
-    extra = "; ".join(p for p in (default, aliases, note) if p)
+    extra = "; ".join(p for p in (default, note) if p)
     text = f"{(field.description or '').strip()} ({extra})".strip()
+    if len(names) > 1:  # the column lists every name; say which is the option's own
+        text += f" Alias{'es' if len(names) > 2 else ''}: {', '.join(names[1:])}."
     option = typer.Option(None, *decls, help=text, show_default=False, envvar=envvar)
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[field.annotation]
