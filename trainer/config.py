@@ -8,13 +8,19 @@ stays instant.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from clsp_positives.options import DEFAULT_TEXT, mirror_fields
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.params import GenerationParams
+from clsp_positives.trainer.method_defaults import (
+    METHOD_DEFAULTS,
+    METHOD_TITLES,
+    MethodDefaults,
+    MethodName,
+)
 
 
 def _shown(text: str) -> dict[str, Any]:
@@ -44,37 +50,24 @@ fields (default, bounds, help), so that the trainer asks the pool for the servic
 defaults and refuses what it would refuse; ``generation_params()`` maps them back."""
 
 
-MethodName = Literal["simclr", "moco", "nnclr"]
 ClspMode = Literal["similarity", "contrastive"]
 
 
-class MethodDefaults(NamedTuple):
-    """A method's own defaults of the options whose ``None`` means "the method's"."""
-
-    temperature: float
-    proj_hidden_dim: int
-    proj_dim: int
-    queue_size: int | None  # None: the method keeps no queue
-
-
-METHOD_DEFAULTS: dict[str, MethodDefaults] = {
-    # The CLSP authors' CIFAR configs for SimCLR and MoCo, solo-learn's CIFAR config
-    # for NNCLR (docs/training.md, "Defaults and the authors' configs").
-    "simclr": MethodDefaults(temperature=0.2, proj_hidden_dim=4096, proj_dim=256, queue_size=None),
-    "moco": MethodDefaults(temperature=0.2, proj_hidden_dim=4096, proj_dim=256, queue_size=32768),
-    "nnclr": MethodDefaults(temperature=0.2, proj_hidden_dim=2048, proj_dim=256, queue_size=65536),
-}
-_SHOWN_NAMES = {"simclr": "SimCLR", "moco": "MoCo", "nnclr": "NNCLR"}
+def _method_names() -> str:
+    """The methods ``--method`` accepts, as its help lists them (``simclr, moco or nnclr``)."""
+    *others, last = METHOD_DEFAULTS
+    return f"{', '.join(others)} or {last}"
 
 
 def _per_method(field: str) -> dict[str, Any]:
-    """The default ``--help`` and the README show for a field of ``METHOD_DEFAULTS``,
-    read from the table (``SimCLR/MoCo 4096, NNCLR 2048``), so it cannot drift."""
+    """The default ``--help`` and the README show for a field of ``METHOD_DEFAULTS``
+    (trainer/method_defaults.py), read from the table (``SimCLR/MoCo 4096, NNCLR
+    2048``), so it cannot drift."""
     groups: dict[Any, list[str]] = {}
     for name, defaults in METHOD_DEFAULTS.items():
         value = getattr(defaults, field)
         if value is not None:
-            groups.setdefault(value, []).append(_SHOWN_NAMES[name])
+            groups.setdefault(value, []).append(METHOD_TITLES[name])
     if len(groups) == 1 and len(next(iter(groups.values()))) == len(METHOD_DEFAULTS):
         return _shown(f"{next(iter(groups)):g}")
     return _shown(", ".join(f"{'/'.join(names)} {value:g}" for value, names in groups.items()))
@@ -120,7 +113,7 @@ class TrainConfig(BaseModel):
         "train+unlabeled (its 100k unlabeled images too); the evaluation keeps the labelled "
         "train and test splits.",
     )
-    method: MethodName = Field("simclr", description="Contrastive method: simclr, moco or nnclr.")
+    method: MethodName = Field("simclr", description=f"Contrastive method: {_method_names()}.")
     backbone: str = Field("resnet18", description="resnet18, resnet50 or resnet-tiny.")
     epochs: int = Field(100, ge=1, description="Training epochs.")
     batch_size: int = Field(256, ge=2, description="Images per step per rank.")
@@ -323,8 +316,9 @@ class TrainConfig(BaseModel):
         return 1e-4 if self.optimizer == "sgd" else 1e-2
 
     def _method_default(self, name: str) -> Any:
-        value = getattr(self, name)
-        return value if value is not None else getattr(METHOD_DEFAULTS[self.method], name)
+        """The option ``name`` as given, else the method's default (trainer/method_defaults.py)."""
+        given = {field: getattr(self, field) for field in MethodDefaults._fields}
+        return getattr(METHOD_DEFAULTS[self.method].with_given(**given), name)
 
     def resolved_temperature(self) -> float:
         return float(self._method_default("temperature"))

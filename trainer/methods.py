@@ -1,15 +1,19 @@
-"""SimCLR, MoCo v2 and NNCLR over one base, each with the CLSP term (docs/design.md §1).
+"""SimCLR, MoCo v2 and NNCLR, registered over one base that adds the CLSP term (docs/design.md §1).
 
 A method is an ``nn.Module`` whose ``forward(v1, v2, v3, present)`` returns the
 loss of one step, so DDP can wrap it whole. ``v3`` holds the augmented synthetic
 positives of only the anchors whose positive arrived (None when the step has
 none) and ``present`` says which anchors those are: a missing positive never
 touches the network, neither its forward pass nor the BatchNorm statistics
-(docs/design.md §5). The losses live in ``losses.py``; a method only picks
-views, keeps its own state (queue, momentum encoder, support set) and gathers
-across ranks.
+(docs/design.md §5). The losses live in ``losses.py``.
 
-CLSP modes:
+Each method is one class in ``METHODS`` (solo-learn's shape), registered under
+its name with its row of ``METHOD_DEFAULTS`` (``method_defaults.py``, torch-free
+so that ``TrainConfig`` reads it too). A method says only what is its own: which
+encoder sees which view (``project``), its loss (``base_loss``), the same loss
+with the synthetic positive inside its InfoNCE (``contrastive_loss``) and its
+state (queue, momentum encoder, support set). The base composes the CLSP term
+once for all of them:
 
 * ``similarity`` (default): ``L = L_base + lambda * mean_i (2 - 2 cos(z1_i, z3_i))``
   over anchors with a positive;
@@ -24,27 +28,22 @@ import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from clsp_positives.trainer import losses
 from clsp_positives.trainer.backbones import predictor_mlp, projection_mlp
-from clsp_positives.trainer.config import (
-    METHOD_DEFAULTS,
-    ClspMode,
-    MethodName,
-    TrainConfig,
-)
+from clsp_positives.trainer.config import ClspMode, TrainConfig
 from clsp_positives.trainer.distributed import (
     all_reduce_sum,
     gather_nograd,
     gather_with_grad,
     world_size,
 )
+from clsp_positives.trainer.method_defaults import METHOD_DEFAULTS, MethodDefaults
 
-METHODS: tuple[str, ...] = typing.get_args(MethodName)
 CLSP_MODES: tuple[str, ...] = typing.get_args(ClspMode)
 
 
@@ -58,8 +57,8 @@ class MethodConfig:
     """The method's share of ``TrainConfig``, resolved; built by ``from_train_config``."""
 
     name: str = _default("method")
-    # None here and for the sizes below: the method's default (METHOD_DEFAULTS),
-    # filled in by __post_init__.
+    # None here and for the sizes below: the method's default, filled in by
+    # __post_init__ by the rule TrainConfig resolves with (MethodDefaults.with_given).
     temperature: float | None = None
     proj_hidden_dim: int | None = None
     proj_dim: int | None = None  # NNCLR's predictor is proj_dim-4096-proj_dim
@@ -90,10 +89,9 @@ class MethodConfig:
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
-        defaults = METHOD_DEFAULTS[self.name]
-        for field in ("temperature", "proj_hidden_dim", "proj_dim", "queue_size"):
-            if getattr(self, field) is None:
-                object.__setattr__(self, field, getattr(defaults, field))
+        given = {field: getattr(self, field) for field in MethodDefaults._fields}
+        for field, value in METHODS[self.name].defaults.with_given(**given)._asdict().items():
+            object.__setattr__(self, field, value)
         if self.clsp_mode not in CLSP_MODES:
             raise ValueError(
                 f"unknown --clsp-mode {self.clsp_mode!r}; choose one of {', '.join(CLSP_MODES)}"
@@ -105,7 +103,7 @@ class MethodConfig:
 
     @property
     def tau(self) -> float:
-        assert self.temperature is not None  # filled from METHOD_DEFAULTS in __post_init__
+        assert self.temperature is not None  # filled from the method's defaults in __post_init__
         return self.temperature
 
 
@@ -124,6 +122,24 @@ class Positives:
     mask: Tensor
 
 
+@dataclass(frozen=True)
+class Projections:
+    """One step's outputs of a method's networks, from which the base composes the
+    loss, the CLSP term and the spread the loop watches.
+
+    ``anchors`` are what the similarity term pulls toward the positives (z1),
+    ``views`` the two base views' projections, ``positives`` the positives'
+    ``[P, D]`` (None when none arrived; in the contrastive form, the side of the
+    method that scores them as keys), and ``keys`` what else the method's loss
+    reads (MoCo's momentum keys, NNCLR's predictions).
+    """
+
+    anchors: Tensor
+    views: tuple[Tensor, Tensor]
+    positives: Tensor | None
+    keys: tuple[Tensor | None, ...] = ()
+
+
 @dataclass
 class StepLoss:
     loss: Tensor
@@ -137,8 +153,16 @@ class StepLoss:
 
 
 class ContrastiveMethod(nn.Module):
-    """Backbone + projector, the CLSP term and the hooks the loop calls."""
+    """Backbone + projector, the CLSP term and the hooks the loop calls.
 
+    A subclass sets ``name`` (its key in ``METHODS`` and ``METHOD_DEFAULTS``),
+    is decorated with ``@register``, which gives it its ``defaults``, and
+    implements ``project``, ``base_loss`` and ``contrastive_loss``; ``step``
+    composes them with the CLSP term the same way for every method.
+    """
+
+    name: ClassVar[str]
+    defaults: ClassVar[MethodDefaults]
     projector_layers = 2
 
     def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig) -> None:
@@ -205,7 +229,38 @@ class ContrastiveMethod(nn.Module):
         return Positives(view=v3 if v3.shape[0] else None, rows=present, mask=mask)
 
     def step(self, v1: Tensor, v2: Tensor, pos: Positives | None) -> StepLoss:
+        """The method's loss with the CLSP term, composed here once for every method:
+        in the contrastive form the method's own loss takes the positives inside
+        (its pairs weighted by lambda), otherwise the similarity term is added to
+        its base loss (nothing when no positive arrived)."""
+        inside = pos is not None and self.config.clsp_mode == "contrastive"
+        proj = self.project(v1, v2, pos.view if pos is not None else None, inside)
+        if inside:
+            assert pos is not None
+            base = self.contrastive_loss(proj, pos)
+            out = StepLoss(loss=base, base=base.detach(), clsp=base.new_zeros(()))
+        else:
+            out = self.combine(self.base_loss(proj), proj.anchors, proj.positives, pos)
+        if self.training:
+            self.enqueue(proj)
+        return self.with_spread(out, proj.views, proj.positives)
+
+    def project(self, v1: Tensor, v2: Tensor, v3: Tensor | None, inside: bool) -> Projections:
+        """The step's forward passes (through ``passes``, so ``joint_forward``
+        holds); ``inside``: the positives ``v3`` will be keys of the contrastive form."""
         raise NotImplementedError
+
+    def base_loss(self, proj: Projections) -> Tensor:
+        """The method's own loss of the two views."""
+        raise NotImplementedError
+
+    def contrastive_loss(self, proj: Projections, pos: Positives) -> Tensor:
+        """The method's loss with each anchor's synthetic positive as one more
+        positive, its pairs weighted by ``clsp_weight`` (the contrastive form)."""
+        raise NotImplementedError
+
+    def enqueue(self, proj: Projections) -> None:
+        """After a training step's loss: fill the method's queue (none here)."""
 
     @staticmethod
     def scatter(z: Tensor | None, pos: Positives, like: Tensor) -> Tensor:
@@ -219,6 +274,11 @@ class ContrastiveMethod(nn.Module):
         if z is None:
             return full.requires_grad_(torch.is_grad_enabled())
         return full.index_copy(0, pos.rows, z.to(full.dtype))
+
+    def gathered(self, z: Tensor | None, pos: Positives, like: Tensor) -> tuple[Tensor, Tensor]:
+        """The positives' rows of every rank (``scatter`` gathered with gradients)
+        and the gathered mask of the anchors that have one."""
+        return gather_with_grad(self.scatter(z, pos, like)), gather_nograd(pos.mask)
 
     def combine(
         self, base: Tensor, z1: Tensor, z3: Tensor | None, pos: Positives | None
@@ -264,28 +324,51 @@ class ContrastiveMethod(nn.Module):
     @torch.no_grad()
     def after_step(self, progress: float = 0.0) -> None:
         """Called after each optimizer step (momentum updates); ``progress`` is the
-        fraction of the run's steps done, for schedules."""
+        fraction of the run's optimizer steps done, for schedules."""
 
 
+METHODS: dict[str, type[ContrastiveMethod]] = {}
+"""Every contrastive method by the name ``--method`` takes, filled by ``@register``."""
+
+
+def register(cls: type[ContrastiveMethod]) -> type[ContrastiveMethod]:
+    """Add ``cls`` to ``METHODS`` under its ``name``, with its row of
+    ``METHOD_DEFAULTS`` as its ``defaults``: a method without a row there has
+    no defaults for ``TrainConfig`` to resolve, and is refused."""
+    if cls.name not in METHOD_DEFAULTS:
+        raise ValueError(
+            f"{cls.__name__}.name {cls.name!r} has no row in METHOD_DEFAULTS "
+            "(trainer/method_defaults.py)"
+        )
+    cls.defaults = METHOD_DEFAULTS[cls.name]
+    METHODS[cls.name] = cls
+    return cls
+
+
+@register
 class SimCLR(ContrastiveMethod):
-    def step(self, v1: Tensor, v2: Tensor, pos: Positives | None) -> StepLoss:
-        tau = self.config.tau
-        z1, z2, z3 = self.passes(self.embed, v1, v2, pos.view if pos else None)
+    name = "simclr"
+
+    def project(self, v1: Tensor, v2: Tensor, v3: Tensor | None, inside: bool) -> Projections:
+        z1, z2, z3 = self.passes(self.embed, v1, v2, v3)
         assert z1 is not None and z2 is not None
+        return Projections(anchors=z1, views=(z1, z2), positives=z3)
+
+    def base_loss(self, proj: Projections) -> Tensor:
+        z1, z2 = proj.views
+        return losses.nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.config.tau)
+
+    def contrastive_loss(self, proj: Projections, pos: Positives) -> Tensor:
+        z1, z2 = proj.views
         g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
-        if pos is not None and self.config.clsp_mode == "contrastive":
-            g3, gmask = gather_with_grad(self.scatter(z3, pos, z1)), gather_nograd(pos.mask)
-            labels = torch.arange(g1.shape[0], device=g1.device)
-            base = losses.multi_positive_nt_xent(
-                [g1, g2, g3[gmask]],
-                [labels, labels, labels[gmask]],
-                tau,
-                view_weights=[1.0, 1.0, self.config.clsp_weight],
-            )
-            out = StepLoss(loss=base, base=base.detach(), clsp=base.new_zeros(()))
-        else:
-            out = self.combine(losses.nt_xent(g1, g2, tau), z1, z3, pos)
-        return self.with_spread(out, [z1, z2], z3)
+        g3, gmask = self.gathered(proj.positives, pos, z1)
+        labels = torch.arange(g1.shape[0], device=g1.device)
+        return losses.multi_positive_nt_xent(
+            [g1, g2, g3[gmask]],
+            [labels, labels, labels[gmask]],
+            self.config.tau,
+            view_weights=[1.0, 1.0, self.config.clsp_weight],
+        )
 
 
 class FeatureQueue(nn.Module):
@@ -320,9 +403,12 @@ def momentum_at(start: float, end: float | None, progress: float) -> float:
     return end - (end - start) * (math.cos(math.pi * min(max(progress, 0.0), 1.0)) + 1) / 2
 
 
+@register
 class MoCo(ContrastiveMethod):
     """MoCo v2: momentum key encoder, a queue of negatives filled with the keys
     of all ranks, symmetric loss."""
+
+    name = "moco"
 
     def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig) -> None:
         super().__init__(backbone, feature_dim, config)
@@ -355,49 +441,54 @@ class MoCo(ContrastiveMethod):
         ):
             k.copy_(q)
 
-    def step(self, v1: Tensor, v2: Tensor, pos: Positives | None) -> StepLoss:
-        tau = self.config.tau
-        v3 = pos.view if pos is not None else None
-        contrastive = pos is not None and self.config.clsp_mode == "contrastive"
+    def project(self, v1: Tensor, v2: Tensor, v3: Tensor | None, inside: bool) -> Projections:
         # The positives go through the key encoder in contrastive mode (their key
         # joins the query's positives), through the query encoder in similarity mode.
-        q1, q2, z3 = self.passes(self.embed, v1, v2, None if contrastive else v3)
-        k1, k2, k3 = self.passes(self.key_embed, v1, v2, v3 if contrastive else None)
+        q1, q2, z3 = self.passes(self.embed, v1, v2, None if inside else v3)
+        k1, k2, k3 = self.passes(self.key_embed, v1, v2, v3 if inside else None)
         assert q1 is not None and q2 is not None and k1 is not None and k2 is not None
-        negatives = self.queue.items.clone()
-        if contrastive:
-            assert pos is not None
-            z3 = k3
-            keys3 = self.scatter(k3, pos, k1).detach()
-            w = torch.stack(
-                [
-                    torch.ones_like(pos.mask, dtype=torch.float32),
-                    pos.mask.float() * self.config.clsp_weight,
-                ],
-                dim=1,
-            )
-            base = 0.5 * (
-                losses.multi_positive_infonce(q1, torch.stack([k2, keys3], 1), negatives, tau, w)
-                + losses.multi_positive_infonce(q2, torch.stack([k1, keys3], 1), negatives, tau, w)
-            )
-            # A mean over this rank's weights, which differ between ranks with
-            # their counts of positives: made the mean over all ranks' weights.
-            base = self.across_ranks(base, w.sum())
-            out = StepLoss(loss=base, base=base.detach(), clsp=base.new_zeros(()))
-        else:
-            base = 0.5 * (
-                losses.infonce(q1, k2, negatives, tau) + losses.infonce(q2, k1, negatives, tau)
-            )
-            out = self.combine(base, q1, z3, pos)
-        if self.training:
-            self.queue.push(gather_nograd(k1))
-        return self.with_spread(out, [q1, q2], z3)
+        return Projections(
+            anchors=q1, views=(q1, q2), positives=k3 if inside else z3, keys=(k1, k2)
+        )
+
+    def base_loss(self, proj: Projections) -> Tensor:
+        (q1, q2), (k1, k2) = proj.views, proj.keys
+        assert k1 is not None and k2 is not None
+        negatives, tau = self.queue.items.clone(), self.config.tau
+        return 0.5 * (
+            losses.infonce(q1, k2, negatives, tau) + losses.infonce(q2, k1, negatives, tau)
+        )
+
+    def contrastive_loss(self, proj: Projections, pos: Positives) -> Tensor:
+        (q1, q2), (k1, k2) = proj.views, proj.keys
+        assert k1 is not None and k2 is not None
+        negatives, tau = self.queue.items.clone(), self.config.tau
+        keys3 = self.scatter(proj.positives, pos, k1).detach()
+        w = torch.stack(
+            [
+                torch.ones_like(pos.mask, dtype=torch.float32),
+                pos.mask.float() * self.config.clsp_weight,
+            ],
+            dim=1,
+        )
+        base = 0.5 * (
+            losses.multi_positive_infonce(q1, torch.stack([k2, keys3], 1), negatives, tau, w)
+            + losses.multi_positive_infonce(q2, torch.stack([k1, keys3], 1), negatives, tau, w)
+        )
+        # A mean over this rank's weights, which differ between ranks with
+        # their counts of positives: made the mean over all ranks' weights.
+        return self.across_ranks(base, w.sum())
+
+    def enqueue(self, proj: Projections) -> None:
+        self.queue.push(gather_nograd(proj.keys[0]))
 
 
+@register
 class NNCLR(ContrastiveMethod):
     """NNCLR: the nearest neighbour of each view's projection in a support set
     (filled from all ranks) is the positive of the other view's prediction."""
 
+    name = "nnclr"
     projector_layers = 3
 
     def __init__(self, backbone: nn.Module, feature_dim: int, config: MethodConfig) -> None:
@@ -405,46 +496,54 @@ class NNCLR(ContrastiveMethod):
         self.predictor = predictor_mlp(config.proj_dim, config.pred_hidden_dim)
         self.support = FeatureQueue(config.queue_size, config.proj_dim)
 
-    def step(self, v1: Tensor, v2: Tensor, pos: Positives | None) -> StepLoss:
-        tau = self.config.tau
-        contrastive = pos is not None and self.config.clsp_mode == "contrastive"
-        z1, z2, z3 = self.passes(self.embed, v1, v2, pos.view if pos else None)
+    def project(self, v1: Tensor, v2: Tensor, v3: Tensor | None, inside: bool) -> Projections:
+        z1, z2, z3 = self.passes(self.embed, v1, v2, v3)
         assert z1 is not None and z2 is not None
         # The positives' predictions are keys in contrastive mode only.
-        p1, p2, p3 = self.passes(self.predictor, z1, z2, z3 if contrastive else None)
+        p1, p2, p3 = self.passes(self.predictor, z1, z2, z3 if inside else None)
+        return Projections(anchors=z1, views=(z1, z2), positives=z3, keys=(p1, p2, p3))
+
+    def _neighbours_and_predictions(
+        self, proj: Projections
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each view's support-set neighbour and prediction, gathered from every rank."""
+        (z1, z2), (p1, p2, _) = proj.views, proj.keys
         assert p1 is not None and p2 is not None
-        support = self.support.items
-        nn1, _ = losses.nearest_neighbour(z1.detach(), support)
-        nn2, _ = losses.nearest_neighbour(z2.detach(), support)
+        nn1, _ = losses.nearest_neighbour(z1.detach(), self.support.items)
+        nn2, _ = losses.nearest_neighbour(z2.detach(), self.support.items)
         g_nn1, g_nn2 = gather_nograd(nn1), gather_nograd(nn2)
-        g_p1, g_p2 = gather_with_grad(p1), gather_with_grad(p2)
-        if contrastive:
-            assert pos is not None
-            g_p3, gmask = gather_with_grad(self.scatter(p3, pos, p1)), gather_nograd(pos.mask)
-            n = g_p1.shape[0]
-            labels = torch.arange(n, device=g_p1.device)
-            key_labels = torch.cat([labels, labels[gmask]])
-            key_w = torch.cat(
-                [
-                    torch.ones(n, device=g_p1.device),
-                    torch.full((int(gmask.sum()),), self.config.clsp_weight, device=g_p1.device),
-                ]
+        return g_nn1, g_nn2, gather_with_grad(p1), gather_with_grad(p2)
+
+    def base_loss(self, proj: Projections) -> Tensor:
+        g_nn1, g_nn2, g_p1, g_p2 = self._neighbours_and_predictions(proj)
+        tau = self.config.tau
+        return 0.5 * (losses.nnclr_loss(g_nn1, g_p2, tau) + losses.nnclr_loss(g_nn2, g_p1, tau))
+
+    def contrastive_loss(self, proj: Projections, pos: Positives) -> Tensor:
+        g_nn1, g_nn2, g_p1, g_p2 = self._neighbours_and_predictions(proj)
+        p1, p3 = proj.keys[0], proj.keys[2]
+        assert p1 is not None
+        g_p3, gmask = self.gathered(p3, pos, p1)
+        n, tau = g_p1.shape[0], self.config.tau
+        labels = torch.arange(n, device=g_p1.device)
+        key_labels = torch.cat([labels, labels[gmask]])
+        key_w = torch.cat(
+            [
+                torch.ones(n, device=g_p1.device),
+                torch.full((int(gmask.sum()),), self.config.clsp_weight, device=g_p1.device),
+            ]
+        )
+        return 0.5 * (
+            losses.multi_positive_cross_entropy(
+                g_nn1, torch.cat([g_p2, g_p3[gmask]]), labels, key_labels, tau, key_w
             )
-            base = 0.5 * (
-                losses.multi_positive_cross_entropy(
-                    g_nn1, torch.cat([g_p2, g_p3[gmask]]), labels, key_labels, tau, key_w
-                )
-                + losses.multi_positive_cross_entropy(
-                    g_nn2, torch.cat([g_p1, g_p3[gmask]]), labels, key_labels, tau, key_w
-                )
+            + losses.multi_positive_cross_entropy(
+                g_nn2, torch.cat([g_p1, g_p3[gmask]]), labels, key_labels, tau, key_w
             )
-            out = StepLoss(loss=base, base=base.detach(), clsp=base.new_zeros(()))
-        else:
-            base = 0.5 * (losses.nnclr_loss(g_nn1, g_p2, tau) + losses.nnclr_loss(g_nn2, g_p1, tau))
-            out = self.combine(base, z1, z3, pos)
-        if self.training:
-            self.support.push(gather_nograd(z1))
-        return self.with_spread(out, [z1, z2], z3)
+        )
+
+    def enqueue(self, proj: Projections) -> None:
+        self.support.push(gather_nograd(proj.views[0]))
 
 
 def build_method(
@@ -454,5 +553,4 @@ def build_method(
     (a queue longer than the data set holds stale copies of the same images)."""
     size = config.queue_size
     capped = config if size is None else replace(config, queue_size=max(1, min(size, dataset_size)))
-    cls = {"simclr": SimCLR, "moco": MoCo, "nnclr": NNCLR}[config.name]
-    return cls(backbone, feature_dim, capped)
+    return METHODS[config.name](backbone, feature_dim, capped)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from clsp_positives.trainer import losses
 from clsp_positives.trainer.backbones import build_backbone
+from clsp_positives.trainer.config import TrainConfig
+from clsp_positives.trainer.method_defaults import METHOD_DEFAULTS, METHOD_TITLES
 from clsp_positives.trainer.methods import (
+    METHODS,
+    ContrastiveMethod,
     FeatureQueue,
     MethodConfig,
     MoCo,
     build_method,
     momentum_at,
+    register,
 )
 
 
@@ -218,3 +225,23 @@ def test_positive_views_must_match_their_anchors() -> None:
         method(v1, v2, v3[:3], torch.tensor([0, 4]))
     with pytest.raises(ValueError, match="6 entries"):
         method(v1, v2, v3, torch.ones(5, dtype=torch.bool))
+
+
+def test_the_registry_is_the_list_of_methods() -> None:
+    """``--method`` takes the registry's names; each class carries its row of defaults."""
+    names = list(METHODS)
+    assert names == list(METHOD_DEFAULTS) == list(METHOD_TITLES)
+    assert list(typing.get_args(TrainConfig.model_fields["method"].annotation)) == names
+    for name, cls in METHODS.items():
+        assert cls.name == name and cls.__name__ == METHOD_TITLES[name]
+        assert cls.defaults is METHOD_DEFAULTS[name]
+        assert type(_method(name)) is cls
+
+
+def test_a_method_without_defaults_is_refused() -> None:
+    class Byol(ContrastiveMethod):
+        name = "byol"
+
+    with pytest.raises(ValueError, match="no row in METHOD_DEFAULTS"):
+        register(Byol)
+    assert "byol" not in METHODS
