@@ -20,11 +20,11 @@ from clsp_positives.service.ddpm import presets
 from clsp_positives.service.sampling import noise, ops
 from clsp_positives.service.sampling.sampler import DEFAULT_GROUP, CLSPSampler, mix_encodings, rows
 from clsp_positives.service.sampling.schedule import (
-    StepCoefficients,
     UnsupportedSchedulerError,
     sampling_config,
     sampling_plan,
 )
+from clsp_positives.service.sampling.solvers import StepCoefficients
 from clsp_positives.service.sampling.unet_split import UNetSplit
 from tests.support.models import scheduler_config, tiny_unet
 

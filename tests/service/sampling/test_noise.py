@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clsp_positives.service.sampling import noise, ops
-from clsp_positives.service.sampling.schedule import StepCoefficients
+from clsp_positives.service.sampling.solvers import StepCoefficients
 
 SHAPE = (3, 17, 19)  # odd sizes: SIMD chunks and scalar tails fall at different elements
 
