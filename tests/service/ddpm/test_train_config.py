@@ -127,3 +127,19 @@ def test_an_unknown_key_names_the_nearest_and_every_allowed_key(tmp_path: Path) 
     path.write_text("steps: 1\nclsp_weight: 1\n")  # a clsp train option
     result = _invoke("--config", str(path), "--out", str(tmp_path / "m"))
     assert result.exit_code == 2 and "unknown key 'clsp_weight'" in result.output
+
+
+def test_help_shows_every_options_help_and_default() -> None:
+    """The options are generated from DiffusionTrainConfig: each field's flag, help and
+    default, and the default the --flip help spells out is images.DIGIT_SETS."""
+    from clsp_positives.images import DIGIT_SETS
+    from clsp_positives.options import flags, shown_default
+
+    result = CliRunner().invoke(app, ["diffusion", "train", "--help"], env={"COLUMNS": "400"})
+    text = " ".join(result.output.replace("│", " ").split())  # the help, unwrapped
+    for name, field in DiffusionTrainConfig.model_fields.items():
+        assert all(f in text for f in flags(DiffusionTrainConfig, name)), name
+        default = "required" if field.is_required() else f"default: {shown_default(field)}"
+        assert f"{field.description} ({default}" in text, name
+    flip = shown_default(DiffusionTrainConfig.model_fields["flip"])
+    assert all(name in flip for name in DIGIT_SETS)
