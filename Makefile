@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install lint format test test-fast system-tools bench bench-quality bench-method gpu-check demo clean openapi
+.PHONY: install lint format test test-fast system-tools bench bench-quality bench-method gpu-check demo clean openapi cli-docs
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ format: install
 
 openapi: install
 	$(PY) -m clsp_positives.proto.openapi --write
+
+# docs/cli.md's option tables, from the pydantic models (tests/test_config_docs.py checks them)
+cli-docs: install
+	$(PY) -m clsp_positives.config_docs --write
 
 test: install system-tools lint
 	$(PY) -m pytest $(PYTEST_ARGS)
