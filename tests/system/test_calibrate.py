@@ -29,9 +29,9 @@ from clsp_positives.client import PoolClient
 from clsp_positives.images import load_images
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.positive_tools.quality import class_kept, diversity, fit_probe
+from tests.support.examples import DOCUMENTED_URL, doc_example
 from tests.support.servers import RedisServer, ServerProcess, free_port
 from tests.support.service import clsp_serve, running
-from tests.system.test_readme import DOCUMENTED_URL, readme_example
 
 ANCHORS, K, STEPS = 20, 2, 3
 
@@ -129,10 +129,11 @@ def test_bad_options_are_refused_with_the_option_named(service: ServerProcess, t
     assert not (tmp_path / "x").exists()
 
 
-def test_the_readme_command_runs_as_written(service: ServerProcess, tmp_path: Path) -> None:
-    """README.md's ``clsp calibrate`` example, pointed at the test's service, with a
+def test_the_documented_command_runs_as_written(service: ServerProcess, tmp_path: Path) -> None:
+    """docs/training.md's ``clsp calibrate`` example, pointed at the test's service, with a
     smaller grid appended (the last value of an option wins) so that it takes seconds."""
-    script = readme_example("calibrate").replace(DOCUMENTED_URL, service.url)
+    doc = Path(__file__).resolve().parents[2] / "docs" / "training.md"
+    script = doc_example(doc, "calibrate", "doc-example").replace(DOCUMENTED_URL, service.url)
     script = script.replace(".venv/bin/clsp", f"{sys.executable} -m clsp_positives.cli")
     script = script.rstrip() + " --weights 0.5 --steps 2 --anchors 10 --no-progress\n"
     done = subprocess.run(
