@@ -12,11 +12,11 @@ on the command line reach the model, and for ``clsp serve`` a ``CLSP_<FIELD>``
 variable can then fill what the command line left out.
 
 Names: one concept has one flag in every command (docs/design.md §8). A field's flag
-is its name, or, when its
-``validation_alias=AliasChoices(...)`` is given, the first of those choices; every
-other choice (the field's own name among them) is an alias: the same option (its help
-says "Alias: ..."), and a key a config file may use. So a flag can be renamed without
-renaming its field, and checkpoints, ``config.yaml`` files and recipes keep their keys.
+is its name, or, when its ``validation_alias=AliasChoices(...)`` is given, the first
+of those choices; every other choice (the field's own name among them) is an alias:
+the same option (its help says "Alias: ..."), and a key a config file may use. So a
+flag can be renamed without renaming its field, and checkpoints, ``config.yaml`` files
+and recipes keep their keys.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def all_flags(model: type[BaseModel], name: str) -> str:
 
 
 def shown_default(field: FieldInfo) -> str:
-    """The default as ``--help`` and the README show it."""
+    """The default as ``--help`` and the reference tables show it."""
     extra = field.json_schema_extra
     if isinstance(extra, dict) and DEFAULT_TEXT in extra:
         return str(extra[DEFAULT_TEXT])
