@@ -67,15 +67,19 @@ def build_backbone(name: str, *, in_channels: int, image_size: int) -> tuple[nn.
     raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
 
 
-def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2) -> nn.Sequential:
+def projection_mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, *, batch_norm: bool = True
+) -> nn.Sequential:
     """SimCLR/MoCo v2 projector (``layers=2``) or NNCLR's (``layers=3``, BN on
-    the output): Linear-BN-ReLU blocks then a final Linear."""
+    the output): Linear-BN-ReLU blocks then a final Linear. ``batch_norm=False`` drops the
+    hidden blocks' BatchNorm: the CLSP authors' Linear-ReLU-Linear (docs/method.md)."""
     if layers < 2:
         raise ValueError("a projection MLP has at least 2 layers")
     mods: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers - 1):
-        mods += [nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        norm: list[nn.Module] = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []
+        mods += [nn.Linear(dim, hidden_dim), *norm, nn.ReLU(inplace=True)]
         dim = hidden_dim
     mods.append(nn.Linear(dim, out_dim))
     if layers >= 3:

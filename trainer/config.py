@@ -137,6 +137,18 @@ class TrainConfig(BaseModel):
         validation_alias=AliasChoices("lr_warmup_epochs", "warmup_epochs"),
         description="Linear learning-rate warm-up, in epochs.",
     )
+    lr_warmup_start: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the warm-up's first step (or epoch), rising linearly "
+        "to the peak; the CLSP authors start at 1e-3 (none: peak / warm-up steps).",
+    )
+    lr_step_unit: Literal["step", "epoch"] = Field(
+        "step",
+        description="How often the learning rate changes: every step, or once per epoch as "
+        "the CLSP authors' scheduler does (the warm-up then reaches the peak at its last "
+        'epoch; docs/method.md, "The authors\' recipe").',
+    )
     weight_decay: float | None = Field(
         None, ge=0, description="Weight decay.", json_schema_extra=_shown("SGD 1e-4, AdamW 1e-2")
     )
@@ -151,6 +163,11 @@ class TrainConfig(BaseModel):
     )
     proj_dim: int | None = Field(
         None, ge=1, description="Projection size.", json_schema_extra=_per_method("proj_dim")
+    )
+    proj_bn: bool = Field(
+        True,
+        description="BatchNorm after the projector's hidden layer (solo-learn's); the CLSP "
+        "authors' projector has none (--no-proj-bn).",
     )
     pred_hidden_dim: int = Field(4096, ge=1, description="NNCLR predictor hidden width.")
     queue_size: int | None = Field(
@@ -188,6 +205,13 @@ class TrainConfig(BaseModel):
         "BYOL-style recipes: 0 and 0.2.",
     )
     clsp_weight: float = Field(0.0, ge=0, description="Weight of the CLSP term (0: the baseline).")
+    clsp_weight_warmup_epochs: float = Field(
+        0.0,
+        ge=0,
+        description="Raise the CLSP weight linearly from 0 to --clsp-weight over these "
+        "epochs, step by step (0: the full weight from the start, as the authors do; "
+        'docs/method.md, "Training dynamics").',
+    )
     clsp_mode: ClspMode = Field(
         "similarity",
         description="similarity (2 - 2cos to the positive) or contrastive (one more InfoNCE "

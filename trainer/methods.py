@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from clsp_positives.trainer import losses
 from clsp_positives.trainer.backbones import predictor_mlp, projection_mlp
+from clsp_positives.trainer.collapse_monitor import infonce_collapsed, nt_xent_collapsed
 from clsp_positives.trainer.config import ClspMode, TrainConfig
 from clsp_positives.trainer.distributed import (
     all_reduce_sum,
@@ -62,6 +63,7 @@ class MethodConfig:
     temperature: float | None = None
     proj_hidden_dim: int | None = None
     proj_dim: int | None = None  # NNCLR's predictor is proj_dim-4096-proj_dim
+    proj_bn: bool = _default("proj_bn")
     pred_hidden_dim: int = _default("pred_hidden_dim")
     clsp_weight: float = _default("clsp_weight")
     clsp_mode: str = _default("clsp_mode")
@@ -77,6 +79,7 @@ class MethodConfig:
             temperature=config.resolved_temperature(),
             proj_hidden_dim=config.resolved_proj_hidden_dim(),
             proj_dim=config.resolved_proj_dim(),
+            proj_bn=config.proj_bn,
             pred_hidden_dim=config.pred_hidden_dim,
             clsp_weight=config.clsp_weight,
             clsp_mode=config.clsp_mode,
@@ -171,12 +174,30 @@ class ContrastiveMethod(nn.Module):
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.projector = projection_mlp(
-            feature_dim, config.proj_hidden_dim, config.proj_dim, self.projector_layers
+            feature_dim,
+            config.proj_hidden_dim,
+            config.proj_dim,
+            self.projector_layers,
+            batch_norm=config.proj_bn,
         )
+        # The share of clsp_weight in force (``set_clsp_scale``): 1 but during a CLSP
+        # weight warm-up. Not a buffer: the loop sets it from the step before each one,
+        # so a resumed run has it from its position (docs/method.md, "Training dynamics").
+        self.clsp_scale = 1.0
 
     @property
     def uses_positives(self) -> bool:
         return self.config.clsp_weight > 0
+
+    @property
+    def clsp_weight(self) -> float:
+        """lambda as it weighs this step: the configured weight times the warm-up's share."""
+        return self.config.clsp_weight * self.clsp_scale
+
+    def set_clsp_scale(self, scale: float) -> None:
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"the CLSP weight's share must be in [0, 1], got {scale}")
+        self.clsp_scale = float(scale)
 
     def embed(self, x: Tensor) -> Tensor:
         return self.projector(self.backbone(x))
@@ -262,6 +283,13 @@ class ContrastiveMethod(nn.Module):
     def enqueue(self, proj: Projections) -> None:
         """After a training step's loss: fill the method's queue (none here)."""
 
+    def collapsed_base_loss(self, rows: int, positives: int) -> float:
+        """The base loss with every embedding the same, for ``rows`` anchors of all ranks
+        of which ``positives`` have their positive inside the loss (the contrastive
+        form): the log of the candidates each row is normalised over, every logit equal
+        (trainer/collapse_monitor.py)."""
+        raise NotImplementedError
+
     @staticmethod
     def scatter(z: Tensor | None, pos: Positives, like: Tensor) -> Tensor:
         """The positives' embeddings ``[P, D]`` at their anchors' rows of a zero
@@ -288,9 +316,7 @@ class ContrastiveMethod(nn.Module):
             zero = base.new_zeros(())
             return StepLoss(loss=base, base=base.detach(), clsp=zero)
         clsp = self._clsp_term(z1, self.scatter(z3, pos, z1), pos.mask)
-        return StepLoss(
-            loss=base + self.config.clsp_weight * clsp, base=base.detach(), clsp=clsp.detach()
-        )
+        return StepLoss(loss=base + self.clsp_weight * clsp, base=base.detach(), clsp=clsp.detach())
 
     @staticmethod
     def across_ranks(mean: Tensor, weight: Tensor) -> Tensor:
@@ -358,6 +384,10 @@ class SimCLR(ContrastiveMethod):
         z1, z2 = proj.views
         return losses.nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.config.tau)
 
+    def collapsed_base_loss(self, rows: int, positives: int) -> float:
+        # NT-Xent: each of the 2N (+ P) rows against all the others.
+        return nt_xent_collapsed(2 * rows + positives)
+
     def contrastive_loss(self, proj: Projections, pos: Positives) -> Tensor:
         z1, z2 = proj.views
         g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
@@ -367,7 +397,7 @@ class SimCLR(ContrastiveMethod):
             [g1, g2, g3[gmask]],
             [labels, labels, labels[gmask]],
             self.config.tau,
-            view_weights=[1.0, 1.0, self.config.clsp_weight],
+            view_weights=[1.0, 1.0, self.clsp_weight],
         )
 
 
@@ -467,7 +497,7 @@ class MoCo(ContrastiveMethod):
         w = torch.stack(
             [
                 torch.ones_like(pos.mask, dtype=torch.float32),
-                pos.mask.float() * self.config.clsp_weight,
+                pos.mask.float() * self.clsp_weight,
             ],
             dim=1,
         )
@@ -478,6 +508,11 @@ class MoCo(ContrastiveMethod):
         # A mean over this rank's weights, which differ between ranks with
         # their counts of positives: made the mean over all ranks' weights.
         return self.across_ranks(base, w.sum())
+
+    def collapsed_base_loss(self, rows: int, positives: int) -> float:
+        # InfoNCE: the key (and, in the contrastive form, the positive's key) among the
+        # queue's negatives; the share of queries with two positives averaged in.
+        return infonce_collapsed(self.queue.items.shape[0], 1 + positives / max(1, rows))
 
     def enqueue(self, proj: Projections) -> None:
         self.queue.push(gather_nograd(proj.keys[0]))
@@ -514,6 +549,10 @@ class NNCLR(ContrastiveMethod):
         g_nn1, g_nn2 = gather_nograd(nn1), gather_nograd(nn2)
         return g_nn1, g_nn2, gather_with_grad(p1), gather_with_grad(p2)
 
+    def collapsed_base_loss(self, rows: int, positives: int) -> float:
+        # Cross-entropy over the batch's N predictions (+ P positives' predictions).
+        return math.log(rows + positives)
+
     def base_loss(self, proj: Projections) -> Tensor:
         g_nn1, g_nn2, g_p1, g_p2 = self._neighbours_and_predictions(proj)
         tau = self.config.tau
@@ -530,7 +569,7 @@ class NNCLR(ContrastiveMethod):
         key_w = torch.cat(
             [
                 torch.ones(n, device=g_p1.device),
-                torch.full((int(gmask.sum()),), self.config.clsp_weight, device=g_p1.device),
+                torch.full((int(gmask.sum()),), self.clsp_weight, device=g_p1.device),
             ]
         )
         return 0.5 * (

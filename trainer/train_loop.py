@@ -18,7 +18,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,13 @@ import torch
 
 from clsp_positives.trainer import checkpoint as ckpt
 from clsp_positives.trainer.backbones import BACKBONES, build_backbone
+from clsp_positives.trainer.collapse_monitor import (
+    LATE_FRACTION,
+    Observation,
+    find_episodes,
+    is_collapsed,
+    summary_lines,
+)
 from clsp_positives.trainer.config import TrainConfig
 from clsp_positives.trainer.config_file import write_run_config
 from clsp_positives.trainer.data.augment import AugmentConfig, BatchAugment
@@ -42,6 +49,7 @@ from clsp_positives.trainer.distributed import (
 )
 from clsp_positives.trainer.eval.evaluation import EvalResult, evaluate_backbone
 from clsp_positives.trainer.methods import ContrastiveMethod, MethodConfig, build_method
+from clsp_positives.trainer.schedules import clsp_weight_share, lr_share
 from clsp_positives.trainer.tracking import TrainTracker, check_tracking, write_train_curves
 
 if TYPE_CHECKING:  # the positives path (httpx) is imported only when a run uses it
@@ -107,16 +115,19 @@ def _build_optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim
 def _build_schedule(
     config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    total = config.epochs * steps_per_epoch
-    warmup = int(config.warmup_epochs * steps_per_epoch)
+    start = config.lr_warmup_start
+    share_of_peak = None if start is None else start / config.resolved_lr()
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if config.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return lr_share(
+            step,
+            steps_per_epoch=steps_per_epoch,
+            epochs=config.epochs,
+            warmup_epochs=config.warmup_epochs,
+            schedule=config.schedule,
+            unit=config.lr_step_unit,
+            warmup_start=share_of_peak,
+        )
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
@@ -235,6 +246,10 @@ def collapse_warning(record: dict[str, Any], config: TrainConfig) -> str | None:
     loss stops falling (NT-Xent sits at log(2B - 1)) and nothing else says so.
     ``z_std`` (losses.z_std) is ~1 for spread features and ~0 collapsed; below
     ``config.collapse_z_std`` the run is named collapsed (docs/design.md §5).
+    Early in a run a collapse may be the transient the CLSP authors' own ResNet-50
+    runs show (docs/method.md, "Training dynamics"): the warning then says so and
+    defers what to try to ``LATE_FRACTION`` of the epochs; from there on it says
+    what to try now.
     """
     threshold = config.collapse_z_std
     low = {
@@ -252,12 +267,40 @@ def collapse_warning(record: dict[str, Any], config: TrainConfig) -> str | None:
         )
     else:
         cause = "the base loss found the constant map (temperature or learning rate)"
-    return (
-        f"the projections collapsed at epoch {record['epoch'] + 1} ({spread} < "
-        f"--collapse-z-std {threshold:g}; ~1 is healthy): likely {cause}. "
-        "Try a lower --clsp-weight, --clsp-mode contrastive, or another --temperature "
-        "(or a lower --lr)."
+    epoch = record["epoch"] + 1
+    knobs = (
+        "a lower --clsp-weight, --clsp-weight-warmup-epochs, --clsp-mode contrastive, or "
+        "another --temperature (or a lower --lr)"
     )
+    said = (
+        f"the projections collapsed at epoch {epoch} ({spread} < --collapse-z-std "
+        f"{threshold:g}; ~1 is healthy): likely {cause}."
+    )
+    late_from = math.ceil(LATE_FRACTION * config.epochs)
+    if epoch >= late_from:
+        return f"{said} At {epoch} of {config.epochs} epochs, try {knobs}."
+    return (
+        f"{said} The CLSP authors' own ResNet-50 runs collapse like this for their first "
+        '~5% of training and recover (docs/method.md, "Training dynamics"), so the run '
+        f"goes on; only if it is still collapsed at epoch {late_from} ({LATE_FRACTION:.0%} "
+        f"of the run) try {knobs}."
+    )
+
+
+def collapse_record(
+    record: dict[str, Any], method: ContrastiveMethod, config: TrainConfig, world_size: int
+) -> dict[str, Any]:
+    """The epoch's collapse signals for its record: the base loss's collapsed value and
+    whether the epoch was collapsed by the monitor's rule, which asks for the loss at
+    that value and the spread low (trainer/collapse_monitor.py)."""
+    rows = config.batch_size * world_size
+    inside = config.clsp_weight > 0 and config.clsp_mode == "contrastive"
+    positives = round(record.get("positive_fraction", 0.0) * rows) if inside else 0
+    value = method.collapsed_base_loss(rows, positives)
+    flag = is_collapsed(
+        record["loss_base"], value, z_std=record["z_std"], z_std_threshold=config.collapse_z_std
+    )
+    return {"loss_collapsed": value, "collapsed": int(flag)}
 
 
 def evaluate_method(
@@ -461,7 +504,9 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
     show = config.progress if config.progress is not None else sys.stderr.isatty()
     history: list[dict[str, Any]] = []
     final: EvalResult | None = None
-    collapse_warned = False
+    # Dip and late warnings, one each (collapse_warning), and the monitor's observations.
+    warned: set[bool] = set()
+    observations: list[Observation] = []
     if ctx.is_main and out_dir is not None:
         write_run_config(config, out_dir)  # --config DIR/config.yaml repeats the run
     if ctx.is_main:
@@ -494,6 +539,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
                 show and ctx.is_main,
                 tracker,
             )
+            record.update(collapse_record(record, method, config, ctx.world_size))
+            observations.append(Observation(epoch + 1, bool(record["collapsed"])))
             evaluate_now = epoch == config.epochs - 1 or (
                 config.eval_every > 0 and (epoch + 1) % config.eval_every == 0
             )
@@ -523,18 +570,20 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
             barrier()
             if ctx.is_main:
                 echo(_epoch_line(record))
-                warning = None if collapse_warned else collapse_warning(record, config)
-                if warning is not None:
-                    # Once per run: a collapsed projection rarely recovers, and the
-                    # epoch line keeps showing z_std. Through echo only, beside the
-                    # epoch lines: a logger record as well would print it twice on
-                    # the terminal (logging's last-resort handler writes to stderr).
-                    collapse_warned = True
+                warning = collapse_warning(record, config)
+                late = epoch + 1 >= math.ceil(LATE_FRACTION * config.epochs)
+                # The dip once and the late state once: a run that is still collapsed
+                # at the late mark hears it again, with what to try now. Through echo
+                # only, beside the epoch lines: a logger record as well would print it
+                # twice on the terminal (logging's last-resort handler writes to stderr).
+                if warning is not None and late not in warned and True not in warned:
+                    warned.add(late)
                     echo(f"warning: {warning}")
                     metrics.write(
                         {
                             "event": "collapse",
                             "epoch": epoch,
+                            "late": late,
                             "threshold": config.collapse_z_std,
                             "message": warning,
                             **{k: record[k] for k in ("z_std", "z_std_positives") if k in record},
@@ -547,9 +596,14 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
             data.close()
         if tracker is not None:
             tracker.close()
+    episodes = find_episodes(observations)
     if ctx.is_main and final is not None:
         summary = {"event": "summary", "epochs": config.epochs, **final.as_dict()}
+        summary["collapse_episodes"] = [asdict(e) for e in episodes]
         metrics.write(summary)
+    if ctx.is_main and episodes:
+        for line in summary_lines(episodes):
+            echo(f"collapse: {line}")
     return TrainResult(epochs=config.epochs, final=final, history=history, out_dir=out_dir)
 
 
@@ -683,6 +737,13 @@ def _run_epoch(
                 )
             images = torch.from_numpy(anchors)
             v1, v2 = augment(images, view=0), augment(images, view=1)
+            method.set_clsp_scale(
+                clsp_weight_share(
+                    epoch * len(plan.batches) + step,
+                    steps_per_epoch=len(plan.batches),
+                    warmup_epochs=config.clsp_weight_warmup_epochs,
+                )
+            )
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast):
                 out = model(v1, v2, v3, present)
             optimizer.zero_grad(set_to_none=True)
@@ -717,6 +778,8 @@ def _run_epoch(
         "epoch_seconds": time.perf_counter() - started,
         "z_std": float(sums[4]) / steps,
     }
+    if config.clsp_weight_warmup_epochs > 0:
+        record["clsp_weight"] = method.clsp_weight  # as the epoch's last step had it
     if float(sums[6]) > 0:
         record["z_std_positives"] = float(sums[5]) / float(sums[6])
     if feed is not None:

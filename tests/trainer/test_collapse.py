@@ -73,6 +73,18 @@ def test_the_similarity_term_with_a_large_weight_collapses_and_the_run_says_so(
     assert not [r for r in caplog.records if "collapsed" in r.getMessage()]
     epoch_lines = [line for line in lines if line.startswith("epoch ")]
     assert len(epoch_lines) == 3 and all("z_std " in line for line in epoch_lines)
+    # The monitor's episodes (trainer/collapse_monitor.py): the base loss sits at
+    # log(2B - 1) with the spread low from the first collapsed epoch to the end.
+    assert all(r["loss_collapsed"] == pytest.approx(np.log(2 * 64 - 1)) for r in epochs)
+    flagged = [r["epoch"] + 1 for r in epochs if r["collapsed"]]
+    assert flagged and flagged[-1] == 3
+    (summary,) = [r for r in records if r["event"] == "summary"]
+    (episode,) = summary["collapse_episodes"]
+    assert episode["last"] == 3 and episode["recovered_at"] is None
+    assert (
+        f"collapse: collapsed from epoch {episode['first']} to 3, still collapsed at the end"
+        in lines
+    )
 
 
 def test_a_healthy_baseline_does_not_warn(tmp_path: Path) -> None:
@@ -86,6 +98,19 @@ def test_a_healthy_baseline_does_not_warn(tmp_path: Path) -> None:
     assert all("z_std_positives" not in r for r in epochs)
     assert not [r for r in records if r["event"] == "collapse"]
     assert not [line for line in lines if line.startswith("warning:")]
+    assert not any(r["collapsed"] for r in epochs)
+    assert [r["collapse_episodes"] for r in records if r["event"] == "summary"] == [[]]
+    assert not [line for line in lines if line.startswith("collapse:")]
+
+
+def test_an_early_dip_defers_what_to_try_and_a_late_one_says_it_now() -> None:
+    similarity = TrainConfig(clsp_weight=1.0, epochs=100)
+    early = collapse_warning({"epoch": 4, "z_std": 0.05}, similarity)
+    assert early is not None and "first ~5% of training and recover" in early
+    assert "still collapsed at epoch 25" in early
+    late = collapse_warning({"epoch": 24, "z_std": 0.05}, similarity)
+    assert late is not None and "recover" not in late
+    assert "At 25 of 100 epochs, try a lower --clsp-weight" in late
 
 
 def test_the_warning_names_the_likely_cause_and_zero_turns_it_off() -> None:
