@@ -22,7 +22,16 @@ PANEL_WIDTH, PANEL_HEIGHT = 420, 250
 COLUMNS = 2
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 44, 34
 TITLE_HEIGHT = 26
-COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
+COLOURS = (
+    (31, 119, 180),
+    (214, 39, 40),
+    (44, 160, 44),
+    (148, 103, 189),
+    (255, 127, 14),
+    (140, 86, 75),
+    (23, 190, 207),
+)
+LEGEND_ROW = 12
 GRID = (228, 228, 228)
 DOTS_UP_TO = 40
 """Series with at most this many points get a dot on each (a one-epoch run is one point)."""
@@ -34,6 +43,8 @@ class Series:
 
     name: str
     points: tuple[tuple[float, float], ...]
+    band: tuple[tuple[float, float, float], ...] = ()
+    """(x, low, high): a spread drawn as a pale area under the line (over seeds, say)."""
 
 
 @dataclass(frozen=True)
@@ -104,10 +115,27 @@ def _label(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _legend(draw: Any, font: Any, names: Sequence[str], left: int, right: int) -> list:
+    """Where each series' legend entry goes: (x, row), a new row when one is full."""
+    spots, x, row = [], left, 0
+    for name in names:
+        width = 30 + int(draw.textlength(name, font=font))
+        if x > left and x + width > right:
+            x, row = left, row + 1
+        spots.append((x, row))
+        x += width
+    return spots
+
+
+def _pale(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(int(c + (255 - c) * 0.75) for c in colour)  # type: ignore[return-value]
+
+
 def _draw_panel(draw: Any, font: Any, panel: Panel, x0: int, y0: int, x_label: str) -> None:
     drawn = [s for s in panel.series if s.points]
     xs = [p[0] for s in drawn for p in s.points]
     ys = [p[1] for s in drawn for p in s.points]
+    ys += [v for s in drawn for _, low, high in s.band for v in (low, high)]
     x_lo, x_hi = _range(xs)
     y_lo, y_hi = _range(ys)
     x_ticks = [t for t in ticks(x_lo, x_hi, 5) if x_lo <= t <= x_hi]
@@ -115,7 +143,9 @@ def _draw_panel(draw: Any, font: Any, panel: Panel, x0: int, y0: int, x_label: s
         x_ticks = [t for t in x_ticks if float(t).is_integer()] or sorted(set(xs))
     y_ticks = [t for t in ticks(y_lo, y_hi, 5) if y_lo <= t <= y_hi]
     left, right = x0 + LEFT, x0 + PANEL_WIDTH - RIGHT
-    top, bottom = y0 + TOP, y0 + PANEL_HEIGHT - BOTTOM
+    legend = _legend(draw, font, [s.name for s in drawn], left + 4, right)
+    rows = 1 + max((row for _, row in legend), default=0)
+    top, bottom = y0 + TOP + LEGEND_ROW * (rows - 1), y0 + PANEL_HEIGHT - BOTTOM
 
     def px(x: float) -> float:
         return left + (x - x_lo) / (x_hi - x_lo) * (right - left)
@@ -136,8 +166,12 @@ def _draw_panel(draw: Any, font: Any, panel: Panel, x0: int, y0: int, x_label: s
     width = draw.textlength(x_label, font=font)
     draw.text((right - width, bottom + 18), x_label, fill=(90, 90, 90), font=font)
 
-    legend_x = left + 4
     for i, line in enumerate(drawn):
+        if len(line.band) > 1:
+            outline = [(px(x), py(high)) for x, _, high in line.band]
+            outline += [(px(x), py(low)) for x, low, _ in reversed(line.band)]
+            draw.polygon(outline, fill=_pale(COLOURS[i % len(COLOURS)]))
+    for i, (line, (legend_x, row)) in enumerate(zip(drawn, legend, strict=True)):
         colour = COLOURS[i % len(COLOURS)]
         points = [(px(x), py(y)) for x, y in line.points]
         if len(points) > 1:
@@ -145,10 +179,10 @@ def _draw_panel(draw: Any, font: Any, panel: Panel, x0: int, y0: int, x_label: s
         if len(points) <= DOTS_UP_TO:
             for x, y in points:
                 draw.ellipse([x - 2.5, y - 2.5, x + 2.5, y + 2.5], fill=colour)
-        # The legend sits in a row above the plot area, one short line and name per series.
-        draw.line([(legend_x, y0 + 30), (legend_x + 14, y0 + 30)], fill=colour, width=2)
-        draw.text((legend_x + 18, y0 + 24), line.name, fill=colour, font=font)
-        legend_x += 30 + int(draw.textlength(line.name, font=font))
+        # The legend sits in rows above the plot area, one short line and name per series.
+        at = y0 + 30 + LEGEND_ROW * row
+        draw.line([(legend_x, at), (legend_x + 14, at)], fill=colour, width=2)
+        draw.text((legend_x + 18, at - 6), line.name, fill=colour, font=font)
 
 
 def write_curves(panels: Sequence[Panel], path: Path, *, title: str, x_label: str) -> Path:
