@@ -41,6 +41,13 @@ from typing import Any
 
 import numpy as np
 
+from clsp_positives.trainer.collapse_monitor import (
+    Observation,
+    find_episodes,
+    is_collapsed,
+    nt_xent_collapsed,
+)
+
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # tests.bench.*, when run as a script
     sys.path.insert(0, str(REPO))
@@ -173,8 +180,6 @@ def train_config(args: argparse.Namespace, arm: LongArm, seed: int, bank: Path |
 def collapsed_value(config: Any) -> float:
     """The base loss with every embedding equal: NT-Xent over 2B rows, or 3B rows when the
     positives are inside it (the contrastive form, a full bank)."""
-    from clsp_positives.trainer.collapse_monitor import nt_xent_collapsed
-
     rows = 3 if config.clsp_weight > 0 and config.clsp_mode == "contrastive" else 2
     return nt_xent_collapsed(rows * config.batch_size)
 
@@ -205,8 +210,6 @@ def run_one(config: Any, path: Path, log_path: Path) -> dict[str, Any]:
 
 
 def episodes_of(run: dict[str, Any], config: Any) -> list[Any]:
-    from clsp_positives.trainer.collapse_monitor import Observation, find_episodes, is_collapsed
-
     value = collapsed_value(config)
     return find_episodes(
         Observation(
@@ -318,8 +321,6 @@ def report(
 
 def authors_curves() -> dict[str, list[dict[str, float]]]:
     """Their logged base loss (over its collapsed value) and CLSP term per step."""
-    from clsp_positives.trainer.collapse_monitor import nt_xent_collapsed
-
     collapsed = nt_xent_collapsed(2 * AUTHORS_BATCH)
     out = {}
     for label, (name, per_epoch, epochs) in AUTHORS_CURVES.items():
