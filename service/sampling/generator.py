@@ -4,9 +4,9 @@ A positive is addressed by its key (``proto.keys``), and its seed is derived
 from that key in ``sample_keyed`` alone, so what the service caches under a key
 is exactly what this class makes for it (docs/design.md §2). The service's
 batcher calls ``sample_keyed`` from one worker thread with items of one
-parameter group (steps, eta, method, sampling; the interpolation weight may
-differ per item); ``positives`` does the same for one request's anchors and candidate
-indices; ``sample`` is the seed-level core under both.
+``SamplerGroup`` (``GenerationParams.group()``: the sampler's settings, passed whole;
+the interpolation weight may differ per item); ``positives`` does the same for one
+request's anchors and candidate indices; ``sample`` is the seed-level core under both.
 
 A latent model (docs/latent.md) samples in its autoencoder's latent space: picture
 anchors are encoded first, and positives are decoded unless latents are asked for,
@@ -38,8 +38,7 @@ from clsp_positives.proto.params import (
     ETA_METHODS,
     AnchorSpace,
     GenerationParams,
-    Interpolate,
-    Output,
+    SamplerGroup,
     Sampling,
 )
 from clsp_positives.service.sampling.model import LoadedModel, load_model, public_config
@@ -50,6 +49,7 @@ from clsp_positives.service.sampling.schedule import (
     sampling_config,
     sampling_plan,
 )
+from clsp_positives.service.sampling.solvers import SOLVERS
 from clsp_positives.service.sampling.unet_split import UNetSplit
 
 DTYPES: dict[str, torch.dtype] = {
@@ -64,10 +64,6 @@ DTYPES: dict[str, torch.dtype] = {
 
 WARMUP_INTERPOLATION_WEIGHT = 0.5
 """Below 1, so the warm-up takes the anchor path (``sampler.sampler_path``) of CLSP requests."""
-
-WARMUP_MULTISTEP_STEPS = 3
-"""Fewest DPM-Solver++ (2M) steps that run both of its update variants: a first-order
-first step that keeps x0, then a second-order one that also reads the previous x0."""
 
 
 def _bucket(n: int) -> int:
@@ -245,28 +241,28 @@ class PositivesGenerator:
         config cannot be sampled with ``params`` (a step count whose grid repeats a noise
         level, say): the service refuses such a request before it queues it, rather
         than failing the batch it would join."""
-        group = params.group()
-        self.plan(steps=group.steps, eta=group.eta, method=group.method, sampling=group.sampling)
+        self.plan(params.group())
 
-    def plan(
-        self, *, steps: int, eta: float, method: str, sampling: Sampling = DEFAULT_SAMPLING
-    ) -> SamplingPlan:
-        """The sampling plan of one parameter group (``GenerationParams.group()``), cached.
+    def plan(self, group: SamplerGroup) -> SamplingPlan:
+        """The sampling plan of one sampler group (``GenerationParams.group()``), cached:
+        its ``solver``, ``sampling_steps`` and ``eta`` under its sampling mode.
 
         ``sampling="authors"`` plans under ``authors_config`` of the model's scheduler
         config, ``"model"`` under the config as written, ``"authors-clipped"`` under
         the authors' config with x0 clipping (``schedule.SAMPLING_OVERRIDES``;
         docs/design.md §1).
         """
+        solver, sampling_steps, sampling = group.solver, group.sampling_steps, group.sampling
         try:
             config = sampling_config(self.scheduler_config, sampling)
         except ValueError as exc:
             raise GeneratorInputError(str(exc)) from None
         # eta changes only DDIM's plan: the others share one plan whatever eta says
-        key = (method, int(steps), float(eta) if method in ETA_METHODS else 0.0, sampling)
+        eta = float(group.eta) if solver in ETA_METHODS else 0.0
+        key = (solver, int(sampling_steps), eta, sampling)
         plan = self._plans.get(key)
         if plan is None:
-            plan = sampling_plan(config, method=method, steps=steps, eta=key[2])
+            plan = sampling_plan(config, solver=solver, steps=sampling_steps, eta=eta)
             self._plans[key] = plan
         return plan
 
@@ -298,28 +294,24 @@ class PositivesGenerator:
         anchors: np.ndarray,
         seeds: np.ndarray,
         interpolation_weights: np.ndarray,
+        group: SamplerGroup,
         *,
-        steps: int,
-        eta: float,
-        method: str,
-        sampling: Sampling = DEFAULT_SAMPLING,
-        interpolate: Interpolate = "bottleneck",
-        anchor_seeds: np.ndarray | None = None,
-        anchor_refresh: int = 1,
         anchor_space: AnchorSpace = "image",
-        output: Output = "images",
     ) -> np.ndarray:
         """Positives uint8 ``[M, H, W, C]`` for float32 anchors ``[M, C, H, W]`` in [-1, 1],
-        int64 seeds ``[M]`` and interpolation weights ``[M]`` in [0, 1].
+        int64 seeds ``[M]`` and interpolation weights ``[M]`` in [0, 1], sampled with the
+        settings of ``group`` (``GenerationParams.group()``).
 
-        ``anchor_seeds`` (int64 ``[M]``) and ``anchor_refresh`` are the sampler's
-        reuse options (``CLSPSampler``); None noises each anchor by its candidate's seed.
-        A latent model also takes ``anchor_space="latent"`` anchors (``[M, c, h, w]``
-        latents) and, with ``output="latents"``, returns float32 ``[M, c, h, w]`` latents."""
+        ``group.share_anchor`` noises each anchor by a seed of its own content
+        (``anchor_seed``) instead of its candidate's seed, one of the sampler's reuse
+        options (``CLSPSampler``). A latent model also takes ``anchor_space="latent"``
+        anchors (``[M, c, h, w]`` latents) and, with ``group.output`` latents, returns
+        float32 ``[M, c, h, w]`` latents."""
         anchors = np.asarray(anchors)
         if anchors.dtype != np.float32:
             raise GeneratorInputError(f"anchors must be float32, got {anchors.dtype}")
         self.check_anchors(anchors, anchor_space)
+        output = group.output
         if output == "latents" and self.latent_chw is None:
             raise GeneratorInputError("output latents needs a latent model; ask for images")
         m = anchors.shape[0]
@@ -332,16 +324,14 @@ class PositivesGenerator:
         if seeds.size and seeds.min() < 0:
             raise GeneratorInputError("seeds must be non-negative (63-bit, from seed_from_key)")
         _check_interpolation_weights(interpolation_weights, m)
-        if anchor_seeds is not None:
-            anchor_seeds = np.asarray(anchor_seeds)
-            if anchor_seeds.dtype != np.int64 or anchor_seeds.shape != (m,):
-                raise GeneratorInputError(
-                    f"anchor seeds must be int64 [{m}], got {anchor_seeds.dtype} "
-                    f"{tuple(anchor_seeds.shape)}"
-                )
         if not np.isfinite(anchors).all():
             raise GeneratorInputError("anchors contain NaN or Inf")
-        plan = self.plan(steps=steps, eta=eta, method=method, sampling=sampling)
+        anchor_seeds = (
+            np.fromiter((anchor_seed(a) for a in anchors), dtype=np.int64, count=m)
+            if group.share_anchor
+            else None
+        )
+        plan = self.plan(group)
         h, w = self.sample_hw
         if m == 0:
             if output == "latents":
@@ -371,9 +361,8 @@ class PositivesGenerator:
                 anchors_t,
                 seeds_t,
                 weights_t,
-                interpolate=interpolate,
+                group,
                 anchor_seeds=anchor_seeds_t,
-                anchor_refresh=anchor_refresh,
                 clamp=self.autoencoder is None,
             )[:m]
             if output == "latents":
@@ -420,43 +409,17 @@ class PositivesGenerator:
         anchors: np.ndarray,
         keys: Sequence[bytes],
         interpolation_weights: np.ndarray,
+        group: SamplerGroup,
         *,
-        steps: int,
-        eta: float,
-        method: str,
-        sampling: Sampling = DEFAULT_SAMPLING,
-        interpolate: Interpolate = "bottleneck",
-        share_anchor: bool = False,
-        anchor_refresh: int = 1,
-        output: Output = "images",
         anchor_space: AnchorSpace = "image",
     ) -> np.ndarray:
-        """``sample`` with each item's seed derived from its key (``seed_from_key``)
-        and, with ``share_anchor``, its anchor's seed from the anchor (``anchor_seed``).
+        """``sample`` with each item's seed derived from its key (``seed_from_key``).
 
         The one place a key becomes a seed: the same key gives the same positive
         whichever request, batch or process carries it (docs/design.md §2).
         """
         seeds = np.fromiter((seed_from_key(k) for k in keys), dtype=np.int64, count=len(keys))
-        anchor_seeds = (
-            np.fromiter((anchor_seed(a) for a in anchors), dtype=np.int64, count=len(anchors))
-            if share_anchor
-            else None
-        )
-        return self.sample(
-            anchors,
-            seeds,
-            interpolation_weights,
-            steps=steps,
-            eta=eta,
-            method=method,
-            sampling=sampling,
-            interpolate=interpolate,
-            anchor_seeds=anchor_seeds,
-            anchor_refresh=anchor_refresh,
-            anchor_space=anchor_space,
-            output=output,
-        )
+        return self.sample(anchors, seeds, interpolation_weights, group, anchor_space=anchor_space)
 
     def _canonical(self, anchors: np.ndarray, space: AnchorSpace) -> np.ndarray:
         anchors = np.asarray(anchors)
@@ -501,11 +464,7 @@ class PositivesGenerator:
         keys = positive_keys(self.fingerprint, params, canon, cands, anchor_space)
         interpolation_weights = np.full(len(canon), params.interpolation_weight, np.float32)
         return self.sample_keyed(
-            canon,
-            keys,
-            interpolation_weights,
-            anchor_space=anchor_space,
-            **params.group()._asdict(),
+            canon, keys, interpolation_weights, params.group(), anchor_space=anchor_space
         )
 
     def warmup(
@@ -523,47 +482,46 @@ class PositivesGenerator:
         compile of each kernel it launches (and, compiled, for the batch bucket).
         The anchor path (interpolation weight below 1: CLSP's requests) runs the
         encoder on 2N samples and the anchor-noising and interpolation kernels;
-        the plain path (weight 1) runs neither. The plain call at eta 0 launches
-        the update kernel without noise, the anchor call at eta 0.1 with noise in
-        every step but perhaps the last, so with ``steps`` >= 2 both variants of
-        that kernel are compiled whatever the schedule. A DPM-Solver++ call of
-        ``max(steps, WARMUP_MULTISTEP_STEPS)`` steps compiles its variants, which
-        keep x0 and read the previous one (same paths, so ``paths_run`` gains nothing),
-        unless the model's config cannot be sampled by it. ``sampling`` is the
-        service's default mode: whether x0 is clipped selects the kernel variant too.
-        ``paths_run`` records what has run.
+        the plain path (weight 1) runs neither. Which solvers run is the registry's
+        to say (``solvers.SOLVERS``): the plain call of the solver that takes eta, at
+        eta 0, launches the update kernel without noise, its anchor call at eta 0.1
+        with noise in every step but perhaps the last, so with ``steps`` >= 2 both
+        variants of that kernel are compiled whatever the schedule. A call of each
+        solver that reads the previous x0, at ``max(steps, solver.warmup_steps)``
+        steps, compiles its variants, which keep x0 and read the previous one (same
+        paths, so ``paths_run`` gains nothing), unless the model's config cannot be
+        sampled by it. ``sampling`` is the service's default mode: whether x0 is
+        clipped selects the kernel variant too. ``paths_run`` records what has run.
         """
         h, w = self.sample_hw
-        multistep_steps = max(steps, WARMUP_MULTISTEP_STEPS)
-        try:
-            multistep = self.plan(
-                steps=multistep_steps, eta=0.0, method="dpmpp-2m", sampling=sampling
+        # the default params' settings but these (steps unvalidated: warmup_steps has no cap)
+        base = GenerationParams().group()._replace(sampling_steps=steps, sampling=sampling)
+        eta_solver = next(name for name, solver in SOLVERS.items() if solver.takes_eta)
+        noisy = base._replace(solver=eta_solver, eta=0.1)
+        multistep: list[SamplerGroup] = []
+        for name, solver in SOLVERS.items():
+            if not solver.reads_previous_x0:
+                continue
+            group = base._replace(
+                solver=name, sampling_steps=max(steps, solver.warmup_steps), eta=0.0
             )
-        except UnsupportedSchedulerError:
-            multistep = None  # requests for it will be refused too: nothing to warm
+            try:
+                self.plan(group)
+            except UnsupportedSchedulerError:
+                continue  # requests for it will be refused too: nothing to warm
+            multistep.append(group)
         for b in batch_sizes:
             anchors = np.zeros((b, self.channels, h, w), dtype=np.float32)
             seeds = np.arange(b, dtype=np.int64)
             for weight, eta in ((WARMUP_INTERPOLATION_WEIGHT, 0.1), (1.0, 0.0)):
                 interpolation_weights = np.full(b, weight, dtype=np.float32)
-                self.sample(
-                    anchors,
-                    seeds,
-                    interpolation_weights,
-                    steps=steps,
-                    eta=eta,
-                    method="ddim",
-                    sampling=sampling,
-                )
-            if multistep is not None:
+                self.sample(anchors, seeds, interpolation_weights, noisy._replace(eta=eta))
+            for group in multistep:
                 self.sample(
                     anchors,
                     seeds,
                     np.full(b, WARMUP_INTERPOLATION_WEIGHT, dtype=np.float32),
-                    steps=multistep_steps,
-                    eta=0.0,
-                    method="dpmpp-2m",
-                    sampling=sampling,
+                    group,
                 )
         b = max(batch_sizes)
         started = time.perf_counter()
@@ -571,10 +529,7 @@ class PositivesGenerator:
             np.zeros((b, self.channels, h, w), dtype=np.float32),
             np.arange(b, dtype=np.int64),
             np.full(b, WARMUP_INTERPOLATION_WEIGHT, dtype=np.float32),
-            steps=steps,
-            eta=0.1,
-            method="ddim",
-            sampling=sampling,
+            noisy,
         )
         return time.perf_counter() - started
 

@@ -1,7 +1,9 @@
 """The CLSP sampler: DDIM/DDPM/DPM-Solver++ with bottleneck interpolation (docs/design.md §1).
 
 One call runs a batch of candidates, each with its own anchor, seed and
-interpolation weight, through a ``SamplingPlan``. Every random number is drawn
+interpolation weight, through a ``SamplingPlan`` (the step math of the request's
+solver, steps and eta), with the rest of the request's ``SamplerGroup`` choosing what
+the loop does with the anchors. Every random number is drawn
 from the per-sample counter-based noise (``noise``/``ops``) by seed, stream and
 element, never from a batch-level generator, so a candidate's noise is the
 same whatever else is in the batch (docs/design.md §2).
@@ -17,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from clsp_positives.proto.params import Interpolate
+from clsp_positives.proto.params import GenerationParams, Interpolate, SamplerGroup
 from clsp_positives.service.sampling import ops
 from clsp_positives.service.sampling.noise import STREAM_INITIAL, anchor_stream, step_stream
 from clsp_positives.service.sampling.schedule import SamplingPlan
@@ -28,6 +30,11 @@ DecodeFn = Callable[[Encoded, torch.Tensor, torch.Tensor], torch.Tensor]
 
 ANCHOR_PATH = "anchor"
 PLAIN_PATH = "plain"
+
+DEFAULT_GROUP: SamplerGroup = GenerationParams().group()
+"""The default params' sampler group: the paper's loop (the bottleneck alone
+interpolated, the anchors encoded at every step, each noised by its candidate's seed),
+for a caller that brings only a plan."""
 
 
 def sampler_path(interpolation_weights: torch.Tensor) -> str:
@@ -129,10 +136,9 @@ class CLSPSampler:
         anchors: torch.Tensor,
         seeds: torch.Tensor,
         interpolation_weights: torch.Tensor,
+        group: SamplerGroup = DEFAULT_GROUP,
         *,
-        interpolate: Interpolate = "bottleneck",
         anchor_seeds: torch.Tensor | None = None,
-        anchor_refresh: int = 1,
         clamp: bool = True,
     ) -> torch.Tensor:
         """Positives ``[N, C, H, W]`` float32, clamped to [-1, 1] unless ``clamp`` is
@@ -140,16 +146,20 @@ class CLSPSampler:
 
         ``anchors`` float32 ``[N, C, H, W]`` in [-1, 1]; ``seeds`` int64 ``[N]``;
         ``interpolation_weights`` float ``[N]`` (1 = plain sampling, 0 = only the
-        anchor's bottleneck); ``interpolate``: what of the anchor's encoding is
-        mixed in (``mix_encodings``).
+        anchor's bottleneck). ``plan`` is made from ``group`` (``PositivesGenerator.plan``:
+        its solver, sampling steps, eta and sampling mode); the loop reads the rest of
+        it: ``group.interpolate``, what of the anchor's encoding is mixed in
+        (``mix_encodings``), and ``group.anchor_refresh``.
 
         The anchor path's two reuse options (docs/design.md §1, both off by
-        default): ``anchor_seeds`` int64 ``[N]`` noises each anchor by its own seed
-        instead of its candidate's, so candidates with the same anchor seed (and
-        so the same anchor) share one anchor encoding per step; ``anchor_refresh``
-        n > 1 encodes the anchors at every n-th step only and reuses that encoding
-        in between, as DeepCache reuses features across adjacent steps.
+        default): ``anchor_seeds`` int64 ``[N]`` (``group.share_anchor``, seeded by the
+        caller) noises each anchor by its own seed instead of its candidate's, so
+        candidates with the same anchor seed (and so the same anchor) share one anchor
+        encoding per step; ``group.anchor_refresh`` n > 1 encodes the anchors at every
+        n-th step only and reuses that encoding in between, as DeepCache reuses features
+        across adjacent steps.
         """
+        interpolate, anchor_refresh = group.interpolate, group.anchor_refresh
         if anchor_refresh < 1:
             raise ValueError(f"anchor_refresh must be >= 1, got {anchor_refresh}")
         n = anchors.shape[0]
@@ -208,7 +218,7 @@ class CLSPSampler:
                     plan.clip_range,
                 )
                 if keep_x0:
-                    x, x0 = ops.scheduler_update_with_x0(*args, x0_prev=x0)
+                    x, x0 = ops.scheduler_update(*args, x0_prev=x0, return_x0=True)
                 else:
                     x = ops.scheduler_update(*args)
             x = x.float()

@@ -53,17 +53,13 @@ def test_positives_are_keyed_and_deterministic(gen: PositivesGenerator) -> None:
     assert np.array_equal(out, gen.positives(as_float, cands, PARAMS))
     # positives == sample with the seeds of the keys.
     seeds = np.array([seed_from_key(k) for k in gen.keys(anchors, cands, PARAMS)], np.int64)
-    direct = gen.sample(
-        as_float, seeds, np.full(3, 0.1, np.float32), steps=5, eta=0.1, method="ddim"
-    )
+    direct = gen.sample(as_float, seeds, np.full(3, 0.1, np.float32), PARAMS.group())
     assert np.array_equal(out, direct)
     keyed = gen.sample_keyed(
         as_float,
         gen.keys(anchors, cands, PARAMS),
         np.full(3, 0.1, np.float32),
-        steps=5,
-        eta=0.1,
-        method="ddim",
+        PARAMS.group(),
     )
     assert np.array_equal(out, keyed)
     # The positive is not a copy of its anchor.
@@ -77,16 +73,10 @@ def test_alone_equals_inside_a_mixed_batch(gen: PositivesGenerator) -> None:
     seeds = rng.integers(0, 2**62, n, dtype=np.int64)
     weights = rng.choice(np.array([0.0, 0.1, 0.5, 1.0], np.float32), n)
     for method in typing.get_args(Method):
-        batch = gen.sample(anchors, seeds, weights, steps=4, eta=0.1, method=method)
+        group = GenerationParams(steps=4, eta=0.1, method=method).group()
+        batch = gen.sample(anchors, seeds, weights, group)
         for j in (0, 31, 63):
-            alone = gen.sample(
-                anchors[j : j + 1],
-                seeds[j : j + 1],
-                weights[j : j + 1],
-                steps=4,
-                eta=0.1,
-                method=method,
-            )
+            alone = gen.sample(anchors[j : j + 1], seeds[j : j + 1], weights[j : j + 1], group)
             assert np.abs(alone[0].astype(int) - batch[j]).max() <= 1
 
 
@@ -146,19 +136,16 @@ def test_warmup_launches_every_update_variant_a_request_launches(
     request of any method, in the service's sampling mode, can launch."""
     launched: set[tuple[bool, bool, bool, bool]] = set()
 
-    def spy(name: str, keep_x0: bool) -> None:
-        real = getattr(ops, name)
+    real = ops.scheduler_update
 
-        def update(*args, **kwargs):
-            coefs = args[4]
-            clipped = args[6] is not None
-            launched.add((coefs.sigma != 0, coefs.coef_x0_prev != 0, keep_x0, clipped))
-            return real(*args, **kwargs)
+    def update(*args, **kwargs):
+        coefs = args[4]
+        clipped = args[6] is not None
+        keep_x0 = bool(kwargs.get("return_x0", False))
+        launched.add((coefs.sigma != 0, coefs.coef_x0_prev != 0, keep_x0, clipped))
+        return real(*args, **kwargs)
 
-        monkeypatch.setattr(ops, name, update)
-
-    spy("scheduler_update", False)
-    spy("scheduler_update_with_x0", True)
+    monkeypatch.setattr(ops, "scheduler_update", update)
     gen = PositivesGenerator.from_dir(tiny_model_dir)
     gen.warmup(steps=2, sampling=sampling)
     warmed = set(launched)
@@ -178,9 +165,7 @@ def test_empty_batch(gen: PositivesGenerator) -> None:
         np.zeros((0, 1, 16, 16), np.float32),
         np.zeros(0, np.int64),
         np.zeros(0, np.float32),
-        steps=3,
-        eta=0.0,
-        method="ddim",
+        GenerationParams(steps=3, eta=0.0).group(),
     )
     assert out.shape == (0, 16, 16, 1)
 
@@ -202,17 +187,17 @@ def test_bad_sample_inputs_are_refused(gen: PositivesGenerator) -> None:
     a = np.zeros((2, 1, 16, 16), np.float32)
     s = np.arange(2, dtype=np.int64)
     w = np.full(2, 0.1, np.float32)
-    kw = dict(steps=3, eta=0.1, method="ddim")
+    group = GenerationParams(steps=3, eta=0.1).group()
     with pytest.raises(GeneratorInputError, match="weights must be finite and in"):
-        gen.sample(a, s, np.array([0.1, 1.5], np.float32), **kw)
+        gen.sample(a, s, np.array([0.1, 1.5], np.float32), group)
     with pytest.raises(GeneratorInputError, match="seeds must be int64"):
-        gen.sample(a, s.astype(np.int32), w, **kw)
+        gen.sample(a, s.astype(np.int32), w, group)
     with pytest.raises(GeneratorInputError, match="NaN"):
-        gen.sample(np.full_like(a, np.nan), s, w, **kw)
+        gen.sample(np.full_like(a, np.nan), s, w, group)
     with pytest.raises(GeneratorInputError, match="candidates must be integer"):
         gen.positives(a, np.zeros(3, np.int64), PARAMS)
     with pytest.raises(ValueError, match="method"):
-        gen.sample(a, s, w, steps=3, eta=0.1, method="euler")
+        gen.sample(a, s, w, group._replace(solver="euler"))
 
 
 def test_float16_needs_cuda(tiny_model_dir: Path) -> None:
@@ -255,10 +240,10 @@ def test_compiled_generator_keeps_the_contract(
     anchors = uint8_to_unit(_anchors(n, seed=7)).transpose(0, 3, 1, 2).copy()
     seeds = np.arange(n, dtype=np.int64) * 7919
     weights = np.linspace(0, 1, n).astype(np.float32)
-    kw = dict(steps=3, eta=0.1, method="ddim")
-    batch = compiled.sample(anchors, seeds, weights, **kw)
-    alone = compiled.sample(anchors[2:3], seeds[2:3], weights[2:3], **kw)
+    group = GenerationParams(steps=3, eta=0.1).group()
+    batch = compiled.sample(anchors, seeds, weights, group)
+    alone = compiled.sample(anchors[2:3], seeds[2:3], weights[2:3], group)
     assert np.abs(alone[0].astype(int) - batch[2]).max() <= 1
-    assert np.abs(batch.astype(int) - gen.sample(anchors, seeds, weights, **kw)).max() <= 1
+    assert np.abs(batch.astype(int) - gen.sample(anchors, seeds, weights, group)).max() <= 1
     # Compiled, each batch bucket is a first call of its own.
     assert compiled.paths_run == {(ANCHOR_PATH, 8), (ANCHOR_PATH, 1)}

@@ -93,14 +93,13 @@ def test_w1_eta0_equals_the_diffusers_latent_loop(generators, model_dirs, kind: 
     g = generators[kind]
     loaded = load_model(model_dirs[kind])
     seeds = np.array([3, 1 << 40, 77], dtype=np.int64)
-    kwargs = dict(steps=20, eta=0.0, method="ddim", sampling="model")
+    group = GenerationParams(steps=20, eta=0.0, sampling="model").group()
     latents = g.sample(
         np.zeros((3, *LATENT), np.float32),
         seeds,
         np.ones(3, np.float32),
+        group._replace(output="latents"),
         anchor_space="latent",
-        output="latents",
-        **kwargs,
     )
     sched = DDIMScheduler.from_config(loaded.scheduler_config)
     sched.set_timesteps(20)
@@ -115,8 +114,8 @@ def test_w1_eta0_equals_the_diffusers_latent_loop(generators, model_dirs, kind: 
         np.zeros((3, *LATENT), np.float32),
         seeds,
         np.ones(3, np.float32),
+        group,
         anchor_space="latent",
-        **kwargs,
     )
     want_u8 = np.rint((want.clamp(-1, 1).permute(0, 2, 3, 1).numpy() + 1) * 127.5)
     assert np.abs(images.astype(np.int16) - want_u8.astype(np.int16)).max() <= 1

@@ -13,7 +13,13 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
 from clsp_positives.service.sampling import noise, ops
-from clsp_positives.service.sampling.sampler import CLSPSampler, anchor_groups, mix_encodings, rows
+from clsp_positives.service.sampling.sampler import (
+    DEFAULT_GROUP,
+    CLSPSampler,
+    anchor_groups,
+    mix_encodings,
+    rows,
+)
 from clsp_positives.service.sampling.schedule import (
     UnsupportedSchedulerError,
     sampling_plan,
@@ -67,7 +73,7 @@ DDIM_CONFIGS = {
 def test_ddim_w1_eta0_matches_diffusers(sampler: CLSPSampler, name: str) -> None:
     cfg = scheduler_config(**DDIM_CONFIGS[name])
     anchors, seeds = _inputs(4)
-    plan = sampling_plan(cfg, method="ddim", steps=20, eta=0.0)
+    plan = sampling_plan(cfg, solver="ddim", steps=20, eta=0.0)
     got = sampler(plan, anchors, seeds, torch.ones(4))
     want = _diffusers_loop(
         sampler.split.unet, DDIMScheduler.from_config(cfg), seeds, 20, lambda i, s: {"eta": 0.0}
@@ -78,7 +84,7 @@ def test_ddim_w1_eta0_matches_diffusers(sampler: CLSPSampler, name: str) -> None
 def test_ddim_unscaled_random_unet_matches_over_10_steps(raw_sampler: CLSPSampler) -> None:
     cfg = scheduler_config()
     anchors, seeds = _inputs(4)
-    plan = sampling_plan(cfg, method="ddim", steps=10, eta=0.0)
+    plan = sampling_plan(cfg, solver="ddim", steps=10, eta=0.0)
     got = raw_sampler(plan, anchors, seeds, torch.ones(4))
     want = _diffusers_loop(
         raw_sampler.split.unet,
@@ -93,7 +99,7 @@ def test_ddim_unscaled_random_unet_matches_over_10_steps(raw_sampler: CLSPSample
 def test_ddim_eta_matches_diffusers_given_variance_noise(sampler: CLSPSampler) -> None:
     cfg = scheduler_config()
     anchors, seeds = _inputs(3, seed=1)
-    plan = sampling_plan(cfg, method="ddim", steps=10, eta=0.7)
+    plan = sampling_plan(cfg, solver="ddim", steps=10, eta=0.7)
     got = sampler(plan, anchors, seeds, torch.ones(3))
 
     def kwargs(i: int, shape: torch.Size) -> dict:
@@ -110,7 +116,7 @@ def test_ddpm_matches_diffusers_given_noises(
 ) -> None:
     cfg = scheduler_config(variance_type=variance_type, steps_offset=1)
     anchors, seeds = _inputs(3, seed=2)
-    plan = sampling_plan(cfg, method="ddpm", steps=10)
+    plan = sampling_plan(cfg, solver="ddpm", steps=10)
     got = sampler(plan, anchors, seeds, torch.ones(3))
 
     step = {"i": 0}
@@ -135,7 +141,7 @@ def test_batch_independence(sampler: CLSPSampler) -> None:
     anchors, seeds = _inputs(n, seed=3)
     anchors[10:20] = anchors[0]  # several candidates of one anchor
     weights = torch.tensor([0.1, 0.5, 1.0, 0.0] * 16)
-    plan = sampling_plan(scheduler_config(), method="ddim", steps=6, eta=0.1)
+    plan = sampling_plan(scheduler_config(), solver="ddim", steps=6, eta=0.1)
     batch = sampler(plan, anchors, seeds, weights)
     for j in (0, 13, 42):  # w = 0.1, 0.5, 1.0 (alone: the anchor pass is skipped)
         alone = sampler(plan, anchors[j : j + 1], seeds[j : j + 1], weights[j : j + 1])
@@ -149,7 +155,7 @@ def test_batch_independence(sampler: CLSPSampler) -> None:
 def test_interpolation_uses_the_anchor(sampler: CLSPSampler) -> None:
     anchors, seeds = _inputs(2, seed=4)
     seeds[1] = seeds[0]  # same candidate noise, different anchors
-    plan = sampling_plan(scheduler_config(), method="ddim", steps=6, eta=0.1)
+    plan = sampling_plan(scheduler_config(), solver="ddim", steps=6, eta=0.1)
     w0 = sampler(plan, anchors, seeds, torch.zeros(2))
     w1 = sampler(plan, anchors, seeds, torch.ones(2))
     w01 = sampler(plan, anchors, seeds, torch.full((2,), 0.1))
@@ -184,10 +190,12 @@ def test_low_skips_mix_only_the_skips_at_the_bottleneck_resolution() -> None:
 
 def test_low_skips_change_positives_below_w1_only(sampler: CLSPSampler) -> None:
     anchors, seeds = _inputs(4, seed=6)
-    plan = sampling_plan(scheduler_config(), method="ddim", steps=6, eta=0.1)
+    plan = sampling_plan(scheduler_config(), solver="ddim", steps=6, eta=0.1)
     weights = torch.tensor([0.0, 0.1, 0.5, 1.0])
     plain = sampler(plan, anchors, seeds, weights)
-    low = sampler(plan, anchors, seeds, weights, interpolate="bottleneck+low-skips")
+    low = sampler(
+        plan, anchors, seeds, weights, DEFAULT_GROUP._replace(interpolate="bottleneck+low-skips")
+    )
     assert torch.equal(plain[3], low[3])  # w = 1 mixes nothing in either mode
     for j in range(3):
         assert (plain[j] - low[j]).abs().max().item() > 1e-3
@@ -198,7 +206,7 @@ def test_low_skips_change_positives_below_w1_only(sampler: CLSPSampler) -> None:
 def test_candidates_of_one_anchor_differ(sampler: CLSPSampler) -> None:
     anchors, seeds = _inputs(3, seed=5)
     anchors[:] = anchors[0]
-    plan = sampling_plan(scheduler_config(), method="ddpm", steps=6)
+    plan = sampling_plan(scheduler_config(), solver="ddpm", steps=6)
     out = sampler(plan, anchors, seeds, torch.full((3,), 0.1))
     for a, b in ((0, 1), (0, 2), (1, 2)):
         assert (out[a] - out[b]).abs().mean().item() > 0.02
@@ -242,8 +250,9 @@ def test_anchor_reuse_matches_the_plain_loop(sampler: CLSPSampler, refresh: int)
     anchors[3:] = anchors[0]  # candidates 0, 3, 4, 5 share one anchor
     anchor_seeds = torch.tensor([11, 12, 13, 11, 11, 11])
     w = torch.tensor([0.1, 0.3, 0.0, 0.5, 0.1, 0.9])
-    plan = sampling_plan(scheduler_config(), method="ddim", steps=7, eta=0.1)
-    got = sampler(plan, anchors, seeds, w, anchor_seeds=anchor_seeds, anchor_refresh=refresh)
+    plan = sampling_plan(scheduler_config(), solver="ddim", steps=7, eta=0.1)
+    refreshed = DEFAULT_GROUP._replace(anchor_refresh=refresh)
+    got = sampler(plan, anchors, seeds, w, refreshed, anchor_seeds=anchor_seeds)
     want = _reuse_loop(sampler, plan, anchors, seeds, w, anchor_seeds, refresh)
     assert (got - want).abs().max().item() <= 1e-4
     if refresh == 1:  # without sharing each candidate noises its anchor by its own seed
@@ -261,36 +270,39 @@ def test_shared_anchor_positives_are_batch_independent(sampler: CLSPSampler) -> 
     anchors[1:4] = anchors[0]
     anchor_seeds = torch.tensor([5, 5, 5, 5, 6, 7, 8, 9])
     w = torch.full((8,), 0.1)
-    plan = sampling_plan(scheduler_config(), method="ddim", steps=6, eta=0.1)
-    batch = sampler(plan, anchors, seeds, w, anchor_seeds=anchor_seeds, anchor_refresh=2)
+    plan = sampling_plan(scheduler_config(), solver="ddim", steps=6, eta=0.1)
+    every_2 = DEFAULT_GROUP._replace(anchor_refresh=2)
+    batch = sampler(plan, anchors, seeds, w, every_2, anchor_seeds=anchor_seeds)
     for j in (0, 2, 6):
         one = slice(j, j + 1)
         alone = sampler(
-            plan, anchors[one], seeds[one], w[one], anchor_seeds=anchor_seeds[one], anchor_refresh=2
+            plan, anchors[one], seeds[one], w[one], every_2, anchor_seeds=anchor_seeds[one]
         )
         assert (alone[0] - batch[j]).abs().max().item() <= 2 / 255
 
 
 def test_refresh_below_one_is_refused(sampler: CLSPSampler) -> None:
     anchors, seeds = _inputs(1)
-    plan = sampling_plan(scheduler_config(), method="ddim", steps=2, eta=0.1)
+    plan = sampling_plan(scheduler_config(), solver="ddim", steps=2, eta=0.1)
     with pytest.raises(ValueError, match="anchor_refresh"):
-        sampler(plan, anchors, seeds, torch.full((1,), 0.1), anchor_refresh=0)
+        sampler(
+            plan, anchors, seeds, torch.full((1,), 0.1), DEFAULT_GROUP._replace(anchor_refresh=0)
+        )
 
 
 def test_plan_follows_config() -> None:
-    plan = sampling_plan(scheduler_config(steps_offset=1), method="ddim", steps=10, eta=0.0)
+    plan = sampling_plan(scheduler_config(steps_offset=1), solver="ddim", steps=10, eta=0.0)
     assert plan.timesteps == tuple(range(901, 0, -100))
     assert plan.clip_range == 1.0
     assert all(c.sigma == 0.0 for c in plan.coefficients)
     last = plan.coefficients[-1]
     assert last.coef_x0 == 1.0 and last.coef_eps == 0.0  # set_alpha_to_one
-    ddpm = sampling_plan(scheduler_config(), method="ddpm", steps=10)
+    ddpm = sampling_plan(scheduler_config(), solver="ddpm", steps=10)
     assert ddpm.coefficients[-1].sigma == 0.0 and ddpm.coefficients[0].sigma > 0
 
 
 @pytest.mark.parametrize(
-    ("overrides", "method", "steps", "match"),
+    ("overrides", "solver", "steps", "match"),
     [
         (dict(thresholding=True), "ddim", 10, "thresholding"),
         (dict(variance_type="learned_range"), "ddpm", 10, "variance_type"),
@@ -301,6 +313,6 @@ def test_plan_follows_config() -> None:
         ({}, "euler", 10, "method"),
     ],
 )
-def test_unsupported_configs_are_refused(overrides, method, steps, match) -> None:
+def test_unsupported_configs_are_refused(overrides, solver, steps, match) -> None:
     with pytest.raises(UnsupportedSchedulerError, match=match):
-        sampling_plan(scheduler_config(**overrides), method=method, steps=steps, eta=0.1)
+        sampling_plan(scheduler_config(**overrides), solver=solver, steps=steps, eta=0.1)
