@@ -4,7 +4,7 @@ One frozen object holds every knob so that the app factory, the batcher and
 the cache never read globals or the environment themselves; the CLI and the
 uvicorn factory are the only two places that build it, both through
 ``ServiceSettings.from_env``, so both honour the same precedence. Each field
-owns its default, bounds and help: ``clsp serve``'s options and the README's
+owns its default, bounds and help: ``clsp serve``'s options and docs/cli.md's
 table are generated from them (docs/design.md §8).
 """
 

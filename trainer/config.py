@@ -1,6 +1,6 @@
 """``TrainConfig``: every option of ``clsp train``, its default, bounds and help, defined once.
 
-The CLI, the checkpoints and the README's table all derive from this model
+The CLI, the checkpoints and docs/cli.md's table all derive from this model
 (docs/design.md §8); the generation params' defaults and bounds are
 ``GenerationParams``'s own. Importing it does not import torch, so ``clsp --help``
 stays instant.
@@ -24,7 +24,7 @@ from clsp_positives.trainer.method_defaults import (
 
 
 def _shown(text: str) -> dict[str, Any]:
-    """What ``--help`` and the README show as the default of a field whose ``None``
+    """What ``--help`` and docs/cli.md show as the default of a field whose ``None``
     means "decided later"."""
     return {DEFAULT_TEXT: text}
 
@@ -60,7 +60,7 @@ def _method_names() -> str:
 
 
 def _per_method(field: str) -> dict[str, Any]:
-    """The default ``--help`` and the README show for a field of ``METHOD_DEFAULTS``
+    """The default ``--help`` and docs/cli.md show for a field of ``METHOD_DEFAULTS``
     (trainer/method_defaults.py), read from the table (``SimCLR/MoCo 4096, NNCLR
     2048``), so it cannot drift."""
     groups: dict[Any, list[str]] = {}

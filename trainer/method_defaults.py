@@ -34,7 +34,7 @@ METHOD_DEFAULTS: dict[str, MethodDefaults] = {
     "moco": MethodDefaults(temperature=0.2, proj_hidden_dim=4096, proj_dim=256, queue_size=32768),
     "nnclr": MethodDefaults(temperature=0.2, proj_hidden_dim=2048, proj_dim=256, queue_size=65536),
 }
-# How ``--help`` and the README name each method (its class's name in methods.py).
+# How ``--help`` and docs/cli.md name each method (its class's name in methods.py).
 METHOD_TITLES: dict[str, str] = {"simclr": "SimCLR", "moco": "MoCo", "nnclr": "NNCLR"}
 
 # The names ``--method`` accepts: the table's keys, in its order.
