@@ -36,7 +36,9 @@ def integral_floats_to_int(value: Any) -> Any:
 Method = Literal["ddim", "ddpm", "dpmpp-2m"]
 """Step rules (docs/design.md §1): DDIM, DDPM ancestral, DPM-Solver++ (2M); the wire's
 ``method``, the code's solver (``SamplerGroup.solver``). Everything that lists them (the
-sampler's plans, the OpenAPI document, the CLI) derives from here."""
+sampler's plans, the OpenAPI document, the CLI) derives from here; the sampler's
+solver registry (``service.sampling.solvers.SOLVERS``, one class per name) checks on
+import that its names are these and its eta-taking solvers ``ETA_METHODS``."""
 ETA_METHODS: tuple[Method, ...] = ("ddim",)
 """The step rules that take ``eta``: for the others it changes nothing, so it enters
 neither their keys nor their sampler groups (``GenerationParams.sampler_eta``)."""
