@@ -202,12 +202,12 @@ class GenerationParams(BaseModel):
         model enters every key as its fingerprint), and eta enters as
         ``sampler_eta``. The sampling mode always enters, so positives made
         under the model's own scheduler config are never served for the
-        authors' loop, nor the other way round (docs/design.md §7). ``interpolate``,
-        ``share_anchor`` and ``anchor_refresh`` enter only when they are not the
-        paper's setting, so the keys of every positive cached before those options
-        existed stay valid. ``output`` is not here: it changes how a positive is
-        returned, not which positive, and enters only the key's tail
-        (``keys.positive_key``).
+        authors' loop, nor the other way round (docs/design.md §7). Every other field of
+        the sampler group (``interpolate``, ``share_anchor``, ``anchor_refresh`` and any
+        added later) enters only when it is not its default, the paper's setting, so the
+        keys of every positive cached before it existed stay valid. ``output`` is not
+        here: it changes how a positive is returned, not which positive, and enters only
+        the key's tail (``keys.positive_key``).
         """
         fields: dict[str, Any] = {
             # + 0.0 folds -0.0 into 0.0: the same sampler, so the same key
@@ -218,12 +218,13 @@ class GenerationParams(BaseModel):
         }
         if self.sampler_eta is not None:
             fields["eta"] = self.sampler_eta
-        if self.interpolate != "bottleneck":
-            fields["interpolate"] = self.interpolate
-        if self.share_anchor:
-            fields["share_anchor"] = True
-        if self.anchor_refresh != 1:
-            fields["anchor_refresh"] = int(self.anchor_refresh)
+        for name in SamplerGroup._fields:
+            wire = SAMPLER_WIRE_NAMES.get(name, name)
+            if wire in fields or wire in NOT_KEYED:
+                continue
+            value = getattr(self, wire)
+            if value != type(self).model_fields[wire].default:
+                fields[wire] = value
         return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
 
     def group(self) -> SamplerGroup:
@@ -267,6 +268,9 @@ class SamplerGroup(NamedTuple):
 
 
 SAMPLER_WIRE_NAMES: dict[str, str] = {"sampling_steps": "steps", "solver": "method"}
+NOT_KEYED = frozenset({"eta", "output"})
+"""Sampler group fields ``canonical`` does not take from the group: eta enters as
+``sampler_eta``, and ``output`` only chooses how a positive is returned."""
 """``SamplerGroup`` fields whose ``GenerationParams`` field has another name; every
 other field has its wire field's name."""
 
