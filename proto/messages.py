@@ -167,8 +167,18 @@ class ModelInfo(BaseModel):
     sampling: Sampling = Field(
         description="What requests without params.sampling get: authors (the CLSP authors' "
         "loop, which overrides the scheduler config's timestep_spacing, clip_sample, "
-        "set_alpha_to_one and variance_type) or model (the scheduler config as written).",
+        "set_alpha_to_one and variance_type), authors-clipped (that loop with x0 clipped) or "
+        "model (the scheduler config as written): the service's --sampling when given, else "
+        "generation_defaults.sampling when stored, else authors.",
         examples=["authors"],
+    )
+    generation_defaults: dict[str, Any] | None = Field(
+        None,
+        description="The model folder's clsp_generation.json as stored (GenerationDefaults "
+        "in proto/model_settings.py validates it): the params every request that leaves "
+        "them unset gets (a request's own value wins), and what clsp calibrate measured of "
+        "them; null when the model has none (the params' own defaults apply).",
+        examples=[{"sampling": "authors-clipped", "interpolate": "bottleneck+low-skips"}],
     )
     device: str
     dtype: str

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,12 +27,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from clsp_positives.proto.codec import encode_response
 from clsp_positives.proto.errors import ProtocolError
 from clsp_positives.proto.messages import ErrorBody
+from clsp_positives.proto.model_settings import GENERATION_DEFAULTS_FILE
 from clsp_positives.proto.openapi import build_openapi
 from clsp_positives.service.batcher import BatcherClosed, QueueFull
 from clsp_positives.service.cache import PositivesCache, build_cache, cache_secret
 from clsp_positives.service.metrics import ServiceMetrics, route_label
 from clsp_positives.service.positives import PositivesService
 from clsp_positives.service.requests import (
+    RequestDefaults,
     RequestValidator,
     response_encoding,
     wait_for_disconnect,
@@ -235,7 +238,9 @@ def create_app(
     @app.get("/v1/model", include_in_schema=False)
     async def model_info() -> JSONResponse:
         info = generator.model_info(
-            max_k=settings.max_k, max_anchors=settings.max_anchors, sampling=settings.sampling
+            max_k=settings.max_k,
+            max_anchors=settings.max_anchors,
+            sampling=validator.defaults.sampling,
         )
         return JSONResponse(info.model_dump(mode="json"))
 
@@ -268,8 +273,6 @@ def build_generator(settings: ServiceSettings) -> PositivesGenerator:
 
 def build_app(settings: ServiceSettings) -> FastAPI:
     """Load the model named by ``settings`` and build its app with the configured cache."""
-    import json
-
     from clsp_positives.service.logs import configure_logging
 
     configure_logging(json_lines=settings.log_json, level=settings.log_level)
@@ -299,7 +302,36 @@ def build_app(settings: ServiceSettings) -> FastAPI:
         "redis" if settings.redis else f"in-process LRU of {settings.cache_mb:g} MB",
     )
     log.info("cache values are MACed with a key from %s", secret.source)
+    log_generation_defaults(settings, generator)
     return create_app(settings, generator, cache)
+
+
+def log_generation_defaults(settings: ServiceSettings, generator: PositivesGenerator) -> None:
+    """Say at start-up which params requests that leave them unset get, and from where
+    (docs/design.md §6); warn when they were measured on other weights."""
+    defaults = RequestDefaults.of(settings, generator)
+    stored = defaults.stored
+    if stored is None:
+        log.info(
+            "generation defaults: the params' own (no %s in the model folder), sampling %s",
+            GENERATION_DEFAULTS_FILE,
+            defaults.sampling,
+        )
+        return
+    log.info(
+        "generation defaults from the model's %s: %s (a request's own params win)",
+        GENERATION_DEFAULTS_FILE,
+        json.dumps({**stored.stored(), "sampling": defaults.sampling}, sort_keys=True),
+    )
+    measured = stored.measured
+    if measured is not None and measured.model not in (None, generator.fingerprint):
+        log.warning(
+            "%s was measured on model %s, not on the %s loaded: the weights changed since; "
+            "rerun clsp calibrate --write",
+            GENERATION_DEFAULTS_FILE,
+            measured.model,
+            generator.fingerprint,
+        )
 
 
 def create_app_from_env() -> FastAPI:

@@ -31,7 +31,7 @@ from clsp_positives.service.batcher import (
 )
 from clsp_positives.service.cache import PositivesCache
 from clsp_positives.service.metrics import ServiceMetrics
-from clsp_positives.service.requests import PreparedRequest, model_shapes
+from clsp_positives.service.requests import PreparedRequest, RequestDefaults, model_shapes
 from clsp_positives.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -130,7 +130,8 @@ class PositivesService:
                 self.executor,
                 lambda: self.generator.warmup(
                     steps=self.settings.warmup_steps,
-                    sampling=self.settings.sampling,
+                    # the mode requests get: a stored one warms its x0-clipping variant
+                    sampling=RequestDefaults.of(self.settings, self.generator).sampling,
                     batch_sizes=self.warmup_batch_sizes,
                 ),
             )

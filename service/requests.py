@@ -23,6 +23,8 @@ from clsp_positives.proto.codec import ModelShapes, decode_request, media_type
 from clsp_positives.proto.errors import ProtocolError
 from clsp_positives.proto.keys import canonical_anchors, canonical_latents, positive_key
 from clsp_positives.proto.messages import JSON_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE, RequestArrays
+from clsp_positives.proto.model_settings import GenerationDefaults
+from clsp_positives.proto.params import GenerationParams, Sampling
 from clsp_positives.service.settings import ServiceSettings
 
 if TYPE_CHECKING:
@@ -51,6 +53,38 @@ def request_cost(
     return items * steps + (encodes + decodes) * autoencoder_cost
 
 
+@dataclass(frozen=True)
+class RequestDefaults:
+    """What a service gives the params a request leaves unset (docs/design.md §6): the
+    model folder's stored defaults (``clsp_generation.json``), then the service's
+    sampling mode.
+
+    Precedence, field by field: the request's own value; for ``sampling``, the operator's
+    ``--sampling`` (``CLSP_SAMPLING``) when given; the stored value; the params' default
+    (``--sampling``'s for ``sampling``). Without the file it is exactly the service's
+    ``--sampling`` resolution of before.
+    """
+
+    stored: GenerationDefaults | None
+    sampling: Sampling
+    """The mode of requests that choose none, after the stored one (GET /v1/model)."""
+
+    @classmethod
+    def of(cls, settings: ServiceSettings, generator: PositivesGenerator) -> RequestDefaults:
+        stored = generator.generation_defaults
+        if stored is None or stored.sampling is None:
+            return cls(stored, settings.sampling)
+        if "sampling" in settings.model_fields_set:  # the operator chose for this service
+            return cls(stored.model_copy(update={"sampling": None}), settings.sampling)
+        return cls(stored, stored.sampling)
+
+    def apply(self, params: GenerationParams) -> GenerationParams:
+        """The params a request's positives are generated and keyed with."""
+        if self.stored is not None:
+            params = self.stored.applied_to(params)
+        return params.resolved(self.sampling)
+
+
 def model_shapes(generator: PositivesGenerator) -> ModelShapes:
     """The picture and latent layouts of the generator's model, as the codec checks them."""
     return ModelShapes((generator.channels, *generator.sample_hw), generator.latent_chw)
@@ -64,6 +98,7 @@ class RequestValidator:
         self.generator = generator
         self.fingerprint = generator.fingerprint
         self.shapes = model_shapes(generator)
+        self.defaults = RequestDefaults.of(settings, generator)
 
     async def read_body(self, request: Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -97,9 +132,10 @@ class RequestValidator:
     def prepare(self, body: bytes, content_type: str | None) -> PreparedRequest:
         """Decode, validate, check the cost budget, canonicalise and key every item.
 
-        ``params.sampling`` None becomes the service's ``sampling`` here, before any
-        key is made, so the key, the batcher group and the response all carry the
-        mode the positives were made with (docs/design.md §2).
+        The params the request left unset take the model's stored defaults and
+        ``params.sampling`` None the service's mode here (``RequestDefaults``), before
+        any key is made, so the key, the batcher group and the response all carry the
+        params the positives were made with (docs/design.md §2, §7).
         """
         s = self.settings
         received = time.monotonic()
@@ -110,7 +146,7 @@ class RequestValidator:
             max_anchors=s.max_anchors,
             max_k=s.max_k,
         )
-        req = dataclasses.replace(req, params=req.params.resolved(s.sampling))
+        req = dataclasses.replace(req, params=self.defaults.apply(req.params))
         items = len(req.candidates)
         latent_model = self.shapes.latent_chw is not None
         encodes = req.num_anchors if latent_model and req.anchor_space == "image" else 0

@@ -33,6 +33,7 @@ from clsp_positives.proto.keys import (
     unit_to_uint8,
 )
 from clsp_positives.proto.messages import ModelInfo
+from clsp_positives.proto.model_settings import GENERATION_DEFAULTS_FILE
 from clsp_positives.proto.params import (
     DEFAULT_SAMPLING,
     ETA_METHODS,
@@ -41,7 +42,12 @@ from clsp_positives.proto.params import (
     SamplerGroup,
     Sampling,
 )
-from clsp_positives.service.sampling.model import LoadedModel, load_model, public_config
+from clsp_positives.service.sampling.model import (
+    LoadedModel,
+    ModelLoadError,
+    load_model,
+    public_config,
+)
 from clsp_positives.service.sampling.sampler import CLSPSampler, sampler_path
 from clsp_positives.service.sampling.schedule import (
     SamplingPlan,
@@ -146,6 +152,9 @@ class PositivesGenerator:
         self.dtype = resolve_dtype(dtype, self.device)
         self.fingerprint = model.fingerprint
         self.source = model.source
+        self.generation_defaults = model.generation_defaults
+        """The model folder's ``clsp_generation.json``, None without one: what a service
+        applies to the params requests leave unset (``service/requests.py``)."""
         self.scheduler_config: dict[str, Any] = dict(model.scheduler_config)
         cfg = model.unet.config
         size = cfg.sample_size
@@ -189,11 +198,26 @@ class PositivesGenerator:
         )
         self._plans: dict[tuple[str, int, float, str], SamplingPlan] = {}
         self._lock = threading.Lock()
+        self._check_generation_defaults()
         self.paths_run: set[tuple[str, int | None]] = set()
         """``(sampler path, batch bucket)`` of every call so far (the bucket only when
         compiled, the one thing a batch size changes): a call that adds an entry paid
         for a first call, lazy initialisation or compilation. ``warmup`` leaves none
         for the first request to pay."""
+
+    def _check_generation_defaults(self) -> None:
+        """Refuse stored defaults this model cannot sample (a step count whose grid repeats
+        a noise level, say) at load, rather than every request that would take them."""
+        if self.generation_defaults is None:
+            return
+        params = self.generation_defaults.applied_to(GenerationParams())
+        try:
+            self.check_params(params.resolved(DEFAULT_SAMPLING))
+        except ValueError as exc:
+            raise ModelLoadError(
+                f"{self.source}: the params of its {GENERATION_DEFAULTS_FILE} cannot sample "
+                f"this model: {exc}"
+            ) from None
 
     @classmethod
     def from_dir(
@@ -218,8 +242,9 @@ class PositivesGenerator:
     def model_info(
         self, *, max_k: int, max_anchors: int, sampling: Sampling = DEFAULT_SAMPLING
     ) -> ModelInfo:
-        """What ``GET /v1/model`` reports: this model, and the request limits
-        (``max_k``, ``max_anchors``) and default ``sampling`` of the service that serves it."""
+        """What ``GET /v1/model`` reports: this model and its stored generation defaults,
+        and the request limits (``max_k``, ``max_anchors``) and default ``sampling`` of the
+        service that serves it."""
         latent = self.latent_chw
         return ModelInfo(
             fingerprint=self.fingerprint,
@@ -234,6 +259,9 @@ class PositivesGenerator:
             max_k=max_k,
             max_anchors=max_anchors,
             sampling=sampling,
+            generation_defaults=None
+            if self.generation_defaults is None
+            else self.generation_defaults.model_dump(mode="json", exclude_none=True),
         )
 
     def check_params(self, params: GenerationParams) -> None:

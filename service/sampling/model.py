@@ -4,7 +4,9 @@ The fingerprint enters every cache key (docs/design.md §2), so it must change
 whenever the generated images could: it hashes the UNet's effective config,
 the scheduler config and every weight, and those of a latent model's
 autoencoder, and nothing that cannot matter (diffusers version, file paths, the
-device or dtype it is loaded on).
+device or dtype it is loaded on). A model folder's ``clsp_generation.json``
+(``proto/model_settings.py``) is read here too, but holds params, not weights: it never
+enters the fingerprint (the params a request ends up with enter its keys instead).
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
+from clsp_positives.proto.model_settings import (
+    GenerationDefaults,
+    GenerationDefaultsError,
+    read_generation_defaults,
+)
 from clsp_positives.service.sampling.autoencoder import (
     AUTOENCODER_CLASSES,
     AUTOENCODER_DIRS,
@@ -44,13 +51,15 @@ class ModelLoadError(ValueError):
 @dataclass(frozen=True)
 class LoadedModel:
     """A UNet on the CPU in float32 with what identifies it; a latent model
-    also has its autoencoder (docs/latent.md)."""
+    also has its autoencoder (docs/latent.md); a model folder with a
+    ``clsp_generation.json`` also has its generation defaults (docs/design.md §6)."""
 
     unet: UNet2DModel
     scheduler_config: dict[str, Any]
     fingerprint: str
     source: str
     autoencoder: Autoencoder | None = None
+    generation_defaults: GenerationDefaults | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -237,9 +246,14 @@ def load_model(model: str | Path) -> LoadedModel:
     if looks_like_hub_id:
         unet, scheduler_config = _from_hub(str(model))
         autoencoder = None
+        generation_defaults = None
         source = str(model)
     else:
         unet_dir, scheduler_path = resolve_layout(path)
+        try:  # before the weights: a bad file is refused at once
+            generation_defaults = read_generation_defaults(path)
+        except GenerationDefaultsError as exc:
+            raise ModelLoadError(str(exc)) from None
         autoencoder = _load_autoencoder(path) if unet_dir != path else None
         _check_unet_config(_read_json(unet_dir / _CONFIG), unet_dir / _CONFIG)
         scheduler_config = _read_json(scheduler_path)
@@ -275,4 +289,5 @@ def load_model(model: str | Path) -> LoadedModel:
         fingerprint(unet, scheduler_config, ae_module),
         source,
         autoencoder,
+        generation_defaults,
     )
