@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from PIL import Image
 
 from clsp_positives.client import PoolClient
 from clsp_positives.images import load_images
+from clsp_positives.proto.model_settings import GENERATION_DEFAULTS_FILE, STORED_FIELDS
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.positive_tools.quality import class_kept, diversity, fit_probe
 from tests.support.examples import DOCUMENTED_URL, doc_example
@@ -148,3 +150,60 @@ def test_the_documented_command_runs_as_written(service: ServerProcess, tmp_path
     report = json.loads((tmp_path / "calibration" / "calibration.json").read_text())
     assert [(r["interpolation_weight"], r["steps"]) for r in report["rows"]] == [(0.5, 2)]
     assert report["sampling"] == "authors-clipped"
+
+
+def test_write_stores_the_recommendation_where_clsp_serve_reads_it(
+    service: ServerProcess, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``--write --model-dir``: the recommended setting and its row, in the model folder
+    (a copy of the pool's weights), and a ``clsp serve`` of that folder reports it."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    out = tmp_path / "cal"
+    done = clsp(
+        "calibrate", "--dataset", "digits", "--positives", service.url, "--out", str(out),
+        "--weights", "1,0", "--steps", "2", "--anchors", "10", "--k", str(K),
+        "--gen-sampling", "authors-clipped", "--gen-interpolate", "bottleneck+low-skips",
+        "--min-class-kept", "0", "--no-progress", "--write", "--model-dir", str(model_dir),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "calibration.json").read_text())
+    chosen = report["recommendation"]
+    row = next(
+        r for r in report["rows"] if r["interpolation_weight"] == chosen["interpolation_weight"]
+    )
+    stored = json.loads((model_dir / GENERATION_DEFAULTS_FILE).read_text())
+    assert {n: stored[n] for n in STORED_FIELDS} == {
+        "interpolation_weight": chosen["interpolation_weight"],
+        "steps": 2,
+        "eta": 0.1,
+        "method": "ddim",
+        "sampling": "authors-clipped",
+        "interpolate": "bottleneck+low-skips",
+    }
+    measured = stored["measured"]
+    assert measured["class_kept"] == row["class_kept"] == chosen["class_kept"]
+    assert measured["between_candidates"] == row["between_candidates"]
+    assert measured["positives_per_s"] == row["positives_per_s"]
+    assert measured["model"] == report["model"]["fingerprint"]
+    assert (measured["dataset"], measured["anchors"], measured["k"]) == ("digits", 10, K)
+    assert measured["command"].startswith("clsp calibrate --dataset digits")
+    assert f"wrote {model_dir / GENERATION_DEFAULTS_FILE}" in done.stdout
+
+    with running([clsp_serve(model_dir, args=())]) as (served,):
+        info = httpx.get(served.url + "/v1/model", timeout=10).json()
+    assert info["generation_defaults"] == stored
+    assert info["sampling"] == "authors-clipped"
+    assert info["fingerprint"] == measured["model"]
+
+
+def test_write_needs_a_model_folder(service: ServerProcess, tmp_path: Path) -> None:
+    base = ["calibrate", "--dataset", "digits", "--positives", service.url, "--no-progress"]
+    base += ["--out", str(tmp_path / "x"), "--write"]
+    alone = clsp(*base)
+    assert alone.returncode == 2
+    assert "--model-dir" in alone.stderr and "--write needs" in alone.stderr
+    elsewhere = clsp(*base, "--model-dir", str(tmp_path))
+    assert elsewhere.returncode == 2
+    assert "--model-dir" in elsewhere.stderr and "holds no model" in elsewhere.stderr
+    assert not (tmp_path / GENERATION_DEFAULTS_FILE).exists() and not (tmp_path / "x").exists()

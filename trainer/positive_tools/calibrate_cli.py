@@ -9,15 +9,20 @@ generation options (``--gen-eta``, ``--gen-method``, ``--gen-sampling``, ...) ar
 same copies of ``GenerationParams``'s as theirs, so names, defaults and allowed values
 agree (docs/design.md §8). The grid's two axes are named as ``clsp train`` names the one
 value it takes (``--interpolation-weight``, ``--gen-steps``), and the recommendation is
-printed as those ``clsp train`` flags.
+printed as those ``clsp train`` flags. ``--write --model-dir DIR`` also stores it, with what
+it measured, in the model folder's ``clsp_generation.json``, which ``clsp serve`` then
+applies to the params requests leave unset (``proto/model_settings.py``).
 """
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import typer
@@ -34,9 +39,20 @@ from clsp_positives.options import (
 )
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.messages import ModelInfo
+from clsp_positives.proto.model_settings import (
+    GENERATION_DEFAULTS_FILE,
+    GenerationDefaults,
+    GenerationDefaultsError,
+    Measured,
+    check_model_dir,
+    write_generation_defaults,
+)
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.config import GENERATION_OPTIONS, TrainConfig
 from clsp_positives.trainer.positive_tools.generate_cli import GenerateConfig
+
+if TYPE_CHECKING:
+    from clsp_positives.trainer.positive_tools import calibrate as cal
 
 CALIBRATED = GENERATION_OPTIONS.without("interpolation_weight", "steps")
 """The generation options every setting of the grid shares: all of ``clsp train``'s but
@@ -65,6 +81,18 @@ class CalibrateConfig(BaseModel):
     )
     positives: str = _copied(GenerateConfig, "positives")
     out: Path = Field(description="Directory for calibration.json and calibration.png.")
+    write: bool = Field(
+        False,
+        description=f"Also write the recommended setting, with what it measured, into "
+        f"--model-dir's {GENERATION_DEFAULTS_FILE}: clsp serve of that model then gives it "
+        "to every request that leaves those params unset.",
+    )
+    model_dir: Path | None = Field(
+        None,
+        description="The folder of the model the pool serves (what clsp serve --model "
+        "was given), where --write writes.",
+        json_schema_extra={DEFAULT_TEXT: "none"},
+    )
     interpolation_weight: str = Field(
         "0,0.1,0.2,0.3,0.5,1.0",
         validation_alias=AliasChoices("interpolation_weight", "weights"),
@@ -145,6 +173,7 @@ def calibrate(*, given: dict[str, Any]) -> None:
         settings = cal.grid(weights, cal.parse_steps(config.gen_steps, names("gen_steps")))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None  # the message names the option
+    model_dir = _model_dir(config)
     dataset, positives, k, features = config.dataset, config.positives, config.k, config.features
     try:
         extractor = load_features(features) if features else None
@@ -264,8 +293,98 @@ def calibrate(*, given: dict[str, Any]) -> None:
         )
         typer.echo(chosen.text if chosen else "no setting was measured")
         typer.echo(f"wrote {config.out / cal.RESULTS_NAME} and {png}")
+        if config.write and model_dir is not None:
+            if chosen is None:
+                typer.echo(f"clsp calibrate: nothing measured; {model_dir} unchanged", err=True)
+                raise typer.Exit(1)
+            measured = _measured(chosen, rows, run, probe_accuracy, info)
+            _write_defaults(model_dir, chosen, base, str(sampling), measured)
     finally:
         client.close()
+
+
+def _model_dir(config: CalibrateConfig) -> Path | None:
+    """``--model-dir``, checked to be a model folder before the grid spends any time;
+    ``--write`` needs it."""
+    if config.model_dir is None:
+        if config.write:
+            raise typer.BadParameter(
+                "--write needs the folder of the model the pool serves: give --model-dir DIR "
+                "(what clsp serve --model was given)",
+                param_hint="--model-dir",
+            )
+        return None
+    try:
+        return check_model_dir(config.model_dir)
+    except GenerationDefaultsError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model-dir") from None
+
+
+def _measured(
+    chosen: cal.Recommendation,
+    rows: list[cal.Row],
+    run: dict[str, Any],
+    probe_accuracy: float,
+    info: ModelInfo,
+) -> Measured:
+    """What the model folder keeps of the recommended setting's measurement."""
+    row = next(r for r in rows if r.setting == chosen.setting)
+    return Measured(
+        class_kept=chosen.class_kept,
+        between_candidates=chosen.between_candidates,
+        to_anchor=row.to_anchor,
+        positives_per_s=row.positives_per_s,
+        probe=run["probe"],
+        probe_accuracy=probe_accuracy,
+        dataset=run["dataset"],
+        anchors=run["anchors"],
+        k=run["k"],
+        min_class_kept=chosen.min_class_kept,
+        reached_target=chosen.reached_target,
+        model=info.fingerprint,
+        at=datetime.now(timezone.utc),
+        command=_command_line(),
+    )
+
+
+def _write_defaults(
+    model_dir: Path,
+    chosen: cal.Recommendation,
+    base: GenerationParams,
+    sampling: str,
+    measured: Measured,
+) -> None:
+    """``--write``: the recommended setting into the model folder, as ``clsp serve``
+    reads it: the params every setting shared (the sampling mode as the pool resolved
+    it), the chosen weight and steps, and what they measured."""
+    stored = GenerationDefaults.model_validate(
+        {
+            **{name: getattr(base, name) for name in ("eta", "method", "interpolate")},
+            "interpolation_weight": chosen.interpolation_weight,
+            "steps": chosen.steps,
+            "sampling": sampling,
+            "measured": measured,
+        }
+    )
+    path = write_generation_defaults(model_dir, stored)
+    given = ", ".join(f"{name} {value}" for name, value in stored.stored().items())
+    typer.echo(
+        f"wrote {path}: clsp serve --model {model_dir} gives {given} to the requests that "
+        "leave them unset"
+    )
+
+
+def _command_line() -> str:
+    """This command as typed from ``calibrate`` on, a ``--token`` value hidden."""
+    argv = sys.argv[sys.argv.index("calibrate") + 1 :] if "calibrate" in sys.argv else []
+    shown = []
+    for i, arg in enumerate(argv):
+        if i and argv[i - 1] == "--token":
+            arg = "***"
+        elif arg.startswith("--token="):
+            arg = "--token=***"
+        shown.append(arg)
+    return shlex.join(["clsp", "calibrate", *shown])
 
 
 def _pool_model(
