@@ -114,6 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.out = Path(args.out)
     args.arm_names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    args.trained = set(args.arm_names)  # the baseline added below is reported, not trained
     unknown = sorted(set(args.arm_names) - set(ARMS))
     if unknown:
         p.error(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
@@ -440,7 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if path.is_file():
             runs[(arm.name, seed)] = json.loads(path.read_text())
             continue
-        if args.report_only or i % shards != shard or (arm.clsp_mode and bank_path is None):
+        skip = args.report_only or arm.name not in args.trained or i % shards != shard
+        if skip or (arm.clsp_mode and bank_path is None):
             continue
         say(f"training {arm.name} seed {seed} ({args.epochs} epochs)")
         log = args.out / "logs" / f"{arm.name}-seed{seed}.log"
