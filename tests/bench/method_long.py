@@ -433,7 +433,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     shard, shards = (int(x) for x in args.shard.split("/"))
     plan = [(seed, arm) for seed in range(args.seeds) for arm in arms]
-    for i, (seed, arm) in enumerate(plan):
+    mine = {
+        item
+        for i, item in enumerate(p for p in plan if p[1].name in args.trained)
+        if i % shards == shard
+    }
+    for seed, arm in plan:
         config = train_config(args, arm, seed, bank_path)
         key = method.run_key(config, bank_meta if arm.clsp_mode else None)
         path = args.out / "runs" / f"{arm.name}-seed{seed}-{key}.json"
@@ -441,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if path.is_file():
             runs[(arm.name, seed)] = json.loads(path.read_text())
             continue
-        skip = args.report_only or arm.name not in args.trained or i % shards != shard
+        skip = args.report_only or (seed, arm) not in mine
         if skip or (arm.clsp_mode and bank_path is None):
             continue
         say(f"training {arm.name} seed {seed} ({args.epochs} epochs)")
