@@ -582,7 +582,9 @@ def encode_request(
     tensors = {"anchor_latents" if latents else "anchors": anchors}
     if candidates is not None:
         tensors["candidates"] = np.asarray(candidates, dtype=np.int64)
-    params_obj = p.model_dump(mode="json")
+    # Only what the caller set: a field left unset takes the model's stored default on
+    # the service (docs/api.md, "Params").
+    params_obj = p.model_dump(mode="json", exclude_unset=True)
     return _encode(tensors, {"params": params_obj}, encoding)
 
 

@@ -831,3 +831,14 @@ def test_the_expired_mask_travels_only_when_set(encoding: str) -> None:
     expect_error(
         decode_response, *encode_response(wrong, encoding=encoding), status=400, words=("expired",)
     )
+
+
+def test_a_request_carries_only_the_params_its_caller_set() -> None:
+    """Unset params are left to the service, which gives them the model's stored
+    settings (docs/api.md, "Params"); a param set to its own default is still sent."""
+    anchors = np.zeros((1, 8, 8, 3), np.uint8)
+    params = GenerationParams(k=4, sampling="authors")
+    body, _ = encode_request(anchors, params=params, encoding=JSON_MEDIA_TYPE)
+    assert json.loads(body)["params"] == {"k": 4, "sampling": "authors"}
+    body, _ = encode_request(anchors, encoding=JSON_MEDIA_TYPE)
+    assert json.loads(body)["params"] == {}
