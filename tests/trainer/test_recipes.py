@@ -37,6 +37,7 @@ PINNED = (
     "dataset", "method", "backbone", "epochs", "batch_size", "lr", "warmup_epochs",
     "weight_decay", "temperature", "proj_hidden_dim", "proj_dim", "clsp_weight",
     "clsp_mode", "interpolation_weight", "gen_steps", "gen_eta", "gen_method",
+    "lr_warmup_start", "lr_step_unit", "proj_bn", "amp",
 )  # fmt: skip
 # What a baseline of solo-learn's must pin: the same without the CLSP term's options.
 BASELINE_PINNED = (
@@ -123,8 +124,14 @@ def test_the_authors_recipes_pin_what_their_runs_depend_on(path: Path) -> None:
     assert config.temperature == 0.2 and config.optimizer == "sgd"
     assert (config.proj_hidden_dim, config.proj_dim) == (4096, 256)
     assert (config.interpolation_weight, config.gen_steps, config.gen_eta) == (0.1, 100, 0.1)
+    # Their scheduler, projector and precision (docs/method.md, "The authors' recipe").
+    assert (config.lr_warmup_start, config.lr_step_unit) == (1e-3, "epoch")
+    assert not config.proj_bn and not config.amp
+    assert config.joint_forward == simclr  # their SimCLR forwards [v1; v2; p] at once
     if not simclr:
         assert config.queue_size == 32768 and config.moco_momentum == 0.99
+        assert config.moco_momentum_end == 0.999
+        assert (config.view1_solarize, config.view2_solarize) == (0.2, 0.2)
 
 
 # solo-learn's pretrain configs (scripts/pretrain/cifar and, for STL-10, which they do
