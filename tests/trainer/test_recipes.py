@@ -403,3 +403,21 @@ def test_help_shows_the_per_method_defaults() -> None:
     assert "--config" in text
     assert "(default: SimCLR/MoCo 4096, NNCLR 2048)" in text
     assert "(default: MoCo 32768, NNCLR 65536)" in text
+
+
+def test_the_digits_imitation_keeps_what_the_authors_recipe_does_not_scale() -> None:
+    """recipes/digits-authors-simclr-clsp.yaml: the long benchmark's recipe
+    (docs/method.md, "Scaled to digits") scales the data, batch, epochs and lr only."""
+    config = TrainConfig.model_validate(
+        read_config_file(ROOT / "recipes" / "digits-authors-simclr-clsp.yaml")
+    )
+    authors = TrainConfig.model_validate(
+        read_config_file(ROOT / "recipes" / "cifar10-simclr-clsp.yaml")
+    )
+    kept = (
+        "method", "optimizer", "schedule", "warmup_epochs", "lr_warmup_start",
+        "lr_step_unit", "weight_decay", "temperature", "proj_hidden_dim", "proj_dim",
+        "proj_bn", "joint_forward", "clsp_weight", "clsp_mode", "k",
+    )  # fmt: skip
+    assert {n: getattr(config, n) for n in kept} == {n: getattr(authors, n) for n in kept}
+    assert (config.dataset, config.batch_size, config.epochs) == ("digits", 128, 200)
