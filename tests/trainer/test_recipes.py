@@ -410,10 +410,10 @@ def test_the_digits_imitation_keeps_what_the_authors_recipe_does_not_scale() -> 
     (docs/method.md, "Scaled to digits") scales the data, batch, epochs and lr only."""
     config = TrainConfig.model_validate(
         read_config_file(ROOT / "recipes" / "digits-authors-simclr-clsp.yaml")
-    )
+    ).resolved()
     authors = TrainConfig.model_validate(
         read_config_file(ROOT / "recipes" / "cifar10-simclr-clsp.yaml")
-    )
+    ).resolved()
     kept = (
         "method", "optimizer", "schedule", "warmup_epochs", "lr_warmup_start",
         "lr_step_unit", "weight_decay", "temperature", "proj_hidden_dim", "proj_dim",
