@@ -166,13 +166,16 @@ def _draw_panel(draw: Any, font: Any, panel: Panel, x0: int, y0: int, x_label: s
     width = draw.textlength(x_label, font=font)
     draw.text((right - width, bottom + 18), x_label, fill=(90, 90, 90), font=font)
 
-    for i, line in enumerate(drawn):
+    # A series keeps its colour by its place in the panel, drawn or not, so panels that
+    # list the same series in the same order colour them alike.
+    colours = {id(s): COLOURS[i % len(COLOURS)] for i, s in enumerate(panel.series)}
+    for line in drawn:
         if len(line.band) > 1:
             outline = [(px(x), py(high)) for x, _, high in line.band]
             outline += [(px(x), py(low)) for x, low, _ in reversed(line.band)]
-            draw.polygon(outline, fill=_pale(COLOURS[i % len(COLOURS)]))
-    for i, (line, (legend_x, row)) in enumerate(zip(drawn, legend, strict=True)):
-        colour = COLOURS[i % len(COLOURS)]
+            draw.polygon(outline, fill=_pale(colours[id(line)]))
+    for line, (legend_x, row) in zip(drawn, legend, strict=True):
+        colour = colours[id(line)]
         points = [(px(x), py(y)) for x, y in line.points]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)

@@ -357,6 +357,7 @@ def write_png(
                 points = [p for p in points if p["step"] <= max(3000.0, 18.0 * args.epochs)]
             base_s.append(Series(label, tuple((p[x_key], p["base"]) for p in points)))
             clsp_s.append(Series(label, tuple((p[x_key], p["clsp"]) for p in points)))
+            knn_s.append(Series(label, ()))  # their kNN is not logged: a place, not a line
         for name in args.arm_names:
             seeds = sorted(s for (a, s) in runs if a == name)
             if not seeds:
@@ -372,7 +373,8 @@ def write_png(
                 ("loss_clsp", clsp_s, None),
                 ("knn_acc", knn_s, None),
             ):
-                if key == "loss_clsp" and name == BASELINE:
+                if key == "loss_clsp" and ARMS[name].clsp_mode != "similarity":
+                    collection.append(Series(name, ()))  # no similarity term: its place
                     continue
                 by_epoch: dict[int, list[float]] = {}
                 for s in seeds:
