@@ -116,6 +116,13 @@ class TrainTracker:
         self._last = None
         self.writer.flush()
 
+    def summary(self, lines: list[str], epochs: int) -> None:
+        """The run's closing text (its collapse episodes, trainer/collapse_monitor.py)
+        at its last step."""
+        self.writer.add_text(
+            "summary/collapse_episodes", "\n\n".join(lines), epochs * self.steps_per_epoch
+        )
+
     def close(self) -> None:
         self.writer.close()
 

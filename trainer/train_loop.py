@@ -589,6 +589,8 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
                             **{k: record[k] for k in ("z_std", "z_std_positives") if k in record},
                         }
                     )
+        if tracker is not None:
+            tracker.summary(summary_lines(find_episodes(observations)), config.epochs)
     finally:
         if feed is not None:
             feed.close()

@@ -107,6 +107,10 @@ def test_tensorboard_logs_steps_epochs_evaluations_and_a_grid(
     assert (grid.width, grid.height) == (2 * 64 + 8, 8 * 64 + 7 * 2)
 
     assert "config" in " ".join(events.Tags()["tensors"])
+    # The run's collapse episodes as text at its last step, and its flags per epoch.
+    (text,) = events.Tensors("summary/collapse_episodes/text_summary")
+    assert text.step == 8 and b"collapse episode" in text.tensor_proto.string_val[0]
+    assert [e.value for e in events.Scalars("epoch/collapsed")] == [r["collapsed"] for r in epochs]
     width, height = _png_size(out / "curves.png")
     assert (width, height) == (COLUMNS * PANEL_WIDTH, TITLE_HEIGHT + 3 * PANEL_HEIGHT)
 
