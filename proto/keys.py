@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,16 +82,29 @@ def positive_key(
     one positive are then one sample, cached and batched as two values
     (docs/design.md §2).
     """
-    if anchor_chw.dtype != np.float32 or anchor_chw.ndim != 3:
-        raise ValueError("positive_key takes one canonical float32 [C, H, W] anchor")
-    if candidate < 0:
-        raise ValueError(f"candidate index must be >= 0, got {candidate}")
+    return _positive_key(_key_prefix(fingerprint, params, space), params, anchor_chw, candidate)
+
+
+def _key_prefix(fingerprint: str, params: GenerationParams, space: AnchorSpace) -> Any:
+    """The hash state of what every key of one request shares: the domain, the model,
+    the params and the anchor space, hashed once per batch rather than once per key."""
     h = hashlib.sha256()
     h.update(KEY_DOMAIN)
     h.update(b"|" + fingerprint.encode())
     h.update(b"|" + params.canonical())
     if space == "latent":
         h.update(b"|latent")
+    return h
+
+
+def _positive_key(
+    prefix: Any, params: GenerationParams, anchor_chw: np.ndarray, candidate: int
+) -> bytes:
+    if anchor_chw.dtype != np.float32 or anchor_chw.ndim != 3:
+        raise ValueError("positive_key takes one canonical float32 [C, H, W] anchor")
+    if candidate < 0:
+        raise ValueError(f"candidate index must be >= 0, got {candidate}")
+    h = prefix.copy()
     h.update(b"|" + _anchor_bytes(anchor_chw))
     h.update(b"|" + int(candidate).to_bytes(8, "little"))
     key = h.digest()
@@ -112,8 +126,9 @@ def positive_keys(
     canon = canonical_latents(anchors) if space == "latent" else canonical_anchors(anchors)
     if len(candidates) != len(canon):
         raise ValueError(f"{len(canon)} anchors but {len(candidates)} candidate indices")
+    prefix = _key_prefix(fingerprint, params, space)
     pairs = zip(canon, candidates, strict=True)
-    return [positive_key(fingerprint, params, a, int(c), space) for a, c in pairs]
+    return [_positive_key(prefix, params, a, int(c)) for a, c in pairs]
 
 
 def seed_from_key(key: bytes) -> int:
