@@ -589,8 +589,9 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
                             **{k: record[k] for k in ("z_std", "z_std_positives") if k in record},
                         }
                     )
+        episodes = find_episodes(observations)
         if tracker is not None:
-            tracker.summary(summary_lines(find_episodes(observations)), config.epochs)
+            tracker.summary(summary_lines(episodes), config.epochs)
     finally:
         if feed is not None:
             feed.close()
@@ -598,7 +599,6 @@ def _train(config: TrainConfig, ctx: DistributedContext, echo: Any) -> TrainResu
             data.close()
         if tracker is not None:
             tracker.close()
-    episodes = find_episodes(observations)
     if ctx.is_main and final is not None:
         summary = {"event": "summary", "epochs": config.epochs, **final.as_dict()}
         summary["collapse_episodes"] = [asdict(e) for e in episodes]
