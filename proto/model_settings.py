@@ -33,7 +33,15 @@ GENERATION_DEFAULTS_FILE = "clsp_generation.json"
 """The file's name in a model folder (beside ``unet/`` and ``scheduler/``, or in a flat
 model's own folder)."""
 
-STORED_FIELDS = ("interpolation_weight", "steps", "eta", "method", "sampling", "interpolate")
+STORED_FIELDS = (
+    "interpolation_weight",
+    "steps",
+    "eta",
+    "method",
+    "sampling",
+    "interpolate",
+    "interpolate_until",
+)
 """The ``GenerationParams`` fields the file may hold: what decides which positive a
 request gets, and what ``clsp calibrate`` measures (the reuse options ``share_anchor`` and
 ``anchor_refresh`` trade quality for speed, the caller's choice)."""

@@ -99,6 +99,16 @@ class GenerationParams(BaseModel):
         "bottleneck's resolution, which keeps the anchor's class far more often with small "
         "models (docs/method.md).",
     )
+    interpolate_until: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Share of the sampling steps, from the noisiest on, in which the "
+        "anchor's encoding is mixed in; the later, finer steps run the candidate alone. "
+        "1 = every step, as the paper; lower keeps the anchor's coarse shape and lets the "
+        "candidates' detail differ more (docs/method.md).",
+    )
     share_anchor: bool = Field(
         False,
         description="The k candidates of an anchor share one noised anchor (noise seeded "
@@ -262,17 +272,18 @@ class SamplerGroup(NamedTuple):
     solver: Method
     sampling: Sampling
     interpolate: Interpolate
+    interpolate_until: float
     share_anchor: bool
     anchor_refresh: int
     output: Output
 
 
 SAMPLER_WIRE_NAMES: dict[str, str] = {"sampling_steps": "steps", "solver": "method"}
+"""``SamplerGroup`` fields whose ``GenerationParams`` field has another name; every
+other field has its wire field's name."""
 NOT_KEYED = frozenset({"eta", "output"})
 """Sampler group fields ``canonical`` does not take from the group: eta enters as
 ``sampler_eta``, and ``output`` only chooses how a positive is returned."""
-"""``SamplerGroup`` fields whose ``GenerationParams`` field has another name; every
-other field has its wire field's name."""
 
 
 def parse_params(raw: Any, *, max_k: int = DEFAULT_MAX_K) -> GenerationParams:

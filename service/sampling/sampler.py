@@ -15,6 +15,7 @@ network alone and not by rounding the state at every step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -46,6 +47,14 @@ def sampler_path(interpolation_weights: torch.Tensor) -> str:
     paths run different shapes and kernels, so each pays its own first call.
     """
     return PLAIN_PATH if bool((interpolation_weights == 1).all()) else ANCHOR_PATH
+
+
+def anchor_steps(steps: int, interpolate_until: float) -> int:
+    """How many of a loop's ``steps``, from the noisiest on, mix in the anchor's encoding
+    (``GenerationParams.interpolate_until``): at least one, so that a positive always
+    starts from its anchor's coarse shape. The later steps are plain sampling, which
+    decides the candidate's fine detail on its own (docs/method.md)."""
+    return min(steps, max(1, math.ceil(interpolate_until * steps - 1e-9)))
 
 
 def mix_encodings(
@@ -149,7 +158,8 @@ class CLSPSampler:
         anchor's bottleneck). ``plan`` is made from ``group`` (``PositivesGenerator.plan``:
         its solver, sampling steps, eta and sampling mode); the loop reads the rest of
         it: ``group.interpolate``, what of the anchor's encoding is mixed in
-        (``mix_encodings``), and ``group.anchor_refresh``.
+        (``mix_encodings``), ``group.interpolate_until``, the share of steps that mix
+        it (``anchor_steps``), and ``group.anchor_refresh``.
 
         The anchor path's two reuse options (docs/design.md §1, both off by
         default): ``anchor_seeds`` int64 ``[N]`` (``group.share_anchor``, seeded by the
@@ -162,6 +172,7 @@ class CLSPSampler:
         interpolate, anchor_refresh = group.interpolate, group.anchor_refresh
         if anchor_refresh < 1:
             raise ValueError(f"anchor_refresh must be >= 1, got {anchor_refresh}")
+        mixed_steps = anchor_steps(len(plan.timesteps), group.interpolate_until)
         n = anchors.shape[0]
         device = self.device
         use_anchor = sampler_path(interpolation_weights) == ANCHOR_PATH
@@ -187,7 +198,8 @@ class CLSPSampler:
             for i, (timestep, coefs) in enumerate(
                 zip(plan.timesteps, plan.coefficients, strict=True)
             ):
-                refresh = use_anchor and i % anchor_refresh == 0
+                mixing = use_anchor and i < mixed_steps
+                refresh = mixing and i % anchor_refresh == 0
                 t, emb = self._embedding(timestep, n + len(anchors) if refresh else n)
                 if refresh:
                     a_t = ops.noise_anchor(
@@ -205,7 +217,7 @@ class CLSPSampler:
                     enc = rows(enc, slice(None, n))
                 else:
                     enc = self.encode(self._to_model(x), emb)
-                if anchor_enc is not None:
+                if mixing and anchor_enc is not None:
                     enc = mix_encodings(enc, anchor_enc, interpolation_weights, interpolate)
                 out = self.decode(enc, emb[:n], t[:n])
                 args = (

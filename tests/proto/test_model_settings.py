@@ -89,11 +89,17 @@ def test_a_request_setting_every_stored_field_keeps_its_params_and_key() -> None
         "method": "ddim",
         "sampling": "authors",
         "interpolate": "bottleneck",
+        "interpolate_until": 1.0,
     }
     assert set(explicit) == set(STORED_FIELDS)
     params = parse_params(explicit)
     defaults = GenerationDefaults(
-        **SMALL_MODEL, interpolation_weight=0.3, steps=50, eta=0.0, method="ddpm"
+        **SMALL_MODEL,
+        interpolation_weight=0.3,
+        steps=50,
+        eta=0.0,
+        method="ddpm",
+        interpolate_until=0.5,
     )
     assert defaults.applied_to(params) is params
     assert GenerationDefaults().applied_to(GenerationParams()) == GenerationParams()

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from clsp_positives.proto import DEFAULT_MAX_K, GenerationParams, ProtocolError, parse_params
 
 ALLOWED = (
-    "anchor_refresh, cache, deadline_ms, eta, expect_model, interpolate, interpolation_weight, k, "
+    "anchor_refresh, cache, deadline_ms, eta, expect_model, interpolate, interpolate_until, "
+    "interpolation_weight, k, "
     "method, output, priority, sampling, share_anchor, steps"
 )
 
@@ -164,7 +165,7 @@ def test_canonical_and_group() -> None:
         "steps": 50,
         "eta": 0.3,
     }
-    assert ddim.group() == (50, 0.3, "ddim", "authors", "bottleneck", False, 1, "images")
+    assert ddim.group() == (50, 0.3, "ddim", "authors", "bottleneck", 1.0, False, 1, "images")
     # the output form splits sampler calls but not keys' canonical params
     latents = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5, output="latents")
     assert latents.canonical() == ddim.canonical() and latents.group().output == "latents"
@@ -176,6 +177,7 @@ def test_canonical_and_group() -> None:
         "ddpm",
         "authors",
         "bottleneck",
+        1.0,
         False,
         1,
         "images",
@@ -185,12 +187,12 @@ def test_canonical_and_group() -> None:
     dpmpp = GenerationParams(method="dpmpp-2m", eta=0.7)
     assert dpmpp.sampler_eta is None and "eta" not in json.loads(dpmpp.canonical())
     assert json.loads(dpmpp.canonical())["method"] == "dpmpp-2m"
-    assert dpmpp.group() == (100, 0.0, "dpmpp-2m", "authors", "bottleneck", False, 1, "images")
+    assert dpmpp.group() == (100, 0.0, "dpmpp-2m", "authors", "bottleneck", 1.0, False, 1, "images")
     assert dpmpp.group() == GenerationParams(method="dpmpp-2m", eta=0.0).group()
     # the sampling mode: None counts as the default, and always enters key and group
     model = GenerationParams(steps=50, eta=0.3, interpolation_weight=0.5, sampling="model")
     assert json.loads(model.canonical())["sampling"] == "model"
-    assert model.group() == (50, 0.3, "ddim", "model", "bottleneck", False, 1, "images")
+    assert model.group() == (50, 0.3, "ddim", "model", "bottleneck", 1.0, False, 1, "images")
     assert ddim.resolved("model") == model and model.resolved("authors") is model
     with pytest.raises(ValidationError):
         GenerationParams(sampling="diffusers")

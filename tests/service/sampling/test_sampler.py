@@ -17,6 +17,7 @@ from clsp_positives.service.sampling.sampler import (
     DEFAULT_GROUP,
     CLSPSampler,
     anchor_groups,
+    anchor_steps,
     mix_encodings,
     rows,
 )
@@ -221,9 +222,10 @@ def test_anchor_groups_follow_the_anchor_seeds() -> None:
     assert sorted(first.tolist()) == [0, 1, 3]
 
 
-def _reuse_loop(sampler: CLSPSampler, plan, anchors, seeds, w, anchor_seeds, refresh):
+def _reuse_loop(sampler: CLSPSampler, plan, anchors, seeds, w, anchor_seeds, refresh, mixed=None):
     """The anchor path written out plainly: each candidate's own anchor noised by
-    ``anchor_seeds`` and encoded at every ``refresh``-th step, reused in between."""
+    ``anchor_seeds`` and encoded at every ``refresh``-th step, reused in between; from step
+    ``mixed`` on (when given) the candidate runs alone."""
     split, n = sampler.split, anchors.shape[0]
     x = noise.normal(seeds, noise.STREAM_INITIAL, SHAPE)
     anchor_enc = None
@@ -235,7 +237,9 @@ def _reuse_loop(sampler: CLSPSampler, plan, anchors, seeds, w, anchor_seeds, ref
                 eps = noise.normal(anchor_seeds, noise.anchor_stream(i), SHAPE)
                 a_t = c.sqrt_alpha_bar * anchors + c.sqrt_one_minus_alpha_bar * eps
                 anchor_enc = split.encode(a_t, emb)
-            enc = mix_encodings(split.encode(x, emb), anchor_enc, w, "bottleneck")
+            enc = split.encode(x, emb)
+            if mixed is None or i < mixed:
+                enc = mix_encodings(enc, anchor_enc, w, "bottleneck")
             out = split.decode(enc, emb, t)
             x = ops.scheduler_update(
                 x, out, seeds, noise.step_stream(i), c, plan.prediction_type, plan.clip_range
@@ -262,6 +266,29 @@ def test_anchor_reuse_matches_the_plain_loop(sampler: CLSPSampler, refresh: int)
         assert (
             got - sampler(plan, anchors, seeds, w, anchor_seeds=anchor_seeds)
         ).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(("until", "mixed"), [(0.3, 3), (0.5, 4), (0.05, 1)])
+def test_interpolate_until_mixes_the_first_steps_only(
+    sampler: CLSPSampler, until: float, mixed: int
+) -> None:
+    """``interpolate_until`` u mixes the anchor into the first ceil(u * steps) steps (at
+    least one) and runs the rest plainly, as the loop written out does."""
+    assert anchor_steps(7, until) == mixed
+    anchors, seeds = _inputs(4, seed=10)
+    w = torch.tensor([0.0, 0.1, 0.3, 0.9])
+    plan = sampling_plan(scheduler_config(), solver="ddim", steps=7, eta=0.1)
+    group = DEFAULT_GROUP._replace(interpolate_until=until)
+    got = sampler(plan, anchors, seeds, w, group)
+    want = _reuse_loop(sampler, plan, anchors, seeds, w, seeds, 1, mixed=mixed)
+    assert (got - want).abs().max().item() <= 1e-4
+    every_step = sampler(plan, anchors, seeds, w)
+    assert (got - every_step).abs().max().item() > 1e-3  # the later steps changed
+
+
+def test_interpolate_until_one_is_every_step() -> None:
+    assert [anchor_steps(n, 1.0) for n in (1, 7, 100)] == [1, 7, 100]
+    assert anchor_steps(100, 0.999) == 100 and anchor_steps(3, 1e-6) == 1
 
 
 def test_shared_anchor_positives_are_batch_independent(sampler: CLSPSampler) -> None:
