@@ -5,7 +5,9 @@ loss of one step, so DDP can wrap it whole. ``v3`` holds the augmented synthetic
 positives of only the anchors whose positive arrived (None when the step has
 none) and ``present`` says which anchors those are: a missing positive never
 touches the network, neither its forward pass nor the BatchNorm statistics
-(docs/design.md §5). The losses live in ``losses.py``.
+(docs/design.md §5). The losses live in ``losses.py``; SimCLR's and the CLSP term's
+are called through ``clsp_positives/torch.py``, the entry points a plain PyTorch loop
+uses, so both run the same code (docs/library.md).
 
 Each method is one class in ``METHODS`` (solo-learn's shape), registered under
 its name with its row of ``METHOD_DEFAULTS`` (``method_defaults.py``, torch-free
@@ -33,6 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from clsp_positives.torch import clsp_contrastive_loss, clsp_similarity_loss, nt_xent
 from clsp_positives.trainer import losses
 from clsp_positives.trainer.backbones import predictor_mlp, projection_mlp
 from clsp_positives.trainer.collapse_monitor import infonce_collapsed, nt_xent_collapsed
@@ -336,7 +339,7 @@ class ContrastiveMethod(nn.Module):
 
     def _clsp_term(self, z1: Tensor, z3: Tensor, mask: Tensor) -> Tensor:
         """The similarity term as the mean over the positives of all ranks."""
-        return self.across_ranks(losses.clsp_similarity_term(z1, z3, mask), mask.sum())
+        return self.across_ranks(clsp_similarity_loss(z1, z3, mask), mask.sum())
 
     @staticmethod
     def with_spread(out: StepLoss, views: Sequence[Tensor], z3: Tensor | None) -> StepLoss:
@@ -382,7 +385,7 @@ class SimCLR(ContrastiveMethod):
 
     def base_loss(self, proj: Projections) -> Tensor:
         z1, z2 = proj.views
-        return losses.nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.config.tau)
+        return nt_xent(gather_with_grad(z1), gather_with_grad(z2), self.config.tau)
 
     def collapsed_base_loss(self, rows: int, positives: int) -> float:
         # NT-Xent: each of the 2N (+ P) rows against all the others.
@@ -392,13 +395,7 @@ class SimCLR(ContrastiveMethod):
         z1, z2 = proj.views
         g1, g2 = gather_with_grad(z1), gather_with_grad(z2)
         g3, gmask = self.gathered(proj.positives, pos, z1)
-        labels = torch.arange(g1.shape[0], device=g1.device)
-        return losses.multi_positive_nt_xent(
-            [g1, g2, g3[gmask]],
-            [labels, labels, labels[gmask]],
-            self.config.tau,
-            view_weights=[1.0, 1.0, self.clsp_weight],
-        )
+        return clsp_contrastive_loss(g1, g2, g3, gmask, self.config.tau, weight=self.clsp_weight)
 
 
 class FeatureQueue(nn.Module):
