@@ -208,10 +208,16 @@ class MirroredFields:
         for name in self.names:
             annotations[name], namespace[name] = self.field(name)
 
-    def values(self, options: Any) -> dict[str, Any]:
-        """The source's field -> its value on ``options`` (an options model instance):
-        what to build the source from."""
-        return {source: getattr(options, name) for name, source in self.names.items()}
+    def values(self, options: BaseModel) -> dict[str, Any]:
+        """The source's field -> its value on ``options`` (an options model instance), for
+        the copies that were given (a flag, a config file, a value set in code): what to
+        build the source from. A copy left at its default stays unset in the source too,
+        so whoever resolves the source's unset fields (a pool applying a model's stored
+        generation settings, docs/api.md) still can."""
+        given = options.model_fields_set
+        return {
+            source: getattr(options, name) for name, source in self.names.items() if name in given
+        }
 
     def without(self, *sources: str) -> MirroredFields:
         """This mirror less the copies of ``sources`` (source field names): for a command

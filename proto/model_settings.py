@@ -15,7 +15,7 @@ Torch-free, like the rest of ``proto/``: the service reads the file, ``clsp cali
 from __future__ import annotations
 
 import json
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,24 @@ class GenerationDefaults(BaseModel):
             if name not in sent or getattr(params, name) is None
         }
         return params.model_copy(update=update) if update else params
+
+
+def as_pool_applies(params: GenerationParams, info: Mapping[str, Any]) -> GenerationParams:
+    """The params a pool generates for a request of ``params``, from its ``GET /v1/model``
+    (``info``): the model's stored settings for each field left unset, then the pool's
+    sampling mode. The service's ``RequestDefaults`` resolves the same way; a client that
+    records what made its positives (``clsp generate``'s bank, ``clsp calibrate``'s
+    file) sends these, explicit, and the keys are those of the request it would have sent.
+
+    The stored ``sampling`` is not applied here: ``info["sampling"]`` is already the
+    pool's choice between it and an operator's ``--sampling`` (docs/design.md §6).
+    """
+    stored = info.get("generation_defaults")
+    if stored:
+        defaults = GenerationDefaults.model_validate(stored).model_copy(update={"sampling": None})
+        params = defaults.applied_to(params)
+    sampling = info.get("sampling")
+    return params if sampling is None else params.resolved(sampling)
 
 
 def read_generation_defaults(model_dir: str | Path) -> GenerationDefaults | None:

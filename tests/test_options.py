@@ -195,7 +195,13 @@ def test_a_new_generation_param_becomes_an_option_with_no_edit() -> None:
     assert guidance.default == 1.0 and guidance.description == "A new param; asked of the pool."
     with pytest.raises(ValueError):
         Options(gen_guidance=-1)
-    assert mirror.values(Options(gen_guidance=2.5)) == {"steps": 100, "guidance": 2.5}
+    # only what was given goes back: the rest stays the source's to resolve
+    assert mirror.values(Options(gen_guidance=2.5)) == {"guidance": 2.5}
+    assert mirror.values(Options(gen_steps=100, gen_guidance=1.0)) == {
+        "steps": 100,
+        "guidance": 1.0,
+    }
+    assert mirror.values(Options()) == {}
     assert list(mirror.without("steps").names) == ["gen_guidance"]
     with pytest.raises(ValueError, match="no field nope"):
         mirror_fields(Params, {"nope"})

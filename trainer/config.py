@@ -375,12 +375,16 @@ class TrainConfig(BaseModel):
         )
 
     def generation_params(self, k: int | None = None) -> GenerationParams:
-        """The generation params this config asks of the pool."""
+        """The generation params this config asks of the pool: the options given; the
+        pool decides the rest from its model's stored settings (docs/api.md)."""
         return GenerationParams(
             **GENERATION_OPTIONS.values(self), k=k, expect_model=self.expect_model
         )
 
     def stored(self) -> dict[str, Any]:
         """The config as checkpoints and ``DIR/config.yaml`` keep it: resolved, so a
-        run rebuilds the same model after a default changes, and never the bearer token."""
-        return self.resolved().model_dump(exclude={"token"})
+        run rebuilds the same model after a default changes, and never the bearer token.
+        The generation options left unset stay out: they are the pool's to decide from
+        its model's stored settings (docs/api.md), in the repeated run as in this one."""
+        unset = {name for name in GENERATION_OPTIONS.names if name not in self.model_fields_set}
+        return self.resolved().model_dump(exclude={"token"} | unset)

@@ -18,10 +18,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from clsp_positives.proto.codec import decode_response, encode_safetensors
 from clsp_positives.proto.messages import ResponseArrays
-from clsp_positives.proto.model_settings import GENERATION_DEFAULTS_FILE
+from clsp_positives.proto.model_settings import GENERATION_DEFAULTS_FILE, as_pool_applies
 from clsp_positives.proto.params import parse_params
 from clsp_positives.service.requests import RequestDefaults
 from clsp_positives.service.settings import ServiceSettings
@@ -151,3 +152,36 @@ def test_a_malformed_file_stops_clsp_serve_naming_the_file_and_field(
     assert done.returncode == 2, done.stderr
     assert str(folder / GENERATION_DEFAULTS_FILE) in done.stderr
     assert "sampling: Input should be 'authors', 'authors-clipped' or 'model'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [{}, {"steps": 2}, {"interpolate": "bottleneck", "eta": 0.5}, {"sampling": "authors"}],
+)
+def test_a_client_resolves_unset_params_as_the_pool_does(settled, plain, sent: dict):
+    """``as_pool_applies`` on ``GET /v1/model`` gives the params the service itself answers
+    with (the response's own), with the file and without it."""
+    for server in (settled, plain):
+        info = httpx.get(server.url + "/v1/model", timeout=10).json()
+        answered = post(server.url, anchors_u8(1, seed=920), {"steps": 3, **sent}).params
+        resolved = as_pool_applies(parse_params({"steps": 3, **sent}), info)
+        assert resolved.canonical() == answered.canonical()
+
+
+def test_clsp_generate_asks_and_keeps_the_models_stored_settings(settled, tmp_path: Path):
+    """Without generation flags a bank is made with the model's stored settings, sent
+    explicitly and written to its metadata and config; a flag still wins."""
+    from typer.testing import CliRunner
+
+    from clsp_positives.cli import app
+    from clsp_positives.trainer.positives.offline import config_path, meta_path
+
+    out = tmp_path / "bank.npy"
+    args = ["generate", "--dataset", "digits", "--split", "test", "--k", "1", "--no-progress"]
+    args += ["--positives", settled.url, "--out", str(out), "--gen-interpolate-until", "0.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads(meta_path(out).read_text())["params"]
+    assert {n: meta[n] for n in STORED} == STORED and meta["interpolate_until"] == 0.5
+    written = yaml.safe_load(config_path(out).read_text())
+    assert written["gen_interpolate"] == STORED["interpolate"] and written["gen_steps"] == 3

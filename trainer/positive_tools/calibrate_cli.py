@@ -44,6 +44,7 @@ from clsp_positives.proto.model_settings import (
     GenerationDefaults,
     GenerationDefaultsError,
     Measured,
+    as_pool_applies,
     check_model_dir,
     write_generation_defaults,
 )
@@ -187,7 +188,9 @@ def calibrate(*, given: dict[str, Any]) -> None:
     try:
         info = _pool_model(client, positives, config.image_size, config.channels)
         model_shape = f"{info.sample_size}x{info.sample_size}x{info.channels}"
-        base = _base_params(config, info.max_k)
+        # What the pool gives the options left unset (its model's stored settings, its
+        # sampling mode) is asked explicitly and recorded (docs/design.md §6).
+        base = as_pool_applies(_base_params(config, info.max_k), info.model_dump(mode="json"))
         data = _held_out(config, info.sample_size, info.channels)
         anchor_images, labels = data["anchors"], data["labels"]
         try:
@@ -195,9 +198,7 @@ def calibrate(*, given: dict[str, Any]) -> None:
             probe_accuracy = class_kept(probe, anchor_images, labels)
         except ValueError as exc:  # a feature extractor returning the wrong shape
             raise typer.BadParameter(str(exc), param_hint="--features") from None
-        # The service's own mode stands in for "not given": the file says what made the
-        # positives (docs/design.md §1).
-        sampling = base.resolved(info.sampling).sampling
+        sampling = base.sampling
         run = {
             "dataset": dataset,
             "anchors": len(anchor_images),

@@ -36,6 +36,7 @@ from clsp_positives.options import (
     with_model_options,
 )
 from clsp_positives.proto.auth import TOKEN_ENV
+from clsp_positives.proto.model_settings import as_pool_applies
 from clsp_positives.proto.params import GenerationParams, Output
 from clsp_positives.trainer.config import GENERATION_OPTIONS, TrainConfig
 from clsp_positives.trainer.positives.offline import (
@@ -175,9 +176,10 @@ def generate(
             download=config.download,
         )
         images = data.images
-        # The service's own sampling mode stands in for "not given", so the file
-        # says how its positives were made (docs/design.md §1).
-        params = params.resolved(info.get("sampling"))
+        # What the pool gives the params left unset (the model's stored settings, its
+        # sampling mode) is asked explicitly, so the file says how its positives were
+        # made (docs/design.md §1, §6).
+        params = as_pool_applies(params, info)
         # Every row from the model the file names: generators of another model in the
         # pool refuse these requests and the client sends them elsewhere.
         params = params.model_copy(update={"expect_model": info.get("fingerprint")})
@@ -197,7 +199,7 @@ def generate(
             update={
                 "image_size": data.size,
                 "channels": data.channels,
-                "gen_sampling": params.sampling,
+                **{opt: getattr(params, name) for opt, name in GENERATION_OPTIONS.names.items()},
             }
         )
         path = write_config_file(config_path(out), resolved.stored(), command=COMMAND)
