@@ -10,7 +10,6 @@ is the caller's fault is a ``ProtocolError`` and becomes a 4xx JSON ``ErrorBody`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
@@ -162,9 +161,7 @@ def create_app(
         try:
             yield
         finally:
-            if not warm.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await warm
+            await service.stop_warm_up(warm)
             await service.stop()
             log.info("stopped: in-flight batches finished")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from clsp_positives.service.sampling.generator import PositivesGenerator
 
 log = logging.getLogger("clsp.service")
+
+WARMUP_STOP_WAIT_S = 2.0
+"""How long a service shutting down waits for its warm-up's current sampler call."""
 
 
 class BatchGroup(NamedTuple):
@@ -78,6 +82,8 @@ class PositivesService:
         )
         self.ready = False
         self.not_ready_reason = "the model is warming up"
+        self._stopping = threading.Event()
+        self.warmup_abandoned = False
         metrics.watch_cache(lambda: cache.stats)
         metrics.watch_queue(lambda: self.batcher.queued, lambda: self.batcher.in_flight)
         # The GPU's memory and utilisation join /metrics when the generator's device
@@ -123,41 +129,77 @@ class PositivesService:
 
     async def warm_up(self) -> None:
         """``PositivesGenerator.warmup`` in the worker thread before /readyz says ready,
-        so that no request pays for a first call and ready means 'can serve now'."""
+        so that no request pays for a first call and ready means 'can serve now'.
+
+        A service stopping meanwhile (``stop_warm_up``) is never made ready."""
         t0 = time.perf_counter()
         try:
-            warm_call_s = await asyncio.get_running_loop().run_in_executor(
+            warm_calls = await asyncio.get_running_loop().run_in_executor(
                 self.executor,
                 lambda: self.generator.warmup(
                     steps=self.settings.warmup_steps,
                     # the mode requests get: a stored one warms its x0-clipping variant
                     sampling=RequestDefaults.of(self.settings, self.generator).sampling,
                     batch_sizes=self.warmup_batch_sizes,
+                    stop=self._stopping,
                 ),
             )
         except Exception as exc:
+            if self._stopping.is_set():  # the generator's WarmupStopped, or a late failure
+                log.info("warm-up stopped: the service is shutting down")
+                return
             self.not_ready_reason = f"warm-up batch failed: {exc!r}"
             log.exception("warm-up batch failed; /readyz stays 503")
             return
-        # the call-time model's first point, until real calls measure their own
-        cost = max(self.warmup_batch_sizes) * self.settings.warmup_steps
-        self.batcher.call_times.add(cost, warm_call_s)
+        if self._stopping.is_set():
+            return
+        # the call-time model's first points, until real calls measure their own
+        for size, seconds in warm_calls.items():
+            self.batcher.call_times.add(size * self.settings.warmup_steps, seconds)
         self.ready = True
         log.info("ready: model %s warmed up in %.2f s", self.fingerprint, time.perf_counter() - t0)
 
     @property
     def warmup_batch_sizes(self) -> tuple[int, ...]:
-        """One item, and when compiled a full batch too: a compiled generator compiles
-        once per batch bucket, and full batches are what a loaded service runs."""
-        if self.generator.compiled and self.settings.max_batch > 1:
+        """One item and a full batch: the call-time model starts from both ends, its
+        fixed part told from its part per item-step (docs/design.md §4), and a compiled
+        generator compiles once per batch bucket, full batches being what a loaded
+        service runs."""
+        if self.settings.max_batch > 1:
             return (1, self.settings.max_batch)
         return (1,)
 
+    async def stop_warm_up(self, warm: asyncio.Task) -> None:
+        """Stop the warm-up between two of its calls; give up on it after
+        ``WARMUP_STOP_WAIT_S`` when one call (a compile) is longer.
+
+        A given-up warm-up still holds the worker thread, which Python would join at
+        exit: ``warmup_abandoned`` tells ``clsp serve`` to exit without it, so a
+        SIGTERM during a compile stops the process in seconds (docs/reliability.md)."""
+        self._stopping.set()
+        if warm.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(warm), WARMUP_STOP_WAIT_S)
+        except TimeoutError:
+            self.warmup_abandoned = True
+            log.warning(
+                "warm-up still in a sampler call after %g s: not waiting for it",
+                WARMUP_STOP_WAIT_S,
+            )
+
     async def stop(self) -> None:
+        """Finish the queued and running batches, then close the cache; with the
+        warm-up abandoned, fail the queued ones instead, none of which could start
+        before the worker thread is free."""
         self.ready = False
         self.not_ready_reason = "the service is shutting down"
-        await self.batcher.close(drain=True)
-        self.executor.shutdown(wait=True)
+        if self.warmup_abandoned:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            await self.batcher.close(drain=False)
+        else:
+            await self.batcher.close(drain=True)
+            self.executor.shutdown(wait=True)
         await self.cache.close()
 
     # ------------------------------------------------------------- requests

@@ -7,7 +7,12 @@ default (docs/design.md §8).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -55,19 +60,30 @@ def serve(given: dict[str, Any]) -> None:
         # In a thread of its own, where uvicorn installs no signal handlers: the main
         # server keeps SIGTERM/SIGINT and stops this one when it stops.
         threading.Thread(target=scraper.run, name="clsp-metrics", daemon=True).start()
-    try:
-        # log_config=None: our own logging setup (plain or JSON) covers uvicorn too.
-        uvicorn.run(
+    server = _server_class()(
+        uvicorn.Config(
             app,
             host=settings.host,
             port=settings.port,
-            log_config=None,
+            log_config=None,  # our own logging setup (plain or JSON) covers uvicorn too
             access_log=False,
             timeout_graceful_shutdown=60,
         )
+    )
+    try:
+        server.run()
     finally:
         if scraper is not None:
             scraper.should_exit = True
+    if not server.started:  # the port was taken, or the app failed to start
+        raise typer.Exit(3)
+    if app.state.service.warmup_abandoned:
+        # Python would join the worker thread at exit, so wait out the compile it is
+        # in; all that thread could still do is warm a model nobody will use.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def metrics_app(metrics: Any) -> Any:
@@ -82,3 +98,20 @@ def metrics_app(metrics: Any) -> Any:
         return Response(payload, media_type=media)
 
     return Starlette(routes=[Route("/metrics", render)])
+
+
+def _server_class() -> type:
+    import uvicorn
+
+    class _StopExitsZero(uvicorn.Server):
+        """uvicorn's server, minus the re-raise of the stop signal once it has shut down
+        (uvicorn ends the process by the signal: exit -15): a shutdown that finished
+        its work exits 0, as a Kubernetes rollout expects (docs/deployment.md)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return _StopExitsZero

@@ -72,6 +72,10 @@ WARMUP_INTERPOLATION_WEIGHT = 0.5
 """Below 1, so the warm-up takes the anchor path (``sampler.sampler_path``) of CLSP requests."""
 
 
+class WarmupStopped(Exception):
+    """``PositivesGenerator.warmup`` saw its ``stop`` event set and ran no more calls."""
+
+
 def _bucket(n: int) -> int:
     """The power of two a compiled generator pads a batch of ``n`` to."""
     return 1 << max(n - 1, 0).bit_length()
@@ -501,10 +505,16 @@ class PositivesGenerator:
         steps: int = 2,
         batch_sizes: tuple[int, ...] = (1,),
         sampling: Sampling = DEFAULT_SAMPLING,
-    ) -> float:
+        stop: threading.Event | None = None,
+    ) -> dict[int, float]:
         """Run every sampler path once per batch size, so no request pays a first call;
-        return the seconds of one more, warm, anchor-path call of the largest batch at
-        ``steps`` steps: the batcher's first measure of what a call takes.
+        return the seconds of one more, warm, anchor-path call of each batch size at
+        ``steps`` steps: the batcher's first measures of what a call takes, a call of
+        one item and a full one telling its fixed part from its part per item-step.
+
+        ``stop`` is looked at before each call and ends the warm-up with
+        ``WarmupStopped`` once set: a service shutting down does not wait for the rest
+        of a compile nobody will use (docs/reliability.md, Shutdown).
 
         A first call pays for lazy initialisation and, on CUDA, for the Triton
         compile of each kernel it launches (and, compiled, for the batch bucket).
@@ -538,28 +548,25 @@ class PositivesGenerator:
             except UnsupportedSchedulerError:
                 continue  # requests for it will be refused too: nothing to warm
             multistep.append(group)
-        for b in batch_sizes:
+
+        def call(b: int, weight: float, group: SamplerGroup) -> None:
+            if stop is not None and stop.is_set():
+                raise WarmupStopped("the warm-up was stopped before it ended")
             anchors = np.zeros((b, self.channels, h, w), dtype=np.float32)
             seeds = np.arange(b, dtype=np.int64)
+            self.sample(anchors, seeds, np.full(b, weight, dtype=np.float32), group)
+
+        for b in batch_sizes:
             for weight, eta in ((WARMUP_INTERPOLATION_WEIGHT, 0.1), (1.0, 0.0)):
-                interpolation_weights = np.full(b, weight, dtype=np.float32)
-                self.sample(anchors, seeds, interpolation_weights, noisy._replace(eta=eta))
+                call(b, weight, noisy._replace(eta=eta))
             for group in multistep:
-                self.sample(
-                    anchors,
-                    seeds,
-                    np.full(b, WARMUP_INTERPOLATION_WEIGHT, dtype=np.float32),
-                    group,
-                )
-        b = max(batch_sizes)
-        started = time.perf_counter()
-        self.sample(
-            np.zeros((b, self.channels, h, w), dtype=np.float32),
-            np.arange(b, dtype=np.int64),
-            np.full(b, WARMUP_INTERPOLATION_WEIGHT, dtype=np.float32),
-            noisy,
-        )
-        return time.perf_counter() - started
+                call(b, WARMUP_INTERPOLATION_WEIGHT, group)
+        seconds: dict[int, float] = {}
+        for b in sorted(set(batch_sizes)):
+            started = time.perf_counter()
+            call(b, WARMUP_INTERPOLATION_WEIGHT, noisy)
+            seconds[b] = time.perf_counter() - started
+        return seconds
 
     @staticmethod
     def _candidates(candidates: np.ndarray | None, canon: np.ndarray) -> np.ndarray:

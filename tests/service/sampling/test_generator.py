@@ -13,7 +13,11 @@ from clsp_positives.proto.keys import seed_from_key, uint8_to_unit
 from clsp_positives.proto.params import GenerationParams, Method
 from clsp_positives.service.sampling import generator as generator_module
 from clsp_positives.service.sampling import ops
-from clsp_positives.service.sampling.generator import GeneratorInputError, PositivesGenerator
+from clsp_positives.service.sampling.generator import (
+    GeneratorInputError,
+    PositivesGenerator,
+    WarmupStopped,
+)
 from clsp_positives.service.sampling.sampler import ANCHOR_PATH, PLAIN_PATH
 
 PARAMS = GenerationParams(steps=5, eta=0.1, interpolation_weight=0.1)
@@ -124,6 +128,32 @@ def test_after_warmup_requests_run_no_path_for_the_first_time(tiny_model_dir: Pa
         _anchors(2, seed=6), None, PARAMS.model_copy(update={"interpolation_weight": 1.0})
     )
     assert gen.paths_run == warmed
+
+
+def test_warmup_times_one_warm_call_per_batch_size(tiny_model_dir: Path) -> None:
+    """The service seeds its call-time model with these: a call of one item and a full
+    one, so the fixed part is told from the part per item-step (docs/design.md §4)."""
+    seconds = PositivesGenerator.from_dir(tiny_model_dir).warmup(steps=1, batch_sizes=(1, 3))
+    assert sorted(seconds) == [1, 3] and all(s > 0 for s in seconds.values())
+
+
+def test_warmup_stops_before_its_next_call_once_told(tiny_model_dir: Path) -> None:
+    """A service shutting down sets ``stop``: no further sampler call runs
+    (docs/reliability.md, Shutdown)."""
+    gen = PositivesGenerator.from_dir(tiny_model_dir)
+    stop = threading.Event()
+    real = gen.sample
+    calls: list[int] = []
+
+    def sample(*args, **kwargs):
+        calls.append(len(args[0]))
+        stop.set()  # as a SIGTERM during the first call would
+        return real(*args, **kwargs)
+
+    gen.sample = sample  # type: ignore[method-assign]
+    with pytest.raises(WarmupStopped):
+        gen.warmup(steps=1, batch_sizes=(1, 2), stop=stop)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("sampling", ["authors", "authors-clipped"])
