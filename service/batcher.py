@@ -91,8 +91,8 @@ def fit_call_times(calls: list[tuple[float, float]]) -> tuple[float, float]:
     if np.ptp(costs) <= 1e-9 * costs.max():
         return proportional
     per_cost, fixed = np.polyfit(costs, seconds, 1)
-    if per_cost <= 0:
-        return proportional
+    if per_cost <= 0:  # flat (a GPU's calls): the best line of slope >= 0 is the mean
+        return float(seconds.mean()), 0.0
     if fixed < 0:  # through the origin instead
         return 0.0, float((costs * seconds).sum() / (costs * costs).sum())
     return float(fixed), float(per_cost)

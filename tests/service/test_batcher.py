@@ -365,3 +365,18 @@ def test_call_times_fit_a_fixed_part_and_a_part_per_item_step():
     for c in (8, 64):
         times.add(c, 0.2 + 0.05 * c)
     assert abs(times(32) - (0.2 + 0.05 * 32)) < 1e-9
+
+
+def test_call_times_of_flat_calls_are_their_mean_whatever_the_size():
+    """Flat calls (a GPU's: the fixed part dominates) whose noise fits a slope below 0:
+    the best line of slope >= 0 is flat at their mean, not a proportional model that
+    would price a full batch at many small calls (docs/design.md §4)."""
+    from clsp_positives.service.batcher import fit_call_times
+
+    calls = [(2, 0.51), (32, 0.50), (8, 0.505), (32, 0.49)]
+    fixed, per_cost = fit_call_times(calls)
+    assert per_cost == 0.0
+    assert abs(fixed - np.mean([s for _, s in calls])) < 1e-12
+    # a slope just above 0 is kept as fitted: a near-flat call still grows a little
+    fixed, per_cost = fit_call_times([(2, 0.50), (32, 0.53)])
+    assert abs(fixed - 0.498) < 1e-9 and abs(per_cost - 0.001) < 1e-9
