@@ -212,58 +212,119 @@ def _autoencoder_at(where: Path) -> Autoencoder:
     return Autoencoder(model)
 
 
-def _from_hub(model_id: str) -> tuple[UNet2DModel, dict[str, Any]]:
-    """Load a hub id (only when a network and the hub are reachable)."""
-    from diffusers import DDPMScheduler
+SERVABLE_PIPELINES: dict[str, str] = {
+    "DDPMPipeline": "unet/ and scheduler/ (google/ddpm-cifar10-32)",
+    "DDIMPipeline": "unet/ and scheduler/",
+    "LDMPipeline": "unet/, vqvae/ and scheduler/ (CompVis/ldm-celebahq-256)",
+}
+"""The ``model_index.json`` pipelines a model folder may name: the unconditional ones
+whose UNet the CLSP sampler splits, with what they hold (docs/library.md, Hub models).
+A folder without the file (``clsp diffusion train``'s, a KL ``vae/`` one) is judged by
+its folders alone."""
 
-    errors = []
-    for sub in ("unet", None):
-        try:
-            unet = UNet2DModel.from_pretrained(model_id, subfolder=sub)
-            sched = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler" if sub else None)
-            return unet, dict(sched.config)
-        except Exception as exc:  # any hub/IO failure: report them all below
-            errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    raise ModelLoadError(
-        f"model directory {model_id} does not exist, and loading it as a hub id failed "
-        f"({'; '.join(errors)}); pass a local model directory"
+_MODEL_INDEX = "model_index.json"
+HUB_FILES = (
+    "*.json",
+    "*.safetensors",
+    "*.bin",
+)
+"""What of a hub repo is fetched: configs and weights (a repo's images, READMEs and other
+frameworks' checkpoints are not)."""
+HUB_SKIPPED = ("*.fp16.*", "*.non_ema.*", "*.ema.*", "*.ckpt", "*.msgpack", "*.onnx*", "*.h5")
+"""Weights ``from_pretrained`` never reads without a ``variant``, nor from a ckpt."""
+
+
+def _check_pipeline(model_dir: Path) -> None:
+    """Refuse a folder whose ``model_index.json`` names a pipeline not in
+    ``SERVABLE_PIPELINES``, naming it, before any weight is read (or downloaded)."""
+    index = model_dir / _MODEL_INDEX
+    if not index.is_file():
+        return
+    found = _read_json(index).get("_class_name")
+    if found not in SERVABLE_PIPELINES:
+        servable = "; ".join(f"{name} ({holds})" for name, holds in SERVABLE_PIPELINES.items())
+        raise ModelLoadError(
+            f"{index} names a {found}; CLSP sampling serves unconditional pipelines only: "
+            f"{servable}, or a folder of unet/, scheduler/ and vae/ without model_index.json"
+        )
+
+
+def check_layout(model_dir: Path) -> tuple[Path, Path]:
+    """``resolve_layout`` of a folder whose configs describe a model CLSP can serve: its
+    pipeline (``_check_pipeline``) and its UNet's class (``_check_unet_config``), read
+    from the configs alone, so a hub repo is judged before its weights are fetched."""
+    _check_pipeline(model_dir)
+    unet_dir, scheduler_path = resolve_layout(model_dir)
+    _check_unet_config(_read_json(unet_dir / _CONFIG), unet_dir / _CONFIG)
+    return unet_dir, scheduler_path
+
+
+def is_hub_id(model: str | Path) -> bool:
+    """Whether ``--model`` is read as a Hugging Face hub id: ``ORG/NAME`` given as a string
+    that is no existing path and starts like no path (``./``, ``/``, ``~``)."""
+    return (
+        isinstance(model, str)
+        and not Path(model).exists()
+        and model.count("/") == 1
+        and not model.startswith((".", "/", "~"))
+        and all(model.split("/"))
     )
+
+
+def hub_snapshot(model_id: str) -> Path:
+    """The folder of hub model ``model_id`` in the Hugging Face cache, fetched first unless
+    it is there (with ``HF_HUB_OFFLINE=1``, only the cache is read): then loaded as any
+    model folder, so a hub id and its folder give one model and one fingerprint.
+
+    Configs come first and are checked (``check_layout``), so a repo that cannot be
+    served is refused before its weights are downloaded.
+    """
+    from huggingface_hub import snapshot_download
+
+    try:
+        check_layout(Path(snapshot_download(model_id, allow_patterns=["*.json"])))
+        return Path(
+            snapshot_download(
+                model_id, allow_patterns=list(HUB_FILES), ignore_patterns=list(HUB_SKIPPED)
+            )
+        )
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"hub model {model_id}: {exc}") from None
+    except Exception as exc:  # huggingface_hub: not cached offline, not found, no network...
+        from huggingface_hub import constants
+
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(
+            f"model directory {model_id} does not exist, and as a Hugging Face hub id it is "
+            f"neither in the cache {constants.HF_HUB_CACHE} nor could it be fetched ({reason}); "
+            "pass a local model directory, or fetch the model while online "
+            "(HF_HUB_OFFLINE=1 reads the cache only)"
+        ) from None
 
 
 def load_model(model: str | Path) -> LoadedModel:
-    """Load a UNet2DModel and its scheduler config from a directory (or a hub id).
+    """Load a UNet2DModel and its scheduler config from a model directory, or a hub id's
+    folder in the Hugging Face cache (``hub_snapshot``): one code path for both.
 
-    Raises ModelLoadError naming what to fix: a missing directory, a model that
-    is not an unconditional UNet2DModel, a missing scheduler config.
+    Raises ModelLoadError naming what to fix: a missing directory, a pipeline that
+    cannot be served, a model that is not an unconditional UNet2DModel, a missing
+    scheduler config.
     """
-    path = Path(model)
-    looks_like_hub_id = (
-        isinstance(model, str)
-        and not path.exists()
-        and model.count("/") == 1
-        and not model.startswith((".", "/", "~"))
-    )
-    if looks_like_hub_id:
-        unet, scheduler_config = _from_hub(str(model))
-        autoencoder = None
-        generation_defaults = None
-        source = str(model)
-    else:
-        unet_dir, scheduler_path = resolve_layout(path)
-        try:  # before the weights: a bad file is refused at once
-            generation_defaults = read_generation_defaults(path)
-        except GenerationDefaultsError as exc:
-            raise ModelLoadError(str(exc)) from None
-        autoencoder = _load_autoencoder(path) if unet_dir != path else None
-        _check_unet_config(_read_json(unet_dir / _CONFIG), unet_dir / _CONFIG)
-        scheduler_config = _read_json(scheduler_path)
-        try:
-            unet = UNet2DModel.from_pretrained(
-                unet_dir, torch_dtype=torch.float32, low_cpu_mem_usage=False
-            )
-        except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError...
-            raise ModelLoadError(f"cannot load the UNet weights from {unet_dir}: {exc}") from None
-        source = str(path)
+    path = hub_snapshot(model) if is_hub_id(model) else Path(model)
+    source = str(model)
+    unet_dir, scheduler_path = check_layout(path)
+    try:  # before the weights: a bad file is refused at once
+        generation_defaults = read_generation_defaults(path)
+    except GenerationDefaultsError as exc:
+        raise ModelLoadError(str(exc)) from None
+    autoencoder = _load_autoencoder(path) if unet_dir != path else None
+    scheduler_config = _read_json(scheduler_path)
+    try:
+        unet = UNet2DModel.from_pretrained(
+            unet_dir, torch_dtype=torch.float32, low_cpu_mem_usage=False
+        )
+    except Exception as exc:  # diffusers raises OSError/ValueError/EnvironmentError...
+        raise ModelLoadError(f"cannot load the UNet weights from {unet_dir}: {exc}") from None
     try:
         check_unconditional(unet)
         check_scheduler_config(scheduler_config)

@@ -111,3 +111,47 @@ def latent_model_dir(
     ae = tiny_autoencoder(kind, seed + 1, latent_channels=latent_channels)
     ae.save_pretrained(out / ("vae" if kind == "kl" else "vqvae"))
     return out
+
+
+def ddpm_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
+    """``random_model_dir``'s model saved by diffusers' own ``DDPMPipeline.save_pretrained``:
+    ``model_index.json``, ``unet/`` and ``scheduler/``, the layout of
+    google/ddpm-cifar10-32."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    unet = tiny_unet(seed)
+    scheduler = DDPMScheduler.from_config(presets.default_scheduler_config())
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def ldm_pipeline_dir(out_dir: str | Path, seed: int = 0) -> Path:
+    """``latent_model_dir``'s VQ model saved by diffusers' own ``LDMPipeline.save_pretrained``:
+    ``model_index.json``, ``unet/``, ``vqvae/`` and ``scheduler/`` (a DDIMScheduler), the
+    layout of CompVis/ldm-celebahq-256."""
+    from diffusers import DDIMScheduler, LDMPipeline
+
+    unet = tiny_unet(seed, channels=4, sample_size=16)
+    scheduler = DDIMScheduler.from_config(presets.default_scheduler_config())
+    vqvae = tiny_autoencoder("vq", seed + 1)
+    LDMPipeline(vqvae=vqvae, unet=unet, scheduler=scheduler).save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
+"""The commit hash ``hub_cache_entry`` files a model under (any 40 hex digits)."""
+
+
+def hub_cache_entry(cache_dir: str | Path, repo_id: str, model_dir: str | Path) -> Path:
+    """Copy ``model_dir`` into a Hugging Face hub cache (what ``HF_HUB_CACHE`` names) as
+    the main revision of model ``repo_id``, as a download would leave it:
+    ``models--ORG--NAME/snapshots/<rev>/`` with ``refs/main`` holding ``<rev>``. The
+    hub client reads such a cache with ``HF_HUB_OFFLINE=1``; returns the snapshot."""
+    import shutil
+
+    repo = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / HUB_REVISION
+    shutil.copytree(model_dir, snapshot)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(HUB_REVISION)
+    return snapshot
