@@ -26,8 +26,6 @@ import math
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +37,9 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from clsp_positives.grid import GRID_SCALE, grid_anchors, write_grid
-from clsp_positives.proto.params import GenerationParams, Interpolate, Sampling
+from clsp_positives.local_service import LocalServiceError, ServiceProcess
+from clsp_positives.proto.model_settings import GENERATION_DEFAULTS_FILE, as_pool_applies
+from clsp_positives.proto.params import GenerationParams
 from clsp_positives.threads import resolve_threads
 
 if TYPE_CHECKING:
@@ -73,7 +73,11 @@ class Budget:
     ddpm_minutes: float  # wall-clock cap of the DDPM stage in one run
     k: int  # K positives per training image (the trainer draws one per epoch)
     positives_minutes: float  # time for generating them; fewer candidates when it runs out
-    gen_steps: int  # DDIM steps per positive
+    # Sampling steps per positive; None: the model's stored setting (clsp_generation.json)
+    gen_steps: int | None
+    # Budget of the calibration that follows DDPM training and stores the model's
+    # generation settings (clsp_positives/closing_calibration.py)
+    calibrate_minutes: float
     epochs: int  # contrastive epochs, the same for both arms
     linear_epochs: int  # epochs of the standard linear protocol at the end (linear acc)
     grid_k: int  # candidates per anchor shown in the PNG
@@ -84,18 +88,6 @@ class Budget:
     ddpm_lr: float = 2e-4
     ddpm_sample_count: int = 64
     ddpm_sample_steps: int = 25
-    # w = 0.3, not the paper's 0.1: with the sampling below, the most diverse weight that
-    # still keeps the class >= 0.85 (clsp calibrate), and the one whose positives beat the
-    # baseline over five seeds (docs/method.md, "Positive quality").
-    interpolation_weight: float = 0.3
-    # The service's own default (docs/design.md §8), not a copy of it.
-    eta: float = GenerationParams.model_fields["eta"].default
-    # The authors' loop with x0 clipped, and the anchor's low-resolution skips mixed in
-    # as well as its bottleneck: with a DDPM trained for minutes these keep the anchor's
-    # class most often at equal cost (docs/method.md, "Positive quality"); the authors'
-    # plain loop lets this model's samples diverge and keeps the class a third as often.
-    sampling: Sampling = "authors-clipped"
-    interpolate: Interpolate = "bottleneck+low-skips"
     batch_size: int = 128
     backbone: str = "resnet-tiny"
     method: str = "simclr"
@@ -109,15 +101,11 @@ class Budget:
     grid_rows: int = 10  # one anchor per digit class
 
     def positives_params(self, k: int | None = None) -> GenerationParams:
-        return GenerationParams(
-            interpolation_weight=self.interpolation_weight,
-            steps=self.gen_steps,
-            eta=self.eta,
-            method="ddim",
-            sampling=self.sampling,
-            interpolate=self.interpolate,
-            k=k,
-        )
+        """What the demo asks of its service: the candidates, and the steps when the budget
+        says; the model's calibrated settings decide the rest (the weight, the sampling
+        mode, what of the anchor is mixed in: docs/method.md, "Positive quality")."""
+        steps = {} if self.gen_steps is None else {"steps": self.gen_steps}
+        return GenerationParams(k=k, **steps)
 
 
 BUDGETS: dict[str, Budget] = {
@@ -127,7 +115,8 @@ BUDGETS: dict[str, Budget] = {
         ddpm_minutes=6.0,
         k=2,
         positives_minutes=4.0,
-        gen_steps=50,
+        gen_steps=None,
+        calibrate_minutes=2.0,
         epochs=40,
         linear_epochs=100,
         grid_k=8,
@@ -139,6 +128,7 @@ BUDGETS: dict[str, Budget] = {
         k=1,
         positives_minutes=1.0,
         gen_steps=10,
+        calibrate_minutes=0.05,  # its first setting only
         epochs=2,
         linear_epochs=20,
         grid_k=4,
@@ -156,26 +146,6 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "clsp-positives"
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that has Linux send the child SIGTERM when the demo dies, even by
-    SIGKILL (when no ``finally`` can run). Resolved before the fork: the child only calls
-    a C function."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
-
-    def set_parent_death_signal() -> None:
-        prctl(pr_set_pdeathsig, sigterm)
-
-    return set_parent_death_signal
-
-
 def _shown(path: Path) -> str:
     """A path for humans: relative to the working directory or to ~, never this machine's
     absolute layout (the output ends up pasted in docs)."""
@@ -184,145 +154,6 @@ def _shown(path: Path) -> str:
         with contextlib.suppress(ValueError):
             return prefix + str(path.relative_to(base.resolve()))
     return str(path)
-
-
-# ------------------------------------------------------------------ the service
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class ServiceProcess:
-    """``clsp serve`` in its own process group, so that stopping it stops everything it
-    started, and a Ctrl-C in the terminal reaches the demo first (which then stops it)."""
-
-    def __init__(
-        self,
-        model_dir: Path,
-        *,
-        log_path: Path,
-        device: str,
-        threads: int,
-        host: str = "127.0.0.1",
-        port: int | None = None,
-    ) -> None:
-        self.model_dir = model_dir
-        self.log_path = log_path
-        self.device = device
-        self.threads = threads
-        self.host = host
-        self.port = port or free_port(host)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def command(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "clsp_positives.cli",
-            "serve",
-            "--model",
-            str(self.model_dir),
-            "--host",
-            self.host,
-            "--port",
-            str(self.port),
-            "--device",
-            self.device,
-            "--max-batch",
-            "128",
-            "--max-wait-ms",
-            "20",
-            "--log-level",
-            "warning",
-        ]
-
-    def start(self, timeout_s: float = 300.0) -> ServiceProcess:
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": str(self.threads),
-            "MKL_NUM_THREADS": str(self.threads),
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-        env.pop("CLSP_REDIS", None)  # the demo always uses the in-process cache
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                self.command(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-                preexec_fn=_die_with_parent(),
-            )
-        self._wait_ready(timeout_s)
-        return self
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        import httpx
-
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=2.0, trust_env=False) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise DemoError(
-                        f"the service exited with code {self.proc.returncode} "
-                        f"before it was ready; its log:\n{self.log_tail()}"
-                    )
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(self.url + "/readyz").status_code == 200:
-                        return
-                time.sleep(0.2)
-        raise DemoError(
-            f"the service was not ready after {timeout_s:.0f} s; its log:\n{self.log_tail()}"
-        )
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def metrics(self) -> dict[str, float]:
-        """The service's Prometheus counters and gauges (samples without labels)."""
-        import httpx
-        from prometheus_client.parser import text_string_to_metric_families
-
-        text = httpx.get(self.url + "/metrics", timeout=10.0, trust_env=False).text
-        out: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if not sample.labels:
-                    out[sample.name] = float(sample.value)
-        return out
-
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM to the whole group (graceful), SIGKILL if it lingers; idempotent."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        # Anything the service itself started is in its group too.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return proc.returncode
 
 
 @contextlib.contextmanager
@@ -380,6 +211,7 @@ def ddpm_config(
         sample_steps=budget.ddpm_sample_steps,
         threads=threads,
         progress=progress,
+        calibrate_minutes=budget.calibrate_minutes,
         # Older DiffusionTrainConfig versions train on the CPU only and have no device field.
         **({"device": device} if "device" in DiffusionTrainConfig.model_fields else {}),
     )
@@ -398,6 +230,7 @@ def ensure_model(
 ) -> ModelStage:
     """The cached DDPM when it has had at least this budget's steps; else train (resuming
     the cached run's state, so a quick run's model is continued, not thrown away)."""
+    from clsp_positives.closing_calibration import calibrate_trained
     from clsp_positives.service.ddpm.train import train
 
     model_dir = cache_dir / "demo-model"
@@ -409,6 +242,9 @@ def ensure_model(
         "batch_size": budget.ddpm_batch,
         "seed": seed,
     }
+    config = ddpm_config(
+        model_dir, budget, seed=seed, device=device, threads=threads, progress=progress
+    )
     if retrain and model_dir.exists():
         shutil.rmtree(model_dir)
     done: dict[str, Any] = {}
@@ -428,10 +264,9 @@ def ensure_model(
             f"reusing the DDPM in {_shown(model_dir)} ({done['step']} steps; --retrain to "
             "train a new one)"
         )
+        if not (model_dir / GENERATION_DEFAULTS_FILE).is_file():  # cached before they were
+            calibrate_trained(config, model_dir, say=say)
         return ModelStage(model_dir, int(done["step"]), 0.0, True, budget.ddpm_preset)
-    config = ddpm_config(
-        model_dir, budget, seed=seed, device=device, threads=threads, progress=progress
-    )
     say(
         f"training a {budget.ddpm_preset!r} DDPM on digits 16x16 for up to "
         f"{budget.ddpm_steps} steps or {budget.ddpm_minutes:g} min -> {_shown(model_dir)}"
@@ -452,6 +287,8 @@ def ensure_model(
         )
         + "\n"
     )
+    say(f"calibrating its generation settings for up to {budget.calibrate_minutes:g} min")
+    calibrate_trained(config, model_dir, say=say)
     return ModelStage(model_dir, result.step, seconds, False, budget.ddpm_preset)
 
 
@@ -602,12 +439,7 @@ def arm_config(
         prefetch=4,
         positives_strict=True,
         positives_timeout_s=120.0,
-        interpolation_weight=budget.interpolation_weight,
-        gen_steps=budget.gen_steps,
-        gen_eta=budget.eta,
-        gen_method="ddim",
-        gen_sampling=budget.sampling,
-        gen_interpolate=budget.interpolate,
+        **({} if budget.gen_steps is None else {"gen_steps": budget.gen_steps}),
     )
 
 
@@ -771,11 +603,12 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
                 f"{_shown(out / SERVICE_LOG)}), ready in {stages['service_start']:.0f} s"
             )
 
+            asked = as_pool_applies(budget.positives_params(), info)
             stage(
                 3,
-                f"positives: {budget.k} per training image, "
-                f"{budget.gen_steps} DDIM steps, w={budget.interpolation_weight}, "
-                f"{budget.sampling}, {budget.interpolate}",
+                f"positives: {budget.k} per training image, {asked.steps} {asked.method} "
+                f"steps, w={asked.interpolation_weight:g}, {asked.sampling}, "
+                f"{asked.interpolate} (the model's calibrated settings)",
             )
             gen = generate_positives(
                 service.url, data.images, budget, progress=options.progress, say=say
@@ -865,7 +698,7 @@ def run_demo(options: DemoOptions, *, console: Any = None) -> dict[str, Any]:
             "seconds": gen.seconds,
             "positives_per_s": gen.per_s,
             "cache_hits": gen.cache_hits,
-            "params": json.loads(budget.positives_params().canonical()),
+            "params": json.loads(asked.canonical()),
             "quality": quality,
         },
         "service": {
@@ -999,7 +832,7 @@ def demo(
     except KeyboardInterrupt:
         typer.echo("clsp demo: interrupted; the service was stopped", err=True)
         raise typer.Exit(130) from None
-    except DemoError as exc:
+    except (DemoError, LocalServiceError) as exc:
         typer.echo(f"clsp demo: {exc}", err=True)
         raise typer.Exit(1) from None
 
