@@ -56,3 +56,11 @@ def train(
         f"{result.images_per_s:.0f} images/s, loss {result.loss:.4f}, "
         f"{result.parameters / 1e6:.2f}M parameters -> {result.out}"
     )
+    if config.calibrate:
+        from clsp_positives.closing_calibration import calibrate_trained
+
+        typer.echo(
+            f"calibrating the generation settings for up to {config.calibrate_minutes:g} min "
+            "(--no-calibrate skips it)"
+        )
+        calibrate_trained(config, Path(result.out), say=typer.echo)

@@ -94,6 +94,20 @@ class DiffusionTrainConfig(BaseModel):
         description="TensorBoard events in --out/tensorboard: the window scalars, and a sample "
         "grid at every checkpoint (needs the tracking extra).",
     )
+    calibrate: bool = Field(
+        True,
+        description="After training, measure which generation settings keep the anchor's "
+        "class (clsp calibrate through a clsp serve of the new model, on the set's labelled "
+        "held-out images) and store the choice in --out's clsp_generation.json, which every "
+        "pool of the model then applies to the params a request leaves unset "
+        "(docs/training.md). Skipped, with a line saying so, for a set without labels.",
+    )
+    calibrate_minutes: float = Field(
+        3.0,
+        gt=0,
+        description="Budget of that calibration; the grid's settings left when it is spent "
+        "are skipped.",
+    )
     vae: str | None = Field(
         None,
         description="Autoencoder directory (AutoencoderKL or VQModel, or a pipeline with "

@@ -18,7 +18,7 @@ from clsp_positives.tracking import INSTALL
 
 TINY = [
     "--preset", "tiny", "--batch-size", "16", "--threads", "1", "--no-progress",
-    "--sample-count", "4", "--sample-steps", "2", "--lr-warmup", "2",
+    "--sample-count", "4", "--sample-steps", "2", "--lr-warmup", "2", "--no-calibrate",
 ]  # fmt: skip
 
 

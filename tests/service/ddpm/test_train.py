@@ -36,6 +36,7 @@ TINY = [
     "2",
     "--lr-warmup",
     "2",
+    "--no-calibrate",  # tested on its own below: it serves the model and measures a grid
 ]
 
 
@@ -254,3 +255,39 @@ def test_vae_names_what_does_not_fit(tmp_path: Path) -> None:
     assert grey.exit_code == 2 and "--channels 3" in grey.output
     missing = train_with(tmp_path / "none")
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+@pytest.mark.slow
+def test_training_ends_by_storing_calibrated_settings_in_the_model_folder(tmp_path: Path) -> None:
+    """The closing calibration: a real clsp serve of the new model, clsp calibrate --write
+    against it, and the choice in clsp_generation.json with what it measured."""
+    from clsp_positives.closing_calibration import ANCHORS, BASE, CALIBRATION_DIR, WEIGHTS
+    from clsp_positives.proto.model_settings import read_generation_defaults
+
+    out = tmp_path / "ddpm"
+    args = [a for a in TINY if a != "--no-calibrate"]
+    output = _run("--out", str(out), "--steps", "2", *args, "--calibrate-minutes", "0.02")
+    assert "calibrating the generation settings for up to 0.02 min" in output
+    stored = read_generation_defaults(out)
+    assert stored is not None and stored.measured is not None, output
+    assert (stored.sampling, stored.interpolate) == (BASE.sampling, BASE.interpolate)
+    assert stored.interpolation_weight in WEIGHTS and stored.steps == 50
+    assert (stored.measured.dataset, stored.measured.anchors) == ("digits", ANCHORS)
+    assert f"wrote {out / 'clsp_generation.json'}" in output
+    assert (out / CALIBRATION_DIR / "calibration.json").is_file()
+
+
+def test_a_set_of_one_class_skips_the_calibration_saying_why(tmp_path: Path) -> None:
+    """Training stands when no class probe can be fit; the output says how to calibrate."""
+    folder = tmp_path / "faces"
+    (folder / "only").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        picture = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+        Image.fromarray(picture).save(folder / "only" / f"{i}.png")
+    out = tmp_path / "ddpm"
+    args = [a for a in TINY if a != "--no-calibrate"]
+    output = _run("--out", str(out), "--steps", "1", "--dataset", str(folder), *args)
+    assert "calibration skipped:" in output and "fewer than 2 classes" in output
+    assert "run it by hand: clsp serve --model" in output
+    assert not (out / "clsp_generation.json").exists()
