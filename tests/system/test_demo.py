@@ -20,6 +20,7 @@ from PIL import Image
 
 from clsp_positives.demo import BUDGETS, GRID_NAME, RESULTS_NAME, SERVICE_LOG
 from clsp_positives.grid import grid_size
+from clsp_positives.proto.model_settings import read_generation_defaults
 
 pytestmark = pytest.mark.slow
 
@@ -132,10 +133,15 @@ def test_results_json_is_sane(quick_run: QuickRun) -> None:
         assert arm["seconds"] > 0
     gen = r["generation"]
     assert gen["positives"] == gen["images"] * QUICK.k
-    assert (gen["params"]["sampling"], gen["params"]["interpolate"]) == (
-        QUICK.sampling,
-        QUICK.interpolate,
-    )
+    # The model's calibration, stored beside it, chose every param the demo leaves
+    # unset; the quick budget sets the steps alone.
+    stored = read_generation_defaults(quick_run.cache / "demo-model")
+    assert stored is not None and stored.measured is not None
+    assert "calibrating its generation settings" in quick_run.stdout
+    assert gen["params"]["steps"] == QUICK.gen_steps
+    for name, value in stored.stored().items():
+        if name != "steps":
+            assert gen["params"].get(name, value) == value, name
     # The positives' class is read by a probe that reads the real digits almost perfectly.
     quality = gen["quality"]
     assert quality["probe_accuracy_on_anchors"] > 0.9, quality
