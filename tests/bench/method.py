@@ -84,6 +84,13 @@ ARMS: dict[str, Arm] = {
         Arm("clip-contrastive", "clip", "contrastive"),
         Arm("lowskip-contrastive", "lowskip", "contrastive"),
         Arm("lowskip-similarity", "lowskip", "similarity"),
+        # The diversity levers of docs/method.md, "More diverse positives": each the
+        # lowskip bank with one setting changed.
+        Arm("eta05-contrastive", "lowskip-eta05", "contrastive"),
+        Arm("eta1-contrastive", "lowskip-eta1", "contrastive"),
+        Arm("ddpm-contrastive", "lowskip-ddpm", "contrastive"),
+        Arm("until05-contrastive", "lowskip-until05", "contrastive"),
+        Arm("until03-contrastive", "lowskip-until03", "contrastive"),
     )
 }
 BASELINE = "baseline"
@@ -100,6 +107,9 @@ class BankSpec:
     weight: float | None
     sampling: Sampling = "authors"
     interpolate: Interpolate = "bottleneck"
+    eta: float = 0.0
+    method: str = "ddim"
+    interpolate_until: float = 1.0
 
 
 GENERATED_BANKS = {
@@ -107,6 +117,15 @@ GENERATED_BANKS = {
     "w0": BankSpec(0.0),
     "clip": BankSpec(None, "authors-clipped"),
     "lowskip": BankSpec(None, "authors-clipped", "bottleneck+low-skips"),
+    "lowskip-eta05": BankSpec(None, "authors-clipped", "bottleneck+low-skips", eta=0.5),
+    "lowskip-eta1": BankSpec(None, "authors-clipped", "bottleneck+low-skips", eta=1.0),
+    "lowskip-ddpm": BankSpec(None, "authors-clipped", "bottleneck+low-skips", method="ddpm"),
+    "lowskip-until05": BankSpec(
+        None, "authors-clipped", "bottleneck+low-skips", interpolate_until=0.5
+    ),
+    "lowskip-until03": BankSpec(
+        None, "authors-clipped", "bottleneck+low-skips", interpolate_until=0.3
+    ),
 }
 
 
@@ -213,17 +232,19 @@ def ensure_ddpm(
 
 
 def bank_params(args: argparse.Namespace, spec: BankSpec) -> Any:
-    """The authors' generation settings (docs/method.md): DDIM, eta 0, the bank's sampling."""
+    """The authors' generation settings (docs/method.md): DDIM, eta 0, the bank's sampling,
+    unless the bank says otherwise."""
     from clsp_positives.proto.params import GenerationParams
 
     weight = args.interpolation_weight if spec.weight is None else spec.weight
     return GenerationParams(
         interpolation_weight=float(weight),
         steps=args.gen_steps,
-        eta=0.0,
-        method="ddim",
+        eta=spec.eta,
+        method=spec.method,
         sampling=spec.sampling,
         interpolate=spec.interpolate,
+        interpolate_until=spec.interpolate_until,
         k=args.k,
     )
 
