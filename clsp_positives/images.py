@@ -326,3 +326,10 @@ def to_channels(images: np.ndarray, channels: int | None) -> np.ndarray:
     # ITU-R 601 luminance, as PIL's convert("L").
     grey = images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
     return np.clip(np.rint(grey), 0, 255).astype(np.uint8)[..., None]
+
+
+def as_pil(picture: np.ndarray) -> Image.Image:
+    """One uint8 ``[H, W, C]`` picture as a PIL image: grey ("L") for C = 1, RGB for C = 3;
+    how a bank's candidates and ``CLSPPipeline``'s positives are handed out as pictures
+    (docs/library.md)."""
+    return Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)

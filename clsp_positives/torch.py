@@ -180,8 +180,9 @@ class WithPositives(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, Any, bool]:
         if self._bank is None:  # a worker process that got the dataset pickled
             self._bank = OfflineNpySource(self.path)
-        picture = np.asarray(self._bank.array[index, self.candidate(index)])
-        positive = _as_pil(picture)
+        from clsp_positives.images import as_pil  # Pillow: the trainer's dependency, not torch's
+
+        positive = as_pil(np.asarray(self._bank.array[index, self.candidate(index)]))
         if self.transform is not None:
             positive = self.transform(positive)
         return self.dataset[index], positive, True
@@ -190,10 +191,3 @@ class WithPositives(Dataset):
         """Without the memory map: a spawned worker opens the bank itself instead of
         receiving a copy of it (np.memmap pickles as the whole array)."""
         return {**self.__dict__, "_bank": None}
-
-
-def _as_pil(picture: np.ndarray) -> Any:
-    """A bank's uint8 ``[H, W, C]`` as a PIL image: grey for C = 1, RGB for C = 3."""
-    from PIL import Image  # the trainer's dependency, not torch's
-
-    return Image.fromarray(picture[..., 0] if picture.shape[-1] == 1 else picture)

@@ -142,6 +142,20 @@ HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
 """The commit hash ``hub_cache_entry`` files a model under (any 40 hex digits)."""
 
 
+def use_offline_hub_cache(cache_dir: Path, monkeypatch: Any) -> Path:
+    """Make ``cache_dir`` (created) the Hugging Face hub cache, read offline, until
+    ``monkeypatch`` undoes it: ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` for the processes a
+    test starts, and huggingface_hub's constants (read once at its import) for this one."""
+    from huggingface_hub import constants
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache_dir))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return cache_dir
+
+
 def hub_cache_entry(cache_dir: str | Path, repo_id: str, model_dir: str | Path) -> Path:
     """Copy ``model_dir`` into a Hugging Face hub cache (what ``HF_HUB_CACHE`` names) as
     the main revision of model ``repo_id``, as a download would leave it:

@@ -23,6 +23,7 @@ from tests.support.models import (
     latent_model_dir,
     ldm_pipeline_dir,
     random_model_dir,
+    use_offline_hub_cache,
 )
 
 
@@ -131,17 +132,8 @@ def test_presets() -> None:
 
 @pytest.fixture()
 def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face hub cache, read offline: ``HF_HUB_CACHE`` for the processes a
-    test starts, and huggingface_hub's constants (read once at its import) for this one."""
-    from huggingface_hub import constants
-
-    cache = tmp_path / "hf-cache"
-    cache.mkdir()
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return cache
+    """An empty Hugging Face hub cache, read offline."""
+    return use_offline_hub_cache(tmp_path / "hf-cache", monkeypatch)
 
 
 HUB_LAYOUTS: dict[str, tuple[Callable[[Path], Path], str | None]] = {
