@@ -18,6 +18,7 @@ from PIL import Image
 from clsp_positives.pipeline import CLSPPipeline, candidate_seed
 from clsp_positives.proto.keys import uint8_to_unit
 from clsp_positives.proto.model_settings import GenerationDefaults, write_generation_defaults
+from tests.support.examples import DOCUMENTED_URL, doc_example, run_example
 from tests.support.models import hub_cache_entry, latent_model_dir, use_offline_hub_cache
 from tests.support.servers import ServerProcess
 from tests.support.service import anchors_u8, post_positives, start_service
@@ -147,3 +148,12 @@ def test_a_latent_hub_model_gives_pictures_of_its_autoencoder(
     arrays = by_id(anchors, k=2, num_inference_steps=2)
     assert arrays.shape == (2, 2, 64, 64, 3)
     assert np.array_equal(np.stack([np.stack(row) for row in pictures]), arrays)
+
+
+def test_the_notebook_example_runs_as_pasted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    library = Path(__file__).resolve().parents[1] / "docs" / "library.md"
+    script = doc_example(library, "pipeline", "doc-example", service=False)
+    assert '"models/digits"' in script
+    script = script.replace('"models/digits"', repr(str(tiny_model_dir)))
+    out = run_example(script, DOCUMENTED_URL, tmp_path)
+    assert out.splitlines() == ["(4, 3, 16, 16, 1) uint8", "True"]
