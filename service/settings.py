@@ -37,7 +37,11 @@ class ServiceSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field(..., description="Model directory (diffusers save_pretrained layout).")
+    model: str = Field(
+        ...,
+        description="Model directory (diffusers save_pretrained layout), or a Hugging Face hub "
+        "id ORG/NAME read from the hub cache (docs/library.md, Hub models).",
+    )
     redis: str | None = Field(
         None,
         description="Redis URL, e.g. redis://host:6379/0; without it the cache is an "
