@@ -41,6 +41,7 @@ from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.messages import ModelInfo
 from clsp_positives.proto.model_settings import (
     GENERATION_DEFAULTS_FILE,
+    STORED_FIELDS,
     GenerationDefaults,
     GenerationDefaultsError,
     Measured,
@@ -58,6 +59,10 @@ if TYPE_CHECKING:
 CALIBRATED = GENERATION_OPTIONS.without("interpolation_weight", "steps")
 """The generation options every setting of the grid shares: all of ``clsp train``'s but
 the grid's two axes."""
+
+GRID = ("interpolation_weight", "steps", "sampling")
+"""Stored fields that ``--write`` takes from the chosen setting and the pool (the sampling
+mode as it resolved it), not from the options every setting shared."""
 
 NOT_ADVISED = ("eta", "method")
 """``GenerationParams`` fields the recommendation leaves out of its ``clsp train`` flags
@@ -360,7 +365,7 @@ def _write_defaults(
     it), the chosen weight and steps, and what they measured."""
     stored = GenerationDefaults.model_validate(
         {
-            **{name: getattr(base, name) for name in ("eta", "method", "interpolate")},
+            **{name: getattr(base, name) for name in STORED_FIELDS if name not in GRID},
             "interpolation_weight": chosen.interpolation_weight,
             "steps": chosen.steps,
             "sampling": sampling,
