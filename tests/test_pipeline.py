@@ -157,3 +157,17 @@ def test_the_notebook_example_runs_as_pasted(tiny_model_dir: Path, tmp_path: Pat
     script = script.replace('"models/digits"', repr(str(tiny_model_dir)))
     out = run_example(script, DOCUMENTED_URL, tmp_path)
     assert out.splitlines() == ["(4, 3, 16, 16, 1) uint8", "True"]
+
+
+def test_a_float16_pipeline_waits_for_its_gpu(tiny_model_dir: Path) -> None:
+    """diffusers' order, from_pretrained(torch_dtype=torch.float16).to("cuda"): the load
+    does not refuse float16, which runs on CUDA only; a call on the CPU does."""
+    half = CLSPPipeline.from_pretrained(tiny_model_dir, torch_dtype=torch.float16)
+    with pytest.raises(ValueError, match="float16 runs on CUDA only"):
+        half(anchors_u8(1, seed=17), num_inference_steps=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            half.to("cuda")
+        return
+    positives = half.to("cuda")(anchors_u8(1, seed=17), num_inference_steps=2, output_type="pt")
+    assert positives.device.type == "cuda" and tuple(positives.shape) == (1, 1, 1, 16, 16)
