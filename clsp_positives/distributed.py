@@ -1,7 +1,10 @@
-"""torchrun integration: process group set-up and the gathers the methods need.
+"""torchrun integration: process group set-up, barriers and the gathers the
+contrastive methods need.
 
-A single process (no torchrun) is a world of one; every helper here is then
-the identity, so the methods are written once for both cases.
+Both trainers use it, ``clsp train`` and ``clsp diffusion train``, so it lives in the
+shared root package: the service and trainer sides never import each other
+(docs/design.md §3). A single process (no torchrun) is a world of one; every helper
+here is then the identity, so the methods and loops are written once for both cases.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ contrastive trainer.
 
 Everything here is loaded into memory: the data sets this project targets (digits, CIFAR,
 STL-10 at small sizes) fit, and whole-array batches make augmentation on the training device
-cheap. An image folder larger than memory is streamed instead by the trainer
-(``clsp_positives.trainer.data.streamed``, docs/training.md "Large data sets"), which reads it
+cheap. An image folder larger than memory is streamed instead by both trainers
+(``clsp_positives.streamed``, docs/training.md "Large data sets"), which reads it
 through ``scan_image_folder`` and ``read_rgb`` so that both paths see the same images.
 """
 
@@ -245,7 +245,7 @@ def _torchvision_set(
 class FolderIndex:
     """The images of an image folder, without their pixels: ``root/names[i]`` is image
     ``i`` and ``labels[i]`` its class (the sorted sub-folders' order). Both the in-memory
-    load and the streamed set (``clsp_positives.trainer.data.streamed``) read a folder through
+    load and the streamed set (``clsp_positives.streamed``) read a folder through
     it, so they number its images the same way."""
 
     root: Path

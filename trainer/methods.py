@@ -35,17 +35,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from clsp_positives.torch import clsp_contrastive_loss, clsp_similarity_loss, nt_xent
-from clsp_positives.trainer import losses
-from clsp_positives.trainer.backbones import predictor_mlp, projection_mlp
-from clsp_positives.trainer.collapse_monitor import infonce_collapsed, nt_xent_collapsed
-from clsp_positives.trainer.config import ClspMode, TrainConfig
-from clsp_positives.trainer.distributed import (
+from clsp_positives.distributed import (
     all_reduce_sum,
     gather_nograd,
     gather_with_grad,
     world_size,
 )
+from clsp_positives.torch import clsp_contrastive_loss, clsp_similarity_loss, nt_xent
+from clsp_positives.trainer import losses
+from clsp_positives.trainer.backbones import predictor_mlp, projection_mlp
+from clsp_positives.trainer.collapse_monitor import infonce_collapsed, nt_xent_collapsed
+from clsp_positives.trainer.config import ClspMode, TrainConfig
 from clsp_positives.trainer.method_defaults import METHOD_DEFAULTS, MethodDefaults
 
 CLSP_MODES: tuple[str, ...] = typing.get_args(ClspMode)

@@ -25,6 +25,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from clsp_positives.distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    barrier,
+    gather_objects,
+    init_distributed,
+    shutdown_distributed,
+)
+from clsp_positives.streamed import StreamedImages
 from clsp_positives.trainer import checkpoint as ckpt
 from clsp_positives.trainer.backbones import BACKBONES, build_backbone
 from clsp_positives.trainer.collapse_monitor import (
@@ -38,15 +47,7 @@ from clsp_positives.trainer.config import TrainConfig
 from clsp_positives.trainer.config_file import write_run_config
 from clsp_positives.trainer.data.augment import AugmentConfig, BatchAugment
 from clsp_positives.trainer.data.epochs import IndexedImages, ShardedBatchSampler
-from clsp_positives.trainer.data.streamed import StreamedBatches, StreamedImages, pixel_stats
-from clsp_positives.trainer.distributed import (
-    DistributedContext,
-    all_reduce_sum,
-    barrier,
-    gather_objects,
-    init_distributed,
-    shutdown_distributed,
-)
+from clsp_positives.trainer.data.streamed import StreamedBatches, pixel_stats
 from clsp_positives.trainer.eval.evaluation import EvalResult, evaluate_backbone
 from clsp_positives.trainer.methods import ContrastiveMethod, MethodConfig, build_method
 from clsp_positives.trainer.schedules import clsp_weight_share, lr_share
@@ -341,7 +342,7 @@ def load_datasets(config: TrainConfig, ctx: DistributedContext) -> tuple[Any, An
     ``--data-workers N`` an image folder's streamed sets (``StreamedImages``, nothing
     decoded yet; docs/training.md, "Large data sets")."""
     if config.data_workers > 0:
-        from clsp_positives.trainer.data.streamed import open_streamed
+        from clsp_positives.streamed import open_streamed
 
         def stream(split: str) -> Any:
             return open_streamed(
@@ -808,7 +809,7 @@ def evaluate_checkpoint(
     """``clsp eval``: rebuild the run's backbone from the checkpoint's config
     and evaluate it on the run's data set, as a run's final evaluation (the standard
     linear protocol included unless ``linear_epochs`` is 0)."""
-    from clsp_positives.trainer.distributed import resolve_device
+    from clsp_positives.distributed import resolve_device
 
     dev = resolve_device(device)
     state = ckpt.load_checkpoint(path, map_location=dev)

@@ -15,8 +15,8 @@ import warnings
 
 import torch
 
+from clsp_positives.distributed import init_distributed, shutdown_distributed
 from clsp_positives.trainer.backbones import build_backbone
-from clsp_positives.trainer.distributed import init_distributed, shutdown_distributed
 from clsp_positives.trainer.methods import MethodConfig, build_method
 
 

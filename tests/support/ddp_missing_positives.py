@@ -22,12 +22,12 @@ import warnings
 import torch
 from torch import nn
 
-from clsp_positives.trainer.backbones import build_backbone
-from clsp_positives.trainer.distributed import (
+from clsp_positives.distributed import (
     gather_objects,
     init_distributed,
     shutdown_distributed,
 )
+from clsp_positives.trainer.backbones import build_backbone
 from clsp_positives.trainer.methods import MethodConfig, build_method
 
 CASES = [(n, m) for n in ("simclr", "moco", "nnclr") for m in ("similarity", "contrastive")]

@@ -13,13 +13,9 @@ import pytest
 from PIL import Image
 
 from clsp_positives.images import load_images
+from clsp_positives.streamed import PathTable, StreamedImages, open_streamed
 from clsp_positives.trainer.data.epochs import ShardedBatchSampler, channel_stats, epoch_candidates
-from clsp_positives.trainer.data.streamed import (
-    PathTable,
-    StreamedBatches,
-    StreamedImages,
-    open_streamed,
-)
+from clsp_positives.trainer.data.streamed import StreamedBatches
 from clsp_positives.trainer.eval.linear_protocol import frozen_features
 
 SIZE = 8
