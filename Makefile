@@ -19,9 +19,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[all]'
 	@touch $@
 
-# Tests talk to a real redis-server and validate the compose files with
-# Debian's docker-compose: install both when we can (root on Debian).
-SYSTEM_TOOLS := redis-server:redis-server docker-compose:docker-compose
+# Tests talk to a real redis-server, make a Redis Cluster with redis-cli
+# (--cluster create), and validate the compose files with Debian's
+# docker-compose: install them when we can (root on Debian).
+SYSTEM_TOOLS := redis-server:redis-server redis-cli:redis-tools docker-compose:docker-compose
 system-tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \

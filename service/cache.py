@@ -13,7 +13,10 @@ overwrites it.
 Redis is an optimisation, never a dependency: every call has a short socket
 timeout, a failure is counted and starts a backoff during which lookups are
 skipped, and after the backoff the next call reconnects. Nothing here raises
-into a request.
+into a request. On a Redis Cluster (``redis+cluster://``) the keys of a request
+are grouped by the master that owns their slot, and each master is asked, and
+backs off, on its own: one failing master makes its own keys misses, not the
+request's (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import os
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -40,6 +44,10 @@ _KINDS: dict[bytes, np.dtype] = {_MAGIC: np.dtype("u1"), _LATENT_MAGIC: np.dtype
 _DIGEST_BYTES = 32
 _MAX_NDIM = 8
 SECRET_ENV = "CLSP_CACHE_SECRET"
+SERVER_SCHEMES = ("redis", "rediss", "unix")
+"""URL schemes of one Redis server, as redis-py reads them."""
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+"""URL schemes of a Redis Cluster, each with the scheme redis-py reads for its nodes."""
 
 
 class CorruptValue(ValueError):
@@ -254,6 +262,59 @@ class MemoryCache:
         self._bytes = 0
 
 
+class _Outage:
+    """The doubling pause (``min_s`` up to ``max_s``) after a failed call to one Redis
+    server or one cluster master, during which it is not asked: a dead Redis costs a
+    request nothing, and after the pause the next call tries it again."""
+
+    def __init__(self, where: str, min_s: float, max_s: float) -> None:
+        self.where = where
+        self.min_s = min_s
+        self.max_s = max_s
+        self.pause = 0.0
+        self.until = 0.0
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.until
+
+    def failed(self, op: str, exc: BaseException) -> None:
+        self.pause = min(self.max_s, max(self.min_s, self.pause * 2))
+        self.until = time.monotonic() + self.pause
+        log.warning(
+            "%s %s failed (%s: %s); serving uncached, next try in %.1f s",
+            self.where,
+            op,
+            type(exc).__name__,
+            exc,
+            self.pause,
+        )
+
+    def succeeded(self) -> None:
+        if self.pause:
+            log.info("%s is reachable again; caching resumes", self.where)
+        self.pause = 0.0
+        self.until = 0.0
+
+
+async def _guarded(
+    stats: CacheStats, outage: _Outage, op: str, call: Awaitable[Any], timeout_s: float
+) -> tuple[Any, bool]:
+    """``call``'s result and True, or None and False once it failed (counted, and
+    ``outage`` starts its pause). Socket timeouts bound each read; ``timeout_s`` also
+    bounds connecting and queueing."""
+    try:
+        result = await asyncio.wait_for(call, timeout_s)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # any Redis failure means "uncached", never a 5xx
+        stats.errors += 1
+        outage.failed(op, exc)
+        return None, False
+    outage.succeeded()
+    return result, True
+
+
 class RedisCache:
     """Redis through ``redis.asyncio``: one MGET per lookup, pipelined SET EX per write."""
 
@@ -274,8 +335,6 @@ class RedisCache:
         # Without a key of its own no other process can read this one's entries.
         self.mac_key = mac_key or cache_secret(None, None).key
         self.timeout_s = timeout_s
-        self.backoff_min_s = backoff_min_s
-        self.backoff_max_s = backoff_max_s
         self.stats = CacheStats()
         # No client-side retries: a failed call falls back to uncached at once and
         # our own backoff decides when to try again.
@@ -286,43 +345,15 @@ class RedisCache:
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
         )
-        self._backoff = 0.0
-        self._down_until = 0.0
+        self._outage = _Outage("redis", backoff_min_s, backoff_max_s)
 
     @property
     def available(self) -> bool:
         """False while backing off after an error."""
-        return time.monotonic() >= self._down_until
+        return self._outage.available
 
-    def _failed(self, op: str, exc: BaseException) -> None:
-        self.stats.errors += 1
-        self._backoff = min(self.backoff_max_s, max(self.backoff_min_s, self._backoff * 2))
-        self._down_until = time.monotonic() + self._backoff
-        log.warning(
-            "redis %s failed (%s: %s); serving uncached, next try in %.1f s",
-            op,
-            type(exc).__name__,
-            exc,
-            self._backoff,
-        )
-
-    def _succeeded(self) -> None:
-        if self._backoff:
-            log.info("redis is reachable again; caching resumes")
-        self._backoff = 0.0
-        self._down_until = 0.0
-
-    async def _guard(self, op: str, coro):
-        # socket timeouts bound each read; wait_for also bounds connect + queueing.
-        try:
-            result = await asyncio.wait_for(coro, self.timeout_s * 3)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # any Redis failure means "uncached", never a 5xx
-            self._failed(op, exc)
-            return None, False
-        self._succeeded()
-        return result, True
+    async def _guard(self, op: str, call: Awaitable[Any]) -> tuple[Any, bool]:
+        return await _guarded(self.stats, self._outage, op, call, self.timeout_s * 3)
 
     async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[np.ndarray | None]:
         if not keys:
@@ -363,6 +394,149 @@ class RedisCache:
             log.debug("closing redis: %s", exc)
 
 
+def is_cluster_url(url: str) -> bool:
+    """Whether ``url`` names a Redis Cluster (``redis+cluster://`` or
+    ``rediss+cluster://``, any one node of it) rather than one Redis server."""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+class RedisClusterCache:
+    """Redis Cluster through ``redis.asyncio.cluster``: the keys of a call grouped by
+    the master that owns their hash slot, one pipeline of GETs (or SET EXs) per master,
+    the masters asked side by side. One MGET would span many slots, which a cluster
+    refuses (docs/design.md §7).
+
+    Each master has its own backoff: a master that fails or times out makes its own
+    keys misses (its writes dropped) while the other masters keep serving, and it is
+    asked again after its pause. The cluster client does not retry either; the
+    failure it saw makes it refresh the slot map on a later call, so a failover to a
+    replica is found without a restart. Values, MACs and TTLs are those of
+    ``RedisCache``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        mac_key: bytes | None = None,
+        timeout_s: float = 0.3,
+        backoff_min_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        parts = urlsplit(url)
+        if parts.scheme not in CLUSTER_SCHEMES:
+            raise ValueError(f"not a Redis Cluster URL (redis+cluster://HOST:PORT): {url!r}")
+        self.url = url
+        self.mac_key = mac_key or cache_secret(None, None).key
+        self.timeout_s = timeout_s
+        self.backoff_min_s = backoff_min_s
+        self.backoff_max_s = backoff_max_s
+        self.stats = CacheStats()
+        self._client = RedisCluster.from_url(
+            parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme]).geturl(),
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        # Reaching the cluster at all (its slot map), then each master on its own.
+        self._topology = _Outage("redis cluster", backoff_min_s, backoff_max_s)
+        self._masters: dict[str, _Outage] = {}
+
+    def _outage(self, node: str) -> _Outage:
+        if node not in self._masters:
+            where = f"redis cluster master {node}"
+            self._masters[node] = _Outage(where, self.backoff_min_s, self.backoff_max_s)
+        return self._masters[node]
+
+    async def _by_master(self, names: Sequence[str]) -> dict[str, list[int]]:
+        """Indices of ``names`` by the master owning their slot, less those of masters
+        backing off (counted as skipped); none when the slot map cannot be had."""
+        from redis.exceptions import SlotNotCoveredError
+
+        if not self._topology.available:
+            self.stats.skipped += len(names)
+            return {}
+        _, ok = await _guarded(
+            self.stats,
+            self._topology,
+            "CLUSTER SLOTS",
+            self._client.initialize(),
+            3 * self.timeout_s,
+        )
+        if not ok:
+            return {}
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            try:
+                node = self._client.get_node_from_key(name)
+            except SlotNotCoveredError:  # the cluster serves no such slot now
+                self.stats.skipped += 1
+                continue
+            if node is not None:
+                groups.setdefault(node.name, []).append(i)
+        for node in [n for n in groups if not self._outage(n).available]:
+            self.stats.skipped += len(groups.pop(node))
+        return groups
+
+    async def _on_master(self, node: str, op: str, pipe: Any) -> tuple[Any, bool]:
+        return await _guarded(
+            self.stats, self._outage(node), op, pipe.execute(), self.timeout_s * 3
+        )
+
+    async def get_many(self, namespace: str, keys: Sequence[bytes]) -> list[np.ndarray | None]:
+        if not keys:
+            return []
+        names = [entry_name(namespace, k) for k in keys]
+        found: list[np.ndarray | None] = [None] * len(keys)
+        groups = await self._by_master(names)
+
+        async def read(node: str, indices: list[int]) -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for i in indices:
+                pipe.get(names[i])
+            blobs, ok = await self._on_master(node, "GET", pipe)
+            if ok:
+                values = _decode_all(self.stats, [names[i] for i in indices], blobs, self.mac_key)
+                for i, value in zip(indices, values, strict=True):
+                    found[i] = value
+
+        await asyncio.gather(*(read(node, indices) for node, indices in groups.items()))
+        return found
+
+    async def set_many(
+        self, namespace: str, items: Sequence[tuple[bytes, np.ndarray]], ttl_s: int
+    ) -> None:
+        if not items:
+            return
+        names = [entry_name(namespace, key) for key, _ in items]
+        groups = await self._by_master(names)
+
+        async def write(node: str, indices: list[int]) -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for i in indices:
+                value = encode_value(items[i][1], names[i], self.mac_key)
+                pipe.set(names[i], value, ex=int(ttl_s))
+            _, ok = await self._on_master(node, "SET", pipe)
+            if ok:
+                self.stats.writes += len(indices)
+
+        await asyncio.gather(*(write(node, indices) for node, indices in groups.items()))
+
+    async def put_raw(self, namespace: str, key: bytes, blob: bytes, ttl_s: int = 3600) -> None:
+        """Store bytes as they are (tests use it to plant a corrupt value)."""
+        await self._client.set(entry_name(namespace, key), blob, ex=ttl_s)
+
+    async def close(self) -> None:
+        try:
+            await self._client.aclose()
+        except Exception as exc:  # closing a dead connection may fail; nothing to do
+            log.debug("closing redis cluster: %s", exc)
+
+
 def build_cache(
     redis_url: str | None,
     *,
@@ -371,10 +545,10 @@ def build_cache(
     timeout_s: float = 0.3,
     backoff_max_s: float = 5.0,
 ) -> PositivesCache:
-    """Redis when a URL is given, else the in-process LRU; both MAC their values
-    with ``mac_key`` (random to this process when None)."""
+    """Redis (a Redis Cluster for ``redis+cluster://``) when a URL is given, else the
+    in-process LRU; all MAC their values with ``mac_key`` (random to this process
+    when None)."""
     if redis_url:
-        return RedisCache(
-            redis_url, mac_key=mac_key, timeout_s=timeout_s, backoff_max_s=backoff_max_s
-        )
+        kind = RedisClusterCache if is_cluster_url(redis_url) else RedisCache
+        return kind(redis_url, mac_key=mac_key, timeout_s=timeout_s, backoff_max_s=backoff_max_s)
     return MemoryCache(cache_mb, mac_key=mac_key)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from clsp_positives.options import flag
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.params import DEFAULT_MAX_K, DEFAULT_SAMPLING, Sampling
+from clsp_positives.service.cache import CLUSTER_SCHEMES, SERVER_SCHEMES
 
 ENV_PREFIX = "CLSP_"
 
@@ -44,8 +45,9 @@ class ServiceSettings(BaseModel):
     )
     redis: str | None = Field(
         None,
-        description="Redis URL, e.g. redis://host:6379/0; without it the cache is an "
-        "in-process LRU bounded by cache_mb.",
+        description="Redis URL, e.g. redis://host:6379/0, or any one node of a Redis "
+        "Cluster as redis+cluster://host:6379 (rediss+cluster:// with TLS); without it the "
+        "cache is an in-process LRU bounded by cache_mb.",
     )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in containers).")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free one).")
@@ -127,6 +129,19 @@ class ServiceSettings(BaseModel):
     warmup_steps: int = Field(
         2, ge=1, description="Steps of the warm-up batch run before /readyz answers 200."
     )
+
+    @field_validator("redis")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        if not value:
+            return value
+        url = urlsplit(value)
+        if url.scheme not in (*SERVER_SCHEMES, *CLUSTER_SCHEMES):
+            forms = ", ".join(f"{s}://" for s in (*SERVER_SCHEMES, *CLUSTER_SCHEMES))
+            raise ValueError(f"a Redis URL starts with one of {forms}")
+        if url.scheme in CLUSTER_SCHEMES and url.path.strip("/") not in ("", "0"):
+            raise ValueError("a Redis Cluster has only database 0: drop the path")
+        return value
 
     @field_validator("log_level")
     @classmethod

@@ -52,7 +52,10 @@ def _refuse_second_start(proc: subprocess.Popen | None, what: str) -> None:
 class RedisServer:
     """A throwaway redis-server: no persistence, LRU eviction, loopback only."""
 
-    def __init__(self, port: int | None = None, maxmemory: str = "256mb") -> None:
+    def __init__(
+        self, port: int | None = None, maxmemory: str = "256mb", args: Sequence[str] = ()
+    ) -> None:
+        """``args`` are more ``redis-server`` options (a cluster node's, say)."""
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError(
@@ -61,6 +64,7 @@ class RedisServer:
             )
         self.port = port or free_port()
         self.maxmemory = maxmemory
+        self.args = list(args)
         self.proc: subprocess.Popen | None = None
         self.workdir = tempfile.mkdtemp(prefix="clsp-redis-")
 
@@ -90,6 +94,7 @@ class RedisServer:
                 "allkeys-lru",
                 "--protected-mode",
                 "no",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -129,6 +134,78 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class RedisCluster:
+    """A throwaway Redis Cluster of ``masters`` masters and no replicas, each a
+    ``RedisServer`` on loopback with its ``nodes-PORT.conf`` in one folder, so that a
+    killed master started again rejoins with its slots (docs/deployment.md).
+
+    Masters keep serving their own slots while another is down
+    (``cluster-require-full-coverage no``, as docs/deployment.md advises)."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.cli = shutil.which("redis-cli")
+        if self.cli is None:
+            raise RuntimeError(
+                "redis-cli is not installed: run `make system-tools` (it installs "
+                "Debian's redis-tools) or `apt-get install -y redis-tools`"
+            )
+        self.confdir = tempfile.mkdtemp(prefix="clsp-redis-cluster-")
+        self.nodes = [self._node(free_port()) for _ in range(masters)]
+
+    def _node(self, port: int) -> RedisServer:
+        conf = os.path.join(self.confdir, f"nodes-{port}.conf")
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", conf]
+        # The bus port is its own free port: the default, port + 10000, may be taken
+        # or past 65535 for a port the OS picked.
+        args += ["--cluster-port", str(free_port()), "--cluster-require-full-coverage", "no"]
+        return RedisServer(port, args=args)
+
+    @property
+    def url(self) -> str:
+        """The service's ``--redis``: one node, the client finds the others."""
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self, timeout: float = 30.0) -> RedisCluster:
+        """Start every node, make them one cluster, wait until each says it is ok."""
+        try:
+            for node in self.nodes:
+                node.start()
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            create = [self.cli, "--cluster", "create", *addresses]
+            subprocess.run(
+                [*create, "--cluster-replicas", "0", "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=timeout,
+            )
+            self.wait_ok(timeout)
+        except Exception:
+            self.close()
+            raise
+        return self
+
+    def ok(self) -> bool:
+        """Every node runs and says ``cluster_state:ok``."""
+        try:
+            return all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in self.nodes)
+        except OSError:
+            return False
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        _wait_until(self.ok, timeout, "redis cluster")
+
+    def restart(self, index: int, timeout: float = 30.0) -> None:
+        """Start a killed or stopped node again from its nodes.conf (empty: no
+        persistence) and wait for the cluster to be ok."""
+        self.nodes[index].start(timeout)
+        self.wait_ok(timeout)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        shutil.rmtree(self.confdir, ignore_errors=True)
 
 
 class ServerProcess:
