@@ -50,6 +50,10 @@ def train(
     except (ValueError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    if not result.is_main:
+        # Under torchrun rank 0 reports and calibrates, after every rank has passed the
+        # closing barrier (docs/training.md, "Training the DDPM at scale").
+        return
     resumed = f" (resumed at step {result.start_step})" if result.start_step else ""
     typer.echo(
         f"trained to step {result.step}{resumed} in {result.seconds:.0f}s, "

@@ -59,7 +59,12 @@ class DiffusionTrainConfig(BaseModel):
         "whichever comes first stops).",
     )
     minutes: float | None = Field(None, gt=0, description="Wall-clock budget of this run.")
-    batch_size: int = Field(64, ge=1, description="Images per optimizer step.")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Images per optimizer step: the global batch, split evenly over the "
+        "ranks of a torchrun (docs/training.md, Training the DDPM at scale).",
+    )
     lr: float = Field(2e-4, gt=0, description="Peak AdamW learning rate.")
     lr_warmup: int = Field(
         100,
@@ -87,7 +92,26 @@ class DiffusionTrainConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads.", json_schema_extra={DEFAULT_TEXT: "torch's"}
     )
-    device: str = Field("cpu", description="torch device, e.g. cpu or cuda.")
+    device: str = Field(
+        "cpu",
+        description="torch device, e.g. cpu or cuda (under torchrun, cuda is each rank's "
+        "LOCAL_RANK GPU).",
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Arithmetic of the UNet's forward and backward: bf16 autocast (CUDA, or a "
+        "CPU with native bf16), fp16 autocast with a gradient scaler (CUDA only), or fp32; "
+        "refused where it would be emulated. The weights, the EMA and the optimizer state "
+        "stay fp32.",
+    )
+    data_workers: int = Field(
+        0,
+        ge=0,
+        description="Stream an image folder from disk, decoded and resized in this many "
+        "DataLoader worker processes, for folders larger than memory (needs --image-size; "
+        "0: load the data set in memory, as the named sets always are; docs/training.md, "
+        "Large data sets).",
+    )
     progress: bool = Field(True, description="Progress bar.")
     tensorboard: bool = Field(
         False,

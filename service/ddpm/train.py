@@ -6,15 +6,24 @@ weights: the EMA copy is what gets saved and sampled, since it gives much cleane
 the raw weights after a short run.
 
 ``--out`` holds the DDPM pipeline layout (``unet/`` with the EMA weights, ``scheduler/``), the
-training state (``train_state.pt``: raw weights, EMA, optimizer, step, data order, RNG) so that
-a second run with the same ``--out`` resumes where the first stopped, ``samples.png``, and the
-run's log: ``metrics.jsonl``, ``curves.png`` and with ``--tensorboard`` ``tensorboard/``
+training state (``train_state.pt``: raw weights, EMA, optimizer, step) so that a second run
+with the same ``--out`` resumes where the first stopped, ``samples.png``, and the run's log:
+``metrics.jsonl``, ``curves.png`` and with ``--tensorboard`` ``tensorboard/``
 (service/ddpm/tracking.py).
+
+At scale (docs/training.md, "Training the DDPM at scale"): under torchrun the UNet is wrapped
+in DDP and the global ``--batch-size`` split over the ranks; every random draw is a pure
+function of ``--seed``, the step and the rank (``derived_seed``), so the state needs no RNG
+or data position and a resumed run at the same world size continues bit for bit. Rank 0
+alone writes; the others wait at the closing barrier. ``--precision`` runs the UNet under
+autocast, ``--data-workers`` streams an image folder (``clsp_positives/streamed.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -28,16 +37,33 @@ import numpy as np
 import torch
 
 from clsp_positives.config_file import RUN_CONFIG_NAME, write_config_file
+from clsp_positives.distributed import (
+    DistributedContext,
+    all_reduce_sum,
+    barrier,
+    gather_nograd,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+)
 from clsp_positives.proto.keys import unit_to_uint8
 from clsp_positives.service.ddpm.config import COMMAND, DiffusionTrainConfig
 from clsp_positives.service.ddpm.tracking import DiffusionLog, check_tracking
 
 if TYPE_CHECKING:
+    from clsp_positives.images import ImageSet
     from clsp_positives.service.ddpm.latents import LatentData
+    from clsp_positives.streamed import LoadedBatch, StreamedImages
 
 STATE_FILE = "train_state.pt"
 SAMPLES_FILE = "samples.png"
-STATE_VERSION = 1
+STATE_VERSION = 2
+READABLE_STATES = (1, STATE_VERSION)
+"""Version 1 (one process, a saved generator and data position) resumes too: its
+weights, EMA, optimizer and step carry over, and the draws follow ``derived_seed``."""
+
+ORDER, NOISE = 0, 1
+"""The purposes ``derived_seed`` keys its seeds by: an epoch's data order, a step's noise."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +75,46 @@ class TrainResult:
     images_per_s: float
     seconds: float
     parameters: int
+    is_main: bool = True  # rank 0 (or no torchrun): the rank that wrote --out
+
+
+def derived_seed(seed: int, purpose: int, *keys: int) -> int:
+    """A 63-bit seed for one draw (the order of epoch ``e``; the noise of rank ``r`` at
+    step ``s``) from ``--seed``: a pure function of its keys, so a resumed run redraws
+    exactly what the stopped one would have, and ranks draw independent noise."""
+    words = np.random.SeedSequence([seed % 2**64, purpose, *keys]).generate_state(1, np.uint64)
+    return int(words[0]) >> 1
+
+
+def precision_dtype(
+    precision: str, device: torch.device, *, cpu_bf16: bool | None = None
+) -> torch.dtype | None:
+    """The autocast dtype of ``--precision`` on ``device`` (None: fp32, no autocast), or a
+    ValueError where it would be emulated. bf16 on a CPU needs native bf16 (AVX512-BF16 or
+    AMX), as ``clsp serve --dtype`` decides (``generator.cpu_has_bf16``; docs/performance.md);
+    fp16 needs CUDA. ``cpu_bf16`` overrides the CPU check (None: ask this machine)."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ValueError(
+                f"--precision fp16 runs on CUDA only (its gradient scaler and kernels), not on "
+                f"--device {device}: use --precision bf16 or fp32"
+            )
+        return torch.float16
+    if precision != "bf16":
+        raise ValueError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    if device.type == "cpu":
+        if cpu_bf16 is None:
+            from clsp_positives.service.sampling.generator import cpu_has_bf16
+
+            cpu_bf16 = cpu_has_bf16()
+        if not cpu_bf16:
+            raise ValueError(
+                "--precision bf16 on this CPU would be emulated (no AVX512-BF16 or AMX), "
+                "slower than fp32: use --precision fp32, or a GPU"
+            )
+    return torch.bfloat16
 
 
 # ---------------------------------------------------------------- pure schedule helpers
@@ -115,74 +181,92 @@ def build_unet(unet_config: dict[str, Any]) -> torch.nn.Module:
 
 
 class BatchOrder:
-    """Epoch-wise random permutations drawn from one generator; its position is checkpointed."""
+    """The global batches: epoch ``e`` is a permutation of the set seeded by
+    ``derived_seed(seed, ORDER, e)``, cut into ``n // batch_size`` batches (the incomplete
+    last one dropped). A pure function of the step, so a resumed run needs no saved
+    position, and every rank computes the same global batch and trains on its own
+    disjoint slice of it (``rank_batch``)."""
 
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
-        if n < 1:
-            raise ValueError("the data set is empty")
-        self.n = n
-        self.batch_size = min(batch_size, n)
-        self.generator = generator
-        self.perm = torch.randperm(n, generator=generator)
-        self.pos = 0
+    def __init__(self, n: int, batch_size: int, seed: int, *, world_size: int = 1) -> None:
+        if n < world_size:
+            raise ValueError(f"the data set has {n} images, fewer than the {world_size} ranks")
+        # A set smaller than the batch is one batch, still split evenly over the ranks.
+        self.batch_size = min(batch_size, n - n % world_size)
+        self.n, self.seed, self.world_size = n, seed, world_size
+        self.per_rank = self.batch_size // world_size
+        self.steps_per_epoch = n // self.batch_size
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.int64)
 
-    def next(self) -> torch.Tensor:
-        if self.pos + self.batch_size > self.n:
-            self.perm = torch.randperm(self.n, generator=self.generator)
-            self.pos = 0
-        idx = self.perm[self.pos : self.pos + self.batch_size]
-        self.pos += self.batch_size
-        return idx
+    def global_batch(self, step: int) -> torch.Tensor:
+        epoch, row = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(derived_seed(self.seed, ORDER, epoch))
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[row * self.batch_size : (row + 1) * self.batch_size]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"perm": self.perm.clone(), "pos": self.pos}
+    def rank_batch(self, step: int, rank: int) -> torch.Tensor:
+        return self.global_batch(step)[rank * self.per_rank : (rank + 1) * self.per_rank]
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state["perm"]) != self.n:
-            raise ValueError("the saved data order is for a data set of another size")
-        self.perm, self.pos = state["perm"], int(state["pos"])
+    def rank_batches(self, start: int, stop: int | None, rank: int) -> Iterator[list[int]]:
+        """Rank ``rank``'s batches of steps ``start..stop`` (on without end for None): a
+        streamed loader's ``batch_sampler``."""
+        steps = itertools.count(start) if stop is None else range(start, stop)
+        for step in steps:
+            yield self.rank_batch(step, rank).tolist()
 
 
 # ---------------------------------------------------------------- training
 
 
 class DiffusionTrainer:
-    """One DDPM training run: state, a step, checkpoints and a sample grid."""
+    """One DDPM training run on one rank: state, a step, checkpoints and a sample grid."""
 
-    def __init__(self, config: DiffusionTrainConfig) -> None:
+    def __init__(self, config: DiffusionTrainConfig, ctx: DistributedContext | None = None) -> None:
         from diffusers import DDPMScheduler
 
-        from clsp_positives.images import load_images
         from clsp_positives.service.ddpm import presets
 
         self.config = config
+        self.ctx = ctx or DistributedContext(0, 1, 0, resolve_device(config.device))
         self.out = Path(config.out)
+        self.device = self.ctx.device
+        if config.batch_size % self.ctx.world_size:
+            raise ValueError(
+                f"--batch-size {config.batch_size} is the global batch, split evenly over the "
+                f"{self.ctx.world_size} ranks of this torchrun: make it a multiple of "
+                f"{self.ctx.world_size}"
+            )
+        self.autocast_dtype = precision_dtype(config.precision, self.device)
         if config.threads:
             torch.set_num_threads(config.threads)
-        data = load_images(
-            config.dataset,
-            split="train",
-            size=config.image_size,
-            channels=config.channels,
-            root=config.data_root,
-            download=config.download,
-        )
+        data = _load_data(config, self.ctx)
         self.data_name = data.name
-        self.device = torch.device(config.device)
-        images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()  # uint8
-        self.images = images.to(self.device)
-        self.image_size, self.image_channels = data.size, data.channels
+        self.streamed = data if config.data_workers else None
+        self.images = torch.empty(0, dtype=torch.uint8)
+        if self.streamed is None:
+            # uint8 NCHW on the device: the whole set, indexed by each step's batch.
+            self.images = torch.from_numpy(data.images).permute(0, 3, 1, 2).contiguous()
+            self.images = self.images.to(self.device)
+        n, self.image_size, _, self.image_channels = _shape(data)
         # What the UNet sees: the pictures, or with --vae their latents (docs/latent.md).
-        self.sample_size, self.channels = data.size, data.channels
+        self.sample_size, self.channels = self.image_size, self.image_channels
         self.autoencoder = None
         self.latents: LatentData | None = None
         if config.vae:
+            if self.streamed is not None:
+                raise ValueError(
+                    "--vae encodes the whole set before the first step, which a streamed "
+                    "folder does not hold: load it in memory (--data-workers 0)"
+                )
             from clsp_positives.service.ddpm.latents import encode_data_set
             from clsp_positives.service.sampling.model import load_autoencoder
 
             self.autoencoder = load_autoencoder(config.vae).to(self.device)
             self.latents = encode_data_set(
-                self.autoencoder, self.images, flips=config.use_flip, progress=config.progress
+                self.autoencoder,
+                self.images,
+                flips=config.use_flip,
+                progress=config.progress and self.ctx.is_main,
             )
             self.channels, self.sample_size = self.latents.chw[0], self.latents.chw[1]
 
@@ -204,26 +288,34 @@ class DiffusionTrainer:
         self.sqrt_ab = ab.sqrt().to(self.device)
         self.sqrt_1mab = (1.0 - ab).sqrt().to(self.device)
 
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.unet = build_unet(self.unet_config).to(self.device)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False).eval()
         self.optimizer = torch.optim.AdamW(
             self.unet.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.order = BatchOrder(len(self.images), config.batch_size, self.generator)
+        # fp16's range needs loss scaling; bf16 has fp32's exponent and does not.
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        self.order = BatchOrder(n, config.batch_size, config.seed, world_size=self.ctx.world_size)
         self.step = 0
         if state is not None:
             # Loaded onto the CPU; load_state_dict copies into the device tensors.
             self.unet.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.generator.set_state(state["generator"])
-            self.order.load_state_dict(state["order"])
-            torch.set_rng_state(state["torch_rng"])
+            if self.scaler is not None and "grad_scaler" in state:
+                self.scaler.load_state_dict(state["grad_scaler"])
             self.step = int(state["step"])
         self.start_step = self.step
         self.parameters = sum(p.numel() for p in self.unet.parameters())
+        self.model: torch.nn.Module = self.unet
+        if self.ctx.distributed:
+            # Gradients are averaged over the ranks in backward, so every rank takes the
+            # same optimizer step and holds the same weights and EMA.
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.unet, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self._loaded = self._open_loader() if self.streamed is not None else None
 
     # -- state
 
@@ -233,7 +325,7 @@ class DiffusionTrainer:
             return None
         # Tensors, numbers, strings and plain containers only: no pickled objects.
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in READABLE_STATES:
             raise ValueError(f"{path} is not a training state of this version; use a new --out")
         return state
 
@@ -244,6 +336,14 @@ class DiffusionTrainer:
             raise ValueError(
                 f"--out {str(self.out)!r} holds a run on {saved}, not {here}: use the same "
                 "--dataset/--image-size/--channels to resume, or a new --out"
+            )
+        ranks = int(state.get("world_size", 1))
+        if ranks != self.ctx.world_size:
+            raise ValueError(
+                f"--out {str(self.out)!r} holds a run trained on {ranks} rank(s), and this run "
+                f"has {self.ctx.world_size}: resume it with {ranks} (torchrun --nnodes x "
+                f"--nproc-per-node = {ranks}), since each rank's noise and the order the "
+                "gradients are summed in depend on the world size, or use a new --out"
             )
 
     def _data_identity(self) -> dict[str, Any]:
@@ -259,26 +359,31 @@ class DiffusionTrainer:
         return data
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "version": STATE_VERSION,
             "step": self.step,
             "model": self.unet.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "order": self.order.state_dict(),
             "unet_config": self.unet_config,
             "scheduler_config": self.scheduler_config,
             "data": self._data_identity(),
             "batch_size": self.config.batch_size,
             "seed": self.config.seed,
+            "world_size": self.ctx.world_size,
+            "precision": self.config.precision,
         }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
 
     def save(self) -> None:
-        """EMA weights in the pipeline layout, then the state (each written atomically)."""
+        """EMA weights in the pipeline layout, then the state (each written atomically).
+        Rank 0's job: every rank holds the same weights (see ``check_replicas_agree``)."""
         from clsp_positives.service.ddpm import presets
 
+        if not self.ctx.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         presets.save_model(self.ema, self.scheduler_config, self.out)
         if self.autoencoder is not None:
@@ -291,35 +396,87 @@ class DiffusionTrainer:
         torch.save(self.state_dict(), tmp)
         os.replace(tmp, self.out / STATE_FILE)
 
+    @torch.no_grad()
+    def check_replicas_agree(self) -> None:
+        """Every rank's EMA is the one rank 0 saves; a difference (a rank-dependent
+        learning rate, a missed all-reduce) would otherwise pass silently."""
+        if not self.ctx.distributed:
+            return
+        total = torch.stack([p.double().sum() for p in self.ema.parameters()]).sum()
+        sums = gather_nograd(total.view(1))
+        if not bool((sums == sums[0]).all()):
+            raise RuntimeError(f"the ranks' EMA weights differ (sums {sums.tolist()})")
+
     # -- training
 
-    def batch(self) -> torch.Tensor:
-        idx = self.order.next().to(self.device)
+    def _open_loader(self) -> Iterator[LoadedBatch]:
+        """The streamed folder's loader over this rank's batches of the remaining steps
+        (its own ``BatchOrder``: the workers' read-ahead leaves the step's untouched)."""
+        assert self.streamed is not None
+        order = BatchOrder(
+            self.order.n, self.config.batch_size, self.config.seed, world_size=self.ctx.world_size
+        )
+        batches = order.rank_batches(self.step, self.config.steps, self.ctx.rank)
+        return iter(self.streamed.loader(batches))
+
+    def close(self) -> None:
+        """Stop a streamed loader's workers."""
+        self._loaded = None
+
+    def batch(self, g: torch.Generator) -> torch.Tensor:
+        """This rank's share of the step's batch in [-1, 1] (or latents), flipped by ``g``."""
+        idx = self.order.rank_batch(self.step, self.ctx.rank)
         if self.latents is not None:
-            return self.latents.batch(idx, self.generator if self.config.use_flip else None)
-        x = self.images[idx].to(torch.float32).div_(127.5).sub_(1.0)
+            return self.latents.batch(idx.to(self.device), g if self.config.use_flip else None)
+        if self._loaded is not None:
+            loaded = next(self._loaded)
+            if not torch.equal(loaded.indices, idx):
+                raise RuntimeError("the streamed loader is out of step with the batch order")
+            pixels = loaded.images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+            pixels = pixels.contiguous()  # NCHW as in memory: channels-last convs round otherwise
+        else:
+            pixels = self.images[idx.to(self.device)]
+        x = pixels.to(torch.float32).div_(127.5).sub_(1.0)
         if self.config.use_flip:
-            flip = (torch.rand(len(x), generator=self.generator) < 0.5).to(self.device)
+            flip = (torch.rand(len(x), generator=g) < 0.5).to(self.device)
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x
 
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     def train_step(self, progress: float) -> torch.Tensor:
         """One optimizer step; returns the loss tensor (not synced, so GPUs run ahead)."""
-        x0 = self.batch()
+        # Every draw of the step from one CPU generator seeded by (seed, step, rank): a
+        # resumed run draws what the stopped one would have, on any device.
+        g = torch.Generator().manual_seed(
+            derived_seed(self.config.seed, NOISE, self.step, self.ctx.rank)
+        )
+        x0 = self.batch(g)
         n = len(x0)
-        # All training randomness comes from one CPU generator, so resume and devices agree.
-        t = torch.randint(0, self.num_train_timesteps, (n,), generator=self.generator)
-        noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=g)
+        noise = torch.randn(x0.shape, generator=g).to(self.device)
         t = t.to(self.device)
         xt = self.sqrt_ab[t].view(n, 1, 1, 1) * x0 + self.sqrt_1mab[t].view(n, 1, 1, 1) * noise
-        pred = self.unet(xt, t).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        with self._autocast():
+            pred = self.model(xt, t, return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+        else:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.config.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.config, self.step, progress)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         ema_update(self.ema, self.unet, ema_decay_at(self.config.ema_decay, self.step))
         self.step += 1
         return loss.detach()
@@ -360,14 +517,60 @@ class DiffusionTrainer:
         return path
 
 
-def _progress_bar(config: DiffusionTrainConfig, start: int) -> Any:
+def _load_data(config: DiffusionTrainConfig, ctx: DistributedContext) -> ImageSet | StreamedImages:
+    """The training set: an image folder streamed by ``--data-workers`` processes, or the
+    set in memory. With ``--download`` under torchrun, rank 0 fetches it while the others
+    wait, so no two ranks write the same files."""
+    if config.data_workers:
+        from clsp_positives.streamed import open_streamed
+
+        return open_streamed(
+            config.dataset,
+            split="train",
+            size=config.image_size,
+            channels=config.channels,
+            workers=config.data_workers,
+            pin_memory=ctx.device.type == "cuda",
+        )
+    from clsp_positives.images import load_images
+
+    def load(download: bool) -> ImageSet:
+        return load_images(
+            config.dataset,
+            split="train",
+            size=config.image_size,
+            channels=config.channels,
+            root=config.data_root,
+            download=download,
+        )
+
+    if not (config.download and ctx.distributed):
+        return load(config.download)
+    if not ctx.is_main:
+        barrier()
+        return load(False)
+    data = load(True)
+    barrier()
+    return data
+
+
+def _shape(data: ImageSet | StreamedImages) -> tuple[int, int, int, int]:
+    """``(N, H, W, C)`` of a set in memory or streamed."""
+    from clsp_positives.streamed import StreamedImages
+
+    shape = data.shape if isinstance(data, StreamedImages) else data.images.shape
+    n, h, w, c = (int(v) for v in shape)
+    return n, h, w, c
+
+
+def _progress_bar(config: DiffusionTrainConfig, start: int, *, show: bool) -> Any:
     from tqdm.auto import tqdm
 
     total = config.steps if config.steps is not None else None
     return tqdm(
         total=total,
         initial=start,
-        disable=not config.progress,
+        disable=not (config.progress and show),
         unit="step",
         dynamic_ncols=True,
         desc="diffusion train",
@@ -387,33 +590,66 @@ def train(
     machine can pass process CPU time instead so that other load does not shrink its budget.
     Before the first step the resolved configuration goes to ``--out``'s ``config.yaml``
     and, with the file's path, to ``on_start`` (the command prints it).
+
+    Under torchrun every rank runs this and joins the process group here (gloo on the CPU,
+    NCCL on CUDA); rank 0 writes ``--out`` and the others wait for it at the closing
+    barrier, so that on every rank the model is complete when this returns
+    (docs/training.md, "Training the DDPM at scale").
     """
     check_tracking(config.tensorboard)
-    trainer = DiffusionTrainer(config)
+    ctx = init_distributed(config.device)
+    try:
+        trainer = DiffusionTrainer(config, ctx)
+        try:
+            result = _run(trainer, on_step=on_step, on_start=on_start, clock=clock)
+        finally:
+            trainer.close()
+    except BaseException:
+        shutdown_distributed(wait_for_peers=False)
+        raise
+    shutdown_distributed()
+    return result
+
+
+def _run(
+    trainer: DiffusionTrainer,
+    *,
+    on_step: Callable[[int, float], None] | None,
+    on_start: Callable[[DiffusionTrainConfig, Path], None] | None,
+    clock: Callable[[], float],
+) -> TrainResult:
+    config, main = trainer.config, trainer.ctx.is_main
     resolved = config.resolved(trainer.image_size, trainer.image_channels)
-    written = write_config_file(
-        trainer.out / RUN_CONFIG_NAME, resolved.model_dump(mode="json"), command=COMMAND
+    if main:
+        written = write_config_file(
+            trainer.out / RUN_CONFIG_NAME, resolved.model_dump(mode="json"), command=COMMAND
+        )
+        if on_start is not None:
+            on_start(resolved, written)
+    run_log = (
+        DiffusionLog(trainer.out, tensorboard=config.tensorboard, start_step=trainer.step)
+        if main
+        else None
     )
-    if on_start is not None:
-        on_start(resolved, written)
-    run_log = DiffusionLog(trainer.out, tensorboard=config.tensorboard, start_step=trainer.step)
     budget_s = config.minutes * 60.0 if config.minutes is not None else math.inf
     t0 = clock()
     window_loss: list[torch.Tensor] = []
     last_loss = float("nan")
     window_t, window_n = t0, 0
     ips = 0.0
-    bar = _progress_bar(config, trainer.step)
+    bar = _progress_bar(config, trainer.step, show=main)
     try:
         trainer.unet.train()
-        for _ in _steps_until(trainer, config, clock, t0, budget_s):
-            elapsed = clock() - t0
+        while config.steps is None or trainer.step < config.steps:
+            elapsed = _shared_elapsed(trainer.ctx, clock() - t0, budget_s)
+            if elapsed >= budget_s:
+                break
             progress = max(
                 trainer.step / config.steps if config.steps else 0.0,
                 elapsed / budget_s if math.isfinite(budget_s) else 0.0,
             )
             window_loss.append(trainer.train_step(progress))
-            window_n += trainer.order.batch_size
+            window_n += trainer.order.batch_size  # the global batch: every rank's share
             if on_step is not None:
                 on_step(trainer.step, float(window_loss[-1]))
             now = clock()
@@ -421,31 +657,35 @@ def train(
                 last_loss = float(torch.stack(window_loss).mean())
                 ips = window_n / max(now - window_t, 1e-9)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{ips:.0f}")
-                run_log.window(trainer.step, last_loss, _lr(trainer), ips)
+                if run_log is not None:
+                    run_log.window(trainer.step, last_loss, _lr(trainer), ips)
                 window_t, window_n, window_loss = now, 0, []
             bar.update(1)
             if trainer.step % config.save_every == 0:
                 trainer.save()
-                if run_log.wants_samples:
+                if run_log is not None and run_log.wants_samples:
                     run_log.samples(trainer.step, trainer.sample_grid())
     except BaseException:
-        run_log.close()
+        if run_log is not None:
+            run_log.close()
         raise
     finally:
         bar.close()
     if window_loss:
         last_loss = float(torch.stack(window_loss).mean())
-        run_log.window(
-            trainer.step, last_loss, _lr(trainer), window_n / max(clock() - window_t, 1e-9)
-        )
+        if run_log is not None:
+            rate = window_n / max(clock() - window_t, 1e-9)
+            run_log.window(trainer.step, last_loss, _lr(trainer), rate)
     seconds = clock() - t0
     if ips == 0.0 and seconds > 0:
         ips = (trainer.step - trainer.start_step) * trainer.order.batch_size / seconds
+    trainer.check_replicas_agree()
     trainer.save()
-    grid = trainer.sample_grid()
-    trainer.write_samples(grid)
-    run_log.samples(trainer.step, grid)
-    run_log.close()
+    if run_log is not None:
+        grid = trainer.sample_grid()
+        trainer.write_samples(grid)
+        run_log.samples(trainer.step, grid)
+        run_log.close()
     return TrainResult(
         out=trainer.out,
         step=trainer.step,
@@ -454,21 +694,19 @@ def train(
         images_per_s=ips,
         seconds=seconds,
         parameters=trainer.parameters,
+        is_main=main,
     )
+
+
+def _shared_elapsed(ctx: DistributedContext, elapsed: float, budget_s: float) -> float:
+    """With a ``--minutes`` budget under torchrun, rank 0's elapsed time on every rank:
+    the ranks must stop at the same step (a rank that stops alone leaves the others
+    waiting in the all-reduce) and see the same cosine progress (or their weights part)."""
+    if not ctx.distributed or not math.isfinite(budget_s):
+        return elapsed
+    mine = torch.tensor([elapsed if ctx.is_main else 0.0], dtype=torch.float64)
+    return float(all_reduce_sum(mine.to(ctx.device))[0])
 
 
 def _lr(trainer: DiffusionTrainer) -> float:
     return float(trainer.optimizer.param_groups[0]["lr"])
-
-
-def _steps_until(
-    trainer: DiffusionTrainer,
-    config: DiffusionTrainConfig,
-    clock: Callable[[], float],
-    t0: float,
-    budget_s: float,
-) -> Iterator[None]:
-    while config.steps is None or trainer.step < config.steps:
-        if clock() - t0 >= budget_s:
-            return
-        yield None
