@@ -29,7 +29,7 @@ from clsp_positives.proto.messages import ErrorBody
 from clsp_positives.proto.model_settings import GENERATION_DEFAULTS_FILE
 from clsp_positives.proto.openapi import build_openapi
 from clsp_positives.service.batcher import BatcherClosed, QueueFull
-from clsp_positives.service.cache import PositivesCache, build_cache, cache_secret
+from clsp_positives.service.cache import PositivesCache, build_cache, cache_secret, is_cluster_url
 from clsp_positives.service.metrics import ServiceMetrics, route_label
 from clsp_positives.service.positives import PositivesService
 from clsp_positives.service.requests import (
@@ -296,11 +296,18 @@ def build_app(settings: ServiceSettings) -> FastAPI:
         settings.model,
         settings.device,
         settings.dtype,
-        "redis" if settings.redis else f"in-process LRU of {settings.cache_mb:g} MB",
+        cache_kind(settings),
     )
     log.info("cache values are MACed with a key from %s", secret.source)
     log_generation_defaults(settings, generator)
     return create_app(settings, generator, cache)
+
+
+def cache_kind(settings: ServiceSettings) -> str:
+    """The cache a service runs, for its start-up line (docs/reliability.md)."""
+    if not settings.redis:
+        return f"in-process LRU of {settings.cache_mb:g} MB"
+    return "redis cluster" if is_cluster_url(settings.redis) else "redis"
 
 
 def log_generation_defaults(settings: ServiceSettings, generator: PositivesGenerator) -> None:
