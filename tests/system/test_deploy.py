@@ -33,7 +33,13 @@ COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 K8S = ROOT / "deploy" / "k8s"
-KUSTOMIZATIONS = ["base", "overlays/job", "overlays/pytorchjob", "overlays/autoscaling"]
+KUSTOMIZATIONS = [
+    "base",
+    "overlays/job",
+    "overlays/pytorchjob",
+    "overlays/ddpm-pytorchjob",
+    "overlays/autoscaling",
+]
 # The oldest Kubernetes we claim to run on, and the newest schemas we have.
 K8S_VERSIONS = ["1.27.0", "latest"]
 
@@ -856,9 +862,10 @@ def test_kubernetes_trainer_job_runs_torchrun() -> None:
     assert job["restartPolicy"] in ("Never", "OnFailure")
 
 
-def test_kubernetes_pytorchjob_structure() -> None:
-    """kubernetes-validate has no schema for the Kubeflow CRD: check its shape here."""
-    docs = render_kustomization(K8S / "overlays" / "pytorchjob")
+def _pytorchjob(overlay: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The overlay's documents and its PyTorchJob, whose shape is checked here:
+    kubernetes-validate has no schema for the Kubeflow CRD."""
+    docs = render_kustomization(K8S / "overlays" / overlay)
     (job,) = [d for d in docs if d["kind"] == "PyTorchJob"]
     assert job["apiVersion"] == "kubeflow.org/v1"
     assert set(job["spec"]) <= {"runPolicy", "pytorchReplicaSpecs", "elasticPolicy", "nprocPerNode"}
@@ -870,17 +877,64 @@ def test_kubernetes_pytorchjob_structure() -> None:
     for name, spec in replicas.items():
         assert set(spec) <= {"replicas", "restartPolicy", "template"}, name
         assert spec["restartPolicy"] in ("Always", "OnFailure", "Never", "ExitCode")
-        containers = spec["template"]["spec"]["containers"]
-        # The operator injects MASTER_ADDR, WORLD_SIZE, RANK... into the container
-        # named `pytorch` only.
-        (container,) = [c for c in containers if c["name"] == "pytorch"]
-        argv = container["command"]
+        argv = _pytorch_container(spec)["command"]
         assert argv[0] == "torchrun"
         for var in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
             assert any(f"$({var})" in a for a in argv), f"{name}: torchrun ignores {var}"
-        nproc = next(a for a in argv if a.startswith("--nproc_per_node=")).split("=")[1]
-        assert int(nproc) == container["resources"]["limits"]["nvidia.com/gpu"]
+        assert _nproc(argv) == _pytorch_container(spec)["resources"]["limits"]["nvidia.com/gpu"]
+    return docs, job
+
+
+def _pytorch_container(replica: dict[str, Any]) -> dict[str, Any]:
+    """The container the operator injects MASTER_ADDR, WORLD_SIZE, RANK... into: the
+    one named `pytorch`, only."""
+    (container,) = [c for c in replica["template"]["spec"]["containers"] if c["name"] == "pytorch"]
+    return container
+
+
+def _nproc(argv: list[str]) -> int:
+    return int(next(a for a in argv if a.startswith("--nproc_per_node=")).split("=")[1])
+
+
+def _claim_under(path: str, pod: dict[str, Any], container: dict[str, Any]) -> str:
+    """The claim of the volume ``container`` mounts ``path`` from."""
+    (mount,) = [m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/"))]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+
+
+def test_kubernetes_pytorchjob_structure() -> None:
+    docs, job = _pytorchjob("pytorchjob")
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        argv = _pytorch_container(spec)["command"]
         _positives_url_resolves(argv[argv.index("-m") + 1 :], docs, spec["template"]["spec"])
+
+
+def test_kubernetes_ddpm_pytorchjob_trains_onto_the_model_volume() -> None:
+    """``clsp diffusion train`` under torchrun (docs/training.md, "Training the DDPM at
+    scale"): its global batch splits evenly over every process of the job, rank 0 writes
+    to the claim the generators serve from, and no rank downloads (pods on several nodes
+    would race to write the same files)."""
+    docs, job = _pytorchjob("ddpm-pytorchjob")
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    claims = _by_kind(docs, "PersistentVolumeClaim")
+    generator = _generator(docs)
+    (serving,) = [v for v in generator["volumes"] if "persistentVolumeClaim" in v]
+    served_from = serving["persistentVolumeClaim"]["claimName"]
+    processes = 0
+    for spec in replicas.values():
+        pod = spec["template"]["spec"]
+        container = _pytorch_container(spec)
+        argv = container["command"]
+        assert argv[argv.index("-m") + 1 :][:3] == ["clsp_positives.cli", "diffusion", "train"]
+        processes += spec["replicas"] * _nproc(argv)
+        assert _flag_value(argv, "--device") == "cuda"
+        assert "--download" not in argv
+        assert _claim_under(_flag_value(argv, "--out"), pod, container) == served_from
+        assert _claim_under(_flag_value(argv, "--data-root"), pod, container) in claims
+    for spec in replicas.values():
+        batch = int(_flag_value(_pytorch_container(spec)["command"], "--batch-size"))
+        assert batch % processes == 0, f"--batch-size {batch} over {processes} processes"
 
 
 def _kubectl_with_kustomize_v5() -> str | None:
@@ -993,15 +1047,17 @@ def test_images_point_the_manifests_at_a_registry(tmp_path: Path) -> None:
 # --- flags agree with the CLI ---------------------------------------------------
 
 
-def _cli_options(command: str) -> set[str] | None:
+def _cli_options(*command: str) -> set[str] | None:
+    """The flags of ``clsp COMMAND...`` (a subcommand through its groups), or None."""
     import typer
 
     from clsp_positives.cli import app
 
-    group = typer.main.get_command(app)
-    cmd = group.commands.get(command)  # type: ignore[attr-defined]
-    if cmd is None:
-        return None
+    cmd = typer.main.get_command(app)
+    for name in command:
+        cmd = cmd.commands.get(name)  # type: ignore[attr-defined]
+        if cmd is None:
+            return None
     return {opt for param in cmd.params for opt in (*param.opts, *param.secondary_opts)}
 
 
@@ -1033,3 +1089,10 @@ def test_deploy_files_use_only_existing_serve_and_train_flags(tmp_path: Path) ->
         pytest.skip("`clsp train` is not registered yet: its flags are not checked")
     for argv in train_argvs:
         assert _used_flags(argv) <= train, f"unknown clsp train flags: {_used_flags(argv) - train}"
+    ddpm = _cli_options("diffusion", "train")
+    assert ddpm is not None, "`clsp diffusion train` is not registered"
+    for _, template in _pod_templates(k8s_docs["overlays/ddpm-pytorchjob"]):
+        argv = template["spec"]["containers"][0].get("command", [])
+        if argv[:1] == ["torchrun"]:
+            flags = _used_flags(argv[argv.index("diffusion") + 2 :])
+            assert flags <= ddpm, f"unknown clsp diffusion train flags: {flags - ddpm}"
