@@ -188,6 +188,8 @@ class BatchOrder:
     disjoint slice of it (``rank_batch``)."""
 
     def __init__(self, n: int, batch_size: int, seed: int, *, world_size: int = 1) -> None:
+        if n < 1:
+            raise ValueError("the data set is empty")
         if n < world_size:
             raise ValueError(f"the data set has {n} images, fewer than the {world_size} ranks")
         # A set smaller than the batch is one batch, still split evenly over the ranks.
