@@ -23,8 +23,8 @@ from clsp_positives.tracking import TENSORBOARD_DIR, add_image, open_writer, sum
 if TYPE_CHECKING:
     from clsp_positives.trainer.config import TrainConfig
     from clsp_positives.trainer.methods import StepLoss
+    from clsp_positives.trainer.positives.feed import PlannedFeed
     from clsp_positives.trainer.positives.pending import PositivesBatch
-    from clsp_positives.trainer.positives.prefetch import PositivesFeed
 
 log = logging.getLogger("clsp.train")
 
@@ -73,7 +73,7 @@ class TrainTracker:
         global_step: int,
         out: StepLoss,
         lr: float,
-        feed: PositivesFeed | None,
+        feed: PlannedFeed | None,
         anchors: np.ndarray,
         positives: PositivesBatch | None,
     ) -> None:

@@ -54,9 +54,8 @@ from clsp_positives.trainer.schedules import clsp_weight_share, lr_share
 from clsp_positives.trainer.tracking import TrainTracker, check_tracking, write_train_curves
 
 if TYPE_CHECKING:  # the positives path (httpx) is imported only when a run uses it
-    from clsp_positives.proto.params import GenerationParams
+    from clsp_positives.trainer.positives.feed import PlannedFeed
     from clsp_positives.trainer.positives.pending import PositivesBatch
-    from clsp_positives.trainer.positives.prefetch import PositivesFeed
 
 log = logging.getLogger("clsp.train")
 
@@ -163,10 +162,11 @@ def _open_positives(
     images: IndexedImages | StreamedBatches | np.ndarray,
     sampler: ShardedBatchSampler,
     pinned: str | None = None,
-) -> PositivesFeed | None:
+) -> PlannedFeed | None:
     """The feed of positives the options ask for, or None for the baseline. ``pinned``,
     the model a resumed run's checkpoint kept, binds as ``--expect-model`` does (which
-    wins) unless ``--allow-model-change`` (docs/reliability.md, "Model pinning")."""
+    wins) unless ``--allow-model-change`` (docs/reliability.md, "Model pinning"). The
+    feed is the one ``PositivesStream`` runs too (trainer/positives/feed.py)."""
     if config.clsp_weight <= 0:
         if config.positives or config.positives_npy:
             log.warning("--clsp-weight is 0 (the baseline): the positives source is not used")
@@ -176,48 +176,26 @@ def _open_positives(
             "--clsp-weight > 0 needs synthetic positives: pass --positives URL[,URL...] "
             "or --positives-npy FILE (or set --clsp-weight 0 for the baseline)"
         )
-    from clsp_positives.trainer.positives.prefetch import PositivesFeed, Prefetcher
-    from clsp_positives.trainer.positives.sources import build_source
+    from clsp_positives.trainer.positives.feed import FeedSettings, PlannedFeed, open_feed
 
-    source = build_source(
+    feed = open_feed(
         config.positives,
+        config.generation_params(),
+        FeedSettings.from_config(config),
+        size=len(images),
         offline_npy=config.positives_npy,
         token=config.token,
-        params=_pinned_params(config, pinned),
-        timeout_s=config.positives_timeout_s,
-        pin_model=not config.allow_model_change,
+        pinned=pinned,
     )
-    prefetcher = Prefetcher(
-        source,
-        lookahead=config.prefetch,
-        deadline_ms=config.positives_deadline_ms,
-        strict=config.positives_strict,
-        pool_deadlines=config.pool_deadlines,
-    )
-    return PositivesFeed(
-        prefetcher,
-        images,
-        sampler,
-        seed=config.seed,
-        k=config.k,
-        epochs=config.epochs,
-    )
+    return PlannedFeed(feed, images, sampler, epochs=config.epochs)
 
 
-def _pinned_params(config: TrainConfig, pinned: str | None) -> GenerationParams:
-    """The generation params, with a resumed run's pinned model as ``expect_model``."""
-    params = config.generation_params()
-    if params.expect_model is None and pinned is not None and not config.allow_model_change:
-        return params.model_copy(update={"expect_model": pinned})
-    return params
-
-
-def _pinned_model(feed: PositivesFeed | None, resumed: str | None) -> str | None:
+def _pinned_model(feed: PlannedFeed | None, resumed: str | None) -> str | None:
     """The model a checkpoint keeps: the source's (the pool's pinned model, a bank's),
     or, for a run without positives, what its own checkpoint had."""
     if feed is None:
         return resumed
-    return getattr(feed.prefetcher.source, "model", None)
+    return feed.model
 
 
 def _sum_stats(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -712,7 +690,7 @@ def _run_epoch(
     augment: BatchAugment,
     data: IndexedImages | StreamedBatches,
     sampler: ShardedBatchSampler,
-    feed: PositivesFeed | None,
+    feed: PlannedFeed | None,
     channels: int,
     autocast: bool,
     show: bool,

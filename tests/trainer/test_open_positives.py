@@ -19,7 +19,7 @@ def test_the_pool_is_asked_for_every_generation_param_of_the_config() -> None:
     feed = _open_positives(config, images, ShardedBatchSampler(8, 4, seed=0))
     assert feed is not None
     try:
-        params = feed.prefetcher.source.params
+        params = feed.feed.prefetcher.source.params
         assert params == config.generation_params()
         assert params.sampling == "model" and params.steps == 7 and params.k is None
     finally:

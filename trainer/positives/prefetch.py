@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 
 from clsp_positives.client import PoolRequestRejected, PoolUnavailable
-from clsp_positives.trainer.data.epochs import EpochPlan, ShardedBatchSampler, epoch_candidates
 from clsp_positives.trainer.positives.pending import (
     PendingPositives,
     PositivesBatch,
@@ -318,67 +317,3 @@ class Prefetcher:
                 "again when a generator returns",
                 reason,
             )
-
-
-class PositivesFeed:
-    """Keeps a prefetcher ``lookahead`` batches ahead of training, across epoch
-    boundaries: the plan of every epoch is known ahead (docs/design.md §5), so batch
-    ids are global step numbers and the anchors of step b + L go out while step b
-    trains."""
-
-    def __init__(
-        self,
-        prefetcher: Prefetcher,
-        images: Any,
-        sampler: ShardedBatchSampler,
-        *,
-        seed: int,
-        k: int,
-        epochs: int,
-    ) -> None:
-        self.prefetcher = prefetcher
-        # uint8 [N, H, W, C], the whole training set, or a set that gives a batch's
-        # images by ``anchors(indices)`` (in memory or streamed: trainer/data/streamed.py)
-        self.images = images
-        self._anchors = getattr(images, "anchors", None) or images.__getitem__
-        self.sampler = sampler
-        self.seed = seed
-        self.k = k
-        self.epochs = epochs
-        self.submitted = -1
-        self._plans: dict[int, tuple[EpochPlan, np.ndarray]] = {}
-
-    def _plan(self, epoch: int) -> tuple[EpochPlan, np.ndarray]:
-        """The epoch's batches and each image's candidate index (the last two kept)."""
-        if epoch not in self._plans:
-            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
-            cands = epoch_candidates(self.seed, epoch, len(self.images), self.k)
-            self._plans[epoch] = (self.sampler.plan(epoch), cands)
-        return self._plans[epoch]
-
-    def ensure(self, epoch: int, step: int) -> None:
-        """Submit every batch up to ``step + L`` (global ids) not yet submitted."""
-        spe = self.sampler.steps_per_epoch
-        current = epoch * spe + step
-        last = min(current + self.prefetcher.lookahead, self.epochs * spe - 1)
-        first = max(self.submitted + 1, current)
-        for g in range(first, last + 1):
-            e, b = divmod(g, spe)
-            plan, cands = self._plan(e)
-            idx = plan.batches[b]
-            anchors = self._anchors(idx)
-            self.prefetcher.submit(g, anchors, idx, cands[idx], steps_ahead=g - current)
-        self.submitted = max(self.submitted, last)
-
-    def take(self, epoch: int, step: int) -> PositivesBatch:
-        self.ensure(epoch, step)
-        return self.prefetcher.take(epoch * self.sampler.steps_per_epoch + step)
-
-    def epoch_stats(self) -> dict[str, Any]:
-        return self.prefetcher.epoch_stats()
-
-    def running_stats(self) -> dict[str, float]:
-        return self.prefetcher.running_stats()
-
-    def close(self) -> None:
-        self.prefetcher.close()

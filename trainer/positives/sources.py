@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,6 +53,7 @@ class PoolSource:
         *,
         chunk: int = DEFAULT_CHUNK,
         pin_model: bool = True,
+        owns_client: bool = True,
     ) -> None:
         if params.k is not None:
             raise ValueError("the trainer asks for one candidate per anchor: params.k must be None")
@@ -62,6 +63,7 @@ class PoolSource:
         self.params = params
         self.chunk = chunk
         self.pin_model = pin_model
+        self.owns_client = owns_client  # a client the caller passed in is the caller's to close
         self.model: str | None = params.expect_model
         """The fingerprint every positive must come from: ``params.expect_model``, else
         (with ``pin_model``) the model of the first answer. Positives of another model
@@ -121,7 +123,8 @@ class PoolSource:
         return {"failovers": s.failovers, "errors": s.errors, "retries": s.retries}
 
     def close(self) -> None:
-        self.client.close()
+        if self.owns_client:
+            self.client.close()
 
     def _unpack(self, answer: ResponseArrays, n: int, hwc: tuple[int, ...]) -> PartAnswer:
         self._check_model(answer.model)
@@ -199,7 +202,7 @@ class NoSource:
 
 
 def build_source(
-    positives: str | None,
+    positives: str | Sequence[str] | PoolClient | None,
     *,
     offline_npy: str | None,
     token: str | None,
@@ -209,7 +212,8 @@ def build_source(
     client_options: dict[str, Any] | None = None,
     pin_model: bool = True,
 ) -> PositivesSource:
-    """The source the options ask for: the pool (``--positives``), an offline .npy, or none."""
+    """The source the options ask for: the pool (``--positives``: URLs, or a client of
+    the pool that the caller keeps and closes), an offline .npy, or none."""
     if positives and offline_npy:
         raise ValueError(
             "give either --positives (a generation pool) or --positives-npy (a .npy), not both"
@@ -219,6 +223,10 @@ def build_source(
             raise ValueError("the trainer asks for one candidate per anchor: params.k must be None")
         from clsp_positives.client import PoolClient
 
+        if isinstance(positives, PoolClient):
+            return PoolSource(
+                positives, params, chunk=chunk, pin_model=pin_model, owns_client=False
+            )
         client = PoolClient(positives, token=token, timeout_s=timeout_s, **(client_options or {}))
         return PoolSource(client, params, chunk=chunk, pin_model=pin_model)
     if offline_npy:

@@ -123,7 +123,8 @@ def test_the_feed_sends_the_pool_the_anchors_it_trains_on(folder: Path) -> None:
     """Positives line up with the streamed anchors: the stub pool answers each anchor
     with a function of its pixels and candidate index (``stub_positive``)."""
     from clsp_positives.proto.params import GenerationParams
-    from clsp_positives.trainer.positives.prefetch import PositivesFeed, Prefetcher
+    from clsp_positives.trainer.positives.feed import PlannedFeed, PositivesFeed
+    from clsp_positives.trainer.positives.prefetch import Prefetcher
     from clsp_positives.trainer.positives.sources import build_source
     from tests.support.stub_pool import stub_positive, stub_server
 
@@ -136,7 +137,8 @@ def test_the_feed_sends_the_pool_the_anchors_it_trains_on(folder: Path) -> None:
             server.url, offline_npy=None, token=None, params=GenerationParams(steps=2)
         )
         prefetcher = Prefetcher(source, lookahead=3, deadline_ms=30_000, strict=True)
-        feed = PositivesFeed(prefetcher, batches, sampler, seed=0, k=k, epochs=epochs)
+        shared = PositivesFeed(prefetcher, size=len(stream), seed=0, k=k)
+        feed = PlannedFeed(shared, batches, sampler, epochs=epochs)
         try:
             for epoch in range(epochs):
                 cands = epoch_candidates(0, epoch, len(stream), k)

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from clsp_positives.proto.params import GenerationParams
-from clsp_positives.trainer.data.epochs import ShardedBatchSampler, epoch_candidates
-from clsp_positives.trainer.positives.prefetch import PositivesFeed, Prefetcher, WaitBucket
+from clsp_positives.trainer.positives.prefetch import Prefetcher, WaitBucket
 from clsp_positives.trainer.positives.sources import build_source
 from tests.support.servers import ServerProcess, free_port
 from tests.support.stub_pool import configure, counters, stub_positive, stub_server
@@ -83,30 +82,6 @@ def test_offline_positives_flow_through_and_stats_reset(tmp_path: Path) -> None:
         assert pf.epoch_stats()["anchors"] == 0
         with pytest.raises(KeyError, match="never submitted"):
             pf.take(7)
-
-
-def test_feed_stays_the_lookahead_ahead_across_epochs_with_each_epochs_candidates(
-    tmp_path: Path,
-) -> None:
-    n, k, seed = 16, 4, 3
-    table = (np.arange(n)[:, None] * k + np.arange(k)[None, :]).astype(np.uint8)
-    np.save(tmp_path / "p.npy", np.broadcast_to(table[:, :, None, None, None], (n, k, 16, 16, 1)))
-    source = build_source(None, offline_npy=str(tmp_path / "p.npy"), token=None, params=PARAMS)
-    sampler = ShardedBatchSampler(n, 4, seed=seed)  # 4 steps per epoch
-    prefetcher = Prefetcher(source, lookahead=2, deadline_ms=0, strict=False)
-    images = np.zeros((n, 16, 16, 1), np.uint8)
-    feed = PositivesFeed(prefetcher, images, sampler, seed=seed, k=k, epochs=2)
-    try:
-        for epoch in range(2):
-            cands = epoch_candidates(seed, epoch, n, k)
-            for step, idx in enumerate(sampler.plan(epoch).batches):
-                got = feed.take(epoch, step)
-                assert got.mask.all()
-                assert got.images[:, 0, 0, 0].tolist() == (idx * k + cands[idx]).tolist()
-                assert feed.submitted == min(epoch * 4 + step + 2, 7)  # never past the run
-        assert feed.epoch_stats()["anchors"] == 2 * n
-    finally:
-        feed.close()
 
 
 def test_no_source_is_the_baseline_without_warnings(caplog: pytest.LogCaptureFixture) -> None:
