@@ -15,6 +15,7 @@ service's training and the trainer's ``clsp calibrate`` (docs/design.md §3).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -119,6 +120,8 @@ def calibrate_trained(
         args = calibrate_args(config, model_dir, service.url)
         done = subprocess.run(
             [sys.executable, "-m", "clsp_positives.cli", *args],
+            # Wide enough that the CLI never wraps an error inside a phrase.
+            env={**os.environ, "COLUMNS": "1000"},
             capture_output=True,
             text=True,
             stdin=subprocess.DEVNULL,
