@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[all]'
+	$(PIP) install -q -e '.[all,examples]'
 	@touch $@
 
 # Tests talk to a real redis-server, make a Redis Cluster with redis-cli
