@@ -180,6 +180,7 @@ def test_write_stores_the_recommendation_where_clsp_serve_reads_it(
         "method": "ddim",
         "sampling": "authors-clipped",
         "interpolate": "bottleneck+low-skips",
+        "interpolate_until": 1.0,
     }
     measured = stored["measured"]
     assert measured["class_kept"] == row["class_kept"] == chosen["class_kept"]

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from clsp_positives.cli import app
 from clsp_positives.images import load_images
+from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.config import TrainConfig
 from clsp_positives.trainer.positive_tools.generate_cli import SHARED, GenerateConfig
 from clsp_positives.trainer.positives.offline import OfflineNpySource, config_path, meta_path
@@ -38,14 +39,18 @@ def test_the_digits_recipe_makes_a_bank_and_its_config_yaml_repeats_the_run(
         data = yaml.safe_load(saved.read_text())
         recipe = yaml.safe_load(RECIPE.read_text())
         assert data["k"] == 1 != recipe["k"]  # the flag won
-        assert data["gen_steps"] == recipe["gen_steps"] == 50  # the file filled the rest
-        assert data["gen_sampling"] == "authors-clipped" and data["interpolation_weight"] == 0.3
+        assert data["batch_size"] == recipe["batch_size"]  # the file filled the rest
+        # The recipe leaves the generation params to the pool's model; this pool has no
+        # stored settings, so the file records the params' defaults and the pool's mode.
+        assert not any(name.startswith("gen_") for name in recipe)
+        assert data["gen_steps"] == GenerationParams.model_fields["steps"].default
+        assert data["gen_sampling"] == "authors" and data["interpolation_weight"] == 0.1
         # Resolved from the pool's model: the bank's image size and channels.
         assert (data["image_size"], data["channels"]) == (16, 1)
         assert data["out"] == str(out) and data["positives"] == server.url
         assert "token" not in data
         meta = json.loads(meta_path(out).read_text())
-        assert meta["params"]["steps"] == 50 and meta["shape"][1] == 1
+        assert meta["params"]["steps"] == data["gen_steps"] and meta["shape"][1] == 1
 
         images = load_images("digits").images
         bank = OfflineNpySource(out)
