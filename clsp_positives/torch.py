@@ -212,11 +212,11 @@ class WithPositives(Dataset):
 
 class Indexed(Dataset):
     """``dataset`` with each item's index, for ``PositivesStream``: item i is ``(image,
-    i)``, ``image`` the item's image (its first element when it is a tuple or list, such
-    as ``(image, label)``) as a tensor: a PIL image or a numpy array as uint8 ``[H, W,
+    i)``, or ``(image, i, *rest)`` for an item ``(image, *rest)`` such as ``(image,
+    label)``. ``image`` becomes a tensor: a PIL image or a numpy array as uint8 ``[H, W,
     C]`` (C = 1 for a grey one), a tensor as it is (uint8 ``[H, W, C]`` or float ``[C, H,
     W]`` in [0, 1], as torchvision's ``ToTensor`` gives). The DataLoader's default
-    collate then gives the batches ``PositivesStream`` reads: ``(images, indices)``.
+    collate then gives the batches ``PositivesStream`` reads: ``(images, indices, ...)``.
 
     The index is the item's position in ``dataset``: the positives are keyed by it
     (each epoch's candidate, docs/library.md), so wrap the data set the candidates are
@@ -229,22 +229,23 @@ class Indexed(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
         item = self.dataset[index]
-        image = item[0] if isinstance(item, (tuple, list)) else item
+        image, *rest = item if isinstance(item, (tuple, list)) else (item,)
         if not isinstance(image, Tensor):
             pixels = np.asarray(image)
             if pixels.ndim == 2:  # a grey PIL image or array
                 pixels = pixels[..., None]
             image = torch.from_numpy(np.ascontiguousarray(pixels))
-        return image, index
+        return (image, index, *rest)
 
 
 IMAGES_CONTRACT = (
-    "PositivesStream reads batches (images, indices): images uint8 [B, H, W, C] (numpy "
-    "or tensor) or a float tensor [B, C, H, W] in [0, 1], the images before any "
+    "PositivesStream reads batches (images, indices, ...): images uint8 [B, H, W, C] "
+    "(numpy or tensor) or a float tensor [B, C, H, W] in [0, 1], the images before any "
     "augmentation or normalisation; indices the images' indices in the data set "
-    "(wrap the data set in Indexed(dataset) to get them)"
+    "(wrap the data set in Indexed(dataset) to get them); anything after them (labels, "
+    "views made in the workers) is passed on untouched"
 )
 
 
@@ -286,12 +287,12 @@ class PositivesStream:
     ``lookahead`` batches ahead while the model trains (docs/library.md, "A pool in your
     own loop: PositivesStream").
 
-    ``loader`` yields ``(images, indices)`` (``IMAGES_CONTRACT``; ``Indexed(dataset)``
-    makes such items); the stream yields ``(batch, positives, mask)``: the loader's
-    batch unchanged, each image's positive in the images' layout (uint8 ``[B, H, W,
-    C]``, or float32 ``[B, C, H, W]`` in [0, 1] for float images), zero where ``mask``
-    (bool ``[B]``) is False: a positive that missed its deadline, or every positive
-    while the pool is down. The losses take ``mask`` as it is.
+    ``loader`` yields ``(images, indices, ...)`` (``IMAGES_CONTRACT``;
+    ``Indexed(dataset)`` makes such items); the stream yields ``(batch, positives,
+    mask)``: the loader's batch unchanged, each image's positive in the images' layout
+    (uint8 ``[B, H, W, C]``, or float32 ``[B, C, H, W]`` in [0, 1] for float images),
+    zero where ``mask`` (bool ``[B]``) is False: a positive that missed its deadline,
+    or every positive while the pool is down. The losses take ``mask`` as it is.
 
     It is ``clsp train``'s feed (trainer/positives/feed.py), not a copy: the same
     candidate draw (``epoch_candidates``: the candidate of index i in an epoch is the
@@ -403,7 +404,7 @@ class PositivesStream:
             yield batch, positives, torch.from_numpy(got.mask)
 
     def _submit(self, batch: Any, epoch: int, *, steps_ahead: int) -> tuple[int, Any, bool]:
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError(f"{IMAGES_CONTRACT}; got a {type(batch).__name__} batch")
         anchors, floats = _anchors(batch[0])
         indices = np.asarray(batch[1], dtype=np.int64).reshape(-1)

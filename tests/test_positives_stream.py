@@ -96,15 +96,19 @@ def test_each_rank_streams_its_own_shard_and_float_images_get_float_positives(
     """DDP's layout without a process group (the stream has no collective): each rank's
     loader has its DistributedSampler shard, loaded by two workers."""
     floats = torch.from_numpy(IMAGES).permute(0, 3, 1, 2).float() / 255  # ToTensor's
+    labelled = [(image, 100 + i) for i, image in enumerate(floats)]  # (image, label) items
     seen: list[int] = []
     for rank in range(2):
         sampler = DistributedSampler(range(N), num_replicas=2, rank=rank, seed=SEED)
-        loader = DataLoader(Indexed(floats), batch_size=B // 2, sampler=sampler, num_workers=2)
+        loader = DataLoader(Indexed(labelled), batch_size=B // 2, sampler=sampler, num_workers=2)
         with PositivesStream(loader, pool.url, params=PARAMS, k=K, seed=SEED, strict=True) as s:
             s.set_epoch(1)  # the sampler's epoch too: its shuffle of epoch 1
             order = list(sampler)
             assert order != list(DistributedSampler(range(N), 2, rank, seed=SEED))  # epoch 0's
-            got = [(idx, pos, mask) for (_, idx), pos, mask in s]
+            got = []
+            for (images, indices, labels), positives, mask in s:
+                assert torch.equal(images, floats[indices]) and torch.equal(labels, indices + 100)
+                got.append((indices, positives, mask))
         assert torch.cat([idx for idx, _, _ in got]).tolist() == order
         for indices, positives, mask in got:
             assert mask.all() and positives.dtype == torch.float32
