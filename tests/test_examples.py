@@ -9,6 +9,7 @@ import math
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from clsp_positives.images import load_images
 from clsp_positives.torch import clsp_contrastive_loss, nt_xent
 from tests.support.examples import DOCUMENTED_URL, doc_example, run_example
+from tests.support.servers import ServerProcess
 from tests.support.service import clsp_serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,16 +82,30 @@ def test_lightlys_ntxent_is_our_nt_xent() -> None:
     torch.testing.assert_close(clsp_contrastive_loss(z1, z2, z3, none, 0.2), theirs)
 
 
+@pytest.fixture(scope="module")
+def pool(tiny_model_dir: Path) -> Iterator[ServerProcess]:
+    """A real ``clsp serve`` of a 16x16 grey model, the digits' size."""
+    with clsp_serve(tiny_model_dir) as server:
+        yield server
+
+
 def test_the_lightning_module_trains_on_positives_from_a_real_pool(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, pool: ServerProcess
 ) -> None:
-    with clsp_serve(tiny_model_dir) as pool:
-        found = run_steps(
-            "lightning_module.py", pool.url, "--max-steps", "3", "--batch-size", "64",
-            "--gen-steps", "2", "--deadline-ms", "20000", cwd=tmp_path,
-        )  # fmt: skip
+    found = run_steps(
+        "lightning_module.py", pool.url, "--max-steps", "3", "--batch-size", "64",
+        "--gen-steps", "2", "--deadline-ms", "20000", cwd=tmp_path,
+    )  # fmt: skip
     for match in found:
         assert match[4] == match[5] == "64", "a positive missed a 20 s deadline"
+
+
+def test_the_stream_example_runs_as_pasted(tmp_path: Path, pool: ServerProcess) -> None:
+    script = doc_example(ROOT / "docs" / "library.md", "positives-stream", "doc-example")
+    out = run_example(script, pool.url, tmp_path)
+    epochs = re.findall(r"^epoch (\d): (\d+) anchors, (\d+)% positives$", out, flags=re.M)
+    assert [e[:2] for e in epochs] == [("0", "256"), ("1", "256")], out
+    assert all(0 <= int(e[2]) <= 100 for e in epochs)
 
 
 def test_the_library_example_runs_as_pasted(tmp_path: Path) -> None:
