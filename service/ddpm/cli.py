@@ -60,6 +60,12 @@ def train(
         f"{result.images_per_s:.0f} images/s, loss {result.loss:.4f}, "
         f"{result.parameters / 1e6:.2f}M parameters -> {result.out}"
     )
+    if result.quality is not None:
+        q = result.quality
+        typer.echo(
+            f"sample quality at step {result.step}: FID {q.fid:.2f}, "
+            f"KID {q.kid:.4f} ± {q.kid_std:.4f} ({q.samples} EMA samples)"
+        )
     if config.calibrate:
         from clsp_positives.closing_calibration import calibrate_trained
 

@@ -89,6 +89,24 @@ class DiffusionTrainConfig(BaseModel):
     save_every: int = Field(1000, ge=1, description="Checkpoint every N steps.")
     sample_count: int = Field(64, ge=0, description="Images in samples.png (0: none).")
     sample_steps: int = Field(50, ge=1, description="DDIM sampling steps of samples.png.")
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Every N steps and at the end, FID and KID of --eval-samples EMA samples "
+        "against as many training images, into metrics.jsonl, TensorBoard and the run's "
+        "result; needs Inception weights (--fid-weights) and images of 32 pixels or more, "
+        "else skipped with a line (docs/training.md, Sample quality: FID and KID; 0: off).",
+    )
+    eval_samples: int = Field(
+        1000, ge=2, description="Generated (and real) images of each FID/KID evaluation."
+    )
+    eval_steps: int = Field(50, ge=1, description="DDIM sampling steps of those samples.")
+    fid_weights: str | None = Field(
+        None,
+        description="Inception weights file of --eval-every (torch-fidelity's "
+        "weights-inception-2015-12-05-6726825d.pth); never downloaded.",
+        json_schema_extra={DEFAULT_TEXT: "torch hub's cache, when the file is there"},
+    )
     threads: int | None = Field(
         None, ge=1, description="torch CPU threads.", json_schema_extra={DEFAULT_TEXT: "torch's"}
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,15 @@ class DiffusionLog:
         if self.writer is not None:
             for key in ("loss", "lr", "images_per_s"):
                 self.writer.add_scalar(f"train/{key}", record[key], step)
+
+    def quality(self, step: int, scores: Mapping[str, float]) -> None:
+        """One FID/KID evaluation of the EMA model's samples (docs/training.md, "Sample
+        quality: FID and KID"): a ``quality`` record, and ``quality/KEY`` scalars."""
+        self.write({"event": "quality", "step": step, **scores})
+        if self.writer is not None:
+            for key, value in scores.items():
+                self.writer.add_scalar(f"quality/{key}", value, step)
+            self.writer.flush()
 
     def samples(self, step: int, grid: np.ndarray | None) -> None:
         """A grid of the EMA model's samples (``samples.png``'s layout) at ``step``."""

@@ -48,6 +48,15 @@ from clsp_positives.distributed import (
 )
 from clsp_positives.proto.keys import unit_to_uint8
 from clsp_positives.service.ddpm.config import COMMAND, DiffusionTrainConfig
+from clsp_positives.service.ddpm.sample_quality import (
+    SKIPPED,
+    InceptionFeatures,
+    QualityScores,
+    SampleQuality,
+    check_quality,
+    inception_skip_reason,
+    inception_weights,
+)
 from clsp_positives.service.ddpm.tracking import DiffusionLog, check_tracking
 
 if TYPE_CHECKING:
@@ -62,8 +71,9 @@ READABLE_STATES = (1, STATE_VERSION)
 """Version 1 (one process, a saved generator and data position) resumes too: its
 weights, EMA, optimizer and step carry over, and the draws follow ``derived_seed``."""
 
-ORDER, NOISE = 0, 1
-"""The purposes ``derived_seed`` keys its seeds by: an epoch's data order, a step's noise."""
+ORDER, NOISE, EVAL_NOISE, EVAL_REAL = 0, 1, 2, 3
+"""The purposes ``derived_seed`` keys its seeds by: an epoch's data order, a step's noise,
+and the FID/KID evaluation's sample noise and choice of real images."""
 
 
 @dataclass(frozen=True)
@@ -76,6 +86,7 @@ class TrainResult:
     seconds: float
     parameters: int
     is_main: bool = True  # rank 0 (or no torchrun): the rank that wrote --out
+    quality: QualityScores | None = None  # FID/KID at ``step`` (--eval-every), else None
 
 
 def derived_seed(seed: int, purpose: int, *keys: int) -> int:
@@ -500,6 +511,26 @@ class DiffusionTrainer:
             x = self.autoencoder.decode(x)
         return unit_to_uint8(x.clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy())
 
+    def generated(self, count: int, steps: int) -> np.ndarray:
+        """``count`` samples for an evaluation, ``--batch-size`` at a time (memory), each
+        chunk's noise seeded by (``--seed``, chunk): every evaluation draws the same noise,
+        so its scores differ by the model alone."""
+        size, seed = self.config.batch_size, self.config.seed
+        chunks = [
+            self.sample(min(size, count - start), steps, derived_seed(seed, EVAL_NOISE, i))
+            for i, start in enumerate(range(0, count, size))
+        ]
+        return np.concatenate(chunks)
+
+    def real_images(self, count: int) -> np.ndarray:
+        """Up to ``count`` training images (uint8 NHWC), a seeded draw without repeats:
+        the reference set the samples are scored against."""
+        g = torch.Generator().manual_seed(derived_seed(self.config.seed, EVAL_REAL))
+        idx = torch.randperm(self.order.n, generator=g)[:count]
+        if self.streamed is not None:
+            return self.streamed.anchors(idx.numpy())
+        return self.images[idx.to(self.device)].permute(0, 2, 3, 1).cpu().numpy()
+
     def sample_grid(self) -> np.ndarray | None:
         """``samples.png``'s grid (``sample_count`` seeded samples), or None for none."""
         if self.config.sample_count == 0:
@@ -585,6 +616,8 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     on_start: Callable[[DiffusionTrainConfig, Path], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    feature_extractor: torch.nn.Module | None = None,
+    say: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train until ``steps`` (total) or ``minutes`` (this run), whichever comes first.
 
@@ -597,13 +630,25 @@ def train(
     NCCL on CUDA); rank 0 writes ``--out`` and the others wait for it at the closing
     barrier, so that on every rank the model is complete when this returns
     (docs/training.md, "Training the DDPM at scale").
+
+    With ``--eval-every``, rank 0 scores the EMA model's samples by FID and KID
+    (``sample_quality.py``) on the features of ``feature_extractor`` (uint8 ``[N, C, H,
+    W]`` -> ``[N, D]``), by default the Inception network from a local weights file; a
+    run that cannot score says why through ``say``, once, and trains on.
     """
     check_tracking(config.tensorboard)
+    check_quality(config.eval_every, config.fid_weights)
     ctx = init_distributed(config.device)
     try:
         trainer = DiffusionTrainer(config, ctx)
         try:
-            result = _run(trainer, on_step=on_step, on_start=on_start, clock=clock)
+            result = _run(
+                trainer,
+                on_step=on_step,
+                on_start=on_start,
+                clock=clock,
+                quality=_open_quality(trainer, feature_extractor, say),
+            )
         finally:
             trainer.close()
     except BaseException:
@@ -619,6 +664,7 @@ def _run(
     on_step: Callable[[int, float], None] | None,
     on_start: Callable[[DiffusionTrainConfig, Path], None] | None,
     clock: Callable[[], float],
+    quality: SampleQuality | None = None,
 ) -> TrainResult:
     config, main = trainer.config, trainer.ctx.is_main
     resolved = config.resolved(trainer.image_size, trainer.image_channels)
@@ -639,6 +685,7 @@ def _run(
     last_loss = float("nan")
     window_t, window_n = t0, 0
     ips = 0.0
+    scores: tuple[int, QualityScores] | None = None
     bar = _progress_bar(config, trainer.step, show=main)
     try:
         trainer.unet.train()
@@ -667,6 +714,8 @@ def _run(
                 trainer.save()
                 if run_log is not None and run_log.wants_samples:
                     run_log.samples(trainer.step, trainer.sample_grid())
+            if quality is not None and trainer.step % config.eval_every == 0:
+                scores = _evaluate(trainer, quality, run_log)
     except BaseException:
         if run_log is not None:
             run_log.close()
@@ -683,6 +732,8 @@ def _run(
         ips = (trainer.step - trainer.start_step) * trainer.order.batch_size / seconds
     trainer.check_replicas_agree()
     trainer.save()
+    if quality is not None and (scores is None or scores[0] != trainer.step):
+        scores = _evaluate(trainer, quality, run_log)
     if run_log is not None:
         grid = trainer.sample_grid()
         trainer.write_samples(grid)
@@ -697,7 +748,45 @@ def _run(
         seconds=seconds,
         parameters=trainer.parameters,
         is_main=main,
+        quality=scores[1] if scores is not None else None,
     )
+
+
+def _open_quality(
+    trainer: DiffusionTrainer, extractor: torch.nn.Module | None, say: Callable[[str], None]
+) -> SampleQuality | None:
+    """Rank 0's FID/KID scorer with the real images' features extracted, or None: off,
+    another rank (only rank 0 writes), or no Inception that fits, said in one line."""
+    config = trainer.config
+    if not config.eval_every or not trainer.ctx.is_main:
+        return None
+    if extractor is None:
+        reason = inception_skip_reason(config.fid_weights, trainer.image_size)
+        if reason is not None:
+            say(f"{SKIPPED} {reason}")
+            return None
+        weights = inception_weights(config.fid_weights)
+        assert weights is not None  # inception_skip_reason checked it
+        extractor = InceptionFeatures(weights)
+    return SampleQuality(
+        extractor,
+        trainer.real_images(config.eval_samples),
+        device=trainer.device,
+        batch=config.batch_size,
+        seed=config.seed,
+    )
+
+
+def _evaluate(
+    trainer: DiffusionTrainer, quality: SampleQuality, run_log: DiffusionLog | None
+) -> tuple[int, QualityScores]:
+    """Score ``--eval-samples`` EMA samples now; the other ranks wait for rank 0 at
+    their next all-reduce, as they do for a checkpoint's sample grid."""
+    config = trainer.config
+    scores = quality.measure(trainer.generated(config.eval_samples, config.eval_steps))
+    if run_log is not None:
+        run_log.quality(trainer.step, scores.record())
+    return trainer.step, scores
 
 
 def _shared_elapsed(ctx: DistributedContext, elapsed: float, budget_s: float) -> float:
