@@ -90,7 +90,7 @@ def test_a_tiny_run_logs_finite_fid_and_kid_of_its_samples(tmp_path: Path) -> No
     features = TinyFeatures()
     out = tmp_path / "ddpm"
     said: list[str] = []
-    result = train(_config(out), feature_extractor=features, say=said.append)
+    result = train(_config(out, tensorboard=True), feature_extractor=features, say=said.append)
     assert said == []
     records = _records(out, "quality")
     # At the --eval-every step and at the end (step 3).
@@ -104,6 +104,16 @@ def test_a_tiny_run_logs_finite_fid_and_kid_of_its_samples(tmp_path: Path) -> No
     assert result.quality.fid == pytest.approx(records[-1]["fid"])
     # 32 real images once, then 32 samples per evaluation, each in batches of 8.
     assert features.calls == 4 + 2 * 4
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for key in ("fid", "kid", "kid_std"):
+        logged = events.Scalars(f"quality/{key}")
+        assert [(e.step, e.value) for e in logged] == [
+            (r["step"], pytest.approx(r[key], rel=1e-6)) for r in records
+        ]
 
 
 def test_extract_features_batches_and_keeps_the_order() -> None:
