@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import typer
-from pydantic import AliasChoices, BaseModel, ValidationError
+from pydantic import AliasChoices, BaseModel, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 DEFAULT_TEXT = "default_text"
@@ -279,3 +279,18 @@ def reference_table(
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def data_workers_field() -> Any:
+    """``--data-workers`` of ``clsp train`` and ``clsp diffusion train``, defined once: both
+    stream a folder through the same loader (``clsp_positives/streamed.py``), and neither
+    side may import the other's config (docs/design.md §3). A new field per call, so each
+    model owns its copy."""
+    return Field(
+        0,
+        ge=0,
+        description="Stream an image folder from disk, decoded and resized in this many "
+        "DataLoader worker processes, for folders larger than memory (needs --image-size; "
+        "0: load the data set in memory, as the named sets always are; docs/training.md, "
+        "Large data sets).",
+    )

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from clsp_positives.options import DEFAULT_TEXT, mirror_fields
+from clsp_positives.options import DEFAULT_TEXT, data_workers_field, mirror_fields
 from clsp_positives.proto.auth import TOKEN_ENV
 from clsp_positives.proto.params import GenerationParams
 from clsp_positives.trainer.method_defaults import (
@@ -96,14 +96,7 @@ class TrainConfig(BaseModel):
         "folder reads as RGB.",
         json_schema_extra=_shown("the set's"),
     )
-    data_workers: int = Field(
-        0,
-        ge=0,
-        description="Stream an image folder from disk, decoded and resized in this many "
-        "DataLoader worker processes, for folders larger than memory (needs --image-size; "
-        "0: load the data set in memory, as the named sets always are; docs/training.md, "
-        "Large data sets).",
-    )
+    data_workers: int = data_workers_field()
     subset: int | None = Field(
         None, ge=1, description="Train on the first N images only.", json_schema_extra=_shown("all")
     )

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from clsp_positives.options import DEFAULT_TEXT
+from clsp_positives.options import DEFAULT_TEXT, data_workers_field
 
 COMMAND = "clsp diffusion train"
 
@@ -122,14 +122,7 @@ class DiffusionTrainConfig(BaseModel):
         "refused where it would be emulated. The weights, the EMA and the optimizer state "
         "stay fp32.",
     )
-    data_workers: int = Field(
-        0,
-        ge=0,
-        description="Stream an image folder from disk, decoded and resized in this many "
-        "DataLoader worker processes, for folders larger than memory (needs --image-size; "
-        "0: load the data set in memory, as the named sets always are; docs/training.md, "
-        "Large data sets).",
-    )
+    data_workers: int = data_workers_field()
     progress: bool = Field(True, description="Progress bar.")
     tensorboard: bool = Field(
         False,
