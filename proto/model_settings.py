@@ -25,6 +25,7 @@ from pydantic.fields import FieldInfo
 
 from clsp_positives.proto.params import (
     GenerationParams,
+    Sampling,
     describe_validation_error,
     integral_floats_to_int,
 )
@@ -145,22 +146,35 @@ class GenerationDefaults(BaseModel):
         return params.model_copy(update=update) if update else params
 
 
+def resolve_unset(
+    params: GenerationParams, stored: GenerationDefaults | None, sampling: Sampling | None
+) -> GenerationParams:
+    """The params a request's positives are generated and keyed with: each field left
+    unset from ``stored``, then a null sampling mode from ``sampling`` (docs/design.md
+    §6). The one rule of the service (``RequestDefaults``) and of the clients that
+    resolve as it does (``as_pool_applies``)."""
+    if stored is not None:
+        params = stored.applied_to(params)
+    return params if sampling is None else params.resolved(sampling)
+
+
 def as_pool_applies(params: GenerationParams, info: Mapping[str, Any]) -> GenerationParams:
     """The params a pool generates for a request of ``params``, from its ``GET /v1/model``
-    (``info``): the model's stored settings for each field left unset, then the pool's
-    sampling mode. The service's ``RequestDefaults`` resolves the same way; a client that
-    records what made its positives (``clsp generate``'s bank, ``clsp calibrate``'s
-    file) sends these, explicit, and the keys are those of the request it would have sent.
+    (``info``): ``resolve_unset`` with the model's stored settings and the pool's sampling
+    mode. A client that records what made its positives (``clsp generate``'s bank, ``clsp
+    calibrate``'s file) sends these, explicit, and the keys are those of the request it
+    would have sent.
 
-    The stored ``sampling`` is not applied here: ``info["sampling"]`` is already the
-    pool's choice between it and an operator's ``--sampling`` (docs/design.md §6).
+    The stored ``sampling`` is left out: ``info["sampling"]`` is already the pool's
+    choice between it and an operator's ``--sampling`` (docs/design.md §6).
     """
     stored = info.get("generation_defaults")
-    if stored:
-        defaults = GenerationDefaults.model_validate(stored).model_copy(update={"sampling": None})
-        params = defaults.applied_to(params)
-    sampling = info.get("sampling")
-    return params if sampling is None else params.resolved(sampling)
+    defaults = (
+        GenerationDefaults.model_validate(stored).model_copy(update={"sampling": None})
+        if stored
+        else None
+    )
+    return resolve_unset(params, defaults, info.get("sampling"))
 
 
 def read_generation_defaults(model_dir: str | Path) -> GenerationDefaults | None:

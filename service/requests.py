@@ -23,7 +23,7 @@ from clsp_positives.proto.codec import ModelShapes, decode_request, media_type
 from clsp_positives.proto.errors import ProtocolError
 from clsp_positives.proto.keys import canonical_anchors, canonical_latents, positive_key
 from clsp_positives.proto.messages import JSON_MEDIA_TYPE, SAFETENSORS_MEDIA_TYPE, RequestArrays
-from clsp_positives.proto.model_settings import GenerationDefaults
+from clsp_positives.proto.model_settings import GenerationDefaults, resolve_unset
 from clsp_positives.proto.params import GenerationParams, Sampling
 from clsp_positives.service.settings import ServiceSettings
 
@@ -80,9 +80,7 @@ class RequestDefaults:
 
     def apply(self, params: GenerationParams) -> GenerationParams:
         """The params a request's positives are generated and keyed with."""
-        if self.stored is not None:
-            params = self.stored.applied_to(params)
-        return params.resolved(self.sampling)
+        return resolve_unset(params, self.stored, self.sampling)
 
 
 def model_shapes(generator: PositivesGenerator) -> ModelShapes:
