@@ -315,6 +315,21 @@ async def _guarded(
     return result, True
 
 
+def _client_options(timeout_s: float) -> dict[str, Any]:
+    """What both Redis clients are built with: every socket operation bounded by
+    ``timeout_s``, and no client-side retries, so a failed call falls back to uncached at
+    once and the cache's own backoff decides when to try again (docs/reliability.md)."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    return {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+
+
 class RedisCache:
     """Redis through ``redis.asyncio``: one MGET per lookup, pipelined SET EX per write."""
 
@@ -328,23 +343,13 @@ class RedisCache:
         backoff_max_s: float = 5.0,
     ) -> None:
         import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
 
         self.url = url
         # Without a key of its own no other process can read this one's entries.
         self.mac_key = mac_key or cache_secret(None, None).key
         self.timeout_s = timeout_s
         self.stats = CacheStats()
-        # No client-side retries: a failed call falls back to uncached at once and
-        # our own backoff decides when to try again.
-        self._client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
+        self._client = aioredis.Redis.from_url(url, **_client_options(timeout_s))
         self._outage = _Outage("redis", backoff_min_s, backoff_max_s)
 
     @property
@@ -423,8 +428,6 @@ class RedisClusterCache:
         backoff_max_s: float = 5.0,
     ) -> None:
         from redis.asyncio.cluster import RedisCluster
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
 
         parts = urlsplit(url)
         if parts.scheme not in CLUSTER_SCHEMES:
@@ -437,10 +440,7 @@ class RedisClusterCache:
         self.stats = CacheStats()
         self._client = RedisCluster.from_url(
             parts._replace(scheme=CLUSTER_SCHEMES[parts.scheme]).geturl(),
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
+            **_client_options(timeout_s),
         )
         # Reaching the cluster at all (its slot map), then each master on its own.
         self._topology = _Outage("redis cluster", backoff_min_s, backoff_max_s)
